@@ -1,0 +1,22 @@
+# Everything runs from the project's own virtual environment.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup test test-slow demo
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+demo: setup
+	$(VENV)/bin/mtf-overfit --config tiny --steps 100
