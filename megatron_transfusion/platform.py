@@ -1,0 +1,233 @@
+"""The only module that knows whether a GPU exists.
+
+On a GPU the project runs as Megatron-Core expects: NCCL, bf16, FlexAttention.
+On a CPU-only machine it runs the *same* code over gloo in fp32 with dense-mask SDPA,
+after giving Megatron-Core's own modules CPU stand-ins for the handful of ``torch.cuda``
+calls they make. The stand-ins are scoped: only ``megatron.*`` modules see them (each
+gets a ``torch`` proxy whose ``cuda`` attribute is replaced), so torch itself,
+torch.compile and every other library keep the real ``torch.cuda``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+import types
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Platform:
+    """What the device world looks like; every device-dependent choice reads it."""
+
+    name: str  # "cuda" or "cpu"
+    dist_backend: str  # "nccl" or "gloo"
+    dtype: torch.dtype  # compute dtype of the transformer
+    attention_backend: str  # default attention kernel: "flex" or "sdpa"
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.name == "cuda"
+
+    def device(self, local_rank: int = 0) -> torch.device:
+        return torch.device("cuda", local_rank) if self.is_gpu else torch.device("cpu")
+
+
+def gpu_available() -> bool:
+    return torch.cuda.is_available()
+
+
+@functools.cache
+def current() -> Platform:
+    if gpu_available():
+        return Platform("cuda", "nccl", torch.bfloat16, "flex")
+    return Platform("cpu", "gloo", torch.float32, "sdpa")
+
+
+def activate(local_rank: int | None = None) -> Platform:
+    """Call once from every entry point before building Megatron-Core objects."""
+    platform = current()
+    if platform.is_gpu:
+        rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
+        torch.cuda.set_device(rank)
+    else:
+        install_cpu_stand_ins()
+    return platform
+
+
+def synchronize() -> None:
+    """Wait for queued device work (timing, benchmarks)."""
+    if current().is_gpu:
+        torch.cuda.synchronize()
+
+
+def max_memory_allocated() -> int:
+    """Peak device memory in bytes; 0 on CPU, where callers measure RSS instead."""
+    return torch.cuda.max_memory_allocated() if current().is_gpu else 0
+
+
+# --------------------------------------------------------------------------------------
+# CPU stand-ins for Megatron-Core
+# --------------------------------------------------------------------------------------
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event: on CPU every op is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+    def query(self) -> bool:
+        return True
+
+
+def _seed_cpu_generator(seed) -> None:
+    # A no-op here would give every TP rank the same "model-parallel" RNG stream
+    # (see shared notes): the CPU generator is the device generator on CPU.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def _make_cuda_stand_in(real_cuda) -> types.ModuleType:
+    cuda = types.ModuleType("torch.cuda (cpu stand-in)")
+    nvtx = types.SimpleNamespace(
+        range_push=lambda *a, **k: None,
+        range_pop=lambda *a, **k: None,
+        range=lambda *a, **k: contextlib.nullcontext(),
+        mark=lambda *a, **k: None,
+    )
+    stand_ins = dict(
+        is_available=lambda: False,
+        current_device=lambda: torch.device("cpu"),
+        device_count=lambda: 1,
+        set_device=lambda *a, **k: None,
+        synchronize=lambda *a, **k: None,
+        empty_cache=lambda: None,
+        get_rng_state=lambda *a, **k: torch.get_rng_state(),
+        set_rng_state=lambda state, *a, **k: torch.set_rng_state(state),
+        manual_seed=_seed_cpu_generator,
+        manual_seed_all=_seed_cpu_generator,
+        Stream=_NullStream,
+        Event=_NullStream,
+        current_stream=lambda *a, **k: _NullStream(),
+        default_stream=lambda *a, **k: _NullStream(),
+        stream=lambda *a, **k: contextlib.nullcontext(),
+        nvtx=nvtx,
+        memory_stats=lambda *a, **k: {},
+        memory_allocated=lambda *a, **k: 0,
+        max_memory_allocated=lambda *a, **k: 0,
+        memory_reserved=lambda *a, **k: 0,
+    )
+    cuda.__dict__.update(stand_ins)
+    cuda.random = types.SimpleNamespace(
+        get_rng_state=stand_ins["get_rng_state"], set_rng_state=stand_ins["set_rng_state"]
+    )
+    # Anything not stood in for is the real attribute, so an unexpected CUDA-only call
+    # fails loudly instead of silently doing nothing.
+    cuda.__getattr__ = lambda name: getattr(real_cuda, name)
+    return cuda
+
+
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+    "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "linspace",
+)  # fmt: skip
+
+
+def _cpu_device(device):
+    if device is None:
+        return None
+    if isinstance(device, torch.device):
+        return torch.device("cpu") if device.type == "cuda" else device
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, int):  # a CUDA ordinal
+        return torch.device("cpu")
+    return device
+
+
+def _redirect_device(factory):
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+def _make_torch_proxy() -> types.ModuleType:
+    proxy = types.ModuleType("torch (megatron cpu view)")
+    proxy.__getattr__ = lambda name: getattr(torch, name)
+    proxy.cuda = _make_cuda_stand_in(torch.cuda)
+    for name in _FACTORIES:
+        setattr(proxy, name, _redirect_device(getattr(torch, name)))
+    return proxy
+
+
+_TORCH_PROXY: types.ModuleType | None = None
+
+
+def _patch_megatron_module(module: types.ModuleType) -> None:
+    if getattr(module, "torch", None) is torch:
+        module.torch = _TORCH_PROXY
+    if module.__name__ == "megatron.core.tensor_parallel.random":
+        # These go through torch.cuda's lazy-init machinery, which a proxy cannot reach.
+        module._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
+        module._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    def __init__(self, inner):
+        self.inner = inner
+
+    def create_module(self, spec):
+        return self.inner.create_module(spec)
+
+    def exec_module(self, module):
+        self.inner.exec_module(module)
+        _patch_megatron_module(module)
+
+
+class _MegatronImportHook(importlib.abc.MetaPathFinder):
+    """Patches megatron modules that are imported after activation."""
+
+    def find_spec(self, fullname, path, target=None):
+        if not fullname.startswith("megatron."):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _PatchingLoader(spec.loader)
+        return spec
+
+
+def install_cpu_stand_ins() -> None:
+    """Give megatron.* modules CPU stand-ins for torch.cuda; idempotent; CPU only."""
+    global _TORCH_PROXY
+    if gpu_available():
+        raise RuntimeError(
+            "refusing to install CPU stand-ins for torch.cuda: a GPU is available, "
+            "Megatron-Core must use the real CUDA runtime"
+        )
+    if _TORCH_PROXY is not None:
+        return
+    _TORCH_PROXY = _make_torch_proxy()
+    sys.meta_path.insert(0, _MegatronImportHook())
+    for name, module in list(sys.modules.items()):
+        if name.startswith("megatron.") and module is not None:
+            _patch_megatron_module(module)
+
+
+def cpu_stand_ins_installed() -> bool:
+    return _TORCH_PROXY is not None
