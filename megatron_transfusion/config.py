@@ -1,0 +1,375 @@
+"""Typed experiment configuration: dataclasses filled from YAML, then dotted overrides.
+
+Defaults are the paper's (Zhou et al., 2024); presets in ``configs/`` set the sizes.
+Every user mistake becomes a ``ConfigError`` naming the field, which entry points print
+as one line (``megatron_transfusion.cli.run_cli``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 16
+    hidden_size: int = 768
+    num_attention_heads: int = 12
+    num_query_groups: int | None = None  # None: multi-head attention (groups = heads)
+    ffn_hidden_size: int | None = None  # None: Llama's rule, 8/3·hidden rounded up to 256
+    vocab_size: int = 32000  # tokenizer vocabulary, special tokens included
+    make_vocab_size_divisible_by: int = 128  # the padded vocabulary must split over TP ranks
+    max_sequence_length: int = 4096
+    rope_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_std: float = 0.02
+    # Images enter as VAE latents [latent_channels, latent_size, latent_size].
+    latent_channels: int = 8
+    latent_size: int = 32  # 256 px / 8
+    patch_size: int = 2
+    patch_layer: Literal["linear", "unet"] = "unet"
+    unet_channels: list[int] = field(default_factory=lambda: [800, 1600])  # one per level
+    unet_blocks_per_level: int = 2
+    timestep_frequency_dim: int = 256
+    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"  # auto: platform default
+    flex_block_size: int = 128
+
+    @property
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return 256 * math.ceil(int(8 * self.hidden_size / 3) / 256)
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def patches_per_image(self) -> int:
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding/head rows; independent of the parallel layout, so checkpoints reshard."""
+        multiple = self.make_vocab_size_divisible_by
+        return multiple * math.ceil(self.vocab_size / multiple)
+
+
+@dataclass
+class DiffusionConfig:
+    train_timesteps: int = 1000
+    loss_weight: float = 5.0  # λ in L = L_LM + λ·L_DDPM
+    image_first_max_timestep: int = 500  # noise limit when the image precedes its caption
+    caption_dropout: float = 0.1  # probability an image is trained unconditionally (CFG)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
+    sequence_parallel: bool = False
+
+
+@dataclass
+class DataConfig:
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_tokens: int = 2_097_152  # 2M tokens: 512 sequences of 4096
+    text_token_fraction: float = 0.5  # share of tokens from the text stream
+    caption_first_probability: float = 0.8
+    text_shards: list[str] = field(default_factory=list)
+    image_caption_shards: list[str] = field(default_factory=list)
+    num_workers: int = 2
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-4
+    min_lr: float = 1.5e-5
+    warmup_steps: int = 4000
+    decay_steps: int | None = None  # None: until run.train_steps
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    directory: str | None = None  # None: <run dir>/checkpoints
+    interval: int = 1000
+    keep_last: int = 3
+    load: str | None = None  # a path, "auto" (latest in directory), or None
+
+
+@dataclass
+class RunConfig:
+    name: str = "transfusion"
+    output_root: str = "runs"
+    seed: int = 1234
+    train_steps: int = 250_000
+    log_interval: int = 10
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str) -> Any:
+    """Check ``value`` against annotation ``tp`` (ints are accepted as floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ConfigError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin is list:
+        (item_type,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is int and isinstance(value, bool) or not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" (did you mean '{where + '.' if where else ''}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config field '{path}'{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, path)
+        else:
+            kwargs[key] = _coerce(value, tp, f"config field '{path}'")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``a.b=value`` with the value read as YAML (so 3, 3e-4, true, [1, 2] keep types)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override '{text}': expected the form section.field=value")
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.yaml")))
+        raise ConfigError(f"unknown preset '{name_or_path}' (presets: {known})")
+    return preset
+
+
+def load_config(preset_or_path: str | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    tree: dict = {}
+    if preset_or_path is not None:
+        path = resolve_preset(preset_or_path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    for text in overrides:
+        _set_dotted(tree, *parse_override(text))
+    config = _build(ExperimentConfig, tree, "")
+    validate(config)
+    return config
+
+
+# --------------------------------------------------------------------------------------
+# Validation: cross-field rules a model or launch would otherwise fail on much later.
+# --------------------------------------------------------------------------------------
+
+
+def _require(ok: bool, field_name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config field '{field_name}': {message}")
+
+
+def validate(config: ExperimentConfig) -> None:
+    m, p, d, dif = config.model, config.parallel, config.data, config.diffusion
+    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
+                 "latent_channels", "latent_size", "patch_size", "max_sequence_length"):  # fmt: skip
+        _require(getattr(m, name) > 0, f"model.{name}", "must be positive")
+    for name in ("tensor_parallel", "pipeline_parallel"):
+        _require(getattr(p, name) > 0, f"parallel.{name}", "must be positive")
+    _require(
+        m.hidden_size % m.num_attention_heads == 0,
+        "model.hidden_size",
+        f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}",
+    )
+    _require(
+        m.num_attention_heads % m.query_groups == 0,
+        "model.num_query_groups",
+        f"{m.query_groups} does not divide model.num_attention_heads={m.num_attention_heads}",
+    )
+    _require(
+        m.num_attention_heads % p.tensor_parallel == 0 and m.query_groups % p.tensor_parallel == 0,
+        "parallel.tensor_parallel",
+        f"{p.tensor_parallel} must divide the attention heads ({m.num_attention_heads}) "
+        f"and query groups ({m.query_groups})",
+    )
+    _require(
+        m.padded_vocab_size % p.tensor_parallel == 0,
+        "model.make_vocab_size_divisible_by",
+        f"the padded vocabulary ({m.padded_vocab_size}) must split evenly over "
+        f"parallel.tensor_parallel={p.tensor_parallel}; use a multiple of it",
+    )
+    _require(
+        m.ffn_size % p.tensor_parallel == 0,
+        "parallel.tensor_parallel",
+        f"{p.tensor_parallel} must divide the FFN size {m.ffn_size}",
+    )
+    stages = p.pipeline_parallel * (p.virtual_pipeline or 1)
+    _require(
+        m.num_layers % stages == 0,
+        "model.num_layers",
+        f"{m.num_layers} layers cannot be split evenly into {stages} pipeline stages "
+        f"(parallel.pipeline_parallel × parallel.virtual_pipeline)",
+    )
+    if p.virtual_pipeline is not None:
+        _require(p.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be ≥ 1 or null")
+        _require(p.pipeline_parallel > 1, "parallel.virtual_pipeline", "needs pipeline_parallel > 1")
+    _require(
+        m.patch_size in (1, 2, 4, 8), "model.patch_size", f"{m.patch_size} is not one of 1, 2, 4, 8"
+    )
+    _require(
+        m.latent_size % m.patch_size == 0,
+        "model.patch_size",
+        f"{m.patch_size} does not divide model.latent_size={m.latent_size}",
+    )
+    if m.patch_layer == "unet":
+        levels = int(math.log2(m.patch_size)) + 1
+        _require(
+            len(m.unet_channels) == levels,
+            "model.unet_channels",
+            f"patch size {m.patch_size} needs {levels} levels (one per 2× downsample, plus one), "
+            f"got {len(m.unet_channels)}",
+        )
+        _require(all(c > 0 for c in m.unet_channels), "model.unet_channels", "must be positive")
+        _require(m.unet_blocks_per_level >= 1, "model.unet_blocks_per_level", "must be ≥ 1")
+    _require(
+        m.timestep_frequency_dim % 2 == 0, "model.timestep_frequency_dim", "must be even"
+    )
+    _require(
+        d.seq_length <= m.max_sequence_length,
+        "data.seq_length",
+        f"{d.seq_length} exceeds model.max_sequence_length={m.max_sequence_length}",
+    )
+    _require(
+        m.patches_per_image + 2 <= d.seq_length,
+        "data.seq_length",
+        f"{d.seq_length} cannot hold one image ({m.patches_per_image} patches + BOI/EOI)",
+    )
+    _require(d.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+    _require(
+        d.global_batch_tokens % (d.seq_length * d.micro_batch_size) == 0,
+        "data.global_batch_tokens",
+        f"{d.global_batch_tokens} is not a multiple of data.seq_length × data.micro_batch_size "
+        f"= {d.seq_length * d.micro_batch_size}",
+    )
+    for name in ("text_token_fraction", "caption_first_probability"):
+        _require(0.0 <= getattr(d, name) <= 1.0, f"data.{name}", "must lie in [0, 1]")
+    _require(dif.train_timesteps > 1, "diffusion.train_timesteps", "must be > 1")
+    _require(
+        0 <= dif.image_first_max_timestep < dif.train_timesteps,
+        "diffusion.image_first_max_timestep",
+        f"must lie in [0, {dif.train_timesteps - 1}]",
+    )
+    _require(0.0 <= dif.caption_dropout < 1.0, "diffusion.caption_dropout", "must lie in [0, 1)")
+    _require(dif.loss_weight >= 0, "diffusion.loss_weight", "must be ≥ 0")
+    o = config.optimizer
+    _require(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must lie in [0, optimizer.lr={o.lr}]")
+    _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1", "betas must lie in [0, 1)")
+    _require(o.grad_clip > 0, "optimizer.grad_clip", "must be positive")
+    _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be ≥ 1")

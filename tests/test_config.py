@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import pytest
+
+from megatron_transfusion.config import ConfigError, PRESET_DIR, load_config
+
+
+def test_presets_load_and_keep_paper_defaults():
+    names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    assert names == ["tiny", "transfusion-0.16b", "transfusion-0.37b", "transfusion-0.76b",
+                     "transfusion-1.4b", "transfusion-7b"]  # fmt: skip
+    cfg = load_config("transfusion-7b")
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (32, 4096, 32)
+    assert cfg.data.global_batch_tokens == 4 * 2**20 and cfg.data.seq_length == 4096
+    o = cfg.optimizer
+    assert (o.lr, o.min_lr, o.warmup_steps, o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == (
+        3e-4, 1.5e-5, 4000, 0.9, 0.95, 1e-8, 0.1, 1.0)  # fmt: skip
+    d = cfg.diffusion
+    assert (d.train_timesteps, d.loss_weight, d.image_first_max_timestep) == (1000, 5.0, 500)
+    assert cfg.data.caption_first_probability == 0.8
+
+
+def test_overrides_are_typed():
+    cfg = load_config("tiny", ["model.num_layers=8", "optimizer.lr=1e-3", "model.unet_channels=[32]",
+                               "parallel.virtual_pipeline=null", "optimizer.beta2=0"])  # fmt: skip
+    assert cfg.model.num_layers == 8 and cfg.optimizer.lr == 1e-3
+    assert cfg.model.unet_channels == [32] and cfg.parallel.virtual_pipeline is None
+    assert isinstance(cfg.optimizer.beta2, float) and cfg.optimizer.beta2 == 0.0
+
+
+def test_yaml_file_path(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  num_layers: 2\n")
+    assert load_config(str(path)).model.num_layers == 2
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model.hiden_size=64"], "unknown config field 'model.hiden_size' (did you mean 'model.hidden_size'?)"),
+    (["modle.hidden_size=64"], "unknown config field 'modle'"),
+    (["model.num_layers=two"], "config field 'model.num_layers': expected int, got 'two'"),
+    (["model.num_layers=2.5"], "config field 'model.num_layers': expected int"),
+    (["optimizer.lr=fast"], "config field 'optimizer.lr': expected float, got 'fast'"),
+    (["model.latent_size=true"], "config field 'model.latent_size': expected int, got True"),
+    (["model.patch_layer=conv"], "config field 'model.patch_layer': 'conv' is not one of 'linear', 'unet'"),
+    (["model.hidden_size=130"], "config field 'model.hidden_size': 130 is not divisible by model.num_attention_heads=4"),
+    (["parallel.tensor_parallel=3"], "config field 'parallel.tensor_parallel'"),
+    (["model.num_layers=3", "parallel.pipeline_parallel=2"], "config field 'model.num_layers': 3 layers cannot be split"),
+    (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=4"], "config field 'model.num_layers'"),
+    (["model.patch_size=3"], "config field 'model.patch_size': 3 is not one of 1, 2, 4, 8"),
+    (["model.patch_layer=unet", "model.patch_size=2", "model.latent_size=8"], "config field 'model.unet_channels'"),
+    (["data.seq_length=10"], "config field 'data.seq_length'"),
+    (["data.global_batch_tokens=1000"], "config field 'data.global_batch_tokens'"),
+    (["diffusion.image_first_max_timestep=1000"], "config field 'diffusion.image_first_max_timestep'"),
+    (["model.num_layers"], "expected the form section.field=value"),
+])  # fmt: skip
+def test_bad_config_names_the_field(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny", overrides)
+    assert message in str(info.value)
+
+
+def test_unknown_preset_and_missing_file():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'.*tiny"):
+        load_config("huge")
+    with pytest.raises(ConfigError, match="config file 'nope.yaml' does not exist"):
+        load_config("nope.yaml")
+
+
+def test_cli_reports_one_line_without_traceback():
+    result = subprocess.run(
+        [sys.executable, "-c", "from megatron_transfusion.cli import config_main; config_main()",
+         "--config", "tiny", "model.hiden_size=64"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config field 'model.hiden_size' (did you mean 'model.hidden_size'?)"
+    ]
