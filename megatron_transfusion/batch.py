@@ -1,0 +1,165 @@
+"""PackedBatch: the one definition of a mixed-modality batch.
+
+The data pipeline produces it, the model and the attention-mask builder consume it, and
+inference builds it step by step. A row is a fixed-length sequence holding one or more
+documents; a document is text with images spliced in as ``BOI <patches> EOI``:
+
+    tokens        [b, s]  token ids; image positions hold ``placeholder_id``
+    positions     [b, s]  RoPE positions, restarting at 0 in every document
+    document_ids  [b, s]  document index within the row, -1 for padding
+    image_ids     [b, s]  index into ``latents`` for image positions, -1 for text
+
+and per image (numbered in row-major order of appearance):
+
+    latents        [n, C, H, W] model input: clean latents from data, x_t once noised
+    timesteps      [n]  diffusion step of ``latents`` (0 for clean images)
+    caption_first  [n]  the caption precedes the image (else the noise limit applies)
+    unconditional  [n]  the image may not attend to anything before it (CFG dropout)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class PackedBatch:
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    document_ids: torch.Tensor
+    image_ids: torch.Tensor
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    caption_first: torch.Tensor
+    unconditional: torch.Tensor
+
+    @property
+    def num_images(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, device: torch.device) -> PackedBatch:
+        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def replace(self, **changes) -> PackedBatch:
+        return replace(self, **changes)
+
+    def image_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) of every image position, ordered by image then patch."""
+        rows, cols = torch.nonzero(self.image_ids >= 0, as_tuple=True)
+        return rows, cols
+
+    def lm_targets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next-token labels [b, s] and the mask of positions that get an LM loss.
+
+        A position is trained to predict the next token only when both are text of the
+        same document: no loss from BOI into the image, none inside it, none across
+        document boundaries or into padding.
+        """
+        labels = torch.zeros_like(self.tokens)
+        labels[:, :-1] = self.tokens[:, 1:]
+        is_text = (self.image_ids < 0) & (self.document_ids >= 0)
+        mask = torch.zeros_like(is_text)
+        mask[:, :-1] = (
+            is_text[:, :-1] & is_text[:, 1:] & (self.document_ids[:, :-1] == self.document_ids[:, 1:])
+        )
+        return labels, mask
+
+    def validate(self, patches_per_image: int) -> None:
+        """Cheap structural checks; raises ValueError naming what is inconsistent."""
+        shape = self.tokens.shape
+        for name in ("positions", "document_ids", "image_ids"):
+            if getattr(self, name).shape != shape:
+                raise ValueError(f"PackedBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
+                                 f"expected {tuple(shape)} like tokens")  # fmt: skip
+        n = self.num_images
+        for name in ("timesteps", "caption_first", "unconditional"):
+            if getattr(self, name).shape != (n,):
+                raise ValueError(f"PackedBatch.{name} must have one entry per image ({n})")
+        counts = torch.bincount(self.image_ids[self.image_ids >= 0].flatten(), minlength=n)
+        if counts.numel() != n or bool((counts != patches_per_image).any()):
+            raise ValueError(
+                f"every image needs exactly {patches_per_image} positions; got {counts.tolist()}"
+            )
+        flat = self.image_ids[self.image_ids >= 0]
+        if flat.numel() and bool((flat[1:] < flat[:-1]).any()):
+            raise ValueError("image_ids must number images in row-major order of appearance")
+
+
+@dataclass(frozen=True)
+class TextSegment:
+    tokens: list[int]
+
+
+@dataclass(frozen=True)
+class ImageSegment:
+    latent: torch.Tensor  # [C, H, W]
+    caption_first: bool = True
+
+
+Document = list  # of TextSegment | ImageSegment
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    boi: int
+    eoi: int
+    pad: int  # also the placeholder at image positions
+
+
+def pack_documents(
+    rows: list[list[Document]],
+    seq_length: int,
+    patches_per_image: int,
+    latent_shape: tuple[int, int, int],
+    special: SpecialTokens,
+) -> PackedBatch:
+    """Lay documents out into a PackedBatch; ``rows[i]`` are the documents of row i.
+
+    Images become BOI, ``patches_per_image`` placeholders, EOI. A row that overflows
+    ``seq_length`` is an error: choosing what to pack where is the data loader's job.
+    """
+    b = len(rows)
+    tokens = torch.full((b, seq_length), special.pad, dtype=torch.long)
+    positions = torch.zeros((b, seq_length), dtype=torch.long)
+    document_ids = torch.full((b, seq_length), -1, dtype=torch.long)
+    image_ids = torch.full((b, seq_length), -1, dtype=torch.long)
+    latents, caption_first = [], []
+    for r, documents in enumerate(rows):
+        cursor = 0
+        for d, document in enumerate(documents):
+            start = cursor
+            for segment in document:
+                if isinstance(segment, TextSegment):
+                    ids = list(segment.tokens)
+                    image = None
+                else:
+                    if tuple(segment.latent.shape) != tuple(latent_shape):
+                        raise ValueError(f"row {r}: image latent has shape "
+                                         f"{tuple(segment.latent.shape)}, expected {latent_shape}")
+                    ids = [special.boi] + [special.pad] * patches_per_image + [special.eoi]
+                    image = len(latents)
+                    latents.append(segment.latent)
+                    caption_first.append(segment.caption_first)
+                end = cursor + len(ids)
+                if end > seq_length:
+                    raise ValueError(f"row {r} needs more than seq_length={seq_length} tokens")
+                tokens[r, cursor:end] = torch.tensor(ids, dtype=torch.long)
+                if image is not None:
+                    image_ids[r, cursor + 1 : end - 1] = image
+                cursor = end
+            positions[r, start:cursor] = torch.arange(cursor - start)
+            document_ids[r, start:cursor] = d
+    n = len(latents)
+    stacked = torch.stack(latents) if n else torch.zeros((0, *latent_shape))
+    return PackedBatch(
+        tokens=tokens,
+        positions=positions,
+        document_ids=document_ids,
+        image_ids=image_ids,
+        latents=stacked,
+        timesteps=torch.zeros(n, dtype=torch.long),
+        caption_first=torch.tensor(caption_first, dtype=torch.bool),
+        unconditional=torch.zeros(n, dtype=torch.bool),
+    )
