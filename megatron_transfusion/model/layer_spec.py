@@ -1,0 +1,83 @@
+"""The Llama-style layer as a Megatron-Core ModuleSpec: RMSNorm, SwiGLU, RoPE, and the
+Transfusion core attention in place of Megatron's DotProductAttention."""
+
+from __future__ import annotations
+
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.torch_norm import WrappedTorchNorm
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from kernels.attention import TransfusionMask, attend
+
+
+class TransfusionCoreAttention(MegatronModule):
+    """Megatron core-attention adapter: [s, b, heads, d] in, [s, b, heads·d] out.
+
+    The mask is the per-batch ``TransfusionMask`` that TransformerBlock passes through
+    untouched; it picks the kernel (dense SDPA or FlexAttention).
+    """
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
+                 pg_collection=None):  # fmt: skip
+        super().__init__(config=config)
+        if config.attention_dropout:
+            raise ValueError("attention dropout is not supported by the Transfusion attention")
+        self.softmax_scale = softmax_scale
+
+    def forward(self, query, key, value, attention_mask: TransfusionMask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):  # fmt: skip
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("Transfusion attention takes its mask from the PackedBatch only")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        out = attend(q, k, v, attention_mask, scale=self.softmax_scale)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+def transfusion_layer_spec() -> ModuleSpec:
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=WrappedTorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.arbitrary},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=TransfusionCoreAttention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=WrappedTorchNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def transfusion_block_spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+    """The layers of this pipeline stage (or virtual stage) plus the final RMSNorm."""
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    return TransformerBlockSubmodules(
+        layer_specs=[transfusion_layer_spec()] * layers, layer_norm=WrappedTorchNorm
+    )

@@ -1,0 +1,136 @@
+"""TransfusionModel: one Llama-style Megatron-Core transformer over text and images.
+
+First pipeline stage: token embeddings, with image positions overwritten by the patch-in
+layer's vectors. Every stage: its share of the TransformerBlock under the Transfusion
+mask (built once per micro-batch from the PackedBatch). Last stage: the tensor-parallel
+LM head and the patch-out layer predicting each image's noise ε.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from kernels.attention import build_attention_mask
+from megatron_transfusion.batch import PackedBatch
+from megatron_transfusion.config import ModelConfig
+from megatron_transfusion.model.layer_spec import transfusion_block_spec
+from megatron_transfusion.model.patch import build_patch_layers
+
+
+@dataclass
+class TransfusionOutput:
+    """Last-stage outputs. ``token_losses`` when labels were given, else ``logits``."""
+
+    predicted_noise: torch.Tensor  # [n, C, H, W]
+    token_losses: torch.Tensor | None = None  # [b, s] cross entropy per position
+    logits: torch.Tensor | None = None  # [s, b, vocab / TP]
+
+
+class TransfusionModel(LanguageModule):
+    def __init__(
+        self,
+        config: TransformerConfig,
+        model_cfg: ModelConfig,
+        attention_backend: str,
+        pre_process: bool = True,
+        post_process: bool = True,
+        vp_stage: int | None = None,
+    ):
+        super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by the pipeline schedules
+        self.model_cfg = model_cfg
+        self.attention_backend = attention_backend
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vp_stage = vp_stage
+        self.share_embeddings_and_output_weights = False
+        vocab = model_cfg.padded_vocab_size
+        patch_in, patch_out = build_patch_layers(model_cfg)
+
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(
+                config=config,
+                vocab_size=vocab,
+                max_sequence_length=model_cfg.max_sequence_length,
+                position_embedding_type="rope",
+            )
+            self.patch_in = patch_in(model_cfg)
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels,
+            rotary_percent=1.0,
+            rotary_base=model_cfg.rope_base,
+            use_cpu_initialization=config.use_cpu_initialization,
+        )
+        self.decoder = TransformerBlock(
+            config=config,
+            spec=transfusion_block_spec(config, vp_stage),
+            pre_process=pre_process,
+            post_process=post_process,
+            vp_stage=vp_stage,
+        )
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size,
+                vocab,
+                config=config,
+                init_method=config.init_method,
+                bias=False,
+                skip_bias_add=False,
+                gather_output=False,
+            )
+            self.patch_out = patch_out(model_cfg)
+        self.setup_embeddings_and_output_layer()
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline schedules hand a non-first stage its input activations here."""
+        if isinstance(input_tensor, list):
+            (input_tensor,) = input_tensor
+        self.decoder.set_input_tensor(input_tensor)
+
+    def _embed(self, batch: PackedBatch) -> torch.Tensor:
+        hidden = self.embedding(input_ids=batch.tokens, position_ids=None)  # [s, b, h]
+        if batch.num_images:
+            rows, cols = batch.image_positions()
+            patches = self.patch_in(batch.latents.to(hidden.dtype), batch.timesteps)
+            hidden = hidden.index_put((cols, rows), patches.reshape(-1, hidden.shape[-1]))
+        return hidden
+
+    def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE angles per position, [s, b, 1, d]: positions restart in every document."""
+        table = self.rotary_pos_emb(self.model_cfg.max_sequence_length)[:, 0, 0, :]
+        return table[positions.t()].unsqueeze(2)
+
+    def _predict_noise(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        cfg = self.model_cfg
+        if not batch.num_images:
+            shape = (0, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+            return hidden.new_zeros(shape)
+        rows, cols = batch.image_positions()
+        image_hidden = hidden[cols, rows].reshape(batch.num_images, cfg.patches_per_image, -1)
+        return self.patch_out(image_hidden, batch.timesteps)
+
+    def forward(self, batch: PackedBatch, labels: torch.Tensor | None = None):
+        """Hidden states [s, b, h] on non-last stages, ``TransfusionOutput`` on the last."""
+        mask = build_attention_mask(batch, self.attention_backend, self.model_cfg.flex_block_size)
+        hidden = self._embed(batch) if self.pre_process else None
+        hidden = self.decoder(
+            hidden_states=hidden, attention_mask=mask, rotary_pos_emb=self._rotary(batch.positions)
+        )
+        if not self.post_process:
+            return hidden
+        logits, _ = self.output_layer(hidden)
+        output = TransfusionOutput(predicted_noise=self._predict_noise(hidden, batch))
+        if labels is None:
+            output.logits = logits
+        else:
+            output.token_losses = self.compute_language_model_loss(labels, logits)
+        return output

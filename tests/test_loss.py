@@ -1,0 +1,124 @@
+"""Losses, the noise schedule and the training-time draws, against hand computation."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
+from megatron_transfusion.config import DiffusionConfig
+from megatron_transfusion.diffusion import CosineSchedule, noise_images
+from megatron_transfusion.diffusion.schedule import sample_timesteps
+from megatron_transfusion.loss import transfusion_loss
+
+SPECIAL = SpecialTokens(boi=1, eoi=2, pad=0)
+
+
+def toy_batch(caption_first=(True,)):
+    # row: [7 8 BOI p p EOI 9] [10 11] pad pad
+    rows = [[[TextSegment([7, 8]), ImageSegment(torch.ones(1, 1, 2), caption_first[0]),
+              TextSegment([9])], [TextSegment([10, 11])]]]  # fmt: skip
+    return pack_documents(rows, 11, 2, (1, 1, 2), SPECIAL)
+
+
+def test_lm_targets_by_hand():
+    batch = toy_batch()
+    assert batch.tokens[0].tolist() == [7, 8, 1, 0, 0, 2, 9, 10, 11, 0, 0]
+    labels, mask = batch.lm_targets()
+    # 7→8, 8→BOI trained; BOI→patch, inside the image, last patch→EOI not; EOI→9 trained;
+    # 9→10 crosses documents; 10→11 trained; 11→pad and padding not.
+    assert mask[0].tolist() == [1, 1, 0, 0, 0, 1, 0, 1, 0, 0, 0]
+    assert labels[0][mask[0]].tolist() == [8, 1, 9, 11]
+    assert batch.positions[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 0, 1, 0, 0]
+
+
+def test_lm_loss_equals_hand_computation():
+    batch = toy_batch()
+    labels, mask = batch.lm_targets()
+    vocab = 12
+    logits = torch.randn(1, 11, vocab, generator=torch.Generator().manual_seed(0))
+    token_losses = torch.nn.functional.cross_entropy(
+        logits.view(-1, vocab), labels.view(-1), reduction="none").view(1, 11)  # fmt: skip
+    hand = []
+    for i in range(11):
+        if mask[0, i]:
+            row = logits[0, i].tolist()
+            log_z = math.log(sum(math.exp(x) for x in row))
+            hand.append(log_z - row[int(labels[0, i])])
+    empty = torch.zeros(0, 1, 1, 2)
+    loss = transfusion_loss(token_losses, mask, empty, empty, diffusion_weight=5.0)
+    assert loss.num_tokens == 4
+    assert loss.lm.item() == pytest.approx(sum(hand) / len(hand), rel=1e-5)
+    assert loss.total.item() == pytest.approx(loss.lm.item())
+
+
+def test_diffusion_loss_is_the_per_image_mean_of_squared_error():
+    generator = torch.Generator().manual_seed(1)
+    noise = torch.randn(3, 8, 4, 4, generator=generator)
+    offsets = torch.tensor([0.0, 0.5, 2.0])
+    predicted = noise + offsets.view(3, 1, 1, 1)  # a known error per image
+    lm = torch.zeros(1, 4)
+    loss = transfusion_loss(lm, torch.ones(1, 4, dtype=torch.bool), predicted, noise, 5.0)
+    assert loss.diffusion.item() == pytest.approx((0 + 0.25 + 4.0) / 3)
+    # Per image, not per element: a larger image would not weigh more.
+    assert loss.num_images == 3
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0, 5.0, 7.5])
+def test_lambda_weighting(weight):
+    token_losses = torch.tensor([[1.0, 2.0, 3.0]])
+    mask = torch.tensor([[True, True, False]])
+    noise = torch.zeros(1, 2, 2, 2)
+    loss = transfusion_loss(token_losses, mask, noise + 1.0, noise, weight)
+    assert loss.lm.item() == pytest.approx(1.5)
+    assert loss.diffusion.item() == pytest.approx(1.0)
+    assert loss.total.item() == pytest.approx(1.5 + weight * 1.0)
+
+
+def test_cosine_schedule_closed_form():
+    schedule = CosineSchedule.create(1000)
+    abar = schedule.alphas_cumprod
+    assert abar.shape == (1000,)
+    assert bool((abar[1:] < abar[:-1]).all()), "noise grows with t"
+    t = torch.arange(1000, dtype=torch.float64)
+    assert (abar.sqrt() - torch.cos(t / 1000 * math.pi / 2)).abs().max() < 0.02
+    assert abar[0] > 0.999 and abar[-1] < 1e-4
+    # x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε, per image.
+    x0, eps = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    steps = torch.tensor([10, 900])
+    xt = schedule.add_noise(x0, eps, steps)
+    for i, s in enumerate(steps.tolist()):
+        a = float(abar[s])
+        torch.testing.assert_close(xt[i], math.sqrt(a) * x0[i] + math.sqrt(1 - a) * eps[i])
+
+
+def test_noise_limit_for_images_before_their_caption():
+    cfg = DiffusionConfig()
+    generator = torch.Generator().manual_seed(0)
+    image_first = sample_timesteps(torch.zeros(20000, dtype=torch.bool), cfg, generator)
+    caption_first = sample_timesteps(torch.ones(20000, dtype=torch.bool), cfg, generator)
+    assert image_first.min() == 0 and image_first.max() == 500
+    assert abs(image_first.float().mean().item() - 250) < 5
+    assert caption_first.max() == 999 and (caption_first > 500).float().mean() > 0.45
+    assert abs(caption_first.float().mean().item() - 499.5) < 10
+
+
+def test_noise_images_draws_are_deterministic_and_cfg_dropout_has_its_rate():
+    cfg = DiffusionConfig(caption_dropout=0.1)
+    rows = [[[TextSegment([5]), ImageSegment(torch.zeros(1, 1, 1), i % 5 != 0)] for i in range(40)]]
+    batch = pack_documents(rows, 40 * 4, 1, (1, 1, 1), SPECIAL)
+    schedule = CosineSchedule.create(cfg.train_timesteps)
+    a, eps_a = noise_images(batch, schedule, cfg, torch.Generator().manual_seed(3))
+    b, eps_b = noise_images(batch, schedule, cfg, torch.Generator().manual_seed(3))
+    assert torch.equal(a.latents, b.latents) and torch.equal(eps_a, eps_b)
+    assert torch.equal(a.timesteps, b.timesteps) and torch.equal(a.unconditional, b.unconditional)
+    # The limit applies per image: image-first ones (every 5th) stay at t ≤ 500.
+    assert bool((a.timesteps[~a.caption_first] <= 500).all())
+    # Clean latents of zero: x_t is exactly sqrt(1-ᾱ_t)·ε.
+    abar = schedule.alphas_cumprod[a.timesteps].float().view(-1, 1, 1, 1)
+    torch.testing.assert_close(a.latents, (1 - abar).sqrt() * eps_a)
+    # Dropout rate over many draws: within 4σ of 0.1.
+    generator = torch.Generator().manual_seed(4)
+    drops = torch.cat([noise_images(batch, schedule, cfg, generator)[0].unconditional for _ in range(500)])
+    sigma = math.sqrt(0.1 * 0.9 / drops.numel())
+    assert abs(drops.float().mean().item() - 0.1) < 4 * sigma
