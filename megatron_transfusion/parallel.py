@@ -1,0 +1,58 @@
+"""Process groups and seeds: torch.distributed + Megatron-Core parallel state."""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_transfusion.config import ParallelConfig
+from megatron_transfusion.platform import Platform
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(parallel: ParallelConfig, platform: Platform) -> None:
+    """Join the job's process group (torchrun's env://, or a world of one) and build the
+    TP/PP/DP groups; the DP size is whatever world size is left over."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python` run: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))  # fmt: skip
+        dist.init_process_group(backend=platform.dist_backend)
+    model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
+    world = dist.get_world_size()
+    if world % model_parallel:
+        raise ValueError(
+            f"world size {world} is not a multiple of parallel.tensor_parallel × "
+            f"parallel.pipeline_parallel = {model_parallel}"
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor_parallel,
+        pipeline_model_parallel_size=parallel.pipeline_parallel,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed on every rank for replicated state; Megatron derives per-TP-rank
+    streams for sharded state from it."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Training: the forward/backward step over Megatron-Core's pipeline schedules."""

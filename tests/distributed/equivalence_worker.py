@@ -1,0 +1,124 @@
+"""Runs under torchrun: one training step of a small Transfusion model in some TP/PP
+layout, to be compared with the same step at TP=1/PP=1.
+
+``--layout reference`` (1 process): save the initial weights w0, run the step, apply
+p -= grad, save w1_reference, record the loss.
+Any other layout: load w0 through dist-checkpointing (resharding it to this layout),
+run the same step, apply p -= grad, save w1_<layout>; then re-form the world as TP=1
+and compare the two w1 checkpoints (so grads are compared as w0 - w1) on rank 0.
+"""
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+
+from megatron_transfusion import platform
+from megatron_transfusion.config import load_config
+from megatron_transfusion.diffusion import CosineSchedule, noise_images
+from megatron_transfusion.model import build_model
+from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
+from megatron_transfusion.synthetic import random_batch
+from megatron_transfusion.training.step import MicroBatch, forward_backward, mean_report
+
+OVERRIDES = [
+    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
+    "model.vocab_size=200", "model.make_vocab_size_divisible_by=8", "model.max_sequence_length=96",
+    "model.latent_size=4", "model.patch_size=2", "model.patch_layer=unet",
+    "model.unet_channels=[8, 16]", "model.unet_blocks_per_level=1",
+    "model.timestep_frequency_dim=16", "data.seq_length=96", "data.micro_batch_size=2",
+    "data.global_batch_tokens=384", "diffusion.caption_dropout=0.5",
+]  # fmt: skip
+NUM_MICRO_BATCHES = 2
+
+
+def micro_batches(cfg):
+    generator = torch.Generator().manual_seed(7)
+    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    out = []
+    for _ in range(NUM_MICRO_BATCHES):
+        batch = random_batch(generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length)
+        noised, noise = noise_images(batch, schedule, cfg.diffusion, generator)
+        out.append(MicroBatch(noised, noise))
+    return out
+
+
+def sharded_state(chunks):
+    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def save(chunks, directory: Path):
+    directory.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(sharded_state(chunks), str(directory))
+
+
+def load(chunks, directory: Path):
+    state = dist_checkpointing.load(sharded_state(chunks), str(directory))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"chunk{i}"])
+
+
+def train_step(cfg, chunks):
+    reports = forward_backward(chunks, micro_batches(cfg), cfg.diffusion.loss_weight)
+    with torch.no_grad():
+        for chunk in chunks:
+            for p in chunk.parameters():
+                if p.grad is not None:
+                    p -= p.grad
+    return mean_report(reports) if reports else None
+
+
+def full_state(cfg, plat, directory: Path) -> dict:
+    (model,) = build_model(cfg, plat)
+    load([model], directory)
+    return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--layout", required=True)  # reference | tp2 | pp2 | tp2pp2 | pp2vpp2
+    parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args()
+    layouts = {"reference": (1, 1, None), "tp2": (2, 1, None), "pp2": (1, 2, None),
+               "tp2pp2": (2, 2, None), "pp2vpp2": (1, 2, 2)}  # fmt: skip
+    tp, pp, vpp = layouts[args.layout]
+    plat = platform.activate()
+    base = load_config("tiny", OVERRIDES)
+    cfg = load_config("tiny", OVERRIDES + [f"parallel.tensor_parallel={tp}",
+                      f"parallel.pipeline_parallel={pp}", f"parallel.virtual_pipeline={vpp or 'null'}"])  # fmt: skip
+    init_distributed(cfg.parallel, plat)
+    seed_everything(1234)
+    chunks = build_model(cfg, plat)
+    if args.layout == "reference":
+        save(chunks, args.workdir / "w0")
+    else:
+        load(chunks, args.workdir / "w0")
+    report = train_step(cfg, chunks)
+    save(chunks, args.workdir / f"w1_{args.layout}")
+    if report is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
+        (args.workdir / f"loss_{args.layout}.json").write_text(json.dumps(report))
+    if args.layout == "reference":
+        return destroy_distributed()
+
+    parallel_state.destroy_model_parallel()
+    init_distributed(base.parallel, plat)
+    w0 = full_state(base, plat, args.workdir / "w0")
+    reference = full_state(base, plat, args.workdir / "w1_reference")
+    ours = full_state(base, plat, args.workdir / f"w1_{args.layout}")
+    if dist.get_rank() == 0:
+        grad_diff = {k: float(((w0[k] - reference[k]) - (w0[k] - ours[k])).abs().max()) for k in w0}
+        grad_max = {k: float((w0[k] - reference[k]).abs().max()) for k in w0}
+        (args.workdir / f"compare_{args.layout}.json").write_text(
+            json.dumps({"grad_diff": grad_diff, "grad_max": grad_max})
+        )
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
