@@ -66,17 +66,18 @@ def block_mask(batch: PackedBatch, block_size: int = 128) -> BlockMask:
 
 @dataclass(frozen=True)
 class TransfusionMask:
-    """The per-batch mask travelling through Megatron's layers (exactly one field set)."""
+    """The per-batch mask travelling through Megatron's layers, in its backend's form."""
 
-    dense: torch.Tensor | None = None
-    blocks: BlockMask | None = None
+    backend: str
+    dense: torch.Tensor | None = None  # sdpa
+    blocks: BlockMask | None = None  # flex
 
 
 def build_attention_mask(batch: PackedBatch, backend: str, block_size: int = 128) -> TransfusionMask:
     if backend == "sdpa":
-        return TransfusionMask(dense=dense_mask(batch))
+        return TransfusionMask(backend, dense=dense_mask(batch))
     if backend == "flex":
-        return TransfusionMask(blocks=block_mask(batch, block_size))
+        return TransfusionMask(backend, blocks=block_mask(batch, block_size))
     raise ValueError(f"unknown attention backend {backend!r} (choose from {BACKENDS})")
 
 
@@ -93,7 +94,7 @@ def attend(
 ) -> torch.Tensor:  # fmt: skip
     """Attention over [b, heads, s, d] tensors; keys may have fewer (grouped) heads."""
     gqa = key.shape[1] != query.shape[1]
-    if mask.dense is not None:
+    if mask.backend == "sdpa":
         return F.scaled_dot_product_attention(
             query, key, value, attn_mask=mask.dense, scale=scale, enable_gqa=gqa
         )

@@ -317,6 +317,12 @@ def validate(config: ExperimentConfig) -> None:
         f"{m.num_layers} layers cannot be split evenly into {stages} pipeline stages "
         f"(parallel.pipeline_parallel × parallel.virtual_pipeline)",
     )
+    _require(
+        not p.sequence_parallel,
+        "parallel.sequence_parallel",
+        "not supported yet: the layer spec's torch RMSNorm and the patch layers need the "
+        "full sequence on every TP rank; set it to false",
+    )
     if p.virtual_pipeline is not None:
         _require(p.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be ≥ 1 or null")
         _require(p.pipeline_parallel > 1, "parallel.virtual_pipeline", "needs pipeline_parallel > 1")

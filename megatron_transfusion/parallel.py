@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_transfusion.config import ParallelConfig
+from megatron_transfusion.config import ConfigError, ParallelConfig
 from megatron_transfusion.platform import Platform
 
 
@@ -32,9 +32,9 @@ def init_distributed(parallel: ParallelConfig, platform: Platform) -> None:
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     world = dist.get_world_size()
     if world % model_parallel:
-        raise ValueError(
-            f"world size {world} is not a multiple of parallel.tensor_parallel × "
-            f"parallel.pipeline_parallel = {model_parallel}"
+        raise ConfigError(
+            f"config field 'parallel.tensor_parallel': world size {world} is not a multiple of "
+            f"parallel.tensor_parallel × parallel.pipeline_parallel = {model_parallel}"
         )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_parallel,

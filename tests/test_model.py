@@ -131,3 +131,21 @@ def test_seed_makes_initialisation_reproducible(megatron_world):
     (b,) = build_model(cfg, megatron_world)
     for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(pa, pb), name
+
+
+def test_flex_backend_model_matches_sdpa_backend(model_and_cfg, megatron_world):
+    """Same weights, FlexAttention BlockMask (forward, CPU) vs dense-mask SDPA."""
+    from megatron_transfusion.model import build_model
+
+    model, cfg = model_and_cfg
+    flex_cfg = load_config("tiny", OVERRIDES + [f"model.patch_layer={cfg.model.patch_layer}",
+                           "model.unet_channels=[16]", "model.attention_backend=flex",
+                           "model.flex_block_size=16"])  # fmt: skip
+    (flex_model,) = build_model(flex_cfg, megatron_world)
+    flex_model.load_state_dict(model.state_dict())
+    flex_model.eval()
+    batch = layout(cfg).replace(unconditional=torch.tensor([True]))
+    logits, noise = run(model, batch)
+    flex_logits, flex_noise = run(flex_model, batch)
+    torch.testing.assert_close(flex_logits, logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(flex_noise, noise, atol=1e-4, rtol=1e-4)

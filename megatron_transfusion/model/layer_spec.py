@@ -24,29 +24,32 @@ from kernels.attention import TransfusionMask, attend
 class TransfusionCoreAttention(MegatronModule):
     """Megatron core-attention adapter: [s, b, heads, d] in, [s, b, heads·d] out.
 
-    The mask is the per-batch ``TransfusionMask`` that TransformerBlock passes through
-    untouched; it picks the kernel (dense SDPA or FlexAttention).
+    ``backend`` (a spec param) names the kernel; the per-batch ``TransfusionMask`` that
+    TransformerBlock passes through untouched must have been built for it.
     """
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type,
+    def __init__(self, config, layer_number, attn_mask_type, attention_type, backend: str,
                  attention_dropout=None, softmax_scale=None, cp_comm_type=None,
                  pg_collection=None):  # fmt: skip
         super().__init__(config=config)
         if config.attention_dropout:
             raise ValueError("attention dropout is not supported by the Transfusion attention")
+        self.backend = backend
         self.softmax_scale = softmax_scale
 
     def forward(self, query, key, value, attention_mask: TransfusionMask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):  # fmt: skip
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("Transfusion attention takes its mask from the PackedBatch only")
+        if attention_mask.backend != self.backend:
+            raise ValueError(f"mask built for {attention_mask.backend!r}, layer uses {self.backend!r}")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         out = attend(q, k, v, attention_mask, scale=self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def transfusion_layer_spec() -> ModuleSpec:
+def transfusion_layer_spec(attention_backend: str) -> ModuleSpec:
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -56,7 +59,9 @@ def transfusion_layer_spec() -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.arbitrary},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
-                    core_attention=TransfusionCoreAttention,
+                    core_attention=ModuleSpec(
+                        module=TransfusionCoreAttention, params={"backend": attention_backend}
+                    ),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
@@ -75,9 +80,11 @@ def transfusion_layer_spec() -> ModuleSpec:
     )
 
 
-def transfusion_block_spec(config, vp_stage: int | None = None) -> TransformerBlockSubmodules:
+def transfusion_block_spec(
+    config, attention_backend: str, vp_stage: int | None = None
+) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage (or virtual stage) plus the final RMSNorm."""
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     return TransformerBlockSubmodules(
-        layer_specs=[transfusion_layer_spec()] * layers, layer_norm=WrappedTorchNorm
+        layer_specs=[transfusion_layer_spec(attention_backend)] * layers, layer_norm=WrappedTorchNorm
     )

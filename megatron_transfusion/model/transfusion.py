@@ -72,7 +72,7 @@ class TransfusionModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=config,
-            spec=transfusion_block_spec(config, vp_stage),
+            spec=transfusion_block_spec(config, attention_backend, vp_stage),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
