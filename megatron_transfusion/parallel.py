@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import random
-import socket
 
 import numpy as np
 import torch
@@ -15,20 +14,15 @@ from megatron_transfusion.config import ConfigError, ParallelConfig
 from megatron_transfusion.platform import Platform
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(parallel: ParallelConfig, platform: Platform) -> None:
     """Join the job's process group (torchrun's env://, or a world of one) and build the
     TP/PP/DP groups; the DP size is whatever world size is left over."""
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python` run: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-                              MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))  # fmt: skip
-        dist.init_process_group(backend=platform.dist_backend)
+        if "RANK" in os.environ:  # launched by torchrun / srun: env:// rendezvous
+            dist.init_process_group(backend=platform.dist_backend)
+        else:  # a plain `python` run: a world of one, no port to race for
+            dist.init_process_group(backend=platform.dist_backend, store=dist.HashStore(),
+                                    rank=0, world_size=1)  # fmt: skip
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     world = dist.get_world_size()
     if world % model_parallel:

@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 
 from megatron_transfusion import platform
+from megatron_transfusion.checkpointing import load_model, model_sharded_state_dict, save_sharded
 from megatron_transfusion.config import load_config
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
 from megatron_transfusion.model import build_model
@@ -47,22 +48,6 @@ def micro_batches(cfg):
     return out
 
 
-def sharded_state(chunks):
-    return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
-
-
-def save(chunks, directory: Path):
-    directory.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    dist_checkpointing.save(sharded_state(chunks), str(directory))
-
-
-def load(chunks, directory: Path):
-    state = dist_checkpointing.load(sharded_state(chunks), str(directory))
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"chunk{i}"])
-
-
 def train_step(cfg, chunks):
     reports = forward_backward(chunks, micro_batches(cfg), cfg.diffusion.loss_weight)
     with torch.no_grad():
@@ -75,7 +60,7 @@ def train_step(cfg, chunks):
 
 def full_state(cfg, plat, directory: Path) -> dict:
     (model,) = build_model(cfg, plat)
-    load([model], directory)
+    load_model([model], directory)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
@@ -95,11 +80,11 @@ def main():
     seed_everything(1234)
     chunks = build_model(cfg, plat)
     if args.layout == "reference":
-        save(chunks, args.workdir / "w0")
+        save_sharded(model_sharded_state_dict(chunks), args.workdir / "w0")
     else:
-        load(chunks, args.workdir / "w0")
+        load_model(chunks, args.workdir / "w0")
     report = train_step(cfg, chunks)
-    save(chunks, args.workdir / f"w1_{args.layout}")
+    save_sharded(model_sharded_state_dict(chunks), args.workdir / f"w1_{args.layout}")
     if report is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
         (args.workdir / f"loss_{args.layout}.json").write_text(json.dumps(report))
     if args.layout == "reference":
