@@ -1,0 +1,1 @@
+"""Offline data preparation: image preprocessing, the image VAE, sharding jobs."""
