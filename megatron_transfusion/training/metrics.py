@@ -1,0 +1,138 @@
+"""Training metrics: model FLOPs for MFU, the CPU matmul peak, and the step logger.
+
+FLOP conventions (one multiply-add = 2 FLOPs; training = forward + backward = 3×
+forward, the backward computing gradients for both inputs and weights):
+
+- Transformer, per token of every kind: 6·N + 12·L·(heads·head_dim)·s, where N counts
+  the parameters that multiply activations (QKV, output projection, SwiGLU gate/up/down
+  in every layer, plus the LM head, which runs at every position). Left out: the word
+  embedding, a row lookup with no arithmetic, and the norm gains, elementwise and
+  negligible. The attention term is QKᵀ and AV over the full s×s score matrix of each
+  packed row, as Megatron, nanoGPT and PaLM count it: causal masking, document
+  boundaries and blocks FlexAttention skips are not discounted, so MFU stays comparable
+  with published numbers (it overstates the attention work actually executed).
+- Patch layers, per image token: the forward FLOPs of one image through patch-in and
+  patch-out (every matmul and convolution, per-image timestep MLPs included, counted by
+  torch's FlopCounterMode on the meta device), ×3, divided by the patches per image.
+  The patch-in's first layer needs no input gradient; ×3 ignores that small overcount.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.tensorboard import SummaryWriter
+
+from megatron_transfusion.config import ModelConfig
+from megatron_transfusion.model.patch import build_patch_layers
+
+
+def transformer_flops_per_token(model_cfg: ModelConfig, seq_length: int) -> float:
+    h, d, heads = model_cfg.hidden_size, model_cfg.head_dim, model_cfg.num_attention_heads
+    qkv = h * (heads + 2 * model_cfg.query_groups) * d
+    per_layer = qkv + heads * d * h + 3 * h * model_cfg.ffn_size  # + output proj, SwiGLU
+    matmul_params = model_cfg.num_layers * per_layer + model_cfg.padded_vocab_size * h
+    return 6.0 * matmul_params + 12.0 * model_cfg.num_layers * heads * d * seq_length
+
+
+def patch_flops_per_image_token(model_cfg: ModelConfig) -> float:
+    c, size = model_cfg.latent_channels, model_cfg.latent_size
+    patch_in, patch_out = build_patch_layers(model_cfg)
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        latents, timesteps = torch.empty(1, c, size, size), torch.zeros(1, dtype=torch.long)
+        patch_out(model_cfg)(patch_in(model_cfg)(latents, timesteps), timesteps)
+    return 3.0 * counter.get_total_flops() / model_cfg.patches_per_image
+
+
+def model_flops_per_token(
+    model_cfg: ModelConfig, seq_length: int, image_token_fraction: float
+) -> float:
+    """Training FLOPs per token, averaged over a mix where ``image_token_fraction`` of the
+    tokens are image patches (the loop knows it from its batches)."""
+    return (
+        transformer_flops_per_token(model_cfg, seq_length)
+        + image_token_fraction * patch_flops_per_image_token(model_cfg)
+    )
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilization as a fraction of ``peak_flops``."""
+    return tokens_per_second * flops_per_token / peak_flops
+
+
+def measure_matmul_peak(seconds: float = 1.0, size: int = 2048, dtype=torch.float32) -> float:
+    """Dense-GEMM FLOP/s of this machine's CPU: the reference for MFU on CPU, where no
+    datasheet peak applies (on GPU the caller uses a configured peak instead)."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    for _ in range(2):  # warm-up: thread pool start, first-touch allocation
+        torch.matmul(a, b)
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or runs == 0:
+        torch.matmul(a, b)
+        runs += 1
+    return 2.0 * size**3 * runs / elapsed
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if x >= scale:
+            return f"{x / scale:.1f}{unit}"
+    return f"{x:.0f}"
+
+
+def format_line(step: int, values: dict[str, float]) -> str:
+    """nanoGPT-style console line from the keys it knows; others go to the files only:
+    loss, lm_loss, diffusion_loss, lr, grad_norm, tokens_per_second, mfu (a fraction)."""
+    parts = [f"step {step}"]
+    if "loss" in values:
+        details = [f"{label} {values[key]:.3f}" for key, label in
+                   (("lm_loss", "lm"), ("diffusion_loss", "diff")) if key in values]  # fmt: skip
+        parts.append(f"loss {values['loss']:.3f}" + (f" ({', '.join(details)})" if details else ""))
+    if "lr" in values:
+        parts.append(f"lr {values['lr']:.1e}")
+    if "grad_norm" in values:
+        parts.append(f"grad {values['grad_norm']:.2f}")
+    if "tokens_per_second" in values:
+        parts.append(f"{_si(values['tokens_per_second'])} tok/s")
+    if "mfu" in values:
+        parts.append(f"mfu {100 * values['mfu']:.1f}%")
+    return " | ".join(parts)
+
+
+class MetricsLogger:
+    """Per-step scalars to ``run_dir/logs/metrics.jsonl`` (appended, so a resumed run
+    continues the file) and ``run_dir/tensorboard/``. Ranks other than 0 write nothing.
+    """
+
+    def __init__(self, run_dir: Path, rank0: bool):
+        self.rank0 = rank0
+        if rank0:
+            (run_dir / "logs").mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(run_dir / "logs" / "metrics.jsonl", "a")
+            self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, float]) -> str:
+        """Record ``values`` at ``step``; returns the console line for the caller to print.
+
+        Non-finite values are written as JSON null (strict JSON has no NaN/Infinity)."""
+        if self.rank0:
+            record = {"step": step}
+            for key, value in values.items():
+                value = float(value)
+                record[key] = value if math.isfinite(value) else None
+                self._tensorboard.add_scalar(key, value, step)
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()  # log() runs every log_interval steps: keep files current
+            self._tensorboard.flush()
+        return format_line(step, values)
+
+    def close(self) -> None:
+        if self.rank0:
+            self._jsonl.close()
+            self._tensorboard.close()
