@@ -6,25 +6,44 @@ setup(
     description="Transfusion-style multimodal pretraining on Megatron-Core",
     python_requires=">=3.11",
     packages=find_packages(include=["megatron_transfusion*", "kernels*", "data_prep*", "checkpoints*"]),
-    package_data={"megatron_transfusion": ["configs/*.yaml"]},
+    package_data={
+        "megatron_transfusion": ["configs/*.yaml"],
+        "data_prep": ["builtin/*.npz", "builtin/README.md", "builtin/vae/*"],
+    },
     install_requires=[
         # torch 2.14.1 + torchvision 0.29.1 is the pairing under which mosaicml-streaming
         # imports; megatron-core 0.16.1 is the newest release for Python 3.11.
         "torch==2.14.1",
+        "torchvision==0.29.1",
         "megatron-core==0.16.1",
+        "mosaicml-streaming==0.13.0",
         "numpy",
         "pyyaml",
+        "pyarrow",
+        "pillow",
+        "safetensors",
+        "tokenizers",
+        "sentencepiece",
+        "tqdm",
     ],
     extras_require={
         # GPU-only kernels, imported lazily. NEVER the PyPI package named "apex":
         # NVIDIA Apex builds only from its source.
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
-        "dev": ["pytest"],
+        # Loading users' diffusers AutoencoderKL weights (optional; tested in CI).
+        "diffusers": ["diffusers"],
+        # Re-rendering the built-in emoji set (also needs Debian's fonts-noto-color-emoji).
+        "render": ["emoji"],
+        "dev": ["pytest", "diffusers"],
     },
     entry_points={
         "console_scripts": [
             "mtf-config=megatron_transfusion.cli:config_main",
             "mtf-overfit=megatron_transfusion.cli:overfit_main",
+            "mtf-train=megatron_transfusion.cli:train_main",
+            "mtf-prepare-data=data_prep.shard:main",
+            "mtf-prepare-builtin=data_prep.prepare_builtin:main",
+            "mtf-train-vae=data_prep.vae:train_vae_main",
         ]
     },
 )

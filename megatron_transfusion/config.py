@@ -92,6 +92,8 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
+    engine: Literal["megatron", "deepspeed"] = "megatron"  # who reduces grads and shards state
+    zero_stage: int = 1  # megatron: 0 (plain) or 1 (distributed optimizer); deepspeed: 1-3
 
 
 @dataclass
@@ -101,9 +103,11 @@ class DataConfig:
     global_batch_tokens: int = 2_097_152  # 2M tokens: 512 sequences of 4096
     text_token_fraction: float = 0.5  # share of tokens from the text stream
     caption_first_probability: float = 0.8
-    text_shards: list[str] = field(default_factory=list)
-    image_caption_shards: list[str] = field(default_factory=list)
-    num_workers: int = 2
+    # Prepared datasets (`mtf-prepare-data`): local directories or remote URLs.
+    text_data: str | None = None
+    image_caption_data: str | None = None
+    cache_dir: str | None = None  # where remote datasets are mirrored
+    verify_shards: bool = True  # check every shard's SHA-256 against the manifest at start
 
 
 @dataclass
@@ -134,6 +138,8 @@ class RunConfig:
     seed: int = 1234
     train_steps: int = 250_000
     log_interval: int = 10
+    max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
+    peak_flops: float | None = None  # per device, for MFU; None: measured fp32 GEMM peak (CPU)
 
 
 @dataclass
@@ -323,6 +329,15 @@ def validate(config: ExperimentConfig) -> None:
         "not supported yet: the layer spec's torch RMSNorm and the patch layers need the "
         "full sequence on every TP rank; set it to false",
     )
+    if p.engine == "megatron":
+        _require(p.zero_stage in (0, 1), "parallel.zero_stage",
+                 f"{p.zero_stage} needs parallel.engine=deepspeed (megatron shards only optimizer "
+                 "state: stage 1)")  # fmt: skip
+    else:
+        _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3 with deepspeed")
+        _require(p.pipeline_parallel == 1, "parallel.engine",
+                 "deepspeed is only supported without pipeline parallelism (ZeRO-2/3 cannot be "
+                 "combined with it); use parallel.engine=megatron for PP > 1")  # fmt: skip
     if p.virtual_pipeline is not None:
         _require(p.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be ≥ 1 or null")
         _require(p.pipeline_parallel > 1, "parallel.virtual_pipeline", "needs pipeline_parallel > 1")

@@ -1,5 +1,6 @@
-"""Overfit one fixed mixed batch: the quickest end-to-end proof that the model, mask,
-patch layers, losses and the pipeline schedule learn together (single process)."""
+"""Overfit one fixed mixed batch: the quickest end-to-end proof that the data, model,
+mask, patch layers, losses and the pipeline schedule learn together (single process).
+The batch is the loader's first when data is configured, else a synthetic one."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 from megatron_transfusion import platform
 from megatron_transfusion.config import ExperimentConfig
+from megatron_transfusion.data import MixedModalityLoader
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
@@ -23,7 +25,10 @@ def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[dict
         seed_everything(cfg.run.seed)
         (model,) = build_model(cfg, plat)
         generator = torch.Generator().manual_seed(cfg.run.seed)
-        batch = random_batch(generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length)
+        if cfg.data.text_data or cfg.data.image_caption_data:
+            batch = MixedModalityLoader(cfg).next_step()[0]
+        else:
+            batch = random_batch(generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length)
         schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
         noised, noise = noise_images(batch, schedule, cfg.diffusion, generator)
         device = plat.device()

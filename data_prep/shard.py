@@ -1,0 +1,342 @@
+"""The offline sharding job: inputs -> tokenized text / VAE latents -> MDS shards.
+
+Work is cut into *units* (one per input file, in sorted order, recorded in plan.json),
+so a job array splits it (task i of N takes units i, i+N, ...) and any split produces the
+same units. Each unit is written to a temporary directory and renamed into place when
+complete: a killed task never leaves a unit that looks finished, and a re-run skips the
+finished ones. ``merge`` then checks every unit is there and writes one MDS index plus
+``manifest.json`` (provenance, counts, a SHA-256 per shard file) and ``lengths.npy``
+(tokens per sample, which the loader plans packing from without reading samples).
+
+    mtf-prepare-data shard --kind image_caption --inputs data/*.tar --out shards/img \\
+        --tokenizer tok.json --vae vae/ --image-size 256 [--shard-index I --num-shards N]
+    mtf-prepare-data merge --out shards/img
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_prep.readers import (
+    IMAGE_CAPTION_SUFFIXES, TEXT_SUFFIXES, Columns, Rejected, expand_inputs, read_unit,
+)  # fmt: skip
+
+log = logging.getLogger("data_prep.shard")
+FORMAT_VERSION = 1
+TEXT_COLUMNS = {"key": "str", "tokens": "ndarray:int32"}
+IMAGE_CAPTION_COLUMNS = {"key": "str", "caption": "ndarray:int32", "latent": "ndarray:float16"}
+
+
+@dataclass
+class ShardJob:
+    kind: str  # "text" or "image_caption"
+    inputs: list[str]
+    out: str
+    tokenizer: str
+    vae: str | None = None
+    image_size: int = 256
+    max_text_tokens: int = 4096  # longer documents become several samples
+    max_caption_tokens: int = 128  # longer captions are truncated (and counted)
+    batch_size: int = 64  # images per VAE forward
+    shard_size_limit: int = 1 << 26
+    columns: Columns = field(default_factory=Columns)
+    shard_index: int = 0
+    num_shards: int = 1
+
+    def __post_init__(self):
+        if self.kind not in ("text", "image_caption"):
+            raise ValueError(f"--kind must be 'text' or 'image_caption', got {self.kind!r}")
+        if self.kind == "image_caption" and not self.vae:
+            raise ValueError("--vae is required for image_caption data")
+        if not 0 <= self.shard_index < self.num_shards:
+            raise ValueError(f"--shard-index {self.shard_index} is not in [0, {self.num_shards})")
+
+
+class _Encoders:
+    """Tokenizer and VAE, loaded once per task."""
+
+    def __init__(self, job: ShardJob):
+        from data_prep.tokenizer import Tokenizer
+
+        self.tokenizer = Tokenizer.load(job.tokenizer)
+        self.vae = None
+        if job.kind == "image_caption":
+            from data_prep.vae import load_vae
+
+            self.vae = load_vae(job.vae)
+            if job.image_size % self.vae.downsample:
+                raise ValueError(f"--image-size {job.image_size} is not a multiple of the VAE's "
+                                 f"downsampling factor {self.vae.downsample}")  # fmt: skip
+
+    def provenance(self, job: ShardJob) -> dict:
+        settings = {
+            "format_version": FORMAT_VERSION,
+            "kind": job.kind,
+            "tokenizer": self.tokenizer.fingerprint(),
+            "max_text_tokens": job.max_text_tokens,
+            "columns": asdict(job.columns),
+        }
+        if self.vae is not None:
+            side = job.image_size // self.vae.downsample
+            settings.update(
+                vae=self.vae.fingerprint(),
+                image_size=job.image_size,
+                latent_shape=[self.vae.latent_channels, side, side],
+                max_caption_tokens=job.max_caption_tokens,
+            )
+        return settings
+
+
+def _unit_name(index: int) -> str:
+    return f"unit-{index:06d}"
+
+
+def _write_plan(job: ShardJob, units: list[Path], provenance: dict) -> None:
+    """plan.json pins the unit list and settings; every task and re-run must agree."""
+    out = Path(job.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"units": [str(u) for u in units], "settings": provenance}
+    path = out / "plan.json"
+    if path.exists():
+        existing = json.loads(path.read_text())
+        if existing != plan:
+            raise ValueError(
+                f"'{path}' was written for other inputs or settings; use a new --out directory "
+                "or delete it to start over"
+            )
+        return
+    tmp = out / f".plan.json.{os.getpid()}"
+    tmp.write_text(json.dumps(plan, indent=1))
+    os.replace(tmp, path)  # concurrent tasks write identical content
+
+
+class _UnitWriter:
+    def __init__(self, directory: Path, columns: dict, size_limit: int):
+        from streaming import MDSWriter
+
+        self.writer = MDSWriter(out=str(directory), columns=columns, size_limit=size_limit)
+        self.lengths: list[int] = []
+
+    def write(self, sample: dict, length: int) -> None:
+        self.writer.write(sample)
+        self.lengths.append(length)
+
+    def finish(self, directory: Path) -> None:
+        self.writer.finish()
+        np.save(directory / "lengths.npy", np.asarray(self.lengths, dtype=np.int32))
+
+
+def _process_text(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected):
+    for record in read_unit(path, "text", job.columns):
+        stats["read"] += 1
+        if isinstance(record, Rejected):
+            rejected(record)
+            continue
+        ids = enc.tokenizer.encode(record.text)
+        if not ids:
+            rejected(Rejected(record.key, "empty_text", "no tokens"))
+            continue
+        chunks = range(0, len(ids), job.max_text_tokens)
+        for i, start in enumerate(chunks):
+            piece = np.asarray(ids[start : start + job.max_text_tokens], dtype=np.int32)
+            out.write({"key": f"{record.key}#{i}", "tokens": piece}, len(piece))
+            stats["written"] += 1
+        stats["documents_split"] += len(chunks) > 1
+
+
+def _process_images(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected):
+    from data_prep.images import center_crop_resize, decode_image, to_model_range
+
+    pending: list[tuple[str, np.ndarray, np.ndarray]] = []
+
+    def flush():
+        if not pending:
+            return
+        pixels = to_model_range(np.stack([p[1] for p in pending]))
+        with torch.no_grad():
+            latents = enc.vae.encode(pixels).to(torch.float16).numpy()
+        for (key, _, caption), latent in zip(pending, latents):
+            out.write({"key": key, "caption": caption, "latent": latent}, len(caption))
+            stats["written"] += 1
+        pending.clear()
+
+    for record in read_unit(path, "image_caption", job.columns):
+        stats["read"] += 1
+        if isinstance(record, Rejected):
+            rejected(record)
+            continue
+        try:
+            image = center_crop_resize(decode_image(record.image), job.image_size)
+        except ValueError as e:
+            rejected(Rejected(record.key, "undecodable_image", str(e)))
+            continue
+        ids = enc.tokenizer.encode(record.caption)
+        if not ids:
+            rejected(Rejected(record.key, "missing_caption", "no tokens"))
+            continue
+        if len(ids) > job.max_caption_tokens:
+            stats["captions_truncated"] += 1
+            ids = ids[: job.max_caption_tokens]
+        pending.append((record.key, image, np.asarray(ids, dtype=np.int32)))
+        if len(pending) == job.batch_size:
+            flush()
+    flush()
+
+
+def _process_unit(index: int, path: Path, job: ShardJob, enc: _Encoders) -> Counter:
+    out_dir = Path(job.out)
+    final = out_dir / _unit_name(index)
+    for stale in out_dir.glob(f".tmp-{_unit_name(index)}-*"):
+        shutil.rmtree(stale)  # left by a killed task
+    tmp = out_dir / f".tmp-{_unit_name(index)}-{os.getpid()}"
+    columns = TEXT_COLUMNS if job.kind == "text" else IMAGE_CAPTION_COLUMNS
+    writer = _UnitWriter(tmp, columns, job.shard_size_limit)
+    stats: Counter = Counter()
+    with open(tmp / "rejected.jsonl", "w") as rejected_file:
+
+        def rejected(item: Rejected):
+            stats[f"rejected_{item.reason}"] += 1
+            log.warning("skipped %s: %s %s", item.key, item.reason, item.detail)
+            rejected_file.write(json.dumps({"key": item.key, "reason": item.reason,
+                                            "detail": item.detail, "input": str(path)}) + "\n")  # fmt: skip
+
+        process = _process_text if job.kind == "text" else _process_images
+        process(path, job, enc, writer, stats, rejected)
+    writer.finish(tmp)
+    (tmp / "stats.json").write_text(json.dumps({"input": str(path), **stats}))
+    os.rename(tmp, final)  # atomic: the unit now exists, complete
+    return stats
+
+
+def run_shard_job(job: ShardJob) -> Counter:
+    """Process this task's units; returns counts (units skipped because already done too)."""
+    suffixes = TEXT_SUFFIXES if job.kind == "text" else IMAGE_CAPTION_SUFFIXES
+    units = expand_inputs(job.inputs, suffixes)
+    enc = _Encoders(job)
+    _write_plan(job, units, enc.provenance(job))
+    mine = list(range(job.shard_index, len(units), job.num_shards))
+    totals: Counter = Counter()
+    for index in tqdm(mine, desc=f"shard task {job.shard_index}/{job.num_shards}", unit="file"):
+        if (Path(job.out) / _unit_name(index)).is_dir():
+            totals["units_already_done"] += 1
+            continue
+        totals.update(_process_unit(index, units[index], job, enc))
+        totals["units_done"] += 1
+    return totals
+
+
+def merge(out: str | Path) -> dict:
+    """Join finished units into one dataset: index.json, lengths.npy, manifest.json."""
+    from streaming.base.util import merge_index
+
+    from megatron_transfusion.data.source import sha256_file
+
+    out = Path(out)
+    plan_path = out / "plan.json"
+    if not plan_path.exists():
+        raise FileNotFoundError(f"'{plan_path}' is missing: run the shard job into '{out}' first")
+    plan = json.loads(plan_path.read_text())
+    names = [_unit_name(i) for i in range(len(plan["units"]))]
+    missing = [n for n in names if not (out / n / "stats.json").exists()]
+    if missing:
+        raise RuntimeError(
+            f"{len(missing)} of {len(names)} units are not finished in '{out}' (first: {missing[0]}); "
+            "re-run the shard job (finished units are skipped), then merge again"
+        )
+    merge_index([str(out / n / "index.json") for n in names], str(out))
+    index = json.loads((out / "index.json").read_text())
+    lengths = np.concatenate([np.load(out / n / "lengths.npy") for n in names]).astype(np.int32)
+    if len(lengths) != sum(s["samples"] for s in index["shards"]):
+        raise RuntimeError(f"'{out}': lengths and shard sample counts disagree")
+    np.save(out / "lengths.npy", lengths)
+    totals: Counter = Counter()
+    with open(out / "rejected.jsonl", "w") as rejected:
+        for n in names:
+            stats = json.loads((out / n / "stats.json").read_text())
+            stats.pop("input")
+            totals.update(stats)
+            rejected.write((out / n / "rejected.jsonl").read_text())
+    shard_files = sorted(
+        info["basename"] for shard in index["shards"] for key in ("raw_data", "zip_data")
+        if (info := shard.get(key))
+    )  # fmt: skip
+    manifest = {
+        **plan["settings"],
+        "num_samples": int(len(lengths)),
+        "num_tokens": int(lengths.sum()),
+        "counts": dict(totals),
+        "inputs": plan["units"],
+        "files": {name: sha256_file(out / name) for name in shard_files + ["index.json", "lengths.npy"]},
+    }
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
+def _array_task_defaults() -> tuple[int, int]:
+    """Task index and count from a Slurm job array, else a single task."""
+    if "SLURM_ARRAY_TASK_ID" not in os.environ:
+        return 0, 1
+    task = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0))
+    return task, int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1))
+
+
+def _summary(counts: Counter) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "nothing to do"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="mtf-prepare-data", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    shard = commands.add_parser("shard", help="tokenize / VAE-encode inputs into MDS units")
+    shard.add_argument("--kind", required=True, choices=["text", "image_caption"])
+    shard.add_argument("--inputs", nargs="+", required=True, help="files or directories")
+    shard.add_argument("--out", required=True)
+    shard.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
+    shard.add_argument("--vae", help="VAE directory (this project's or diffusers AutoencoderKL)")
+    shard.add_argument("--image-size", type=int, default=256)
+    shard.add_argument("--max-text-tokens", type=int, default=4096)
+    shard.add_argument("--max-caption-tokens", type=int, default=128)
+    shard.add_argument("--batch-size", type=int, default=64)
+    shard.add_argument("--image-column", default="image")
+    shard.add_argument("--caption-column", default="caption", help="also the .json field in tars")
+    shard.add_argument("--text-column", default="text", help="JSONL field / Parquet column")
+    task, count = _array_task_defaults()
+    shard.add_argument("--shard-index", type=int, default=task, help="default: SLURM_ARRAY_TASK_ID")
+    shard.add_argument("--num-shards", type=int, default=count, help="default: SLURM array size")
+    merge_cmd = commands.add_parser("merge", help="write one index + manifest over all units")
+    merge_cmd.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "merge":
+            manifest = merge(args.out)
+            print(f"merged {manifest['num_samples']} samples, {manifest['num_tokens']} tokens "
+                  f"into {args.out}: {_summary(Counter(manifest['counts']))}")  # fmt: skip
+            return
+        job = ShardJob(
+            kind=args.kind, inputs=args.inputs, out=args.out, tokenizer=args.tokenizer,
+            vae=args.vae, image_size=args.image_size, max_text_tokens=args.max_text_tokens,
+            max_caption_tokens=args.max_caption_tokens, batch_size=args.batch_size,
+            columns=Columns(args.image_column, args.caption_column, args.text_column),
+            shard_index=args.shard_index, num_shards=args.num_shards,
+        )  # fmt: skip
+        print(f"task {job.shard_index}/{job.num_shards}: {_summary(run_shard_job(job))}")
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+if __name__ == "__main__":
+    main()

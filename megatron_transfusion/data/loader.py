@@ -1,0 +1,106 @@
+"""This rank's micro-batches, one global step at a time, as PackedBatches."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from megatron_transfusion.batch import ImageSegment, PackedBatch, SpecialTokens, TextSegment, pack_documents
+from megatron_transfusion.config import ConfigError, ExperimentConfig
+from megatron_transfusion.data.planner import IMAGE, TEXT, MixturePlanner, PlannedExample
+from megatron_transfusion.data.source import PreparedDataset
+
+
+def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfig) -> dict:
+    tokenizers = {s: d.manifest["tokenizer"] for s, d in datasets.items()}
+    first = next(iter(tokenizers.values()))
+    for stream, tokenizer in tokenizers.items():
+        if tokenizer["sha256"] != first["sha256"]:
+            raise ValueError(f"the {stream} data was tokenized with another tokenizer than the rest "
+                             f"({tokenizer['path']} vs {first['path']}); re-shard one of them")  # fmt: skip
+    if first["vocab_size"] > cfg.model.vocab_size:
+        raise ConfigError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+                         f"tokenizer's {first['vocab_size']} ({first['path']})")  # fmt: skip
+    if IMAGE in datasets:
+        m = cfg.model
+        expected = [m.latent_channels, m.latent_size, m.latent_size]
+        found = datasets[IMAGE].manifest["latent_shape"]
+        if found != expected:
+            raise ConfigError(f"image latents in '{datasets[IMAGE].directory}' have shape {found}, the "
+                             f"model expects {expected} (model.latent_channels, model.latent_size)")  # fmt: skip
+    return first["special"]
+
+
+class MixedModalityLoader:
+    """Plans every global batch, materialises only this data-parallel rank's rows.
+
+    Ranks that share a DP rank (the TP/PP ranks of one replica) get identical batches.
+    ``state_dict()`` taken between steps resumes exactly, on any DP size.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: int = 1):
+        d = cfg.data
+        locations = {TEXT: d.text_data, IMAGE: d.image_caption_data}
+        self.datasets = {
+            stream: PreparedDataset(location, d.cache_dir, d.verify_shards)
+            for stream, location in locations.items()
+            if location
+        }
+        if not self.datasets:
+            raise ConfigError("config fields 'data.text_data' and 'data.image_caption_data' are both empty")
+        for stream, dataset in self.datasets.items():
+            if dataset.kind != stream:
+                raise ValueError(f"'{dataset.directory}' holds {dataset.kind} data, not {stream}")
+        special = _check_compatible(self.datasets, cfg)
+        self.bos, self.eos = special["bos"], special["eos"]
+        self.special = SpecialTokens(boi=special["boi"], eoi=special["eoi"], pad=special["pad"])
+        rows = d.global_batch_tokens // d.seq_length
+        if rows % (dp_size * d.micro_batch_size):
+            raise ConfigError(
+                f"config field 'data.global_batch_tokens': {rows} sequences per step do not split "
+                f"into {dp_size} data-parallel ranks × micro-batches of {d.micro_batch_size}"
+            )
+        self.global_rows, self.dp_rank, self.dp_size = rows, dp_rank, dp_size
+        self.cfg = cfg
+        self.planner = MixturePlanner(
+            {s: ds.lengths for s, ds in self.datasets.items()},
+            d.seq_length,
+            cfg.model.patches_per_image,
+            d.text_token_fraction if TEXT in self.datasets else 0.0,
+            d.caption_first_probability,
+            cfg.run.seed,
+        )
+
+    def _document(self, example: PlannedExample) -> list:
+        sample = self.datasets[example.stream][example.index]
+        if example.stream == TEXT:
+            return [TextSegment([self.bos, *sample["tokens"].tolist(), self.eos])]
+        image = ImageSegment(torch.from_numpy(sample["latent"].astype(np.float32)), example.caption_first)
+        caption = sample["caption"].tolist()
+        if example.caption_first:
+            return [TextSegment([self.bos, *caption]), image, TextSegment([self.eos])]
+        return [TextSegment([self.bos]), image, TextSegment([*caption, self.eos])]
+
+    def next_step(self) -> list[PackedBatch]:
+        """This rank's micro-batches of the next global batch (rows strided over DP ranks)."""
+        plan = [self.planner.next_row() for _ in range(self.global_rows)]
+        mine = plan[self.dp_rank :: self.dp_size]
+        m = self.cfg.model
+        shape = (m.latent_channels, m.latent_size, m.latent_size)
+        size = self.cfg.data.micro_batch_size
+        return [
+            pack_documents(
+                [[self._document(e) for e in row] for row in mine[i : i + size]],
+                self.cfg.data.seq_length, m.patches_per_image, shape, self.special,
+            )  # fmt: skip
+            for i in range(0, len(mine), size)
+        ]
+
+    def state_dict(self) -> dict:
+        return {"planner": self.planner.state_dict(), "global_rows": self.global_rows}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["global_rows"] != self.global_rows:
+            raise ValueError(f"the saved data state is for {state['global_rows']} sequences per step, "
+                             f"this run has {self.global_rows}: keep data.global_batch_tokens")  # fmt: skip
+        self.planner.load_state_dict(state["planner"])

@@ -1,0 +1,131 @@
+"""The global data plan: which samples fill which sequence, decided from lengths alone.
+
+Two streams (text, image–caption) are mixed to a target token share by always drawing
+from the stream furthest below its target; each stream is read in a fresh seeded
+permutation every epoch; each image–caption pair is laid out caption-first with the
+configured probability (else image-first, which limits its noise). Examples are packed
+greedily into rows of ``seq_length``; one that does not fit starts the next row.
+
+Every rank runs the same planner over all rows (cheap: no sample is read) and keeps the
+rows of its data-parallel rank. Its state is a handful of integers, so a checkpoint
+resumes exactly, also onto another data-parallel size with the same global batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+TEXT, IMAGE = "text", "image_caption"
+STREAM_IDS = {TEXT: 0, IMAGE: 1}
+
+
+@dataclass(frozen=True)
+class PlannedExample:
+    stream: str
+    index: int  # sample index in the stream's dataset
+    caption_first: bool
+    length: int  # tokens once laid out in the sequence
+
+
+@dataclass
+class _Cursor:
+    epoch: int = 0
+    position: int = 0
+    tokens: int = 0  # laid-out tokens drawn so far
+
+
+class MixturePlanner:
+    def __init__(
+        self,
+        lengths: dict[str, np.ndarray],  # per stream: text tokens per sample
+        seq_length: int,
+        patches_per_image: int,
+        text_token_fraction: float,
+        caption_first_probability: float,
+        seed: int,
+    ):
+        self.targets = {TEXT: text_token_fraction, IMAGE: 1.0 - text_token_fraction}
+        self.streams = [s for s in (TEXT, IMAGE) if s in lengths and self.targets[s] > 0]
+        if not self.streams:
+            raise ValueError("no data stream to draw from (check data paths and data.text_token_fraction)")
+        for stream in self.streams:
+            if len(lengths[stream]) == 0:
+                raise ValueError(f"the {stream} dataset has no samples")
+        self.seq_length = seq_length
+        self.caption_first_probability = caption_first_probability
+        self.seed = seed
+        # Laid-out length: BOS + text + EOS, plus BOI + patches + EOI for an image.
+        self.layout_lengths = {s: lengths[s].astype(np.int64) + 2 for s in self.streams}
+        if IMAGE in self.layout_lengths:
+            self.layout_lengths[IMAGE] += patches_per_image + 2
+        for stream, layout in self.layout_lengths.items():
+            longest = int(layout.max())
+            if longest > seq_length:
+                raise ValueError(
+                    f"a {stream} sample needs {longest} tokens, more than data.seq_length="
+                    f"{seq_length}; shard with smaller --max-text-tokens/--max-caption-tokens"
+                )
+        self.cursors = {s: _Cursor() for s in self.streams}
+        self.pending: PlannedExample | None = None
+        self.rows_planned = 0
+        self._epoch_cache: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
+
+    def _epoch_order(self, stream: str, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        cached = self._epoch_cache.get(stream)
+        if cached is None or cached[0] != epoch:
+            rng = np.random.Generator(np.random.PCG64([self.seed, STREAM_IDS[stream], epoch]))
+            n = len(self.layout_lengths[stream])
+            order = rng.permutation(n)
+            caption_first = rng.random(n) < self.caption_first_probability
+            self._epoch_cache[stream] = cached = (epoch, order, caption_first)
+        return cached[1], cached[2]
+
+    def _choose_stream(self) -> str:
+        return min(self.streams, key=lambda s: (self.cursors[s].tokens / self.targets[s], STREAM_IDS[s]))
+
+    def _draw(self) -> PlannedExample:
+        stream = self._choose_stream()
+        cursor = self.cursors[stream]
+        order, caption_first = self._epoch_order(stream, cursor.epoch)
+        index = int(order[cursor.position])
+        example = PlannedExample(
+            stream=stream,
+            index=index,
+            caption_first=bool(caption_first[cursor.position]) if stream == IMAGE else True,
+            length=int(self.layout_lengths[stream][index]),
+        )
+        cursor.position += 1
+        cursor.tokens += example.length
+        if cursor.position == len(order):
+            cursor.epoch, cursor.position = cursor.epoch + 1, 0
+        return example
+
+    def next_row(self) -> list[PlannedExample]:
+        row, used = [], 0
+        while True:
+            example = self.pending or self._draw()
+            self.pending = None
+            if used + example.length > self.seq_length:
+                self.pending = example
+                break
+            row.append(example)
+            used += example.length
+        self.rows_planned += 1
+        return row
+
+    def state_dict(self) -> dict:
+        return {
+            "seed": self.seed,
+            "rows_planned": self.rows_planned,
+            "cursors": {s: asdict(c) for s, c in self.cursors.items()},
+            "pending": asdict(self.pending) if self.pending else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed or set(state["cursors"]) != set(self.streams):
+            raise ValueError("data loader state comes from a run with another seed or other streams")
+        self.rows_planned = state["rows_planned"]
+        self.cursors = {s: _Cursor(**c) for s, c in state["cursors"].items()}
+        self.pending = PlannedExample(**state["pending"]) if state["pending"] else None
