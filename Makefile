@@ -19,4 +19,4 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	$(VENV)/bin/mtf-overfit --config tiny --steps 100
+	bash launch/pretrain_local.sh --resume none

@@ -14,9 +14,11 @@ from megatron_transfusion.config import ConfigError, load_config
 def run_cli(main):
     @functools.wraps(main)
     def wrapper(argv=None):
+        from megatron_transfusion.data.source import CorruptShardError
+
         try:
             return main(argv)
-        except ConfigError as e:
+        except (ConfigError, FileNotFoundError, CorruptShardError) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 
@@ -69,3 +71,20 @@ def overfit_main(argv=None) -> None:
     print("fall: " + ", ".join(f"{k} {v:.1%}" for k, v in fell.items()))
     if min(fell.values()) <= 0.9:
         raise SystemExit("overfit failed: a loss fell by 90% or less")
+
+
+@run_cli
+def train_main(argv=None) -> None:
+    """Pretrain; under torchrun/srun every rank runs this."""
+    parser = _config_parser("Pretrain a Transfusion model.")
+    parser.add_argument("--resume", default="auto",
+                        help="auto (latest checkpoint of the run, if any), none, or a checkpoint path")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    from megatron_transfusion.training.trainer import TrainingError, train
+
+    try:
+        train(cfg, args.resume)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -188,6 +188,30 @@ def _patch_megatron_module(module: types.ModuleType) -> None:
         module._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
 
 
+def _called_from_megatron(depth: int = 2) -> bool:
+    return sys._getframe(depth).f_globals.get("__name__", "").startswith("megatron.")
+
+
+def _install_tensor_method_views() -> None:
+    """Tensor methods cannot be given per module, so for megatron's callers only:
+    ``t.type()`` answers with the CUDA type name its optimizers check for, and
+    ``t.cuda()`` (used when gathering optimizer state) leaves the tensor on the CPU."""
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
+
+    @functools.wraps(original_type)
+    def type_view(self, *args, **kwargs):
+        name = original_type(self, *args, **kwargs)
+        if args or kwargs or not _called_from_megatron():
+            return name
+        return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
+
+    @functools.wraps(original_cuda)
+    def cuda_view(self, *args, **kwargs):
+        return self if _called_from_megatron() else original_cuda(self, *args, **kwargs)
+
+    torch.Tensor.type, torch.Tensor.cuda = type_view, cuda_view
+
+
 class _PatchingLoader(importlib.abc.Loader):
     def __init__(self, inner):
         self.inner = inner
@@ -223,6 +247,7 @@ def install_cpu_stand_ins() -> None:
     if _TORCH_PROXY is not None:
         return
     _TORCH_PROXY = _make_torch_proxy()
+    _install_tensor_method_views()
     sys.meta_path.insert(0, _MegatronImportHook())
     for name, module in list(sys.modules.items()):
         if name.startswith("megatron.") and module is not None:

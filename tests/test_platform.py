@@ -32,6 +32,18 @@ def test_stand_ins_are_scoped_to_megatron_modules():
         torch.zeros(1, device="cuda")
 
 
+def test_megatron_sees_cuda_tensor_type_names_and_others_do_not():
+    platform.install_cpu_stand_ins()
+    namespace = {"__name__": "megatron.core.optimizer.fake", "torch": torch}
+    exec("def kind(t):\n    return t.type()\ndef move(t):\n    return t.cuda()", namespace)
+    assert namespace["kind"](torch.zeros(1)) == "torch.cuda.FloatTensor"
+    assert namespace["move"](torch.zeros(1)).device.type == "cpu"
+    assert torch.zeros(1).type() == "torch.FloatTensor"
+    with pytest.raises((RuntimeError, AssertionError)):
+        torch.zeros(1).cuda()
+    assert torch.zeros(1).type(torch.float64).dtype == torch.float64
+
+
 def test_cpu_rng_stand_in_seeds_the_cpu_generator():
     platform.install_cpu_stand_ins()
     from megatron.core.tensor_parallel import random as mp_random

@@ -23,8 +23,8 @@ from megatron_transfusion.config import OptimizerConfig
 _EMBEDDINGS = (nn.Embedding, VocabParallelEmbedding)
 
 
-def param_groups(model_chunks: list[torch.nn.Module], weight_decay: float) -> list[dict]:
-    """Two AdamW groups over all chunks' parameters: [decayed, not decayed]."""
+def no_decay_parameter_ids(model_chunks: list[torch.nn.Module]) -> set[int]:
+    """ids of the parameters that get no weight decay (the rule above)."""
     embedding_params = {
         id(p)
         for chunk in model_chunks
@@ -32,10 +32,17 @@ def param_groups(model_chunks: list[torch.nn.Module], weight_decay: float) -> li
         if isinstance(module, _EMBEDDINGS)
         for p in module.parameters(recurse=False)
     }
+    return {id(p) for chunk in model_chunks for p in chunk.parameters()
+            if p.ndim < 2 or id(p) in embedding_params}  # fmt: skip
+
+
+def param_groups(model_chunks: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """Two AdamW groups over all chunks' parameters: [decayed, not decayed]."""
+    exempt = no_decay_parameter_ids(model_chunks)
     decay, no_decay = [], []
     for chunk in model_chunks:
         for p in chunk.parameters():
-            (no_decay if p.ndim < 2 or id(p) in embedding_params else decay).append(p)
+            (no_decay if id(p) in exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

@@ -1,0 +1,97 @@
+"""Run checkpoints: written under a temporary name, published atomically, pruned.
+
+    checkpoints/
+      step_00000100/          a complete checkpoint
+        engine/               model + optimizer (dist-checkpointing or DeepSpeed format)
+        rng/rank_00000.safetensors   each rank's random generators
+        trainer.json          step, counters, data-loader state (identical on every rank)
+      latest                  the name of the newest complete checkpoint
+
+A step directory only exists once every rank has finished writing into its temporary
+twin, and ``latest`` only moves after that (rank 0 renames both), so a crash at any
+moment leaves the previous checkpoint loadable. Everything is read back without pickle:
+JSON and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from megatron_transfusion.training.engine import Engine
+
+LATEST = "latest"
+
+
+def step_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_checkpoint(directory: Path) -> Path | None:
+    pointer = directory / LATEST
+    if not pointer.exists():
+        return None
+    path = directory / pointer.read_text().strip()
+    if not (path / "trainer.json").exists():
+        raise FileNotFoundError(f"'{pointer}' names '{path}', which is not a complete checkpoint")
+    return path
+
+
+def resolve_resume(directory: Path, resume: str | None) -> Path | None:
+    """``auto``: the latest complete checkpoint if any; a path: exactly that; None: none."""
+    if resume is None or resume == "none":
+        return None
+    if resume == "auto":
+        return latest_checkpoint(directory)
+    path = Path(resume)
+    if not (path / "trainer.json").exists():
+        raise FileNotFoundError(f"checkpoint '{path}' is missing or incomplete (no trainer.json)")
+    return path
+
+
+def save_checkpoint(directory: Path, step: int, engine: Engine, trainer_state: dict,
+                    rng_state: dict[str, torch.Tensor], keep_last: int) -> Path:  # fmt: skip
+    """Collective. Returns the published checkpoint directory."""
+    rank = dist.get_rank()
+    final = directory / step_name(step)
+    tmp = directory / f".tmp-{step_name(step)}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
+        (tmp / "rng").mkdir(parents=True)
+    dist.barrier()
+    engine.save(tmp / "engine")
+    save_file(rng_state, tmp / "rng" / f"rank_{rank:05d}.safetensors")
+    dist.barrier()  # every rank's shards are on disk
+    if rank == 0:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        pointer = directory / f".{LATEST}.tmp"
+        pointer.write_text(final.name)
+        os.replace(pointer, directory / LATEST)
+        _prune(directory, keep_last)
+    dist.barrier()
+    return final
+
+
+def _prune(directory: Path, keep_last: int) -> None:
+    complete = sorted(p for p in directory.glob("step_*") if (p / "trainer.json").exists())
+    for old in complete[:-keep_last]:
+        shutil.rmtree(old)
+
+
+def load_checkpoint(path: Path, engine: Engine) -> tuple[dict, dict[str, torch.Tensor] | None]:
+    """Collective. Returns (trainer state, this rank's RNG state or None if the checkpoint
+    was written by a different number of ranks)."""
+    engine.load(path / "engine")
+    trainer_state = json.loads((path / "trainer.json").read_text())
+    rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.safetensors"
+    same_world = len(list((path / "rng").glob("rank_*.safetensors"))) == dist.get_world_size()
+    return trainer_state, load_file(rng_file) if same_world else None

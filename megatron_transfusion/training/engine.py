@@ -1,0 +1,47 @@
+"""One interface over the ways a step can be executed and its state sharded.
+
+- ``MegatronEngine``: Megatron-Core DDP + optimizer (the distributed optimizer is ZeRO-1:
+  sharded optimizer state); works for every TP/PP/DP layout, through the pipeline schedules.
+- ``DeepSpeedEngine``: DeepSpeed ZeRO stages 1–3 (and offload) for TP×DP layouts; DeepSpeed
+  cannot combine ZeRO-2/3 with pipeline parallelism, and its pipeline support is fragile
+  with Megatron's schedules, so PP > 1 is refused there.
+
+The trainer sees only ``train_step``, ``save`` and ``load``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_transfusion.training.step import MicroBatch
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """Outcome of one optimizer step, identical on every rank."""
+
+    losses: dict[str, float]  # mean over the global batch: loss, lm_loss, diffusion_loss
+    grad_norm: float  # global L2 norm before clipping (inf/nan if not finite)
+    skipped: bool  # the update was skipped because loss or gradients were not finite
+
+
+class Engine(ABC):
+    model_chunks: list[torch.nn.Module]
+
+    @abstractmethod
+    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
+        """Zero grads, forward+backward every micro-batch of this rank, reduce gradients
+        over data-parallel ranks, clip to the configured norm, then update with ``lr``.
+        If the loss or the gradient norm is not finite on any rank, no rank updates."""
+
+    @abstractmethod
+    def save(self, directory: Path) -> None:
+        """Collective: model and optimizer state of every rank under ``directory``."""
+
+    @abstractmethod
+    def load(self, directory: Path) -> None:
+        """Collective: restore what ``save`` wrote (the layout may differ where supported)."""

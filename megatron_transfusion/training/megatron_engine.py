@@ -1,0 +1,155 @@
+"""Megatron-Core DDP + optimizer: every TP/PP/DP layout, ZeRO-1 via the distributed optimizer.
+
+Gradients accumulate in Megatron's contiguous buffers across micro-batches and are
+reduced (all-reduce, or reduce-scatter for the distributed optimizer) once per step by
+``finalize_model_grads``. Before updating, the global loss and gradient norm are checked:
+non-finite on any rank means no rank updates (both values are already global, so every
+rank decides alike).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+from megatron_transfusion.checkpointing import load_sharded, model_sharded_state_dict, save_sharded
+from megatron_transfusion.config import ExperimentConfig
+from megatron_transfusion.platform import Platform
+from megatron_transfusion.training.engine import Engine, StepResult
+from megatron_transfusion.training.optimizer import no_decay_parameter_ids
+from megatron_transfusion.training.step import MicroBatch, forward_backward
+
+LOSS_KEYS = ("loss", "lm_loss", "diffusion_loss")
+
+
+class MegatronEngine(Engine):
+    def __init__(self, cfg: ExperimentConfig, plat: Platform, model_chunks: list[torch.nn.Module]):
+        self.cfg = cfg
+        distributed_optimizer = cfg.parallel.zero_stage == 1
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            overlap_grad_reduce=False,
+            use_distributed_optimizer=distributed_optimizer,
+        )
+        config = model_chunks[0].config
+        self.model_chunks = [
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                    disable_bucketing=i > 0)  # fmt: skip
+            for i, chunk in enumerate(model_chunks)
+        ]
+        # The schedules reduce gradients through these hooks, once per step.
+        config.finalize_model_grads_func = finalize_model_grads
+        no_sync = [chunk.no_sync for chunk in self.model_chunks]
+        config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+        exempt = no_decay_parameter_ids(model_chunks)
+        no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
+            name="no_decay", fn=lambda param, name: id(param) in exempt))  # fmt: skip
+        o = cfg.optimizer
+        self.optimizer = get_megatron_optimizer(
+            MegatronOptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+                adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
+                bf16=plat.dtype == torch.bfloat16, params_dtype=plat.dtype,
+                use_distributed_optimizer=distributed_optimizer,
+            ),  # fmt: skip
+            self.model_chunks,
+            config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)},
+        )
+
+    def _global_losses(self, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """[loss, lm, diffusion]: mean over micro-batches and DP ranks, on every rank."""
+        values = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            values = torch.tensor([[float(r[k]) for k in LOSS_KEYS] for r in reports]).mean(0).double()
+            dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
+            values /= parallel_state.get_data_parallel_world_size()
+        dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+        return values
+
+    def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
+        for chunk in self.model_chunks:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        reports = forward_backward(self.model_chunks, micro_batches, self.cfg.diffusion.loss_weight)
+        losses = self._global_losses(reports)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.prepare_grads()
+        grad_norm = float(self.optimizer.get_grad_norm())
+        skipped = not (math.isfinite(grad_norm) and bool(torch.isfinite(losses).all()))
+        if not skipped:
+            self.optimizer.step()  # clips to the configured norm, then updates
+        return StepResult(dict(zip(LOSS_KEYS, losses.tolist())), grad_norm, skipped)
+
+    def _ensure_optimizer_state(self) -> None:
+        """The distributed optimizer's state_dict() needs torch AdamW's per-parameter state,
+        which only exists after a first update (and a run may save before one, e.g. when
+        every step so far was skipped): create the state a fresh AdamW would start from."""
+        for opt in self._distributed_optimizers():
+            for group in opt.optimizer.param_groups:
+                for param in group["params"]:
+                    if param not in opt.optimizer.state:
+                        opt.optimizer.state[param] = {
+                            "step": torch.tensor(0.0),
+                            "exp_avg": torch.zeros_like(param),
+                            "exp_avg_sq": torch.zeros_like(param),
+                        }
+
+    def _sharded_state(self, is_loading: bool) -> dict:
+        self._ensure_optimizer_state()
+        model_state = model_sharded_state_dict([c.module for c in self.model_chunks])
+        merged = {k: v for state in model_state.values() for k, v in state.items()}
+        optimizer_state = self.optimizer.sharded_state_dict(
+            merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+        )
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def save(self, directory: Path) -> None:
+        save_sharded(self._sharded_state(is_loading=False), directory)
+
+    def load(self, directory: Path) -> None:
+        state = load_sharded(self._sharded_state(is_loading=True), directory)
+        for i, chunk in enumerate(self.model_chunks):
+            chunk.module.load_state_dict(state["model"][f"chunk{i}"])
+        self._load_optimizer(state["optimizer"])
+
+    def _distributed_optimizers(self) -> list[DistributedOptimizer]:
+        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        return [o for o in chained if isinstance(o, DistributedOptimizer)]
+
+    def _load_optimizer(self, optimizer_state: dict) -> None:
+        """Without Apex/TE the distributed optimizer wraps torch AdamW, which keeps a `step`
+        tensor per parameter. Megatron saves one common step and (0.16.1) then (a) tries to
+        copy a per-parameter step that the fully reshardable format never stored, and (b)
+        hands every parameter the same step tensor, which torch increments once per
+        parameter per update. Keep each parameter's step through (a), un-share it for (b)."""
+        optimizers = self._distributed_optimizers()
+        for opt in optimizers:
+            set_states = opt._set_main_param_and_optimizer_states
+
+            def keep_step(model_param, tensors, opt=opt, set_states=set_states):
+                group, order = opt.model_param_group_index_map[model_param]
+                current = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
+                return set_states(model_param, {**tensors, **({"step": current["step"]} if "step" in current else {})})
+
+            opt._set_main_param_and_optimizer_states = keep_step
+        try:
+            self.optimizer.load_state_dict(optimizer_state)
+        finally:
+            for opt in optimizers:
+                del opt._set_main_param_and_optimizer_states
+        for opt in optimizers:
+            for param_state in opt.optimizer.state.values():
+                if "step" in param_state:
+                    param_state["step"] = param_state["step"].clone()

@@ -1,0 +1,171 @@
+"""The pretraining loop, top to bottom.
+
+    platform -> process groups -> model -> engine -> data -> [resume] ->
+    for each step: batches -> noise -> engine.train_step -> log -> checkpoint
+
+Faults: a non-finite loss or gradient norm skips the update on every rank and is counted;
+``max_consecutive_skips`` in a row stop the run with an error. SIGTERM/SIGUSR1 finish the
+current step, save a checkpoint and exit with ``EXIT_PREEMPTED`` so a batch script can
+requeue the job; ``--resume auto`` then continues from it.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_transfusion import platform
+from megatron_transfusion.config import ExperimentConfig
+from megatron_transfusion.data import MixedModalityLoader
+from megatron_transfusion.diffusion import CosineSchedule, noise_images
+from megatron_transfusion.model import build_model
+from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
+from megatron_transfusion.training import checkpoint
+from megatron_transfusion.training.engine import Engine
+from megatron_transfusion.training.metrics import MetricsLogger, measure_matmul_peak, mfu, model_flops_per_token
+from megatron_transfusion.training.schedule import lr_at
+from megatron_transfusion.training.step import MicroBatch
+
+EXIT_PREEMPTED = 3  # saved a checkpoint on request: requeue me
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+class _StopRequest:
+    """Set by SIGTERM/SIGUSR1; acted on at the next step boundary, agreed by all ranks."""
+
+    def __init__(self):
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def agreed(self) -> bool:
+        flag = torch.tensor(float(self.requested))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+
+def build_engine(cfg: ExperimentConfig, plat, chunks) -> Engine:
+    if cfg.parallel.engine == "deepspeed":
+        from megatron_transfusion.training.deepspeed_engine import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, chunks, zero_stage=cfg.parallel.zero_stage)
+    from megatron_transfusion.training.megatron_engine import MegatronEngine
+
+    return MegatronEngine(cfg, plat, chunks)
+
+
+def _rng_state(noise_generator: torch.Generator) -> dict[str, torch.Tensor]:
+    states = {"noise": noise_generator.get_state(), "torch": torch.get_rng_state()}
+    for name, state in tensor_parallel.get_cuda_rng_tracker().get_states().items():
+        states[f"tracker/{name}"] = state
+    return states
+
+
+def _restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generator) -> None:
+    noise_generator.set_state(states["noise"])
+    torch.set_rng_state(states["torch"])
+    tracker = {k.split("/", 1)[1]: v for k, v in states.items() if k.startswith("tracker/")}
+    tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
+
+
+def train(cfg: ExperimentConfig, resume: str | None = "auto") -> dict:
+    """Runs to ``run.train_steps`` (or a stop request). Returns the last step's metrics."""
+    plat = platform.activate()
+    init_distributed(cfg.parallel, plat)
+    try:
+        return _train(cfg, plat, resume)
+    finally:
+        destroy_distributed()
+
+
+def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
+    rank0 = dist.get_rank() == 0
+    run_dir = Path(cfg.run.output_root) / cfg.run.name
+    ckpt_dir = Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
+    if rank0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    seed_everything(cfg.run.seed)
+    engine = build_engine(cfg, plat, build_model(cfg, plat))
+    dp_rank = parallel_state.get_data_parallel_rank()
+    loader = MixedModalityLoader(cfg, dp_rank, parallel_state.get_data_parallel_world_size())
+    # Noise, timesteps and CFG drops: one stream per data-parallel replica (TP/PP ranks of a
+    # replica must draw the same), on the CPU so every platform draws alike.
+    noise_generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + dp_rank)
+    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    state = {"skipped_steps": 0, "consecutive_skips": 0, "tokens": 0}
+    step = 0
+    found = checkpoint.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)
+    if found is not None:
+        saved, rng = checkpoint.load_checkpoint(found, engine)
+        step = saved.pop("step")
+        loader.load_state_dict(saved.pop("loader"))
+        state.update(saved)
+        if rng is not None:
+            _restore_rng(rng, noise_generator)
+        if rank0:
+            print(f"resumed from {found} at step {step}", flush=True)
+
+    logger = MetricsLogger(run_dir, rank0)
+    peak = cfg.run.peak_flops or measure_matmul_peak()
+    stop = _StopRequest()
+    device = plat.device()
+    last: dict = {}
+
+    def save():
+        trainer_state = {**state, "loader": loader.state_dict()}
+        checkpoint.save_checkpoint(ckpt_dir, step, engine, trainer_state, _rng_state(noise_generator),
+                                   cfg.checkpoint.keep_last)  # fmt: skip
+
+    while step < cfg.run.train_steps:
+        started = time.perf_counter()
+        micro_batches = []
+        for batch in loader.next_step():
+            noised, noise = noise_images(batch, schedule, cfg.diffusion, noise_generator)
+            micro_batches.append(MicroBatch(noised.to(device), noise.to(device)))
+        result = engine.train_step(micro_batches, lr_at(step, cfg.optimizer, cfg.run.train_steps))
+        step += 1
+        state["tokens"] += cfg.data.global_batch_tokens
+        state["skipped_steps"] += result.skipped
+        state["consecutive_skips"] = state["consecutive_skips"] + 1 if result.skipped else 0
+        seconds = time.perf_counter() - started
+        if step % cfg.run.log_interval == 0 or step == cfg.run.train_steps or result.skipped:
+            image_tokens = sum(int((b.batch.image_ids >= 0).sum()) for b in micro_batches)
+            all_tokens = sum(b.batch.tokens.numel() for b in micro_batches)
+            tokens_per_second = cfg.data.global_batch_tokens / seconds
+            flops = model_flops_per_token(cfg.model, cfg.data.seq_length, image_tokens / all_tokens)
+            last = {**result.losses, "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
+                    "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second,
+                    "mfu": mfu(tokens_per_second, flops, peak * dist.get_world_size()),
+                    "skipped_steps": state["skipped_steps"]}  # fmt: skip
+            line = logger.log(step, last)
+            if rank0:
+                print(line + (" | skipped (non-finite)" if result.skipped else ""), flush=True)
+        if state["consecutive_skips"] >= cfg.run.max_consecutive_skips:
+            raise TrainingError(
+                f"{state['consecutive_skips']} consecutive steps had a non-finite loss or "
+                f"gradient norm (last at step {step}); stopping. Lower optimizer.lr or resume "
+                "from an earlier checkpoint with checkpoint.load"
+            )
+        stopping = stop.agreed()
+        if step % cfg.checkpoint.interval == 0 or step == cfg.run.train_steps or stopping:
+            save()
+        if stopping:
+            logger.close()
+            if rank0:
+                print(f"stop requested: saved step {step}, exiting with {EXIT_PREEMPTED}", flush=True)
+            raise SystemExit(EXIT_PREEMPTED)
+    logger.close()
+    return last
