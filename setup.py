@@ -31,10 +31,11 @@ setup(
         # NVIDIA Apex builds only from its source.
         "gpu": ["flash-attn", "transformer-engine[pytorch]"],
         # Loading users' diffusers AutoencoderKL weights (optional; tested in CI).
-        "diffusers": ["diffusers"],
+        # (< 0.40: later releases need a huggingface-hub that breaks tokenizers/transformers)
+        "diffusers": ["diffusers>=0.29,<0.40"],
         # Re-rendering the built-in emoji set (also needs Debian's fonts-noto-color-emoji).
         "render": ["emoji"],
-        "dev": ["pytest", "diffusers"],
+        "dev": ["pytest", "diffusers>=0.29,<0.40"],
     },
     entry_points={
         "console_scripts": [

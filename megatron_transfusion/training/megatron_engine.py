@@ -65,6 +65,9 @@ class MegatronEngine(Engine):
             self.model_chunks,
             config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)},
         )
+        # Megatron's LR scheduler would apply the multipliers; this loop sets lr itself.
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = o.weight_decay * group.get("wd_mult", 1.0)
 
     def _global_losses(self, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
         """[loss, lm, diffusion]: mean over micro-batches and DP ranks, on every rank."""
@@ -84,7 +87,7 @@ class MegatronEngine(Engine):
         reports = forward_backward(self.model_chunks, micro_batches, self.cfg.diffusion.loss_weight)
         losses = self._global_losses(reports)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_mult", 1.0)
         self.optimizer.prepare_grads()
         grad_norm = float(self.optimizer.get_grad_norm())
         skipped = not (math.isfinite(grad_norm) and bool(torch.isfinite(losses).all()))

@@ -1,0 +1,29 @@
+"""The Megatron engine's updates equal torch AdamW in one process: DP=2 with the
+distributed optimizer (ZeRO-1) and without, TP=2, and PP=2 with gradient accumulation."""
+
+import json
+
+import pytest
+
+from tests.conftest import run_torchrun
+
+WORKER = "tests/distributed/engine_worker.py"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("engine")
+    run_torchrun(WORKER, 1, "--layout", "reference", "--workdir", str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout", ["dp2", "dp2_zero0", "tp2", "pp2"])
+def test_engine_updates_equal_torch_adamw(workdir, layout):
+    run_torchrun(WORKER, 2, "--layout", layout, "--workdir", str(workdir))
+    reference = json.loads((workdir / "engine_loss_reference.json").read_text())
+    ours = json.loads((workdir / f"engine_loss_{layout}.json").read_text())
+    assert ours == pytest.approx(reference, abs=1e-5)
+    compare = json.loads((workdir / f"engine_compare_{layout}.json").read_text())
+    assert min(compare["moved"].values()) > 0, "every parameter was updated"
+    worst = max(compare["diff"], key=compare["diff"].get)
+    assert compare["diff"][worst] < 1e-5, f"{worst}: {compare['diff'][worst]}"
