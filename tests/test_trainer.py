@@ -75,6 +75,26 @@ def test_loss_falls_and_checkpoints_are_kept(uninterrupted, uninterrupted_run):
     assert (uninterrupted_run / "tiny" / "checkpoints" / "latest").read_text() == "step_00000008"
 
 
+def test_checkpoint_tools_inspect_and_export(uninterrupted_run, tmp_path):
+    from safetensors import safe_open
+
+    step8 = uninterrupted_run / "tiny" / "checkpoints" / "step_00000008"
+    result = subprocess.run([sys.executable, "-m", "checkpoints.tools", "inspect", str(step8)],
+                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert '"step": 8' in result.stdout and '"ranks": 2' in result.stdout
+    assert "decoder.layers.mlp.linear_fc1.weight" in result.stdout  # layers stacked on a layer axis
+    out = tmp_path / "model.safetensors"
+    result = subprocess.run([sys.executable, "-m", "checkpoints.tools", "export", str(step8), "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    with safe_open(out, "pt") as f:
+        assert f.metadata()["step"] == "8"
+        fc1 = f.get_tensor("decoder.layers.0.mlp.linear_fc1.weight")
+    # The exported (TP=1) SwiGLU weight holds both halves: [2·ffn, hidden].
+    assert fc1.shape == (2 * 512, 128)
+
+
 def test_kill_9_then_resume_continues_bitwise(data_root, uninterrupted, tmp_path):
     process = launch(2, overrides(data_root, tmp_path, 8))
     metrics = tmp_path / "tiny" / "logs" / "metrics.jsonl"
@@ -114,12 +134,13 @@ def test_preemption_signal_saves_and_exits_for_requeue(data_root, uninterrupted,
     assert all(resumed[s] == uninterrupted[s] for s in range(saved + 1, 9))
 
 
-def test_resume_on_another_layout_continues(data_root, uninterrupted, uninterrupted_run, tmp_path):
-    """Saved at DP=2 (distributed optimizer), resumed at TP=2: weights and optimizer state
-    reshard. The data rows are the same; only the diffusion noise stream (per DP rank)
-    differs, so the LM loss continues within a tight tolerance."""
+@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
+def test_resume_on_another_layout_continues(data_root, uninterrupted, uninterrupted_run, tmp_path, layout):
+    """Saved at DP=2 (distributed optimizer), resumed at TP=2 or PP=2: weights and optimizer
+    state reshard. The data rows are the same; only the diffusion noise stream (per DP
+    rank) differs, so the LM loss continues within a tight tolerance."""
     step6 = uninterrupted_run / "tiny" / "checkpoints" / "step_00000006"
-    run(2, overrides(data_root, tmp_path, 8, "parallel.tensor_parallel=2") + ["--resume", str(step6)])
+    run(2, overrides(data_root, tmp_path, 8, layout) + ["--resume", str(step6)])
     resumed = losses(tmp_path)
     for step in (7, 8):
         assert resumed[step][1] == pytest.approx(uninterrupted[step][1], rel=0.02), step

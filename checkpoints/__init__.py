@@ -1,0 +1,1 @@
+"""Offline tools for run checkpoints: inspect them, export a consolidated model file."""
