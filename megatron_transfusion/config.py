@@ -92,6 +92,9 @@ class ParallelConfig:
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
     sequence_parallel: bool = False
+    # Activation recomputation: "full" re-runs every layer in backward (least memory);
+    # "selective" only the core attention (the s×s scores), Megatron's cheap default.
+    recompute: Literal["none", "selective", "full"] = "none"
     engine: Literal["megatron", "deepspeed"] = "megatron"  # who reduces grads and shards state
     zero_stage: int = 1  # megatron: 0 (plain) or 1 (distributed optimizer); deepspeed: 1-3
 

@@ -149,3 +149,32 @@ def test_flex_backend_model_matches_sdpa_backend(model_and_cfg, megatron_world):
     flex_logits, flex_noise = run(flex_model, batch)
     torch.testing.assert_close(flex_logits, logits, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(flex_noise, noise, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_activation_recompute_gives_identical_gradients(megatron_world, mode, monkeypatch):
+    import megatron_transfusion.model.layer_spec as layer_spec
+
+    from megatron_transfusion.diffusion import CosineSchedule, noise_images
+    from megatron_transfusion.model import build_model
+    from megatron_transfusion.synthetic import random_batch
+    from megatron_transfusion.training.step import MicroBatch, forward_backward
+
+    grads, calls = {}, {}
+    original = layer_spec.attend
+    for recompute in ("none", mode):
+        counter = []
+        monkeypatch.setattr(layer_spec, "attend", lambda *a, **k: counter.append(1) or original(*a, **k))
+        cfg = load_config("tiny", OVERRIDES + [f"parallel.recompute={recompute}"])
+        seed_everything(3)
+        (model,) = build_model(cfg, megatron_world)
+        generator = torch.Generator().manual_seed(0)
+        batch = random_batch(generator, cfg.model, 2, cfg.data.seq_length)
+        micro = MicroBatch(*noise_images(batch, CosineSchedule.create(), cfg.diffusion, generator))
+        forward_backward([model], [micro], cfg.diffusion.loss_weight)
+        grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        calls[recompute] = len(counter)
+    assert calls[mode] == 2 * calls["none"] == 2 * cfg.model.num_layers, "attention re-ran in backward"
+    assert grads["none"].keys() == grads[mode].keys() and grads["none"]
+    for name, grad in grads["none"].items():
+        torch.testing.assert_close(grads[mode][name], grad, rtol=0, atol=1e-6, msg=name)

@@ -63,6 +63,7 @@ def build_model(cfg: ExperimentConfig, platform: Platform) -> list[TransfusionMo
             config,
             cfg.model,
             backend,
+            recompute=cfg.parallel.recompute,
             pre_process=pp_rank == 0 and vp_stage == 0,
             post_process=pp_rank == pp_size - 1 and vp_stage == vp_size - 1,
             vp_stage=vp_stage if cfg.parallel.virtual_pipeline else None,

@@ -1,8 +1,13 @@
 """The Llama-style layer as a Megatron-Core ModuleSpec: RMSNorm, SwiGLU, RoPE, and the
-Transfusion core attention in place of Megatron's DotProductAttention."""
+Transfusion core attention in place of Megatron's DotProductAttention.
+
+Activation recomputation lives here too, as torch's non-reentrant checkpoint around the
+layer ("full") or the core attention ("selective"): Megatron's own recompute saves its
+inputs with ``save_for_backward``, which cannot carry the per-batch mask object."""
 
 from __future__ import annotations
 
+import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -17,6 +22,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import TransfusionMask, attend
 
@@ -29,12 +35,13 @@ class TransfusionCoreAttention(MegatronModule):
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, backend: str,
-                 attention_dropout=None, softmax_scale=None, cp_comm_type=None,
-                 pg_collection=None):  # fmt: skip
+                 recompute: bool = False, attention_dropout=None, softmax_scale=None,
+                 cp_comm_type=None, pg_collection=None):  # fmt: skip
         super().__init__(config=config)
         if config.attention_dropout:
             raise ValueError("attention dropout is not supported by the Transfusion attention")
         self.backend = backend
+        self.recompute = recompute
         self.softmax_scale = softmax_scale
 
     def forward(self, query, key, value, attention_mask: TransfusionMask, attn_mask_type=None,
@@ -44,14 +51,26 @@ class TransfusionCoreAttention(MegatronModule):
         if attention_mask.backend != self.backend:
             raise ValueError(f"mask built for {attention_mask.backend!r}, layer uses {self.backend!r}")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        out = attend(q, k, v, attention_mask, scale=self.softmax_scale)
+        if self.recompute and torch.is_grad_enabled():
+            out = checkpoint(attend, q, k, v, attention_mask, self.softmax_scale, use_reentrant=False)
+        else:
+            out = attend(q, k, v, attention_mask, scale=self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
-def transfusion_layer_spec(attention_backend: str) -> ModuleSpec:
+class RecomputedTransformerLayer(TransformerLayer):
+    """Keeps only the layer's input; its activations are recomputed in backward."""
+
+    def forward(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return super().forward(*args, **kwargs)
+        return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
+
+
+def transfusion_layer_spec(attention_backend: str, recompute: str = "none") -> ModuleSpec:
     return ModuleSpec(
-        module=TransformerLayer,
+        module=RecomputedTransformerLayer if recompute == "full" else TransformerLayer,
         submodules=TransformerLayerSubmodules(
             input_layernorm=WrappedTorchNorm,
             self_attention=ModuleSpec(
@@ -60,7 +79,8 @@ def transfusion_layer_spec(attention_backend: str) -> ModuleSpec:
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=ColumnParallelLinear,
                     core_attention=ModuleSpec(
-                        module=TransfusionCoreAttention, params={"backend": attention_backend}
+                        module=TransfusionCoreAttention,
+                        params={"backend": attention_backend, "recompute": recompute == "selective"},
                     ),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
@@ -81,10 +101,9 @@ def transfusion_layer_spec(attention_backend: str) -> ModuleSpec:
 
 
 def transfusion_block_spec(
-    config, attention_backend: str, vp_stage: int | None = None
+    config, attention_backend: str, recompute: str = "none", vp_stage: int | None = None
 ) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage (or virtual stage) plus the final RMSNorm."""
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return TransformerBlockSubmodules(
-        layer_specs=[transfusion_layer_spec(attention_backend)] * layers, layer_norm=WrappedTorchNorm
-    )
+    spec = transfusion_layer_spec(attention_backend, recompute)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=WrappedTorchNorm)

@@ -41,6 +41,7 @@ class TransfusionModel(LanguageModule):
         config: TransformerConfig,
         model_cfg: ModelConfig,
         attention_backend: str,
+        recompute: str = "none",
         pre_process: bool = True,
         post_process: bool = True,
         vp_stage: int | None = None,
@@ -72,7 +73,7 @@ class TransfusionModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=config,
-            spec=transfusion_block_spec(config, attention_backend, vp_stage),
+            spec=transfusion_block_spec(config, attention_backend, recompute, vp_stage),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,

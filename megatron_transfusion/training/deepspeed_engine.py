@@ -26,7 +26,7 @@ from megatron_transfusion import platform
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.loss import transfusion_loss
 from megatron_transfusion.training.engine import Engine, StepResult
-from megatron_transfusion.training.optimizer import param_groups
+from megatron_transfusion.training.optimizer import build_adamw, set_lr
 from megatron_transfusion.training.step import MicroBatch
 
 CHECKPOINT_TAG = "ds"
@@ -148,17 +148,13 @@ class DeepSpeedEngine(Engine):
         (model,) = model_chunks
         dp_size = parallel_state.get_data_parallel_world_size()
         self.num_micro_batches = micro_batches_per_step(cfg, dp_size)
-        optimizer = torch.optim.AdamW(
-            param_groups(model_chunks, cfg.optimizer.weight_decay),
-            lr=0.0,
-            betas=(cfg.optimizer.beta1, cfg.optimizer.beta2),
-            eps=cfg.optimizer.eps,
-        )
-        config = deepspeed_config(
-            cfg, platform.current().dtype, zero_stage, offload_optimizer, dp_size
-        )
+        config = deepspeed_config(cfg, platform.current().dtype, zero_stage, offload_optimizer, dp_size)
         self.engine, *_ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config, mpu=MegatronMPU(), dist_init_required=False
+            model=model,
+            optimizer=build_adamw(model_chunks, cfg.optimizer),  # the project's decay groups
+            config=config,
+            mpu=MegatronMPU(),
+            dist_init_required=False,
         )
         self.engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(self.engine._config)
 
@@ -168,8 +164,7 @@ class DeepSpeedEngine(Engine):
                 f"got {len(micro_batches)} micro-batches, DeepSpeed was configured for "
                 f"{self.num_micro_batches} per step (data.global_batch_tokens)"
             )
-        for group in self.engine.optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(self.engine.optimizer, lr)
         self.engine.train()
         reports = []
         for i, micro in enumerate(micro_batches):
