@@ -25,6 +25,10 @@ setup(
         "tokenizers",
         "sentencepiece",
         "tqdm",
+        "tensorboard",
+        # ZeRO stages 1-3; on CPU it JIT-builds a small comm op with the local compiler + ninja.
+        "deepspeed==0.19.8",
+        "ninja",
     ],
     extras_require={
         # GPU-only kernels, imported lazily. NEVER the PyPI package named "apex":
