@@ -3,8 +3,9 @@ reshards between TP/PP layouts on load.
 
 Megatron's torch_dist writer forks one process per file bucket and waits on a queue with
 no timeout, so a child that dies leaves the save hanging forever (seen on loaded CPU
-machines). Here the buckets are written in the calling process: a save either finishes
-or raises.
+machines). Here the buckets are written in the calling process, and the results travel
+through a plain queue instead of a spawned multiprocessing Manager: a save either
+finishes or raises, and no helper process is started.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from unittest import mock
 
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
@@ -43,7 +45,10 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    with mock.patch.object(torch_strategy, "FileSystemWriterAsync", _InProcessWriter):
+    with (
+        mock.patch.object(torch_strategy, "FileSystemWriterAsync", _InProcessWriter),
+        mock.patch.object(filesystem_async, "_get_write_results_queue", queue.Queue),
+    ):
         dist_checkpointing.save(sharded_state_dict, str(directory))
 
 

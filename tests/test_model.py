@@ -178,3 +178,23 @@ def test_activation_recompute_gives_identical_gradients(megatron_world, mode, mo
     assert grads["none"].keys() == grads[mode].keys() and grads["none"]
     for name, grad in grads["none"].items():
         torch.testing.assert_close(grads[mode][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+def test_text_only_batch_still_reaches_every_parameter(model_and_cfg):
+    """ZeRO-2/3 reduce gradients from hooks: all ranks must touch the same parameters,
+    also when a rank's micro-batch happens to hold no image."""
+    from megatron_transfusion.loss import transfusion_loss
+
+    model, cfg = model_and_cfg
+    rows = [[[TextSegment([5, 6, 7, 8])]]]
+    m = cfg.model
+    batch = pack_documents(rows, cfg.data.seq_length, m.patches_per_image,
+                           (m.latent_channels, m.latent_size, m.latent_size), SPECIAL)  # fmt: skip
+    labels, mask = batch.lm_targets()
+    model.zero_grad(set_to_none=True)
+    out = model(batch, labels)
+    loss = transfusion_loss(out.token_losses, mask, out.predicted_noise, out.predicted_noise.detach(), 5.0)
+    loss.total.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
+    assert loss.diffusion.item() == 0.0 and loss.num_images == 0

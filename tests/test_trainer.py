@@ -159,3 +159,14 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(data_root, tmp_path):
     assert "3 consecutive steps had a non-finite loss" in result.stderr.splitlines()[-1]
     records = [json.loads(x) for x in (tmp_path / "tiny" / "logs" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_steps"] for r in records] == [1, 2, 3]
+
+
+def test_trainer_with_deepspeed_zero2_trains_and_resumes(data_root, tmp_path):
+    args = overrides(data_root, tmp_path, 4, "parallel.engine=deepspeed", "parallel.zero_stage=2")
+    run(2, args)
+    first = losses(tmp_path)
+    assert sorted(first) == [1, 2, 3, 4] and first[4][1] < first[1][1]
+    output = run(2, overrides(data_root, tmp_path, 6, "parallel.engine=deepspeed",
+                              "parallel.zero_stage=2") + ["--resume", "auto"])  # fmt: skip
+    assert "resumed from" in output and "at step 4" in output
+    assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]

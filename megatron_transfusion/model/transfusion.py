@@ -98,12 +98,13 @@ class TransfusionModel(LanguageModule):
         self.decoder.set_input_tensor(input_tensor)
 
     def _embed(self, batch: PackedBatch) -> torch.Tensor:
+        """Token embeddings with image positions replaced by patch vectors. The patch layer
+        runs even on zero images, so every parameter is in every step's graph (ZeRO-2/3
+        reduce gradients by hooks, which must fire alike on every rank)."""
         hidden = self.embedding(input_ids=batch.tokens, position_ids=None)  # [s, b, h]
-        if batch.num_images:
-            rows, cols = batch.image_positions()
-            patches = self.patch_in(batch.latents.to(hidden.dtype), batch.timesteps)
-            hidden = hidden.index_put((cols, rows), patches.reshape(-1, hidden.shape[-1]))
-        return hidden
+        rows, cols = batch.image_positions()
+        patches = self.patch_in(batch.latents.to(hidden.dtype), batch.timesteps)
+        return hidden.index_put((cols, rows), patches.reshape(-1, hidden.shape[-1]))
 
     def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
         """RoPE angles per position, [s, b, 1, d]: positions restart in every document."""
@@ -111,13 +112,9 @@ class TransfusionModel(LanguageModule):
         return table[positions.t()].unsqueeze(2)
 
     def _predict_noise(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        cfg = self.model_cfg
-        if not batch.num_images:
-            shape = (0, cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-            return hidden.new_zeros(shape)
         rows, cols = batch.image_positions()
-        image_hidden = hidden[cols, rows].reshape(batch.num_images, cfg.patches_per_image, -1)
-        return self.patch_out(image_hidden, batch.timesteps)
+        shape = (batch.num_images, self.model_cfg.patches_per_image, hidden.shape[-1])
+        return self.patch_out(hidden[cols, rows].reshape(shape), batch.timesteps)
 
     def forward(self, batch: PackedBatch, labels: torch.Tensor | None = None):
         """Hidden states [s, b, h] on non-last stages, ``TransfusionOutput`` on the last."""

@@ -48,9 +48,6 @@ class MegatronMPU:
         parallel_state.get_tensor_model_parallel_world_size
     )
     get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
-    get_tensor_model_parallel_src_rank = staticmethod(
-        parallel_state.get_tensor_model_parallel_src_rank
-    )
     get_pipeline_model_parallel_group = staticmethod(
         parallel_state.get_pipeline_model_parallel_group
     )
@@ -66,10 +63,6 @@ class MegatronMPU:
     @staticmethod
     def get_model_parallel_rank() -> int:
         return dist.get_rank(group=parallel_state.get_model_parallel_group())
-
-    @staticmethod
-    def get_data_parallel_group_ranks() -> list[int]:
-        return dist.get_process_group_ranks(parallel_state.get_data_parallel_group())
 
 
 def _safe_checkpoint_globals() -> list:
@@ -102,7 +95,11 @@ def micro_batches_per_step(cfg: ExperimentConfig, dp_size: int) -> int:
 
 
 def deepspeed_config(
-    cfg: ExperimentConfig, dtype: torch.dtype, zero_stage: int, offload_optimizer: bool, dp_size: int
+    cfg: ExperimentConfig,
+    dtype: torch.dtype,
+    zero_stage: int,
+    offload_optimizer: bool,
+    dp_size: int,
 ) -> dict:
     """The whole DeepSpeed config, derived from ours: nothing is read from a JSON file."""
     zero = {"stage": zero_stage}
@@ -125,7 +122,12 @@ def deepspeed_config(
 
 
 class DeepSpeedEngine(Engine):
-    """One model replica per data-parallel rank, TP-split by Megatron, ZeRO-sharded by DeepSpeed."""
+    """One model replica per data-parallel rank, TP-split by Megatron, ZeRO-sharded by DeepSpeed.
+
+    Under ZeRO-3 each rank's ``model_chunks`` hold only partitions of the weights: read
+    them inside ``deepspeed.zero.GatheredParameters``. Checkpoints load into the same TP
+    and DP sizes only (other layouts need DeepSpeed's universal-checkpoint conversion).
+    """
 
     def __init__(
         self,
@@ -148,7 +150,9 @@ class DeepSpeedEngine(Engine):
         (model,) = model_chunks
         dp_size = parallel_state.get_data_parallel_world_size()
         self.num_micro_batches = micro_batches_per_step(cfg, dp_size)
-        config = deepspeed_config(cfg, platform.current().dtype, zero_stage, offload_optimizer, dp_size)
+        config = deepspeed_config(
+            cfg, platform.current().dtype, zero_stage, offload_optimizer, dp_size
+        )
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=build_adamw(model_chunks, cfg.optimizer),  # the project's decay groups

@@ -1,0 +1,179 @@
+"""Runs under torchrun: a small Transfusion model trained by ``DeepSpeedEngine``, for
+tests/test_deepspeed_engine.py to compare with a plain single-process AdamW reference.
+
+Scenarios (results go to ``<workdir>/<name>.json``, final weights to ``<workdir>/<name>``
+through dist-checkpointing, which the test reads back at TP=1):
+
+- ``train``: ``STEPS`` steps.
+- ``nan``: ``NAN_STEPS`` steps; on DP rank 1, step 1 gets a NaN latent (NaN loss and
+  gradients) and step 2 a NaN added to its first loss (gradients stay finite, so only the
+  engine's loss check can skip it). Records whether those steps left the weights and the
+  optimizer state untouched.
+- ``checkpoint``: 2 steps, save, 2 steps; then a differently seeded model in a fresh engine
+  loads the save and runs the last 2 steps again.
+
+The data of step ``s`` is the global micro-batches ``0 .. dp·MICRO_BATCHES-1``, each drawn
+from its own seed; DP rank ``d`` trains the d-th contiguous block of them.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from unittest import mock
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_transfusion import platform
+from megatron_transfusion.checkpointing import model_sharded_state_dict, save_sharded
+from megatron_transfusion.config import load_config
+from megatron_transfusion.diffusion import CosineSchedule, noise_images
+from megatron_transfusion.loss import transfusion_loss
+from megatron_transfusion.model import build_model
+from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
+from megatron_transfusion.synthetic import random_batch
+from megatron_transfusion.training import deepspeed_engine
+from megatron_transfusion.training.schedule import lr_at
+from megatron_transfusion.training.step import MicroBatch
+from tests.distributed.equivalence_worker import OVERRIDES
+
+MICRO_BATCHES = 2  # per rank and step
+STEPS = 3
+NAN_STEPS = 4
+POISONED = {1: "latent", 2: "loss"}
+SEED = 1234
+
+
+def config(tp: int = 1, dp: int = 1):
+    tokens = 96 * 2 * MICRO_BATCHES * dp  # seq_length × micro_batch_size × micro-batches × DP
+    return load_config("tiny", OVERRIDES + [
+        f"parallel.tensor_parallel={tp}", f"data.global_batch_tokens={tokens}",
+        "optimizer.warmup_steps=2", "run.train_steps=4",
+    ])  # fmt: skip
+
+
+def lr(cfg, step: int) -> float:
+    return lr_at(step, cfg.optimizer, cfg.run.train_steps)
+
+
+def micro_batches(cfg, step: int, first: int, count: int) -> list[MicroBatch]:
+    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    out = []
+    for index in range(first, first + count):
+        generator = torch.Generator().manual_seed(1000 * step + index)
+        batch = random_batch(generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length)
+        noised, noise = noise_images(batch, schedule, cfg.diffusion, generator)
+        out.append(MicroBatch(noised, noise))
+    return out
+
+
+def my_micro_batches(cfg, step: int, poison_latents: bool) -> list[MicroBatch]:
+    dp_rank = parallel_state.get_data_parallel_rank()
+    batches = micro_batches(cfg, step, dp_rank * MICRO_BATCHES, MICRO_BATCHES)
+    if poison_latents:
+        batch = batches[0].batch
+        batches[0] = MicroBatch(batch.replace(latents=torch.full_like(batch.latents, torch.nan)),
+                                batches[0].noise)  # fmt: skip
+    return batches
+
+
+def nan_first_loss():
+    """``transfusion_loss`` whose first result has a NaN added outside the autograd graph."""
+    calls = []
+
+    def poisoned(*args, **kwargs):
+        loss = transfusion_loss(*args, **kwargs)
+        calls.append(None)
+        return dataclasses.replace(loss, total=loss.total + math.nan) if len(calls) == 1 else loss
+
+    return mock.patch.object(deepspeed_engine, "transfusion_loss", poisoned)
+
+
+def snapshot(engine) -> list[torch.Tensor]:
+    """Model weights, DeepSpeed's fp32 master partitions and the AdamW state (step included)."""
+    inner = engine.engine.optimizer.optimizer  # torch AdamW over the fp32 partitions
+    masters = [p for group in inner.param_groups for p in group["params"]]
+    moments = [t for p in masters for t in inner.state[p].values()]
+    weights = list(engine.model_chunks[0].parameters())
+    with deepspeed.zero.GatheredParameters(weights):  # ZeRO-3 keeps a partition per rank
+        return [t.detach().clone() for t in weights + masters + moments]
+
+
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def gather_results(results) -> list:
+    """Every rank's StepResults, so the test can check that they agree."""
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, [dataclasses.asdict(r) for r in results])
+    return everyone
+
+
+def train(cfg, engine, steps, poisoned: dict | None = None) -> dict:
+    """``poisoned``: {step: "latent" | "loss"}, applied on DP rank 1."""
+    results, kept_state = [], []
+    on_rank = poisoned if parallel_state.get_data_parallel_rank() == 1 else None
+    for step in steps:
+        poison = on_rank.get(step) if on_rank else None
+        before = snapshot(engine)
+        with nan_first_loss() if poison == "loss" else contextlib.nullcontext():
+            batches = my_micro_batches(cfg, step, poison_latents=poison == "latent")
+            results.append(engine.train_step(batches, lr(cfg, step)))
+        kept_state.append(same(before, snapshot(engine)))
+    return {"ranks": gather_results(results), "kept_state": kept_state}
+
+
+def new_engine(cfg, plat, args, seed: int = SEED):
+    seed_everything(seed)
+    return deepspeed_engine.DeepSpeedEngine(cfg, build_model(cfg, plat), args.zero, args.offload)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--scenario", choices=["train", "nan", "checkpoint"], required=True)
+    parser.add_argument("--zero", type=int, required=True)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--offload", action="store_true")
+    parser.add_argument("--no-mpu", action="store_true")
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--workdir", type=Path, required=True)
+    args = parser.parse_args()
+    plat = platform.activate()
+    cfg = config(args.tp, dp=int(os.environ["WORLD_SIZE"]) // args.tp)
+    init_distributed(cfg.parallel, plat)
+    # The negative control: DeepSpeed without Megatron's groups.
+    without_mpu = mock.patch.object(deepspeed_engine, "MegatronMPU", lambda: None)
+    with without_mpu if args.no_mpu else contextlib.nullcontext():
+        engine = new_engine(cfg, plat, args)
+
+    if args.scenario == "checkpoint":
+        train(cfg, engine, [0, 1])
+        engine.save(args.workdir / f"{args.name}_ds")
+        out = train(cfg, engine, [2, 3])
+        resumed = new_engine(cfg, plat, args, seed=SEED + 1)
+        resumed.load(args.workdir / f"{args.name}_ds")
+        out["loaded_global_steps"] = resumed.engine.global_steps
+        out["resumed"] = train(cfg, resumed, [2, 3])["ranks"]
+        out["same_weights"] = same(snapshot(engine), snapshot(resumed))
+    elif args.scenario == "nan":
+        out = train(cfg, engine, range(NAN_STEPS), POISONED)
+    else:
+        out = train(cfg, engine, range(STEPS))
+    # ZeRO-3 leaves each rank a partition of every weight: gather them for the export.
+    with deepspeed.zero.GatheredParameters(list(engine.model_chunks[0].parameters())):
+        save_sharded(model_sharded_state_dict(engine.model_chunks), args.workdir / args.name)
+    if dist.get_rank() == 0:
+        (args.workdir / f"{args.name}.json").write_text(json.dumps(out))
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
