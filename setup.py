@@ -39,7 +39,7 @@ setup(
         "diffusers": ["diffusers>=0.29,<0.40"],
         # Re-rendering the built-in emoji set (also needs Debian's fonts-noto-color-emoji).
         "render": ["emoji"],
-        "dev": ["pytest", "diffusers>=0.29,<0.40"],
+        "dev": ["pytest", "diffusers>=0.29,<0.40", "emoji"],
     },
     entry_points={
         "console_scripts": [
