@@ -61,17 +61,6 @@ def activate(local_rank: int | None = None) -> Platform:
     return platform
 
 
-def synchronize() -> None:
-    """Wait for queued device work (timing, benchmarks)."""
-    if current().is_gpu:
-        torch.cuda.synchronize()
-
-
-def max_memory_allocated() -> int:
-    """Peak device memory in bytes; 0 on CPU, where callers measure RSS instead."""
-    return torch.cuda.max_memory_allocated() if current().is_gpu else 0
-
-
 # --------------------------------------------------------------------------------------
 # CPU stand-ins for Megatron-Core
 # --------------------------------------------------------------------------------------
