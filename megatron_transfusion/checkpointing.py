@@ -66,3 +66,18 @@ def load_model(chunks, directory: str | Path) -> None:
     state = load_sharded(model_sharded_state_dict(chunks), directory)
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state[f"chunk{i}"])
+
+
+def run_config_path(checkpoint: str | Path) -> Path:
+    """runs/<name>/checkpoints/step_N -> runs/<name>/config.yaml (the trainer writes it)."""
+    path = Path(checkpoint).resolve().parent.parent / "config.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.yaml next to the checkpoints of '{checkpoint}' (expected {path})")
+    return path
+
+
+def load_trained_model(chunks, checkpoint: str | Path) -> None:
+    """Fill model chunks, in any layout, from a training checkpoint's engine state."""
+    state = load_sharded({"model": model_sharded_state_dict(chunks)}, Path(checkpoint) / "engine")
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state["model"][f"chunk{i}"])

@@ -11,14 +11,18 @@ import yaml
 from megatron_transfusion.config import ConfigError, load_config
 
 
-def run_cli(main):
+def run_cli(main=None, *, also: tuple[type[Exception], ...] = ()):
+    """Decorator; ``also`` adds exception types that mean bad user input for this command."""
+    if main is None:
+        return functools.partial(run_cli, also=also)
+
     @functools.wraps(main)
     def wrapper(argv=None):
         from megatron_transfusion.data.source import CorruptShardError
 
         try:
             return main(argv)
-        except (ConfigError, FileNotFoundError, CorruptShardError) as e:
+        except (ConfigError, FileNotFoundError, CorruptShardError, *also) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
 

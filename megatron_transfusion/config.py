@@ -7,6 +7,7 @@ as one line (``megatron_transfusion.cli.run_cli``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -146,6 +147,22 @@ class RunConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out evaluation, during training every ``interval`` steps and by ``mtf-evaluate``."""
+
+    interval: int = 0  # training steps between evaluations; 0: never during training
+    text_data: str | None = None  # held-out prepared datasets (mtf-prepare-data)
+    image_caption_data: str | None = None
+    batches: int = 4  # global batches of held-out data for the losses and perplexity
+    captions: int = 0  # held-out images to caption for CIDEr-D / BLEU-4 (needs PP=1)
+    images: int = 0  # held-out captions to draw for FID / CLIP score (mtf-evaluate only)
+    diffusion_steps: int = 50
+    guidance_scale: float = 5.0
+    inception_weights: str | None = None  # torchvision Inception-v3 state dict, for FID
+    clip_model: str | None = None  # a local Hugging Face CLIP directory, for CLIP score
+
+
+@dataclass
 class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -154,6 +171,7 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -268,6 +286,12 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] = ()) ->
             tree = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    return config_from_tree(tree, overrides)
+
+
+def config_from_tree(tree: dict, overrides: list[str] = ()) -> ExperimentConfig:
+    """A config from an already parsed YAML tree (e.g. one stored inside a checkpoint)."""
+    tree = copy.deepcopy(tree)
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     config = _build(ExperimentConfig, tree, "")
@@ -344,6 +368,15 @@ def validate(config: ExperimentConfig) -> None:
     if p.virtual_pipeline is not None:
         _require(p.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be ≥ 1 or null")
         _require(p.pipeline_parallel > 1, "parallel.virtual_pipeline", "needs pipeline_parallel > 1")
+    e = config.eval
+    for name in ("interval", "captions", "images"):
+        _require(getattr(e, name) >= 0, f"eval.{name}", "must be ≥ 0")
+    if e.interval:
+        _require(bool(e.text_data or e.image_caption_data), "eval.interval",
+                 "needs held-out data: set eval.text_data and/or eval.image_caption_data")  # fmt: skip
+        _require(e.captions == 0 or p.pipeline_parallel == 1, "eval.captions",
+                 "captioning during training needs parallel.pipeline_parallel=1 (generation is not "
+                 "pipelined); use mtf-evaluate on a checkpoint instead")  # fmt: skip
     _require(
         m.patch_size in (1, 2, 4, 8), "model.patch_size", f"{m.patch_size} is not one of 1, 2, 4, 8"
     )

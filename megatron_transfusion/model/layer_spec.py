@@ -42,13 +42,16 @@ class TransfusionCoreAttention(MegatronModule):
             raise ValueError("attention dropout is not supported by the Transfusion attention")
         self.backend = backend
         self.recompute = recompute
+        self.layer_number = layer_number  # names this layer's slot in a generation KV cache
         self.softmax_scale = softmax_scale
 
     def forward(self, query, key, value, attention_mask: TransfusionMask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):  # fmt: skip
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("Transfusion attention takes its mask from the PackedBatch only")
-        if attention_mask.backend != self.backend:
+        if attention_mask.kv_cache is not None:  # generation: a few queries, dense mask
+            key, value = attention_mask.kv_cache.update(self.layer_number, key, value)
+        elif attention_mask.backend != self.backend:
             raise ValueError(f"mask built for {attention_mask.backend!r}, layer uses {self.backend!r}")
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         if self.recompute and torch.is_grad_enabled():

@@ -19,7 +19,7 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from kernels.attention import build_attention_mask
+from kernels.attention import TransfusionMask, build_attention_mask
 from megatron_transfusion.batch import PackedBatch
 from megatron_transfusion.config import ModelConfig
 from megatron_transfusion.model.layer_spec import transfusion_block_spec
@@ -116,9 +116,12 @@ class TransfusionModel(LanguageModule):
         shape = (batch.num_images, self.model_cfg.patches_per_image, hidden.shape[-1])
         return self.patch_out(hidden[cols, rows].reshape(shape), batch.timesteps)
 
-    def forward(self, batch: PackedBatch, labels: torch.Tensor | None = None):
-        """Hidden states [s, b, h] on non-last stages, ``TransfusionOutput`` on the last."""
-        mask = build_attention_mask(batch, self.attention_backend, self.model_cfg.flex_block_size)
+    def forward(self, batch: PackedBatch, labels: torch.Tensor | None = None,
+                mask: TransfusionMask | None = None):  # fmt: skip
+        """Hidden states [s, b, h] on non-last stages, ``TransfusionOutput`` on the last.
+        ``mask`` defaults to the batch's own; generation passes one from its KV cache."""
+        if mask is None:
+            mask = build_attention_mask(batch, self.attention_backend, self.model_cfg.flex_block_size)
         hidden = self._embed(batch) if self.pre_process else None
         hidden = self.decoder(
             hidden_states=hidden, attention_mask=mask, rotary_pos_emb=self._rotary(batch.positions)

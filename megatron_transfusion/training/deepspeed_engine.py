@@ -201,11 +201,23 @@ class DeepSpeedEngine(Engine):
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # the whole world: TP ranks included
         return bool(bad)
 
-    def _result(self, local_means: torch.Tensor) -> StepResult:
+    def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        self.engine.eval()
+        with torch.no_grad():
+            losses = [self._forward(micro) for micro in micro_batches]
+        self.engine.train()
+        local = torch.stack([torch.stack([x.total, x.lm, x.diffusion]).float() for x in losses]).mean(0)
+        return dict(zip(("loss", "lm_loss", "diffusion_loss"), self._dp_mean(local).tolist()))
+
+    @staticmethod
+    def _dp_mean(local_means: torch.Tensor) -> torch.Tensor:
         dp_group = parallel_state.get_data_parallel_group()
         means = local_means.clone()
         dist.all_reduce(means, group=dp_group)
-        means /= dist.get_world_size(group=dp_group)
+        return means / dist.get_world_size(group=dp_group)
+
+    def _result(self, local_means: torch.Tensor) -> StepResult:
+        means = self._dp_mean(local_means)
         applied = self.engine.was_step_applied()
         seen = torch.tensor([int(applied), int(not applied)], device=means.device)
         dist.all_reduce(seen, op=dist.ReduceOp.MAX)

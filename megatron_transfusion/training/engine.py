@@ -6,7 +6,7 @@
   cannot combine ZeRO-2/3 with pipeline parallelism, and its pipeline support is fragile
   with Megatron's schedules, so PP > 1 is refused there.
 
-The trainer sees only ``train_step``, ``save`` and ``load``.
+The trainer sees only ``train_step``, ``evaluate``, ``save`` and ``load``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,11 @@ class Engine(ABC):
         """Zero grads, forward+backward every micro-batch of this rank, reduce gradients
         over data-parallel ranks, clip to the configured norm, then update with ``lr``.
         If the loss or the gradient norm is not finite on any rank, no rank updates."""
+
+    @abstractmethod
+    def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        """Forward only: loss, lm_loss and diffusion_loss, the mean over every rank's
+        micro-batches, identical on every rank. Nothing is updated."""
 
     @abstractmethod
     def save(self, directory: Path) -> None:

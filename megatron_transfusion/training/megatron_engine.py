@@ -95,6 +95,12 @@ class MegatronEngine(Engine):
             self.optimizer.step()  # clips to the configured norm, then updates
         return StepResult(dict(zip(LOSS_KEYS, losses.tolist())), grad_norm, skipped)
 
+    def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+        with torch.no_grad():
+            reports = forward_backward(self.model_chunks, micro_batches, self.cfg.diffusion.loss_weight,
+                                       forward_only=True)  # fmt: skip
+        return dict(zip(LOSS_KEYS, self._global_losses(reports).tolist()))
+
     def _ensure_optimizer_state(self) -> None:
         """The distributed optimizer's state_dict() needs torch AdamW's per-parameter state,
         which only exists after a first update (and a run may save before one, e.g. when

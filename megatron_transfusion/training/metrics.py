@@ -112,6 +112,8 @@ class MetricsLogger:
 
     def __init__(self, run_dir: Path, rank0: bool):
         self.rank0 = rank0
+        self.run_dir = run_dir
+        self._eval_jsonl = None
         if rank0:
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
             self._jsonl = open(run_dir / "logs" / "metrics.jsonl", "a")
@@ -121,18 +123,31 @@ class MetricsLogger:
         """Record ``values`` at ``step``; returns the console line for the caller to print.
 
         Non-finite values are written as JSON null (strict JSON has no NaN/Infinity)."""
-        if self.rank0:
-            record = {"step": step}
-            for key, value in values.items():
-                value = float(value)
-                record[key] = value if math.isfinite(value) else None
-                self._tensorboard.add_scalar(key, value, step)
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()  # log() runs every log_interval steps: keep files current
-            self._tensorboard.flush()
+        self._write(self._jsonl if self.rank0 else None, step, values, "")
         return format_line(step, values)
+
+    def log_eval(self, step: int, values: dict[str, float]) -> str:
+        """Held-out metrics: ``logs/eval.jsonl`` and tensorboard tags ``eval/<name>``."""
+        if self.rank0 and self._eval_jsonl is None:
+            self._eval_jsonl = open(self.run_dir / "logs" / "eval.jsonl", "a")
+        self._write(self._eval_jsonl, step, values, "eval/")
+        return f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items())
+
+    def _write(self, jsonl, step: int, values: dict[str, float], prefix: str) -> None:
+        if not self.rank0:
+            return
+        record = {"step": step}
+        for key, value in values.items():
+            value = float(value)
+            record[key] = value if math.isfinite(value) else None
+            self._tensorboard.add_scalar(prefix + key, value, step)
+        jsonl.write(json.dumps(record) + "\n")
+        jsonl.flush()  # written every few steps: keep files current
+        self._tensorboard.flush()
 
     def close(self) -> None:
         if self.rank0:
             self._jsonl.close()
+            if self._eval_jsonl is not None:
+                self._eval_jsonl.close()
             self._tensorboard.close()

@@ -24,6 +24,8 @@ from megatron_transfusion import platform
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.data import MixedModalityLoader
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
+from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses
+from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.training import checkpoint
@@ -80,6 +82,16 @@ def _restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generat
     tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
 
 
+def evaluate(cfg: ExperimentConfig, engine, tokenizer) -> dict[str, float]:
+    """Held-out losses in any layout; captioning metrics too where configured (PP=1)."""
+    metrics = heldout_losses(engine.evaluate, cfg, parallel_state.get_data_parallel_rank(),
+                             parallel_state.get_data_parallel_world_size())  # fmt: skip
+    if cfg.eval.captions:
+        model = getattr(engine.model_chunks[0], "module", engine.model_chunks[0])  # DDP-wrapped or bare
+        metrics.update(caption_metrics(model, cfg, tokenizer)[0])
+    return metrics
+
+
 def train(cfg: ExperimentConfig, resume: str | None = "auto") -> dict:
     """Runs to ``run.train_steps`` (or a stop request). Returns the last step's metrics."""
     plat = platform.activate()
@@ -118,6 +130,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
         if rank0:
             print(f"resumed from {found} at step {step}", flush=True)
 
+    tokenizer = load_tokenizer(cfg) if cfg.eval.interval and cfg.eval.captions else None
     logger = MetricsLogger(run_dir, rank0)
     peak = cfg.run.peak_flops or measure_matmul_peak()
     stop = _StopRequest()
@@ -159,6 +172,10 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
                 f"gradient norm (last at step {step}); stopping. Lower optimizer.lr or resume "
                 "from an earlier checkpoint with checkpoint.load"
             )
+        if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.run.train_steps):
+            line = logger.log_eval(step, evaluate(cfg, engine, tokenizer))
+            if rank0:
+                print(line, flush=True)
         stopping = stop.agreed()
         if step % cfg.checkpoint.interval == 0 or step == cfg.run.train_steps or stopping:
             save()

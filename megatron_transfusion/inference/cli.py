@@ -1,0 +1,177 @@
+"""``mtf-generate``: samples from a checkpoint, as PNGs, a grid and a JSONL of texts.
+
+Prompts are text with optional ``<image:PATH>`` tags that splice a (clean) image in:
+
+    mtf-generate runs/tiny --prompt "red heart"                       # text -> image
+    mtf-generate runs/tiny --mode text --prompt "<image:cat.png>"      # captioning
+    mtf-generate runs/tiny --mode text --prompt "The module"           # text (images if BOI)
+
+Under torchrun every rank runs this and the model is tensor-parallel over them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from megatron_transfusion.batch import Document, ImageSegment, TextSegment
+from megatron_transfusion.cli import run_cli
+
+IMAGE_TAG = re.compile(r"<image:([^>]+)>")
+
+
+def parse_prompt(text: str, tokenizer, vae, image_size: int, mode: str) -> Document:
+    """BOS, then text and ``<image:PATH>`` images in order, laid out as training documents:
+    an image whose prompt has no text after it is followed by its caption (captioning),
+    text with no image after it is followed by the image to generate (mode "image")."""
+    from data_prep.images import center_crop_resize, decode_image, to_model_range
+
+    document: Document = []
+    tokens = [tokenizer.special.bos]
+    for i, part in enumerate(IMAGE_TAG.split(text)):
+        if i % 2 == 0:
+            tokens += tokenizer.encode(part.strip()) if part.strip() else []
+            continue
+        path = Path(part).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt image '{path}' does not exist")
+        pixels = center_crop_resize(decode_image(path.read_bytes()), image_size)
+        document += [TextSegment(tokens)] if tokens else []
+        document.append(ImageSegment(vae.encode(to_model_range(pixels[None]))[0].cpu()))
+        tokens = []
+    if tokens:
+        document.append(TextSegment(tokens))
+    if mode == "image" and document and isinstance(document[-1], ImageSegment):
+        raise ValueError(f"prompt '{text}' ends with an image: use --mode text to continue after it")
+    return document
+
+
+def read_prompts(args) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file '{path}' does not exist")
+        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE (one per line)")
+    return prompts
+
+
+def render(document: Document, tokenizer, out: Path, stem: str, vae) -> tuple[str, list[np.ndarray]]:
+    """Generated text with ``<image:FILE>`` tags, and the decoded images it wrote."""
+    from data_prep.images import from_model_range
+
+    parts, images = [], []
+    for segment in document:
+        if isinstance(segment, TextSegment):
+            parts.append(tokenizer.decode(segment.tokens))
+            continue
+        pixels = from_model_range(vae.decode(segment.latent[None]))[0]
+        name = f"{stem}_{len(images)}.png"
+        Image.fromarray(pixels).save(out / name)
+        parts.append(f"<image:{name}>")
+        images.append(pixels)
+    return "".join(parts), images
+
+
+def save_grid(images: list[np.ndarray], path: Path, columns: int = 8) -> None:
+    """All images in one PNG, row-major, for a quick look."""
+    if not images:
+        return
+    h, w, _ = images[0].shape
+    rows = -(-len(images) // columns)
+    grid = np.full((rows * h, min(columns, len(images)) * w, 3), 255, dtype=np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
+    Image.fromarray(grid).save(path)
+
+
+@run_cli(also=(ValueError,))
+def generate_main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="mtf-generate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="run dir, checkpoints dir, step_N dir, or an exported .safetensors")
+    parser.add_argument("--prompt", action="append", help="prompt text; repeatable")
+    parser.add_argument("--prompts-file", help="one prompt per line")
+    parser.add_argument("--mode", choices=("image", "text"), default="image",
+                        help="image: generate an image after each prompt; text: LM mode (switching to "
+                             "diffusion whenever the model emits BOI)")  # fmt: skip
+    parser.add_argument("--out", help="output directory (default: <run>/samples/step_N)")
+    parser.add_argument("--steps", type=int, default=250, help="diffusion steps (of the 1000 trained)")
+    parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, help="default: 0 in image mode, 64 in text mode")
+    parser.add_argument("--max-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    parser.add_argument("--tokenizer", help="default: the one the training data was made with")
+    parser.add_argument("--vae", help="default: the one the training latents were made with")
+    args = parser.parse_args(argv)
+
+    from tqdm import tqdm
+
+    from megatron_transfusion.inference.generate import Generator, SamplingConfig
+    from megatron_transfusion.inference.load import load_image_vae, load_model, load_tokenizer
+    from megatron_transfusion.parallel import destroy_distributed
+
+    prompts = read_prompts(args)
+    loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)))
+    try:
+        cfg = loaded.cfg
+        tokenizer = load_tokenizer(cfg, args.tokenizer)
+        vae = load_image_vae(cfg, args.vae)
+        image_size = cfg.model.latent_size * vae.downsample
+        documents = [parse_prompt(p, tokenizer, vae, image_size, args.mode) for p in prompts]
+        sampling = SamplingConfig(
+            max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (64 if args.mode == "text" else 0),
+            temperature=args.temperature, top_p=args.top_p, diffusion_steps=args.steps, sampler=args.sampler,
+            guidance_scale=args.guidance, max_images=args.max_images, seed=args.seed, use_cache=not args.no_cache,
+        )  # fmt: skip
+        generator = Generator(loaded.model, cfg.model, tokenizer.special, sampling)
+        generator.check_prompts(documents, force_image=args.mode == "image")
+        rank0 = int(os.environ.get("RANK", 0)) == 0
+        out = Path(args.out) if args.out else _default_out(loaded)
+        if rank0:
+            out.mkdir(parents=True, exist_ok=True)
+        records, all_images = [], []
+        for start in range(0, len(documents), args.batch_size):
+            batch = documents[start : start + args.batch_size]
+            bar = tqdm(desc=f"prompts {start}-{start + len(batch) - 1}", total=args.steps, disable=not rank0)
+
+            def progress(step: int, total: int) -> None:
+                bar.reset(total) if step == 1 else None  # a new image started
+                bar.update(1)
+
+            results = generator.generate(batch, force_image=args.mode == "image", progress=progress)
+            bar.close()
+            if not rank0:
+                continue
+            for k, result in enumerate(results):
+                index = start + k
+                text, images = render(result, tokenizer, out, f"sample_{index:04d}", vae)
+                records.append({"prompt": prompts[index], "output": text, "seed": args.seed})
+                all_images += images
+        if rank0:
+            with open(out / "samples.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            save_grid(all_images, out / "grid.png")
+            print(f"wrote {len(records)} samples ({len(all_images)} images) to {out}")
+    finally:
+        destroy_distributed()
+
+
+def _default_out(loaded) -> Path:
+    if loaded.source.suffix == ".safetensors":
+        return loaded.source.parent / f"{loaded.source.stem}_samples"
+    return loaded.source.parent.parent / "samples" / f"step_{loaded.step:08d}"

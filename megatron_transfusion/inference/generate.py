@@ -1,0 +1,361 @@
+"""Transfusion decoding: LM mode until BOI, diffusion mode for the image, then back.
+
+Per row: text is sampled token by token (greedy, temperature, top-p). When BOI is produced
+(or forced after the prompt), n pure-noise patches follow; the reverse process runs on them
+with classifier-free guidance, each step overwriting the image's keys/values in the cache,
+so earlier noise levels are never attended to. The clean latent then replaces the noise
+(written once more at t = 0), EOI is appended, and LM mode continues from EOI's logits.
+
+The unconditional branch is built the way training dropped captions: the image attends
+only to itself. In the cache it occupies a scratch row per row, so the conditional and
+unconditional predictions come from one forward.
+
+``use_cache=False`` recomputes every forward over the whole sequence with the training
+forward and mask: the reference the cached path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from megatron.core import tensor_parallel
+
+from data_prep.tokenizer import SpecialIds
+from megatron_transfusion.batch import (
+    Document,
+    ImageSegment,
+    PackedBatch,
+    SpecialTokens,
+    TextSegment,
+    pack_documents,
+)
+from megatron_transfusion.config import ModelConfig
+from megatron_transfusion.diffusion.sampler import ReverseProcess
+from megatron_transfusion.diffusion.schedule import CosineSchedule
+from megatron_transfusion.inference.kv_cache import KVCache
+
+
+@dataclass
+class SamplingConfig:
+    max_new_tokens: int = 64  # text tokens per row (a forced BOI does not count)
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    diffusion_steps: int = 250
+    sampler: str = "ddpm"  # or "ddim"
+    guidance_scale: float = 5.0  # 1: no guidance (no unconditional branch)
+    max_images: int = 1  # images per row; BOI is not sampled after that
+    seed: int = 0
+    use_cache: bool = True
+
+
+@dataclass
+class _Row:
+    document: Document  # prompt + everything generated so far
+    generator: torch.Generator  # this row's draws: results do not depend on the batch
+    generated: Document = field(default_factory=list)
+    new_tokens: int = 0
+    images: int = 0
+    done: bool = False
+
+    def append_token(self, token: int) -> None:
+        for segments in (self.document, self.generated):
+            if segments and isinstance(segments[-1], TextSegment):
+                segments[-1] = TextSegment([*segments[-1].tokens, token])
+            else:
+                segments.append(TextSegment([token]))
+
+    def append_image(self, latent: torch.Tensor) -> None:
+        self.document.append(ImageSegment(latent))
+        self.generated.append(ImageSegment(latent))
+
+
+class Generator:
+    """Generates for a batch of prompts with one (TP-sharded) model on this rank."""
+
+    def __init__(self, model, model_cfg: ModelConfig, tokens: SpecialIds,
+                 sampling: SamplingConfig, schedule: CosineSchedule | None = None):  # fmt: skip
+        self.model = model
+        self.cfg = model_cfg
+        self.tokens = tokens
+        self.sampling = sampling
+        self.reverse = ReverseProcess(schedule or CosineSchedule.create(), sampling.diffusion_steps, sampling.sampler)
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.latent_shape = (model_cfg.latent_channels, model_cfg.latent_size, model_cfg.latent_size)
+        self.patches = model_cfg.patches_per_image
+        self.special = SpecialTokens(boi=tokens.boi, eoi=tokens.eoi, pad=tokens.pad)
+        self.guided = sampling.guidance_scale != 1.0
+
+    def check_prompts(self, prompts: list[Document], force_image: bool) -> None:
+        """ValueError naming the first prompt that does not fit the model's context."""
+        for i, prompt in enumerate(prompts):
+            needed = self._document_length(prompt) + (self.patches + 2 if force_image else 0)
+            if needed > self.cfg.max_sequence_length:
+                raise ValueError(
+                    f"prompt {i} needs {needed} positions{' with its image' if force_image else ''}; "
+                    f"the model's max_sequence_length is {self.cfg.max_sequence_length}"
+                )
+
+    @torch.no_grad()
+    def generate(self, prompts: list[Document], force_image: bool = False, progress=None,
+                 seeds: list[int] | None = None) -> list[Document]:  # fmt: skip
+        """Returns what each row generated after its prompt: text and image latents.
+        ``force_image`` starts an image right after the prompt (text -> image).
+        ``seeds`` seed each row (default: sampling.seed + row), so a prompt's result does not
+        depend on what it is batched with. ``progress(step, total)`` follows diffusion steps."""
+        seeds = seeds if seeds is not None else [self.sampling.seed + i for i in range(len(prompts))]
+        self.check_prompts(prompts, force_image)
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self._generate(prompts, force_image, progress, seeds)
+        finally:
+            self.model.train(training)
+
+    def _generate(self, prompts, force_image, progress, seeds) -> list[Document]:
+        rows = [_Row(list(p), torch.Generator().manual_seed(s)) for p, s in zip(prompts, seeds, strict=True)]
+        self._cache = None
+        if self.sampling.use_cache:
+            self._scratch_offset = len(rows)  # scratch rows hold the unconditional branch
+            scratch_rows = len(rows) if self.guided else 0
+            self._cache = KVCache(len(rows) + scratch_rows, self.cfg.max_sequence_length, self.device)
+        self._images_written = 0
+        logits = self._prefill(rows)
+        forced = force_image
+        while True:
+            for row in rows:
+                if not forced and (row.new_tokens >= self.sampling.max_new_tokens or self._room(row) < 1):
+                    row.done = True
+            active = [i for i, row in enumerate(rows) if not row.done]
+            if not active:
+                break
+            if forced:
+                chosen = dict.fromkeys(active, self.tokens.boi)
+            else:
+                chosen = self._sample(logits, rows, active)
+                for i in active:
+                    rows[i].new_tokens += 1
+            forced = False
+            for i in active:
+                if chosen[i] == self.tokens.eos:
+                    rows[i].append_token(self.tokens.eos)
+                    rows[i].done = True
+            text = [i for i in active if chosen[i] not in (self.tokens.eos, self.tokens.boi)]
+            imaging = [i for i in active if chosen[i] == self.tokens.boi]
+            if text:
+                for i in text:
+                    rows[i].append_token(chosen[i])
+                logits[text] = self._continue_text(rows, text)
+            if imaging:
+                logits[imaging] = self._image(rows, imaging, progress)
+        return [row.generated for row in rows]
+
+    # ---- forwards -----------------------------------------------------------------------
+
+    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """Encode the prompts; logits [rows, vocab] at each prompt's last position."""
+        batch = self._pack([row.document for row in rows])
+        if self._cache is None:
+            return self._last_logits(self._forward(batch), rows)
+        length = batch.tokens.shape[1]
+        every = torch.arange(len(rows), device=self.device)
+        slots = torch.arange(length, device=self.device).expand(len(rows), length)
+        mask = self._cache.view(every, slots, batch.document_ids, batch.image_ids,
+                                torch.zeros_like(batch.image_ids, dtype=torch.bool))  # fmt: skip
+        self._images_written = batch.num_images
+        return self._last_logits(self._forward(batch, mask), rows)
+
+    def _continue_text(self, rows: list[_Row], indices: list[int]) -> torch.Tensor:
+        """Logits after the token just appended to each of ``rows[indices]``."""
+        if self._cache is None:
+            return self._last_logits(self._forward(self._pack([rows[i].document for i in indices])),
+                                     [rows[i] for i in indices])  # fmt: skip
+        tokens = [rows[i].document[-1].tokens[-1] for i in indices]
+        slots = [self._length(rows[i]) - 1 for i in indices]
+        return self._write_tokens(indices, tokens, slots)
+
+    def _write_tokens(self, indices: list[int], tokens: list[int], slots: list[int]) -> torch.Tensor:
+        """Cached: one text token per row at ``slots``; returns their logits."""
+        tokens = torch.tensor(tokens, device=self.device)[:, None]
+        slots = torch.tensor(slots, device=self.device)[:, None]
+        not_image = torch.full_like(tokens, -1)
+        batch = self._query(tokens, slots, not_image)
+        mask = self._cache.view(torch.tensor(indices, device=self.device), slots, torch.zeros_like(tokens),
+                                not_image, torch.zeros_like(tokens, dtype=torch.bool))  # fmt: skip
+        logits, _ = self._forward(batch, mask)
+        return logits[-1]
+
+    def _image(self, rows: list[_Row], indices: list[int], progress) -> torch.Tensor:
+        """Generate one image for each of ``rows[indices]`` (BOI, denoise, clean, EOI);
+        returns the logits at EOI."""
+        n, k = self.patches, len(indices)
+        x = self._normal(rows, indices)  # the chain runs in fp32 whatever the model's dtype
+        starts = torch.tensor([self._length(rows[i]) for i in indices], device=self.device)  # BOI slot
+        slots = starts[:, None] + 1 + torch.arange(n, device=self.device)
+        if self._cache is None:
+            predict = self._uncached_denoiser(rows, indices, slots)
+        else:
+            self._write_tokens(indices, [self.tokens.boi] * k, starts.tolist())
+            predict = self._cached_denoiser(indices, slots)
+        timesteps = self.reverse.timesteps()
+        for step, t in enumerate(timesteps):
+            eps = predict(x, t)
+            t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else -1
+            x = self.reverse.step(x, eps, t, t_prev, self._normal(rows, indices))
+            if progress is not None:
+                progress(step + 1, len(timesteps))
+        for i, latent in zip(indices, x):
+            rows[i].append_image(latent.detach().clone())
+            rows[i].images += 1
+        if self._cache is None:
+            return self._last_logits(self._forward(self._pack([rows[i].document for i in indices])),
+                                     [rows[i] for i in indices])  # fmt: skip
+        # The clean image replaces the last noise level in the cache, then EOI follows it.
+        eoi_slots = torch.cat([slots, slots[:, -1:] + 1], dim=1)
+        tokens = torch.full_like(eoi_slots, self.tokens.pad)
+        tokens[:, -1] = self.tokens.eoi
+        image = self._image_ids(k, eoi_slots.shape[1])
+        query_images = image - self._images_written
+        image[:, -1] = query_images[:, -1] = -1
+        batch = self._query(tokens, eoi_slots, query_images, latents=x,
+                            timesteps=torch.zeros(k, dtype=torch.long, device=self.device))  # fmt: skip
+        mask = self._cache.view(torch.tensor(indices, device=self.device), eoi_slots, torch.zeros_like(image),
+                                image, torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
+        self._images_written += k
+        logits, _ = self._forward(batch, mask)
+        return logits[-1]
+
+    def _cached_denoiser(self, indices: list[int], slots: torch.Tensor):
+        k, n = len(indices), self.patches
+        rows_index = torch.tensor(indices, device=self.device)
+        image = self._image_ids(k, n)
+        document = torch.zeros_like(image)
+        isolated = torch.zeros_like(image, dtype=torch.bool)
+        query_images = image - self._images_written
+        if self.guided:  # the scratch rows: the same image, seeing only itself
+            rows_index = torch.cat([rows_index, rows_index + self._scratch_offset])
+            image, document, slots = image.repeat(2, 1), document.repeat(2, 1), slots.repeat(2, 1)
+            isolated = torch.cat([isolated, ~isolated])
+            query_images = torch.cat([query_images, query_images + k])
+        mask = self._cache.view(rows_index, slots, document, image, isolated)
+        pad = torch.full_like(slots, self.tokens.pad)
+        batch = self._query(pad, slots, query_images)
+
+        def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+            latents = x.repeat(2, 1, 1, 1) if self.guided else x
+            timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=self.device)
+            _, noise = self._forward(batch.replace(latents=latents, timesteps=timesteps), mask)
+            return self._guide(noise.float(), k)
+
+        return predict
+
+    def _uncached_denoiser(self, rows: list[_Row], indices: list[int], slots: torch.Tensor):
+        """Whole sequences through the training forward; the unconditional branch is the
+        image alone, flagged unconditional, at the same positions."""
+        k, n = len(indices), self.patches
+        documents = [rows[i].document for i in indices]
+        image_of_row = torch.arange(k, device=self.device)[:, None].expand(k, n)
+        alone = self._query(torch.full_like(slots, self.tokens.pad), slots, image_of_row.contiguous())
+        alone = alone.replace(unconditional=torch.ones(k, dtype=torch.bool, device=self.device))
+
+        def predict(x: torch.Tensor, t: int) -> torch.Tensor:
+            batch = self._pack([doc + [ImageSegment(latent)] for doc, latent in zip(documents, x)])
+            timesteps = batch.timesteps.clone()
+            last_image = torch.tensor([sum(isinstance(s, ImageSegment) for s in doc) for doc in documents],
+                                      device=self.device).cumsum(0) + torch.arange(k, device=self.device)  # fmt: skip
+            timesteps[last_image] = t
+            _, noise = self._forward(batch.replace(timesteps=timesteps))
+            conditional = noise[last_image].float()
+            if not self.guided:
+                return conditional
+            timesteps = torch.full((k,), t, dtype=torch.long, device=self.device)
+            _, unconditional = self._forward(alone.replace(latents=x, timesteps=timesteps))
+            return self._guide(torch.cat([conditional, unconditional.float()]), k)
+
+        return predict
+
+    def _guide(self, noise: torch.Tensor, k: int) -> torch.Tensor:
+        """ε = ε_uncond + g·(ε_cond − ε_uncond) from [cond; uncond] predictions."""
+        if not self.guided:
+            return noise
+        conditional, unconditional = noise[:k], noise[k:]
+        return unconditional + self.sampling.guidance_scale * (conditional - unconditional)
+
+    def _forward(self, batch: PackedBatch, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [s, b, vocab] gathered over TP ranks, predicted noise)."""
+        out = self.model(batch, mask=mask)
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(out.logits)
+        return logits.float(), out.predicted_noise
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _normal(self, rows: list[_Row], indices: list[int]) -> torch.Tensor:
+        """One standard-normal latent per row, from that row's generator."""
+        draws = [torch.randn(self.latent_shape, generator=rows[i].generator) for i in indices]
+        return torch.stack(draws).to(self.device)
+
+    def _sample(self, logits: torch.Tensor, rows: list[_Row], active: list[int]) -> dict[int, int]:
+        scores = logits[active].clone()
+        banned = [self.tokens.pad, self.tokens.bos, self.tokens.eoi]  # never LM targets
+        scores[:, banned] = -torch.inf
+        scores[:, self.cfg.vocab_size :] = -torch.inf  # TP padding of the vocabulary
+        for k, i in enumerate(active):
+            if rows[i].images >= self.sampling.max_images or self._room(rows[i]) < self.patches + 2:
+                scores[k, self.tokens.boi] = -torch.inf
+        if self.sampling.temperature == 0:
+            chosen = scores.argmax(-1)
+        else:
+            probs = _top_p(torch.softmax(scores / self.sampling.temperature, dim=-1).cpu(), self.sampling.top_p)
+            chosen = torch.stack([torch.multinomial(p, 1, generator=rows[i].generator)[0]
+                                  for p, i in zip(probs, active)])  # fmt: skip
+        return dict(zip(active, chosen.tolist()))
+
+    def _last_logits(self, output: tuple[torch.Tensor, torch.Tensor], rows: list[_Row]) -> torch.Tensor:
+        logits, _ = output
+        last = torch.tensor([self._length(row) - 1 for row in rows], device=logits.device)
+        return logits[last, torch.arange(len(rows), device=logits.device)]
+
+    def _pack(self, documents: list[Document]) -> PackedBatch:
+        length = max(self._document_length(d) for d in documents)
+        return pack_documents([[d] for d in documents], length, self.patches, self.latent_shape,
+                              self.special).to(self.device)  # fmt: skip
+
+    def _query(self, tokens, positions, image_ids, latents=None, timesteps=None) -> PackedBatch:
+        """A batch of new positions only (their context is in the cache)."""
+        images = int(image_ids.max()) + 1 if image_ids.numel() else 0
+        if latents is None:
+            latents = torch.zeros((images, *self.latent_shape), dtype=self.dtype, device=self.device)
+        if timesteps is None:
+            timesteps = torch.zeros(images, dtype=torch.long, device=self.device)
+        return PackedBatch(
+            tokens=tokens, positions=positions, document_ids=torch.zeros_like(tokens), image_ids=image_ids,
+            latents=latents, timesteps=timesteps,
+            caption_first=torch.ones(images, dtype=torch.bool, device=self.device),
+            unconditional=torch.zeros(images, dtype=torch.bool, device=self.device),
+        )  # fmt: skip
+
+    def _image_ids(self, k: int, width: int) -> torch.Tensor:
+        """[k, width] cache ids of the k images being generated: after every image written
+        so far (ids only need to differ within a row; a counter makes them unique)."""
+        first = self._images_written
+        return (first + torch.arange(k, device=self.device))[:, None].expand(k, width).clone()
+
+    def _document_length(self, document: Document) -> int:
+        return sum(len(s.tokens) if isinstance(s, TextSegment) else self.patches + 2 for s in document)
+
+    def _length(self, row: _Row) -> int:
+        return self._document_length(row.document)
+
+    def _room(self, row: _Row) -> int:
+        return self.cfg.max_sequence_length - self._length(row)
+
+
+def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches ``top_p``."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    sorted_probs[outside] = 0
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
