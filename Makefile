@@ -19,4 +19,4 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	bash launch/pretrain_local.sh --resume none
+	RESUME=none bash launch/pretrain_local.sh

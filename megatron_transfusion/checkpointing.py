@@ -11,6 +11,7 @@ finishes or raises, and no helper process is started.
 from __future__ import annotations
 
 import queue
+import threading
 from pathlib import Path
 from unittest import mock
 
@@ -22,6 +23,13 @@ from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSys
 
 
 class _InProcessWriter(FileSystemWriterAsync):
+    @staticmethod
+    def preload_tensors(write_buckets, non_blocking=True):
+        """Host copies of everything to write. Megatron's ``.to("cpu")`` is a no-op for CPU
+        tensors, which training would then overwrite under a background write."""
+        return [(file_name, key, (data, [(item, t.detach().to("cpu", copy=True)) for item, t in tensors]))
+                for file_name, key, (data, tensors) in write_buckets]  # fmt: skip
+
     @staticmethod
     def write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets, global_results_queue):
         results, done = queue.Queue(), queue.Queue()  # the interfaces the bucket writer reports to
@@ -39,8 +47,11 @@ class _InProcessWriter(FileSystemWriterAsync):
         global_results_queue.put(outcome)
 
 
-def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
-    """Every rank calls this with its own shards; the directory is created if needed."""
+def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bool = False):
+    """Every rank calls this with its own shards; the directory is created if needed.
+
+    ``background``: plan the save and copy the shards to host memory now, write the files
+    from a thread, and return the ``BackgroundWrite`` whose ``finish()`` completes it."""
     directory = Path(directory)
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
@@ -49,7 +60,41 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path) -> None:
         mock.patch.object(torch_strategy, "FileSystemWriterAsync", _InProcessWriter),
         mock.patch.object(filesystem_async, "_get_write_results_queue", queue.Queue),
     ):
-        dist_checkpointing.save(sharded_state_dict, str(directory))
+        request = dist_checkpointing.save(sharded_state_dict, str(directory), async_sharded_save=background)
+    return BackgroundWrite(request) if background else None
+
+
+class BackgroundWrite:
+    """A save whose files a thread is writing from host copies taken at save time."""
+
+    def __init__(self, request):
+        self._finalize = request.finalize_fns
+        self._error: BaseException | None = None
+        self._thread = None
+        if request.async_fn is not None:  # None: nothing to write on this rank
+            args = list(request.async_fn_args)
+            args[1] = request.preload_fn()  # the host copies, before training moves on
+            self._thread = threading.Thread(target=self._write, args=(request.async_fn, args), daemon=True)
+            self._thread.start()
+
+    def _write(self, write, args) -> None:
+        try:
+            write(*args)
+        except BaseException as e:  # re-raised by finish() in the training thread
+            self._error = e
+
+    def done(self) -> bool:
+        """This rank's files are written (or failed); finish() will not block on them."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def finish(self) -> None:
+        """Collective: wait for this rank's files, then write the checkpoint metadata."""
+        if self._thread is not None:
+            self._thread.join()
+        if self._error is not None:
+            raise RuntimeError("writing the checkpoint in the background failed") from self._error
+        for finalize in self._finalize:
+            finalize()
 
 
 def load_sharded(sharded_state_dict: dict, directory: str | Path) -> dict:

@@ -133,6 +133,9 @@ class CheckpointConfig:
     interval: int = 1000
     keep_last: int = 3
     load: str | None = None  # a path, "auto" (latest in directory), or None
+    # Copy the state to host memory at the save step, write files from a thread while
+    # training continues, publish at a later step boundary (megatron engine).
+    async_save: bool = False
 
 
 @dataclass
@@ -362,6 +365,8 @@ def validate(config: ExperimentConfig) -> None:
                  "state: stage 1)")  # fmt: skip
     else:
         _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3 with deepspeed")
+        _require(not config.checkpoint.async_save, "checkpoint.async_save",
+                 "the deepspeed engine saves synchronously; set it to false")  # fmt: skip
         _require(p.pipeline_parallel == 1, "parallel.engine",
                  "deepspeed is only supported without pipeline parallelism (ZeRO-2/3 cannot be "
                  "combined with it); use parallel.engine=megatron for PP > 1")  # fmt: skip

@@ -22,7 +22,10 @@ class FileEngine(Engine):
     def train_step(self, micro_batches, lr):
         raise NotImplementedError
 
-    def save(self, directory: Path) -> None:
+    def evaluate(self, micro_batches):
+        raise NotImplementedError
+
+    def save(self, directory: Path, background: bool = False) -> None:
         directory.mkdir(parents=True)
         save_file({"value": self.value}, directory / "part1.safetensors")
         if self.crash:
@@ -75,3 +78,27 @@ def test_checkpoint_files_load_without_pickle(megatron_world, tmp_path):
     path = save(engine, tmp_path, 1)
     assert json.loads((path / "trainer.json").read_text())["step"] == 1
     assert sorted(p.suffix for p in path.rglob("*") if p.is_file()) == [".json", ".safetensors", ".safetensors"]
+
+
+def test_background_write_keeps_the_state_of_the_save_step(megatron_world, tmp_path):
+    """Files written by the thread hold the weights at save time, though training
+    updates the live tensors in place meanwhile."""
+    from megatron_transfusion.checkpointing import load_model, model_sharded_state_dict, save_sharded
+    from megatron_transfusion.config import load_config
+    from megatron_transfusion.model import build_model
+    from megatron_transfusion.parallel import seed_everything
+
+    cfg = load_config("tiny", ["data.text_data=null", "data.image_caption_data=null", "eval.interval=0"])
+    seed_everything(0)
+    (model,) = build_model(cfg, megatron_world)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    write = save_sharded(model_sharded_state_dict([model]), tmp_path / "ckpt", background=True)
+    with torch.no_grad():
+        for parameter in model.parameters():  # the optimizer step that follows the save
+            parameter.add_(1.0)
+    write.finish()
+    assert write.done()
+    load_model([model], tmp_path / "ckpt")
+    for key, value in model.state_dict().items():
+        if key in saved:
+            assert torch.equal(value, saved[key]), key

@@ -28,7 +28,7 @@ def overrides(data_root, run_root, steps, *extra):
             "data.seq_length=128", "data.micro_batch_size=2", "data.global_batch_tokens=512",
             "model.vocab_size=512", "model.max_sequence_length=128", f"run.output_root={run_root}",
             f"run.train_steps={steps}", "run.log_interval=1", "checkpoint.interval=2",
-            "optimizer.warmup_steps=2", *extra]  # fmt: skip
+            "optimizer.warmup_steps=2", "eval.interval=0", *extra]  # fmt: skip
 
 
 def launch(nproc, args, **kwargs):
@@ -132,6 +132,20 @@ def test_preemption_signal_saves_and_exits_for_requeue(data_root, uninterrupted,
     run(2, overrides(data_root, tmp_path, 8, "checkpoint.interval=100") + ["--resume", "auto"])
     resumed = losses(tmp_path)
     assert all(resumed[s] == uninterrupted[s] for s in range(saved + 1, 9))
+
+
+def test_async_checkpoints_leave_training_alone_and_resume_bitwise(data_root, uninterrupted, tmp_path):
+    """Saves written by a background thread: the loss trace is the synchronous run's, the
+    same checkpoints are kept, and resuming from one continues bitwise."""
+    run(2, overrides(data_root, tmp_path, 8, "checkpoint.async_save=true"))
+    assert losses(tmp_path) == uninterrupted
+    checkpoints = tmp_path / "tiny" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert not list(checkpoints.glob(".tmp-*"))
+    resumed_root = tmp_path / "resumed"
+    run(2, overrides(data_root, resumed_root, 8) + ["--resume", str(checkpoints / "step_00000006")])
+    resumed = losses(resumed_root)
+    assert sorted(resumed) == [7, 8] and all(resumed[s] == uninterrupted[s] for s in (7, 8))
 
 
 @pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])

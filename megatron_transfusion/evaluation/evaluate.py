@@ -193,3 +193,7 @@ def _default_out(loaded) -> Path:
     if loaded.source.suffix == ".safetensors":
         return loaded.source.with_name(f"{loaded.source.stem}_eval.json")
     return loaded.source.parent.parent / "eval" / f"step_{loaded.step:08d}.json"
+
+
+if __name__ == "__main__":
+    evaluate_main()

@@ -175,3 +175,7 @@ def _default_out(loaded) -> Path:
     if loaded.source.suffix == ".safetensors":
         return loaded.source.parent / f"{loaded.source.stem}_samples"
     return loaded.source.parent.parent / "samples" / f"step_{loaded.step:08d}"
+
+
+if __name__ == "__main__":
+    generate_main()

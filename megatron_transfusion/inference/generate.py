@@ -230,56 +230,56 @@ class Generator:
         k, n = len(indices), self.patches
         rows_index = torch.tensor(indices, device=self.device)
         image = self._image_ids(k, n)
-        document = torch.zeros_like(image)
-        isolated = torch.zeros_like(image, dtype=torch.bool)
-        query_images = image - self._images_written
-        if self.guided:  # the scratch rows: the same image, seeing only itself
-            rows_index = torch.cat([rows_index, rows_index + self._scratch_offset])
-            image, document, slots = image.repeat(2, 1), document.repeat(2, 1), slots.repeat(2, 1)
-            isolated = torch.cat([isolated, ~isolated])
-            query_images = torch.cat([query_images, query_images + k])
-        mask = self._cache.view(rows_index, slots, document, image, isolated)
-        pad = torch.full_like(slots, self.tokens.pad)
-        batch = self._query(pad, slots, query_images)
+        query = self._query(torch.full_like(slots, self.tokens.pad), slots, image - self._images_written)
+        conditional = self._cache.view(rows_index, slots, torch.zeros_like(image), image,
+                                       torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
+        if self.guided:
+            # The unconditional branch in the scratch rows: the image alone, at positions
+            # 0..n-1 (RoPE is relative), so it never reads the prefix.
+            alone = self._alone_query(k)
+            unconditional = self._cache.view(rows_index + self._scratch_offset, alone.positions,
+                                             torch.zeros_like(image), image, torch.ones_like(image, dtype=torch.bool))
 
         def predict(x: torch.Tensor, t: int) -> torch.Tensor:
-            latents = x.repeat(2, 1, 1, 1) if self.guided else x
-            timesteps = torch.full((latents.shape[0],), t, dtype=torch.long, device=self.device)
-            _, noise = self._forward(batch.replace(latents=latents, timesteps=timesteps), mask)
-            return self._guide(noise.float(), k)
+            timesteps = torch.full((k,), t, dtype=torch.long, device=self.device)
+            noise = self._denoise(query.replace(latents=x, timesteps=timesteps), conditional)
+            if not self.guided:
+                return noise
+            return self._guide(noise, self._denoise(alone.replace(latents=x, timesteps=timesteps), unconditional))
 
         return predict
 
     def _uncached_denoiser(self, rows: list[_Row], indices: list[int], slots: torch.Tensor):
         """Whole sequences through the training forward; the unconditional branch is the
-        image alone, flagged unconditional, at the same positions."""
-        k, n = len(indices), self.patches
+        image alone, flagged unconditional (what CFG dropout trained)."""
+        k = len(indices)
         documents = [rows[i].document for i in indices]
-        image_of_row = torch.arange(k, device=self.device)[:, None].expand(k, n)
-        alone = self._query(torch.full_like(slots, self.tokens.pad), slots, image_of_row.contiguous())
-        alone = alone.replace(unconditional=torch.ones(k, dtype=torch.bool, device=self.device))
+        alone = self._alone_query(k).replace(unconditional=torch.ones(k, dtype=torch.bool, device=self.device))
+        # Each row's pending image: after its earlier images and those of the rows before it.
+        earlier = torch.tensor([sum(isinstance(s, ImageSegment) for s in doc) for doc in documents])
+        pending = (earlier + 1).cumsum(0) - 1
 
         def predict(x: torch.Tensor, t: int) -> torch.Tensor:
             batch = self._pack([doc + [ImageSegment(latent)] for doc, latent in zip(documents, x)])
             timesteps = batch.timesteps.clone()
-            last_image = torch.tensor([sum(isinstance(s, ImageSegment) for s in doc) for doc in documents],
-                                      device=self.device).cumsum(0) + torch.arange(k, device=self.device)  # fmt: skip
-            timesteps[last_image] = t
-            _, noise = self._forward(batch.replace(timesteps=timesteps))
-            conditional = noise[last_image].float()
+            timesteps[pending] = t
+            noise = self._denoise(batch.replace(timesteps=timesteps))[pending]
             if not self.guided:
-                return conditional
+                return noise
             timesteps = torch.full((k,), t, dtype=torch.long, device=self.device)
-            _, unconditional = self._forward(alone.replace(latents=x, timesteps=timesteps))
-            return self._guide(torch.cat([conditional, unconditional.float()]), k)
+            return self._guide(noise, self._denoise(alone.replace(latents=x, timesteps=timesteps)))
 
         return predict
 
-    def _guide(self, noise: torch.Tensor, k: int) -> torch.Tensor:
-        """ε = ε_uncond + g·(ε_cond − ε_uncond) from [cond; uncond] predictions."""
-        if not self.guided:
-            return noise
-        conditional, unconditional = noise[:k], noise[k:]
+    def _alone_query(self, k: int) -> PackedBatch:
+        """k images by themselves at positions 0..n-1: the unconditional branch."""
+        n = self.patches
+        positions = torch.arange(n, device=self.device).expand(k, n).contiguous()
+        image = torch.arange(k, device=self.device)[:, None].expand(k, n).contiguous()
+        return self._query(torch.full_like(positions, self.tokens.pad), positions, image)
+
+    def _guide(self, conditional: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
+        """ε = ε_uncond + g·(ε_cond − ε_uncond)."""
         return unconditional + self.sampling.guidance_scale * (conditional - unconditional)
 
     def _forward(self, batch: PackedBatch, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,6 +287,10 @@ class Generator:
         out = self.model(batch, mask=mask)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(out.logits)
         return logits.float(), out.predicted_noise
+
+    def _denoise(self, batch: PackedBatch, mask=None) -> torch.Tensor:
+        """Predicted noise alone: the LM head is skipped while an image is denoised."""
+        return self.model(batch, mask=mask, text_logits=False).predicted_noise.float()
 
     # ---- helpers ------------------------------------------------------------------------
 

@@ -117,9 +117,10 @@ class TransfusionModel(LanguageModule):
         return self.patch_out(hidden[cols, rows].reshape(shape), batch.timesteps)
 
     def forward(self, batch: PackedBatch, labels: torch.Tensor | None = None,
-                mask: TransfusionMask | None = None):  # fmt: skip
+                mask: TransfusionMask | None = None, text_logits: bool = True):  # fmt: skip
         """Hidden states [s, b, h] on non-last stages, ``TransfusionOutput`` on the last.
-        ``mask`` defaults to the batch's own; generation passes one from its KV cache."""
+        Generation passes a ``mask`` from its KV cache (default: the batch's own) and skips
+        the LM head (``text_logits=False``) while denoising."""
         if mask is None:
             mask = build_attention_mask(batch, self.attention_backend, self.model_cfg.flex_block_size)
         hidden = self._embed(batch) if self.pre_process else None
@@ -128,8 +129,10 @@ class TransfusionModel(LanguageModule):
         )
         if not self.post_process:
             return hidden
-        logits, _ = self.output_layer(hidden)
         output = TransfusionOutput(predicted_noise=self._predict_noise(hidden, batch))
+        if not text_logits:
+            return output
+        logits, _ = self.output_layer(hidden)
         if labels is None:
             output.logits = logits
         else:

@@ -55,30 +55,61 @@ def resolve_resume(directory: Path, resume: str | None) -> Path | None:
     return path
 
 
-def save_checkpoint(directory: Path, step: int, engine: Engine, trainer_state: dict,
-                    rng_state: dict[str, torch.Tensor], keep_last: int) -> Path:  # fmt: skip
-    """Collective. Returns the published checkpoint directory."""
+class PendingCheckpoint:
+    """A checkpoint whose files may still be in flight; ``publish()`` completes it."""
+
+    def __init__(self, directory: Path, step: int, trainer_state: dict, keep_last: int, write):
+        self.directory, self.step, self.trainer_state, self.keep_last = directory, step, trainer_state, keep_last
+        self.write = write  # the engine's BackgroundWrite, or None once written
+
+    def ready(self) -> bool:
+        """Collective: every rank's files are written, so ``publish()`` will not wait."""
+        done = torch.tensor([int(self.write is None or self.write.done())])
+        dist.all_reduce(done, op=dist.ReduceOp.MIN)
+        return bool(done)
+
+    def publish(self) -> Path:
+        """Collective: finish the writes, then rename the temporary directory and move
+        ``latest``. Returns the published checkpoint directory."""
+        if self.write is not None:
+            self.write.finish()
+        rank = dist.get_rank()
+        final, tmp = self.directory / step_name(self.step), self.directory / f".tmp-{step_name(self.step)}"
+        dist.barrier()  # every rank's shards are on disk
+        if rank == 0:
+            (tmp / "trainer.json").write_text(json.dumps({"step": self.step, **self.trainer_state}, indent=1))
+            if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            pointer = self.directory / f".{LATEST}.tmp"
+            pointer.write_text(final.name)
+            os.replace(pointer, self.directory / LATEST)
+            _prune(self.directory, self.keep_last)
+        dist.barrier()
+        return final
+
+
+def begin_checkpoint(directory: Path, step: int, engine: Engine, trainer_state: dict,
+                     rng_state: dict[str, torch.Tensor], keep_last: int,
+                     background: bool = False) -> PendingCheckpoint:  # fmt: skip
+    """Collective. Everything is captured now; with ``background`` the engine's files are
+    written by a thread while training goes on, and nothing is published before
+    ``publish()``, so a crash meanwhile leaves the previous checkpoint in place."""
     rank = dist.get_rank()
-    final = directory / step_name(step)
     tmp = directory / f".tmp-{step_name(step)}"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt
         (tmp / "rng").mkdir(parents=True)
     dist.barrier()
-    engine.save(tmp / "engine")
+    write = engine.save(tmp / "engine", background=background)
     save_file(rng_state, tmp / "rng" / f"rank_{rank:05d}.safetensors")
-    dist.barrier()  # every rank's shards are on disk
-    if rank == 0:
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        pointer = directory / f".{LATEST}.tmp"
-        pointer.write_text(final.name)
-        os.replace(pointer, directory / LATEST)
-        _prune(directory, keep_last)
-    dist.barrier()
-    return final
+    return PendingCheckpoint(directory, step, trainer_state, keep_last, write)
+
+
+def save_checkpoint(directory: Path, step: int, engine: Engine, trainer_state: dict,
+                    rng_state: dict[str, torch.Tensor], keep_last: int) -> Path:  # fmt: skip
+    """Collective: write and publish. Returns the published checkpoint directory."""
+    return begin_checkpoint(directory, step, engine, trainer_state, rng_state, keep_last).publish()
 
 
 def _prune(directory: Path, keep_last: int) -> None:

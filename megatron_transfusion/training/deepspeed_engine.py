@@ -230,7 +230,9 @@ class DeepSpeedEngine(Engine):
             skipped=not applied,
         )
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, background: bool = False) -> None:
+        if background:  # config validation refuses checkpoint.async_save with deepspeed
+            raise ValueError("the DeepSpeed engine saves synchronously (checkpoint.async_save=false)")
         self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
 
     def load(self, directory: Path) -> None:

@@ -44,8 +44,10 @@ class Engine(ABC):
         micro-batches, identical on every rank. Nothing is updated."""
 
     @abstractmethod
-    def save(self, directory: Path) -> None:
-        """Collective: model and optimizer state of every rank under ``directory``."""
+    def save(self, directory: Path, background: bool = False):
+        """Collective: model and optimizer state of every rank under ``directory``. With
+        ``background`` (where supported) the state is copied now and written by a thread:
+        returns the write, whose collective ``finish()`` completes it; else None."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:

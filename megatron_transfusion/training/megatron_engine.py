@@ -124,8 +124,8 @@ class MegatronEngine(Engine):
         )
         return {"model": model_state, "optimizer": optimizer_state}
 
-    def save(self, directory: Path) -> None:
-        save_sharded(self._sharded_state(is_loading=False), directory)
+    def save(self, directory: Path, background: bool = False):
+        return save_sharded(self._sharded_state(is_loading=False), directory, background)
 
     def load(self, directory: Path) -> None:
         state = load_sharded(self._sharded_state(is_loading=True), directory)

@@ -137,10 +137,18 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
     device = plat.device()
     last: dict = {}
 
-    def save():
+    pending: checkpoint.PendingCheckpoint | None = None  # an async save still being written
+
+    def save(publish_now: bool) -> None:
+        nonlocal pending
+        if pending is not None:  # one save in flight at a time
+            pending.publish()
         trainer_state = {**state, "loader": loader.state_dict()}
-        checkpoint.save_checkpoint(ckpt_dir, step, engine, trainer_state, _rng_state(noise_generator),
-                                   cfg.checkpoint.keep_last)  # fmt: skip
+        pending = checkpoint.begin_checkpoint(ckpt_dir, step, engine, trainer_state, _rng_state(noise_generator),
+                                              cfg.checkpoint.keep_last, cfg.checkpoint.async_save)  # fmt: skip
+        if publish_now or not cfg.checkpoint.async_save:
+            pending.publish()
+            pending = None
 
     while step < cfg.run.train_steps:
         started = time.perf_counter()
@@ -172,13 +180,17 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
                 f"gradient norm (last at step {step}); stopping. Lower optimizer.lr or resume "
                 "from an earlier checkpoint with checkpoint.load"
             )
-        if cfg.eval.interval and (step % cfg.eval.interval == 0 or step == cfg.run.train_steps):
+        if cfg.eval.interval and step % cfg.eval.interval == 0:
             line = logger.log_eval(step, evaluate(cfg, engine, tokenizer))
             if rank0:
                 print(line, flush=True)
         stopping = stop.agreed()
-        if step % cfg.checkpoint.interval == 0 or step == cfg.run.train_steps or stopping:
-            save()
+        last_step = step == cfg.run.train_steps
+        if step % cfg.checkpoint.interval == 0 or last_step or stopping:
+            save(publish_now=last_step or stopping)
+        elif pending is not None and pending.ready():
+            pending.publish()
+            pending = None
         if stopping:
             logger.close()
             if rank0:
