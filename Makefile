@@ -19,4 +19,4 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	RESUME=none bash launch/pretrain_local.sh
+	RESUME=none bash launch/pretrain_local.sh eval.captions=32

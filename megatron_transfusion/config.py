@@ -353,12 +353,11 @@ def validate(config: ExperimentConfig) -> None:
         f"{m.num_layers} layers cannot be split evenly into {stages} pipeline stages "
         f"(parallel.pipeline_parallel × parallel.virtual_pipeline)",
     )
-    _require(
-        not p.sequence_parallel,
-        "parallel.sequence_parallel",
-        "not supported yet: the layer spec's torch RMSNorm and the patch layers need the "
-        "full sequence on every TP rank; set it to false",
-    )
+    if p.sequence_parallel:
+        _require(p.tensor_parallel > 1, "parallel.sequence_parallel", "needs parallel.tensor_parallel > 1")
+        _require(d.seq_length % p.tensor_parallel == 0, "parallel.sequence_parallel",
+                 f"data.seq_length={d.seq_length} must be divisible by parallel.tensor_parallel="
+                 f"{p.tensor_parallel} (each TP rank holds an equal slice of the sequence)")  # fmt: skip
     if p.engine == "megatron":
         _require(p.zero_stage in (0, 1), "parallel.zero_stage",
                  f"{p.zero_stage} needs parallel.engine=deepspeed (megatron shards only optimizer "

@@ -53,7 +53,7 @@ def test_yaml_file_path(tmp_path):
     (["data.global_batch_tokens=1000"], "config field 'data.global_batch_tokens'"),
     (["diffusion.image_first_max_timestep=1000"], "config field 'diffusion.image_first_max_timestep'"),
     (["model.num_layers"], "expected the form section.field=value"),
-    (["parallel.sequence_parallel=true"], "config field 'parallel.sequence_parallel': not supported yet"),
+    (["parallel.sequence_parallel=true"], "config field 'parallel.sequence_parallel': needs parallel.tensor_parallel > 1"),
 ])  # fmt: skip
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError) as info:

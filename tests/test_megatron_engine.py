@@ -17,7 +17,7 @@ def workdir(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("layout", ["dp2", "dp2_zero0", "tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["dp2", "dp2_zero0", "tp2", "tp2_sp", "pp2"])
 def test_engine_updates_equal_torch_adamw(workdir, layout):
     run_torchrun(WORKER, 2, "--layout", layout, "--workdir", str(workdir))
     reference = json.loads((workdir / "engine_loss_reference.json").read_text())

@@ -53,7 +53,8 @@ def _inference_overrides(tensor_parallel: int) -> list[str]:
     # Generation runs unpipelined with dense-mask attention: its queries are one token or
     # one image, so the mask is small; PP-trained weights reshard to PP=1 on load.
     return [f"parallel.tensor_parallel={tensor_parallel}", "parallel.pipeline_parallel=1",
-            "parallel.virtual_pipeline=null", "parallel.recompute=none", "parallel.engine=megatron",
+            "parallel.virtual_pipeline=null", "parallel.sequence_parallel=false", "parallel.recompute=none",
+            "parallel.engine=megatron",
             "model.attention_backend=sdpa"]  # fmt: skip
 
 

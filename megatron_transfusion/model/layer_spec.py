@@ -1,5 +1,7 @@
 """The Llama-style layer as a Megatron-Core ModuleSpec: RMSNorm, SwiGLU, RoPE, and the
-Transfusion core attention in place of Megatron's DotProductAttention.
+Transfusion core attention in place of Megatron's DotProductAttention. Sequence parallelism
+comes with Megatron's linear layers (gather before, reduce-scatter after); the norms here
+support it.
 
 Activation recomputation lives here too, as torch's non-reentrant checkpoint around the
 layer ("full") or the core attention ("selective"): Megatron's own recompute saves its
@@ -15,7 +17,6 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.torch_norm import WrappedTorchNorm
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
     get_num_layers_to_build,
@@ -62,6 +63,16 @@ class TransfusionCoreAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm as a Megatron norm module. Under sequence parallelism each TP rank
+    normalises its slice of the sequence, so the weight is marked for Megatron to sum its
+    gradient over TP ranks (Megatron's own torch-norm wrapper refuses sequence parallelism)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 class RecomputedTransformerLayer(TransformerLayer):
     """Keeps only the layer's input; its activations are recomputed in backward."""
 
@@ -75,7 +86,7 @@ def transfusion_layer_spec(attention_backend: str, recompute: str = "none") -> M
     return ModuleSpec(
         module=RecomputedTransformerLayer if recompute == "full" else TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=WrappedTorchNorm,
+            input_layernorm=RMSNorm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.arbitrary},
@@ -91,7 +102,7 @@ def transfusion_layer_spec(attention_backend: str, recompute: str = "none") -> M
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=WrappedTorchNorm,
+            pre_mlp_layernorm=RMSNorm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
@@ -109,4 +120,4 @@ def transfusion_block_spec(
     """The layers of this pipeline stage (or virtual stage) plus the final RMSNorm."""
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     spec = transfusion_layer_spec(attention_backend, recompute)
-    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=WrappedTorchNorm)
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)

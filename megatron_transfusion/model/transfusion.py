@@ -63,6 +63,7 @@ class TransfusionModel(LanguageModule):
                 vocab_size=vocab,
                 max_sequence_length=model_cfg.max_sequence_length,
                 position_embedding_type="rope",
+                scatter_to_sequence_parallel=False,  # _embed scatters after placing the patches
             )
             self.patch_in = patch_in(model_cfg)
         self.rotary_pos_emb = RotaryEmbedding(
@@ -104,7 +105,10 @@ class TransfusionModel(LanguageModule):
         hidden = self.embedding(input_ids=batch.tokens, position_ids=None)  # [s, b, h]
         rows, cols = batch.image_positions()
         patches = self.patch_in(batch.latents.to(hidden.dtype), batch.timesteps)
-        return hidden.index_put((cols, rows), patches.reshape(-1, hidden.shape[-1]))
+        hidden = hidden.index_put((cols, rows), patches.reshape(-1, hidden.shape[-1]))
+        if self.config.sequence_parallel:  # each TP rank keeps its slice of the sequence
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        return hidden
 
     def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
         """RoPE angles per position, [s, b, 1, d]: positions restart in every document."""
@@ -112,6 +116,8 @@ class TransfusionModel(LanguageModule):
         return table[positions.t()].unsqueeze(2)
 
     def _predict_noise(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
+        if self.config.sequence_parallel:  # the patch-out layer runs replicated, on all positions
+            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
         rows, cols = batch.image_positions()
         shape = (batch.num_images, self.model_cfg.patches_per_image, hidden.shape[-1])
         return self.patch_out(hidden[cols, rows].reshape(shape), batch.timesteps)

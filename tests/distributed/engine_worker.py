@@ -26,7 +26,8 @@ from tests.distributed.equivalence_worker import OVERRIDES, full_state, micro_ba
 
 STEPS = 3
 LAYOUTS = {"reference": [], "dp2": [], "dp2_zero0": ["parallel.zero_stage=0"],
-           "tp2": ["parallel.tensor_parallel=2"], "pp2": ["parallel.pipeline_parallel=2"]}  # fmt: skip
+           "tp2": ["parallel.tensor_parallel=2"], "pp2": ["parallel.pipeline_parallel=2"],
+           "tp2_sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]}  # fmt: skip
 # Adam's first steps are ~lr·sign(g): where |g| is near 0, float-level differences between
 # layouts flip signs. A larger ε keeps the update a smooth function of g, so equality
 # tests the engine (grad reduction, clipping, decay groups, lr) rather than rounding.
