@@ -153,14 +153,15 @@ def generate_main(argv=None) -> None:
                 bar.reset(total) if step == 1 else None  # a new image started
                 bar.update(1)
 
-            results = generator.generate(batch, force_image=args.mode == "image", progress=progress)
+            seeds = [args.seed + index for index in range(start, start + len(batch))]  # per prompt
+            results = generator.generate(batch, force_image=args.mode == "image", progress=progress, seeds=seeds)
             bar.close()
             if not rank0:
                 continue
             for k, result in enumerate(results):
                 index = start + k
                 text, images = render(result, tokenizer, out, f"sample_{index:04d}", vae)
-                records.append({"prompt": prompts[index], "output": text, "seed": args.seed})
+                records.append({"prompt": prompts[index], "output": text, "seed": seeds[k]})
                 all_images += images
         if rank0:
             with open(out / "samples.jsonl", "w") as f:
