@@ -18,7 +18,6 @@ import re
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
 from megatron_transfusion.batch import Document, ImageSegment, TextSegment

@@ -194,7 +194,7 @@ class Generator:
         starts = torch.tensor([self._length(rows[i]) for i in indices], device=self.device)  # BOI slot
         slots = starts[:, None] + 1 + torch.arange(n, device=self.device)
         if self._cache is None:
-            predict = self._uncached_denoiser(rows, indices, slots)
+            predict = self._uncached_denoiser(rows, indices)
         else:
             self._write_tokens(indices, [self.tokens.boi] * k, starts.tolist())
             predict = self._cached_denoiser(indices, slots)
@@ -249,7 +249,7 @@ class Generator:
 
         return predict
 
-    def _uncached_denoiser(self, rows: list[_Row], indices: list[int], slots: torch.Tensor):
+    def _uncached_denoiser(self, rows: list[_Row], indices: list[int]):
         """Whole sequences through the training forward; the unconditional branch is the
         image alone, flagged unconditional (what CFG dropout trained)."""
         k = len(indices)
