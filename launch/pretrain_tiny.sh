@@ -13,6 +13,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 
+MTF_CLUSTER=${MTF_CLUSTER:-cpu} # what a dry run's layout prediction assumes
 # shellcheck source=launch/slurm_common.sh
 source "${MTF_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}/launch/slurm_common.sh"
 mtf_pretrain tiny "$@"

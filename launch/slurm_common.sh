@@ -24,6 +24,8 @@ MTF_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # Any virtual or conda environment with this package installed.
 MTF_ENV=${MTF_ENV:-$MTF_ROOT/.venv}
 MTF_PYTHON=$MTF_ENV/bin/python
+# The hardware the layout planner predicts for in a dry run (mtf-plan --cluster).
+MTF_CLUSTER=${MTF_CLUSTER:-h100-80gb}
 # How long torchrun waits for its workers to finish the step and save after the stop signal;
 # keep it below the --signal lead time (Slurm delivers that signal up to ~60 s late).
 MTF_STOP_GRACE=${MTF_STOP_GRACE:-480}
@@ -140,7 +142,12 @@ mtf_pretrain() {
     mtf_log "env: TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG=$NCCL_DEBUG" \
         "CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS=$OMP_NUM_THREADS"
     mtf_log "command: ${launch[*]}"
-    if ((dry_run)); then return 0; fi
+    if ((dry_run)); then
+        # The layout planner's prediction for exactly this layout; it fails if it does not fit.
+        "$MTF_PYTHON" -m megatron_transfusion.plan --check --cluster "$MTF_CLUSTER" --gpus "$world" \
+            --config "$config" "${overrides[@]}" | sed 's/^/[mtf plan] /'
+        return 0
+    fi
     [[ -n ${SLURM_JOB_ID:-} ]] || mtf_die "not in a Slurm job: submit with sbatch, or add --dry-run"
     mtf_run_preemptible "${launch[@]}"
 }

@@ -47,7 +47,8 @@ class ModelConfig:
     unet_channels: list[int] = field(default_factory=lambda: [800, 1600])  # one per level
     unet_blocks_per_level: int = 2
     timestep_frequency_dim: int = 256
-    attention_backend: Literal["auto", "sdpa", "flex"] = "auto"  # auto: platform default
+    # auto: the platform's (flex on GPU, sdpa on CPU); flash: kernels.attention's run split
+    attention_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     flex_block_size: int = 128
 
     @property
@@ -366,6 +367,9 @@ def validate(config: ExperimentConfig) -> None:
         _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3 with deepspeed")
         _require(not config.checkpoint.async_save, "checkpoint.async_save",
                  "the deepspeed engine saves synchronously; set it to false")  # fmt: skip
+        _require(not p.sequence_parallel, "parallel.sequence_parallel",
+                 "needs parallel.engine=megatron (DeepSpeed does not sum the sequence-split norm "
+                 "gradients over TP ranks)")  # fmt: skip
         _require(p.pipeline_parallel == 1, "parallel.engine",
                  "deepspeed is only supported without pipeline parallelism (ZeRO-2/3 cannot be "
                  "combined with it); use parallel.engine=megatron for PP > 1")  # fmt: skip

@@ -56,8 +56,11 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
     assert f"ZeRO stage {p.zero_stage}, recompute {p.recompute}" in out
     assert "1024 sequences × 4096 tokens = 4194304 tokens per step" in out
     assert f"micro-batch {d.micro_batch_size} × {accumulation} gradient accumulation steps" in out
-    command = out.split("command: ", 1)[1].split()
+    command = out.split("command: ", 1)[1].split("\n")[0].split()
     assert command[:3] == ["srun", f"--ntasks={n}", "--kill-on-bad-exit=1"]
+    # The planner's prediction for this very layout closes the dry run.
+    assert f"[mtf plan] plan: transfusion-7B on {n * 8} × h100-80gb: TP={p.tensor_parallel}" in out
+    assert "[mtf plan] memory/GPU: " in out and "MFU" in out and "[mtf plan] ok: fits" in out
     for arg in (f"--nnodes={n}", "--nproc_per_node=8", "--rdzv_backend=c10d",
                 "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv_id=$SLURM_JOB_ID",
                 "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "megatron_transfusion.train",
@@ -66,7 +69,7 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.micro_batch_size=8", "1024 sequences per step do not split into 256 data-parallel ranks × micro-batches of 8"),
+    ("data.micro_batch_size=16", "1024 sequences per step do not split into 128 data-parallel ranks × micro-batches of 16"),
     ("parallel.tensor_parallel=3", "config field 'parallel.tensor_parallel'"),
 ])  # fmt: skip
 def test_dry_run_refuses_a_layout_that_does_not_fit(override, message):

@@ -1,8 +1,9 @@
 """Megatron-Core DDP + optimizer: every TP/PP/DP layout, ZeRO-1 via the distributed optimizer.
 
 Gradients accumulate in Megatron's contiguous buffers across micro-batches and are
-reduced (all-reduce, or reduce-scatter for the distributed optimizer) once per step by
-``finalize_model_grads``. Before updating, the global loss and gradient norm are checked:
+reduced (all-reduce, or reduce-scatter for the distributed optimizer) once per step,
+bucket by bucket while the last micro-batch's backward still runs; ``finalize_model_grads``
+waits for them. Before updating, the global loss and gradient norm are checked:
 non-finite on any rank means no rank updates (both values are already global, so every
 rank decides alike).
 """
@@ -38,7 +39,9 @@ class MegatronEngine(Engine):
         distributed_optimizer = cfg.parallel.zero_stage == 1
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
-            overlap_grad_reduce=False,
+            # Buckets start reducing during the last micro-batch's backward, as soon as their
+            # gradients are complete (exact over gloo too: see the engine tests).
+            overlap_grad_reduce=True,
             use_distributed_optimizer=distributed_optimizer,
         )
         config = model_chunks[0].config
@@ -51,6 +54,8 @@ class MegatronEngine(Engine):
         config.finalize_model_grads_func = finalize_model_grads
         no_sync = [chunk.no_sync for chunk in self.model_chunks]
         config.no_sync_func = no_sync if len(no_sync) > 1 else no_sync[0]
+        start_sync = [chunk.start_grad_sync for chunk in self.model_chunks]  # per virtual stage
+        config.grad_sync_func = start_sync if len(start_sync) > 1 else start_sync[0]
         exempt = no_decay_parameter_ids(model_chunks)
         no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
             name="no_decay", fn=lambda param, name: id(param) in exempt))  # fmt: skip
