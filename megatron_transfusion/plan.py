@@ -190,8 +190,9 @@ CLUSTERS = {
 # Fraction of the dense s×s attention FLOPs a kernel executes. Flex: a BlockMask skips
 # every block above the diagonal, so at most the causal half (packed documents and
 # images skip more: benchmarks/attention_sparsity.py measures 0.17 of dense; not counted,
-# as the data decides it). The dense SDPA mask computes every block.
-ATTENTION_COMPUTED = {"flex": 0.5, "sdpa": 1.0}
+# as the data decides it). Flash runs only each query's allowed interval: also at most the
+# causal half. The dense SDPA mask computes every block.
+ATTENTION_COMPUTED = {"flex": 0.5, "flash": 0.5, "sdpa": 1.0}
 FLEX_BLOCK = 128  # ModelConfig.flex_block_size default; the BlockMask tables are (s/128)²
 # DeepSpeed defaults (deepspeed.runtime.zero.config): reduce_bucket_size 5e8 elements,
 # stage3_max_live_parameters 1e9; this project does not override them.

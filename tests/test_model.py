@@ -133,13 +133,15 @@ def test_seed_makes_initialisation_reproducible(megatron_world):
         assert torch.equal(pa, pb), name
 
 
-def test_flex_backend_model_matches_sdpa_backend(model_and_cfg, megatron_world):
-    """Same weights, FlexAttention BlockMask (forward, CPU) vs dense-mask SDPA."""
+@pytest.mark.parametrize("backend", ["flex", "flash"])
+def test_flex_backend_model_matches_sdpa_backend(model_and_cfg, megatron_world, backend):
+    """Same weights, FlexAttention BlockMask (forward, CPU) or the flash run split (SDPA per
+    run on CPU) vs dense-mask SDPA."""
     from megatron_transfusion.model import build_model
 
     model, cfg = model_and_cfg
     flex_cfg = load_config("tiny", OVERRIDES + [f"model.patch_layer={cfg.model.patch_layer}",
-                           "model.unet_channels=[16]", "model.attention_backend=flex",
+                           "model.unet_channels=[16]", f"model.attention_backend={backend}",
                            "model.flex_block_size=16"])  # fmt: skip
     (flex_model,) = build_model(flex_cfg, megatron_world)
     flex_model.load_state_dict(model.state_dict())

