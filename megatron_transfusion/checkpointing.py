@@ -24,13 +24,6 @@ from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSys
 
 class _InProcessWriter(FileSystemWriterAsync):
     @staticmethod
-    def preload_tensors(write_buckets, non_blocking=True):
-        """Host copies of everything to write. Megatron's ``.to("cpu")`` is a no-op for CPU
-        tensors, which training would then overwrite under a background write."""
-        return [(file_name, key, (data, [(item, t.detach().to("cpu", copy=True)) for item, t in tensors]))
-                for file_name, key, (data, tensors) in write_buckets]  # fmt: skip
-
-    @staticmethod
     def write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets, global_results_queue):
         results, done = queue.Queue(), queue.Queue()  # the interfaces the bucket writer reports to
         outcome: dict | Exception = {}
@@ -47,6 +40,16 @@ class _InProcessWriter(FileSystemWriterAsync):
         global_results_queue.put(outcome)
 
 
+class _StagingWriter(_InProcessWriter):
+    """For background writes: host copies of everything to write. Megatron's ``.to("cpu")``
+    is a no-op for CPU tensors, which training would then overwrite under the write."""
+
+    @staticmethod
+    def preload_tensors(write_buckets, non_blocking=True):
+        return [(file_name, key, (data, [(item, t.detach().to("cpu", copy=True)) for item, t in tensors]))
+                for file_name, key, (data, tensors) in write_buckets]  # fmt: skip
+
+
 def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bool = False):
     """Every rank calls this with its own shards; the directory is created if needed.
 
@@ -57,7 +60,7 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bo
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     with (
-        mock.patch.object(torch_strategy, "FileSystemWriterAsync", _InProcessWriter),
+        mock.patch.object(torch_strategy, "FileSystemWriterAsync", _StagingWriter if background else _InProcessWriter),
         mock.patch.object(filesystem_async, "_get_write_results_queue", queue.Queue),
     ):
         request = dist_checkpointing.save(sharded_state_dict, str(directory), async_sharded_save=background)
