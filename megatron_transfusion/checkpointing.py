@@ -15,8 +15,11 @@ import threading
 from pathlib import Path
 from unittest import mock
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
@@ -108,6 +111,63 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path) -> dict:
 def model_sharded_state_dict(chunks) -> dict:
     """One entry per virtual-pipeline chunk; tensor keys are global, so layouts match."""
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def parameter_shards(model_state: dict, params) -> list[tuple[str, ShardedTensor | ShardedTensorFactory]]:
+    """(key in ``model_state``, its sharded entry) of every parameter in ``params``, in order.
+    Megatron's sharded state dicts hold the parameters themselves as data (keep_vars)."""
+    by_param = {id(shard.data): (key, shard) for key, shard in model_state.items()
+                if isinstance(shard, (ShardedTensor, ShardedTensorFactory))}  # fmt: skip
+    missing = [tuple(p.shape) for p in params if id(p) not in by_param]
+    if missing:
+        raise ValueError(f"parameters of shapes {missing[:3]} are missing from the model's sharded state dict")
+    return [by_param[id(p)] for p in params]
+
+
+# Optimizer state on disk, whichever optimizer holds it: Megatron's distributed optimizer's
+# "fully_reshardable" layout. Per model parameter, its fp32 master weight and Adam moments,
+# shaped and TP-sharded like the parameter, under optimizer.state.<kind>.<parameter key>;
+# the param groups (Adam's common step included) beside them. Megatron's distributed
+# optimizer reads and writes it itself; the plain Megatron optimizer and DeepSpeed ZeRO
+# go through the two functions below, so every engine resumes every other's checkpoints,
+# in any TP/PP/DP layout.
+OPTIMIZER_STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
+_MEGATRON_GROUP_IDENTITY = {"wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
+
+
+def optimizer_sharded_state(shards: list, states: list[dict[str, torch.Tensor]],
+                            param_groups: list[dict], step: int) -> dict:  # fmt: skip
+    """``states[i]``: "param", "exp_avg", "exp_avg_sq" of the parameter whose sharded entry
+    is ``shards[i]``, whole on this rank (empty tensors of its shape when loading)."""
+    groups = [{**_MEGATRON_GROUP_IDENTITY, **{k: v for k, v in g.items() if k != "params"}, "step": float(step)}
+              for g in param_groups]  # fmt: skip
+    return {
+        "optimizer": {"param_groups": groups},
+        "param_state_sharding_type": "fully_reshardable",
+        "param_state": {
+            i: {k: make_sharded_optimizer_tensor(shard, state[k], prefix=f"optimizer.state.{k}")
+                for k in OPTIMIZER_STATE_KEYS}  # fmt: skip
+            for i, (shard, state) in enumerate(zip(shards, states, strict=True))
+        },
+    }
+
+
+def empty_optimizer_states(shapes: list[tuple[int, ...]]) -> list[dict[str, torch.Tensor]]:
+    """What ``optimizer_sharded_state`` asks a load to fill, per parameter shape."""
+    return [{k: torch.empty(shape, dtype=torch.float32) for k in OPTIMIZER_STATE_KEYS} for shape in shapes]
+
+
+def loaded_optimizer_state(loaded: dict) -> tuple[list[dict[str, torch.Tensor]], int]:
+    """The per-parameter tensors (in the order they were requested) and Adam's step."""
+    if loaded.get("param_state_sharding_type") != "fully_reshardable":
+        raise ValueError("the checkpoint's optimizer state is not in the fully_reshardable layout "
+                         f"(found {loaded.get('param_state_sharding_type')!r}); it was written by an "
+                         "older version of this project")  # fmt: skip
+    steps = {g["step"] for g in loaded["optimizer"]["param_groups"]}
+    if len(steps) != 1:
+        raise ValueError(f"the checkpoint's optimizer param groups disagree on Adam's step: {sorted(steps)}")
+    param_state = loaded["param_state"]
+    return [param_state[i] for i in range(len(param_state))], int(steps.pop())
 
 
 def load_model(chunks, directory: str | Path) -> None:

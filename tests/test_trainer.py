@@ -148,13 +148,15 @@ def test_async_checkpoints_leave_training_alone_and_resume_bitwise(data_root, un
     assert sorted(resumed) == [7, 8] and all(resumed[s] == uninterrupted[s] for s in (7, 8))
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2"])
+@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
+                                    "parallel.engine=deepspeed parallel.zero_stage=3"])  # fmt: skip
 def test_resume_on_another_layout_continues(data_root, uninterrupted, uninterrupted_run, tmp_path, layout):
-    """Saved at DP=2 (distributed optimizer), resumed at TP=2 or PP=2: weights and optimizer
-    state reshard. The data rows are the same; only the diffusion noise stream (per DP
-    rank) differs, so the LM loss continues within a tight tolerance."""
+    """Saved at DP=2 (distributed optimizer), resumed at TP=2 or PP=2 (plain optimizer) or
+    by DeepSpeed ZeRO-3: weights and optimizer state reshard. The data rows are the same;
+    only the diffusion noise stream (per DP rank) differs, so the LM loss continues within
+    a tight tolerance."""
     step6 = uninterrupted_run / "tiny" / "checkpoints" / "step_00000006"
-    run(2, overrides(data_root, tmp_path, 8, layout) + ["--resume", str(step6)])
+    run(2, overrides(data_root, tmp_path, 8, *layout.split()) + ["--resume", str(step6)])
     resumed = losses(tmp_path)
     for step in (7, 8):
         assert resumed[step][1] == pytest.approx(uninterrupted[step][1], rel=0.02), step
@@ -184,3 +186,8 @@ def test_trainer_with_deepspeed_zero2_trains_and_resumes(data_root, tmp_path):
                               "parallel.zero_stage=2") + ["--resume", "auto"])  # fmt: skip
     assert "resumed from" in output and "at step 4" in output
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+    # Its checkpoints are the project's layout: the model exports like any other run's.
+    step6, out = tmp_path / "tiny" / "checkpoints" / "step_00000006", tmp_path / "model.safetensors"
+    result = subprocess.run([sys.executable, "-m", "checkpoints.tools", "export", str(step6), "--out", str(out)],
+                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0 and out.exists(), result.stderr[-3000:]

@@ -74,10 +74,6 @@ def load_model(path: str | Path, tensor_parallel: int = 1) -> LoadedModel:
         cfg = config_from_tree(yaml.safe_load(metadata["config"]), _inference_overrides(1))
         step = int(metadata.get("step", -1))
     else:
-        trained = load_config(str(run_config_path(checkpoint)))
-        if trained.parallel.engine == "deepspeed":
-            raise ValueError(f"'{checkpoint}' was written by the DeepSpeed engine, whose model states "
-                             "are not Megatron dist-checkpoints; generation loads engine=megatron runs")
         cfg = load_config(str(run_config_path(checkpoint)), _inference_overrides(tensor_parallel))
         step = json.loads((checkpoint / "trainer.json").read_text())["step"]
     plat = platform.activate()

@@ -2,7 +2,7 @@
 
     checkpoints/
       step_00000100/          a complete checkpoint
-        engine/               model + optimizer (dist-checkpointing or DeepSpeed format)
+        engine/               model + optimizer (dist-checkpointing, one layout for every engine)
         rng/rank_00000.safetensors   each rank's random generators
         trainer.json          step, counters, data-loader state (identical on every rank)
       latest                  the name of the newest complete checkpoint

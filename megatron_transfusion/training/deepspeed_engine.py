@@ -9,27 +9,46 @@ reduction, gradient clipping and the (partitioned) optimizer. Two things make th
   into each other and counts replicated gradients twice in the norm: silently wrong updates.
 - Pipeline parallelism is refused: DeepSpeed cannot combine ZeRO-2/3 with it and with
   Megatron's schedules it is silently wrong by default; use the Megatron engine for PP > 1.
+
+Checkpoints are not DeepSpeed's own files (which load only into the same TP and DP sizes)
+but the project's dist-checkpoint layout, through DeepSpeed's per-parameter accessors: they
+reshard to any layout and resume under either engine.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 from megatron.core import parallel_state
 
 from megatron_transfusion import platform
+from megatron_transfusion.checkpointing import (
+    empty_optimizer_states,
+    load_sharded,
+    loaded_optimizer_state,
+    model_sharded_state_dict,
+    optimizer_sharded_state,
+    parameter_shards,
+    save_sharded,
+)
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.loss import transfusion_loss
 from megatron_transfusion.training.engine import Engine, StepResult
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
 from megatron_transfusion.training.step import MicroBatch
 
-CHECKPOINT_TAG = "ds"
+LOAD_GROUP_BYTES = 2**30  # fp32 state + weights read at once per rank when loading
 
 
 class MegatronMPU:
@@ -63,24 +82,6 @@ class MegatronMPU:
     @staticmethod
     def get_model_parallel_rank() -> int:
         return dist.get_rank(group=parallel_state.get_model_parallel_group())
-
-
-def _safe_checkpoint_globals() -> list:
-    """The non-tensor objects DeepSpeed pickles into its ZeRO checkpoints."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [LossScaler, ZeroStageEnum, fragment_address]
-
-
-class _WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
-    """DeepSpeed's torch checkpoint engine loads with ``weights_only=False`` (arbitrary
-    unpickling); this one allows tensors, containers and DeepSpeed's few own types only."""
-
-    def load(self, path: str, map_location=None):
-        with torch.serialization.safe_globals(_safe_checkpoint_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def micro_batches_per_step(cfg: ExperimentConfig, dp_size: int) -> int:
@@ -125,8 +126,7 @@ class DeepSpeedEngine(Engine):
     """One model replica per data-parallel rank, TP-split by Megatron, ZeRO-sharded by DeepSpeed.
 
     Under ZeRO-3 each rank's ``model_chunks`` hold only partitions of the weights: read
-    them inside ``deepspeed.zero.GatheredParameters``. Checkpoints load into the same TP
-    and DP sizes only (other layouts need DeepSpeed's universal-checkpoint conversion).
+    them inside ``deepspeed.zero.GatheredParameters``.
     """
 
     def __init__(
@@ -153,6 +153,12 @@ class DeepSpeedEngine(Engine):
         config = deepspeed_config(
             cfg, platform.current().dtype, zero_stage, offload_optimizer, dp_size
         )
+        # Checkpoint keys and shapes, taken while every weight is whole (ZeRO-3 partitions
+        # them in initialize).
+        self._model_state = model_sharded_state_dict(model_chunks)["chunk0"]
+        self._params = list(model.parameters())
+        self._shapes = [tuple(p.shape) for p in self._params]
+        self._shards = parameter_shards(self._model_state, self._params)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=build_adamw(model_chunks, cfg.optimizer),  # the project's decay groups
@@ -160,7 +166,6 @@ class DeepSpeedEngine(Engine):
             mpu=MegatronMPU(),
             dist_init_required=False,
         )
-        self.engine.checkpoint_engine = _WeightsOnlyCheckpointEngine(self.engine._config)
 
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
         if len(micro_batches) != self.num_micro_batches:
@@ -230,17 +235,100 @@ class DeepSpeedEngine(Engine):
             skipped=not applied,
         )
 
+    def _ensure_optimizer_state(self) -> None:
+        """torch AdamW creates its state at the first update: create what a fresh AdamW
+        starts from, so a run can save (or load) before one. Then (re)link each parameter
+        to its fragments of that state: ZeRO-1/2 link once, after the first param group's
+        update, which leaves the second group's parameters linked to nothing (0.19.8)."""
+        zero = self.engine.optimizer
+        inner = zero.optimizer
+        # ZeRO-3 hands its flat fp32 partitions to the torch optimizer only during a step.
+        flats = [p for group in inner.param_groups for p in group["params"]]
+        flats += getattr(zero, "fp32_partitioned_groups_flat", [])
+        for flat in flats:
+            if not inner.state[flat]:
+                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
+                                     "exp_avg_sq": torch.zeros_like(flat)}  # fmt: skip
+        if hasattr(zero, "_hp_optimizer_states_linked"):  # ZeRO-1/2; ZeRO-3 reads the state directly
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _load_groups(self) -> list[list[int]]:
+        groups, size = [[]], 0
+        for index, shape in enumerate(self._shapes):
+            nbytes = math.prod(shape) * 16  # fp32 master and moments, weight
+            if groups[-1] and size + nbytes > LOAD_GROUP_BYTES:
+                groups.append([])
+                size = 0
+            groups[-1].append(index)
+            size += nbytes
+        return groups
+
+    def _adam_step(self) -> int:
+        (step,) = {int(s["step"]) for s in self.engine.optimizer.optimizer.state.values()}
+        return step
+
+    def _writer_replica_id(self, index: int) -> tuple:
+        """Parameter ``index``'s replica id with its main replica on DP rank ``index % DP``:
+        the writes are spread over the data-parallel ranks, and only the writer keeps a copy."""
+        key, shard = self._shards[index]
+        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        *others, last = shard.replica_id
+        if last != dp_rank:
+            raise RuntimeError(f"'{key}': replica id {shard.replica_id} does not end in the DP rank {dp_rank}")
+        return (*others, (dp_rank - index) % dp)
+
+    def _save_state(self) -> dict:
+        """The model (low-precision weights = the masters rounded, as DeepSpeed keeps them)
+        and the optimizer. Each tensor is gathered whole (per TP rank) from the ZeRO
+        partitions, one at a time; its writer keeps it on the host, the others a placeholder
+        of its shape that is never written."""
+        self._ensure_optimizer_state()
+        model, shards, states = dict(self._model_state), [], []
+        for index, param in enumerate(self._params):
+            full = {"param": safe_get_full_fp32_param(param),  # collectives: every rank takes part
+                    "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
+                    "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq")}  # fmt: skip
+            replica_id = self._writer_replica_id(index)
+            if replica_id[-1] == 0:
+                state = {k: v.cpu() for k, v in full.items()}
+                weight = state["param"].to(param.dtype)
+            else:
+                state = {k: torch.empty((), dtype=v.dtype).expand(v.shape) for k, v in full.items()}
+                weight = torch.empty((), dtype=param.dtype).expand(full["param"].shape)
+            key, shard = self._shards[index]
+            model[key] = dataclasses.replace(shard, data=weight, replica_id=replica_id)
+            shards.append(model[key])
+            states.append(state)
+        optimizer = optimizer_sharded_state(shards, states, self.engine.optimizer.optimizer.param_groups,
+                                            self._adam_step())  # fmt: skip
+        return {"model": {"chunk0": model}, "optimizer": optimizer}
+
     def save(self, directory: Path, background: bool = False) -> None:
         if background:  # config validation refuses checkpoint.async_save with deepspeed
             raise ValueError("the DeepSpeed engine saves synchronously (checkpoint.async_save=false)")
-        self.engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, save_latest=False)
+        save_sharded(self._save_state(), directory)
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(
-            str(directory),
-            tag=CHECKPOINT_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=False,
-        )
-        if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint '{CHECKPOINT_TAG}' under {directory}")
+        """Parameters are read in groups of about LOAD_GROUP_BYTES: every rank reads each
+        tensor whole (per TP rank) and keeps its ZeRO partition."""
+        self._ensure_optimizer_state()
+        for indices in self._load_groups():
+            model = {}
+            for i in indices:
+                key, shard = self._shards[i]
+                model[key] = dataclasses.replace(shard, data=torch.empty(self._shapes[i], dtype=self._params[i].dtype))
+            states = empty_optimizer_states([self._shapes[i] for i in indices])
+            request = {"model": {"chunk0": model},
+                       "optimizer": optimizer_sharded_state(list(model.values()), states, [], 0)}
+            loaded = load_sharded(request, directory)
+            states, step = loaded_optimizer_state(loaded["optimizer"])
+            for i, state in zip(indices, states, strict=True):
+                param = self._params[i]
+                safe_set_full_fp32_param(param, state["param"])
+                for name in ("exp_avg", "exp_avg_sq"):
+                    safe_set_full_optimizer_state(param, state[name], name)
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # whole under ZeRO-3
+                    param.data.copy_(loaded["model"]["chunk0"][self._shards[i][0]])
+        for state in self.engine.optimizer.optimizer.state.values():
+            state["step"] = torch.tensor(float(step))

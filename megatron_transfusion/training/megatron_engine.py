@@ -1,5 +1,10 @@
 """Megatron-Core DDP + optimizer: every TP/PP/DP layout, ZeRO-1 via the distributed optimizer.
 
+The distributed optimizer runs only where there is something to shard (data-parallel size
+> 1): on one replica it would copy whole buffers each step for nothing, so the plain
+optimizer does the same update there. Both write the same checkpoint layout
+(``checkpointing.optimizer_sharded_state``), so a run moves freely between them.
+
 Gradients accumulate in Megatron's contiguous buffers across micro-batches and are
 reduced (all-reduce, or reduce-scatter for the distributed optimizer) once per step,
 bucket by bucket while the last micro-batch's backward still runs; ``finalize_model_grads``
@@ -20,10 +25,19 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
-from megatron_transfusion.checkpointing import load_sharded, model_sharded_state_dict, save_sharded
+from megatron_transfusion.checkpointing import (
+    empty_optimizer_states,
+    load_sharded,
+    loaded_optimizer_state,
+    model_sharded_state_dict,
+    optimizer_sharded_state,
+    parameter_shards,
+    save_sharded,
+)
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.platform import Platform
 from megatron_transfusion.training.engine import Engine, StepResult
@@ -36,7 +50,9 @@ LOSS_KEYS = ("loss", "lm_loss", "diffusion_loss")
 class MegatronEngine(Engine):
     def __init__(self, cfg: ExperimentConfig, plat: Platform, model_chunks: list[torch.nn.Module]):
         self.cfg = cfg
-        distributed_optimizer = cfg.parallel.zero_stage == 1
+        self.distributed_optimizer = distributed_optimizer = (
+            cfg.parallel.zero_stage == 1 and parallel_state.get_data_parallel_world_size() > 1
+        )
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True,
             # Buckets start reducing during the last micro-batch's backward, as soon as their
@@ -106,27 +122,16 @@ class MegatronEngine(Engine):
                                        forward_only=True)  # fmt: skip
         return dict(zip(LOSS_KEYS, self._global_losses(reports).tolist()))
 
-    def _ensure_optimizer_state(self) -> None:
-        """The distributed optimizer's state_dict() needs torch AdamW's per-parameter state,
-        which only exists after a first update (and a run may save before one, e.g. when
-        every step so far was skipped): create the state a fresh AdamW would start from."""
-        for opt in self._distributed_optimizers():
-            for group in opt.optimizer.param_groups:
-                for param in group["params"]:
-                    if param not in opt.optimizer.state:
-                        opt.optimizer.state[param] = {
-                            "step": torch.tensor(0.0),
-                            "exp_avg": torch.zeros_like(param),
-                            "exp_avg_sq": torch.zeros_like(param),
-                        }
-
     def _sharded_state(self, is_loading: bool) -> dict:
-        self._ensure_optimizer_state()
         model_state = model_sharded_state_dict([c.module for c in self.model_chunks])
         merged = {k: v for state in model_state.values() for k, v in state.items()}
-        optimizer_state = self.optimizer.sharded_state_dict(
-            merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
-        )
+        self._ensure_optimizer_state()
+        if self.distributed_optimizer:
+            optimizer_state = self.optimizer.sharded_state_dict(
+                merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+            )
+        else:
+            optimizer_state = self._plain_sharded_state(merged, is_loading)
         return {"model": model_state, "optimizer": optimizer_state}
 
     def save(self, directory: Path, background: bool = False):
@@ -136,7 +141,60 @@ class MegatronEngine(Engine):
         state = load_sharded(self._sharded_state(is_loading=True), directory)
         for i, chunk in enumerate(self.model_chunks):
             chunk.module.load_state_dict(state["model"][f"chunk{i}"])
-        self._load_optimizer(state["optimizer"])
+        if self.distributed_optimizer:
+            self._load_optimizer(state["optimizer"])
+        else:
+            self._load_plain_optimizer(state["optimizer"])
+
+    # The plain optimizer: torch AdamW over fp32 main parameters (the model's own in fp32).
+
+    def _plain_parameters(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter, torch.optim.Optimizer]]:
+        """(model parameter, its fp32 main parameter, the torch optimizer updating it)."""
+        out = []
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            if isinstance(opt, Float16OptimizerWithFloat16Params):
+                pairs = [pair for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups)
+                         for pair in zip(models, mains)]  # fmt: skip
+                pairs += [(p, p) for group in opt.fp32_from_fp32_groups for p in group]
+            else:
+                pairs = [(p, p) for group in opt.optimizer.param_groups for p in group["params"]]
+            out += [(model, main, opt.optimizer) for model, main in pairs]
+        return out
+
+    def _plain_sharded_state(self, model_state: dict, is_loading: bool) -> dict:
+        entries = self._plain_parameters()
+        shards = [shard for _, shard in parameter_shards(model_state, [model for model, _, _ in entries])]
+        if is_loading:
+            states = empty_optimizer_states([tuple(model.shape) for model, _, _ in entries])
+            return optimizer_sharded_state(shards, states, self.optimizer.param_groups, 0)
+        states = [{"param": main.detach(), "exp_avg": adam.state[main]["exp_avg"],
+                   "exp_avg_sq": adam.state[main]["exp_avg_sq"]} for _, main, adam in entries]  # fmt: skip
+        (step,) = {int(adam.state[main]["step"]) for _, main, adam in entries}
+        return optimizer_sharded_state(shards, states, self.optimizer.param_groups, step)
+
+    def _load_plain_optimizer(self, optimizer_state: dict) -> None:
+        states, step = loaded_optimizer_state(optimizer_state)
+        for (_, main, adam), state in zip(self._plain_parameters(), states, strict=True):
+            with torch.no_grad():
+                main.copy_(state["param"])
+            adam.state[main] = {"step": torch.tensor(float(step)), "exp_avg": state["exp_avg"].to(main),
+                                "exp_avg_sq": state["exp_avg_sq"].to(main)}  # fmt: skip
+
+    def _ensure_optimizer_state(self) -> None:
+        """Checkpoints need torch AdamW's per-parameter state, which only exists after a
+        first update (and a run may save before one, e.g. when every step so far was
+        skipped): create the state a fresh AdamW would start from."""
+        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+            for group in opt.optimizer.param_groups:
+                for param in group["params"]:
+                    if param not in opt.optimizer.state:
+                        opt.optimizer.state[param] = {
+                            "step": torch.tensor(0.0),
+                            "exp_avg": torch.zeros_like(param),
+                            "exp_avg_sq": torch.zeros_like(param),
+                        }
+
+    # The distributed optimizer.
 
     def _distributed_optimizers(self) -> list[DistributedOptimizer]:
         chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])

@@ -43,9 +43,10 @@ def param_groups(model_chunks: list[torch.nn.Module], weight_decay: float) -> li
     for chunk in model_chunks:
         for p in chunk.parameters():
             (no_decay if id(p) in exempt else decay).append(p)
+    # wd_mult names the groups as Megatron's optimizer does: checkpoints match groups by it.
     return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
+        {"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
+        {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0},
     ]
 
 

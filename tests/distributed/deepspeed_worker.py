@@ -9,11 +9,15 @@ through dist-checkpointing, which the test reads back at TP=1):
   gradients) and step 2 a NaN added to its first loss (gradients stay finite, so only the
   engine's loss check can skip it). Records whether those steps left the weights and the
   optimizer state untouched.
-- ``checkpoint``: 2 steps, save, 2 steps; then a differently seeded model in a fresh engine
-  loads the save and runs the last 2 steps again.
+- ``checkpoint``: 2 steps, save to ``<name>_ckpt``, 2 steps; then a differently seeded
+  model in a fresh engine loads the save and runs the last 2 steps again.
+- ``resume``: in the layout and engine given (``--engine megatron`` for PP > 1), a
+  differently seeded model loads ``--load``, saves it again at once to ``<name>_resaved``,
+  then runs steps 2 and 3.
 
-The data of step ``s`` is the global micro-batches ``0 .. dp·MICRO_BATCHES-1``, each drawn
-from its own seed; DP rank ``d`` trains the d-th contiguous block of them.
+The data of step ``s`` is the global micro-batches ``0 .. 2·MICRO_BATCHES-1`` (``0 ..
+MICRO_BATCHES-1`` at ``--tp 2``), each drawn from its own seed; DP rank ``d`` trains the
+d-th contiguous block of them.
 """
 
 import argparse
@@ -40,6 +44,7 @@ from megatron_transfusion.parallel import destroy_distributed, init_distributed,
 from megatron_transfusion.synthetic import random_batch
 from megatron_transfusion.training import deepspeed_engine
 from megatron_transfusion.training.schedule import lr_at
+from megatron_transfusion.training.megatron_engine import MegatronEngine
 from megatron_transfusion.training.step import MicroBatch
 from tests.distributed.equivalence_worker import OVERRIDES
 
@@ -50,11 +55,12 @@ POISONED = {1: "latent", 2: "loss"}
 SEED = 1234
 
 
-def config(tp: int = 1, dp: int = 1):
+def config(tp: int = 1, dp: int = 1, pp: int = 1):
+    """``dp``: the data-parallel size whose MICRO_BATCHES per rank make the global batch."""
     tokens = 96 * 2 * MICRO_BATCHES * dp  # seq_length × micro_batch_size × micro-batches × DP
     return load_config("tiny", OVERRIDES + [
-        f"parallel.tensor_parallel={tp}", f"data.global_batch_tokens={tokens}",
-        "optimizer.warmup_steps=2", "run.train_steps=4",
+        f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
+        f"data.global_batch_tokens={tokens}", "optimizer.warmup_steps=2", "run.train_steps=4",
     ])  # fmt: skip
 
 
@@ -74,8 +80,9 @@ def micro_batches(cfg, step: int, first: int, count: int) -> list[MicroBatch]:
 
 
 def my_micro_batches(cfg, step: int, poison_latents: bool) -> list[MicroBatch]:
-    dp_rank = parallel_state.get_data_parallel_rank()
-    batches = micro_batches(cfg, step, dp_rank * MICRO_BATCHES, MICRO_BATCHES)
+    d = cfg.data
+    per_rank = d.global_batch_tokens // (d.seq_length * d.micro_batch_size) // parallel_state.get_data_parallel_world_size()
+    batches = micro_batches(cfg, step, parallel_state.get_data_parallel_rank() * per_rank, per_rank)
     if poison_latents:
         batch = batches[0].batch
         batches[0] = MicroBatch(batch.replace(latents=torch.full_like(batch.latents, torch.nan)),
@@ -122,31 +129,39 @@ def train(cfg, engine, steps, poisoned: dict | None = None) -> dict:
     on_rank = poisoned if parallel_state.get_data_parallel_rank() == 1 else None
     for step in steps:
         poison = on_rank.get(step) if on_rank else None
-        before = snapshot(engine)
+        before = snapshot(engine) if poisoned else None
         with nan_first_loss() if poison == "loss" else contextlib.nullcontext():
             batches = my_micro_batches(cfg, step, poison_latents=poison == "latent")
             results.append(engine.train_step(batches, lr(cfg, step)))
-        kept_state.append(same(before, snapshot(engine)))
+        if poisoned:
+            kept_state.append(same(before, snapshot(engine)))
     return {"ranks": gather_results(results), "kept_state": kept_state}
 
 
 def new_engine(cfg, plat, args, seed: int = SEED):
     seed_everything(seed)
+    if args.engine == "megatron":
+        return MegatronEngine(cfg, plat, build_model(cfg, plat))
     return deepspeed_engine.DeepSpeedEngine(cfg, build_model(cfg, plat), args.zero, args.offload)
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scenario", choices=["train", "nan", "checkpoint"], required=True)
+    parser.add_argument("--scenario", choices=["train", "nan", "checkpoint", "resume"], required=True)
+    parser.add_argument("--engine", choices=["deepspeed", "megatron"], default="deepspeed")
     parser.add_argument("--zero", type=int, required=True)
     parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--load", type=Path, help="resume: the checkpoint to load")
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--no-mpu", action="store_true")
     parser.add_argument("--name", required=True)
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
     plat = platform.activate()
-    cfg = config(args.tp, dp=int(os.environ["WORLD_SIZE"]) // args.tp)
+    # The global batch of the train scenario at DP=2 in every resume layout.
+    dp = 2 if args.scenario == "resume" else int(os.environ["WORLD_SIZE"]) // args.tp
+    cfg = config(args.tp, dp, args.pp)
     init_distributed(cfg.parallel, plat)
     # The negative control: DeepSpeed without Megatron's groups.
     without_mpu = mock.patch.object(deepspeed_engine, "MegatronMPU", lambda: None)
@@ -155,13 +170,16 @@ def main():
 
     if args.scenario == "checkpoint":
         train(cfg, engine, [0, 1])
-        engine.save(args.workdir / f"{args.name}_ds")
+        engine.save(args.workdir / f"{args.name}_ckpt")
         out = train(cfg, engine, [2, 3])
         resumed = new_engine(cfg, plat, args, seed=SEED + 1)
-        resumed.load(args.workdir / f"{args.name}_ds")
-        out["loaded_global_steps"] = resumed.engine.global_steps
+        resumed.load(args.workdir / f"{args.name}_ckpt")
         out["resumed"] = train(cfg, resumed, [2, 3])["ranks"]
         out["same_weights"] = same(snapshot(engine), snapshot(resumed))
+    elif args.scenario == "resume":
+        engine.load(args.load)
+        engine.save(args.workdir / f"{args.name}_resaved")
+        out = train(cfg, engine, [2, 3])
     elif args.scenario == "nan":
         out = train(cfg, engine, range(NAN_STEPS), POISONED)
     else:
