@@ -6,10 +6,10 @@
 #   bash launch/pretrain_7b.sh --dry-run      # print the layout and the srun/torchrun command
 # Arguments are config overrides. The layout is the preset's (its parallel and micro-batch
 # settings, chosen for H100 80 GB by the layout planner); data parallelism takes the rest.
-# Budget it must meet: bf16 weights + fp32 gradients are 6 B per parameter (42 GB for 7.0B,
-# divided by TP×PP = 2), fp32 Adam state 12 B per parameter divided by DP (ZeRO-1, Megatron's
-# distributed optimizer), plus the activations of the in-flight micro-batches of 4096 tokens
-# (sequence parallel: a TP slice each); the dry run ends with the planner's prediction.
+# Budget it must meet: DeepSpeed ZeRO-3 divides the bf16 weights, fp32 gradients and fp32
+# Adam state (18 B per parameter, 126 GB for 7.0B) by DP and gathers a few layers' weights at
+# a time; the rest is the activations of 2 micro-sequences of 4096 tokens (~53 GiB);
+# the dry run ends with the planner's prediction.
 # Preemption and time limits: see launch/slurm_common.sh; the job requeues itself and resumes.
 #SBATCH --job-name=mtf-7b
 #SBATCH --nodes=32

@@ -69,7 +69,7 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.micro_batch_size=16", "1024 sequences per step do not split into 128 data-parallel ranks × micro-batches of 16"),
+    ("data.micro_batch_size=16", "1024 sequences per step do not split into 256 data-parallel ranks × micro-batches of 16"),
     ("parallel.tensor_parallel=3", "config field 'parallel.tensor_parallel'"),
 ])  # fmt: skip
 def test_dry_run_refuses_a_layout_that_does_not_fit(override, message):
