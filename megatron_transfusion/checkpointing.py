@@ -103,9 +103,10 @@ class BackgroundWrite:
             finalize()
 
 
-def load_sharded(sharded_state_dict: dict, directory: str | Path) -> dict:
-    """Fill this rank's shards from a checkpoint saved in any layout."""
-    return dist_checkpointing.load(sharded_state_dict, str(directory))
+def load_sharded(sharded_state_dict: dict, directory: str | Path, part: bool = False) -> dict:
+    """Fill this rank's shards from a checkpoint saved in any layout. ``part``: the request
+    covers some tensors' shards only (e.g. some layers of a stacked tensor), by design."""
+    return dist_checkpointing.load(sharded_state_dict, str(directory), validate_access_integrity=not part)
 
 
 def model_sharded_state_dict(chunks) -> dict:

@@ -321,7 +321,7 @@ class DeepSpeedEngine(Engine):
             states = empty_optimizer_states([self._shapes[i] for i in indices])
             request = {"model": {"chunk0": model},
                        "optimizer": optimizer_sharded_state(list(model.values()), states, [], 0)}
-            loaded = load_sharded(request, directory)
+            loaded = load_sharded(request, directory, part=True)
             states, step = loaded_optimizer_state(loaded["optimizer"])
             for i, state in zip(indices, states, strict=True):
                 param = self._params[i]
