@@ -130,6 +130,17 @@ def zero2_checkpoint(tmp_path_factory):
     return workdir / "run_ckpt", results
 
 
+@pytest.fixture(scope="module")
+def zero3_bf16_checkpoint(tmp_path_factory):
+    """The same with ZeRO-3 and bf16 weights (fp32 masters), the 7B preset's engine."""
+    workdir = tmp_path_factory.mktemp("zero3-bf16")
+    run_torchrun(WORKER, 2, "--scenario", "checkpoint", "--zero", "3", "--bf16", "--name", "run",
+                 "--workdir", str(workdir))  # fmt: skip
+    out = json.loads((workdir / "run.json").read_text())
+    assert out["same_weights"] and out["resumed"] == out["ranks"]  # a bitwise resume in bf16 too
+    return workdir / "run_ckpt", out["ranks"][0]
+
+
 def all_tensors(directory) -> dict[str, torch.Tensor]:
     """Every tensor of a dist-checkpoint, whole, by key (torch's own DCP reader)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -138,17 +149,10 @@ def all_tensors(directory) -> dict[str, torch.Tensor]:
     return torch.load(directory.parent / f"{directory.name}.pt", weights_only=True)
 
 
-@pytest.mark.parametrize("layout", [
-    ["--zero", "3"],                                   # ZeRO-3, DP=2
-    ["--zero", "1", "--tp", "2"],                      # TP=2, DP=1
-    ["--engine", "megatron", "--zero", "1"],           # Megatron's distributed optimizer, DP=2
-    ["--engine", "megatron", "--zero", "1", "--pp", "2"],  # Megatron, PP=2 (1F1B), plain optimizer
-], ids=["zero3", "tp2", "megatron-dp2", "megatron-pp2"])  # fmt: skip
-def test_checkpoint_reshards_to_other_layouts_and_engines(tmp_path, zero2_checkpoint, layout):
-    """A ZeRO-2 DP=2 checkpoint loads elsewhere: saved again at once, every tensor (weights,
-    fp32 masters, Adam moments) and Adam's step are bitwise the same; training on gives the
-    uninterrupted run's losses (to the 1e-5 that every layout keeps to plain AdamW)."""
-    checkpoint, uninterrupted = zero2_checkpoint
+def assert_resumes_the_same_run(tmp_path, checkpoint, uninterrupted, layout, rel):
+    """Load ``checkpoint`` in ``layout``, save it again at once: every tensor (weights, fp32
+    masters, Adam moments) and Adam's step are bitwise the same; training on gives the
+    uninterrupted run's losses within ``rel``."""
     run_torchrun(WORKER, 2, "--scenario", "resume", *layout, "--load", str(checkpoint), "--name", "run",
                  "--workdir", str(tmp_path))  # fmt: skip
     out = json.loads((tmp_path / "run.json").read_text())
@@ -165,18 +169,27 @@ def test_checkpoint_reshards_to_other_layouts_and_engines(tmp_path, zero2_checkp
     for mine, ref in zip(first, uninterrupted, strict=True):
         assert not mine["skipped"]
         for key in ("loss", "lm_loss", "diffusion_loss"):
-            assert mine["losses"][key] == pytest.approx(ref["losses"][key], abs=1e-5), key
-        assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
+            assert mine["losses"][key] == pytest.approx(ref["losses"][key], rel=rel), key
+        assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=rel)
 
 
-@pytest.mark.parametrize("zero", [1, 3])
-def test_pipeline_parallel_is_refused(zero):
-    cfg = load_config("tiny", ["parallel.pipeline_parallel=2"])
-    with pytest.raises(ValueError, match="use the megatron engine for PP > 1"):
-        DeepSpeedEngine(cfg, [torch.nn.Linear(2, 2)], zero)
+@pytest.mark.parametrize("layout", [
+    ["--zero", "3"],                                   # ZeRO-3, DP=2
+    ["--zero", "1", "--tp", "2"],                      # TP=2, DP=1
+    ["--engine", "megatron", "--zero", "1"],           # Megatron's distributed optimizer, DP=2
+    ["--engine", "megatron", "--zero", "1", "--pp", "2"],  # Megatron, PP=2 (1F1B), plain optimizer
+], ids=["zero3", "tp2", "megatron-dp2", "megatron-pp2"])  # fmt: skip
+def test_checkpoint_reshards_to_other_layouts_and_engines(tmp_path, zero2_checkpoint, layout):
+    """A ZeRO-2 DP=2 checkpoint elsewhere; losses within 1e-6 (every layout keeps to plain
+    AdamW within 1e-5)."""
+    assert_resumes_the_same_run(tmp_path, *zero2_checkpoint, layout, rel=1e-6)
 
 
-@pytest.mark.parametrize("zero", [0, 4])
-def test_unknown_zero_stage_is_refused(zero):
-    with pytest.raises(ValueError, match="ZeRO stage must be 1, 2 or 3"):
-        DeepSpeedEngine(load_config("tiny"), [torch.nn.Linear(2, 2)], zero)
+@pytest.mark.parametrize("layout", [
+    ["--engine", "megatron", "--zero", "1"],           # distributed optimizer, bf16 weights
+    ["--engine", "megatron", "--zero", "1", "--pp", "2"],  # Megatron's Float16 optimizer
+], ids=["megatron-dp2", "megatron-pp2"])  # fmt: skip
+def test_bf16_checkpoint_moves_between_engines(tmp_path, zero3_bf16_checkpoint, layout):
+    """bf16 weights, fp32 masters (the GPU dtype, run here on CPU): DeepSpeed ZeRO-3 to the
+    Megatron engine. Losses within bf16's reach (measured 2.5e-5 apart at the second step)."""
+    assert_resumes_the_same_run(tmp_path, *zero3_bf16_checkpoint, [*layout, "--bf16"], rel=1e-3)

@@ -153,11 +153,15 @@ def main():
     parser.add_argument("--tp", type=int, default=1)
     parser.add_argument("--pp", type=int, default=1)
     parser.add_argument("--load", type=Path, help="resume: the checkpoint to load")
+    parser.add_argument("--bf16", action="store_true", help="the GPU dtype, on this CPU")
     parser.add_argument("--offload", action="store_true")
     parser.add_argument("--no-mpu", action="store_true")
     parser.add_argument("--name", required=True)
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
+    if args.bf16:  # bf16 weights with fp32 masters: the engines' GPU code paths
+        bf16 = dataclasses.replace(platform.current(), dtype=torch.bfloat16)
+        platform.current = lambda: bf16
     plat = platform.activate()
     # The global batch of the train scenario at DP=2 in every resume layout.
     dp = 2 if args.scenario == "resume" else int(os.environ["WORLD_SIZE"]) // args.tp
