@@ -186,8 +186,12 @@ def test_trainer_with_deepspeed_zero2_trains_and_resumes(data_root, tmp_path):
                               "parallel.zero_stage=2") + ["--resume", "auto"])  # fmt: skip
     assert "resumed from" in output and "at step 4" in output
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
-    # Its checkpoints are the project's layout: the model exports like any other run's.
+    # Its checkpoints are the project's layout: the model exports and loads for generation
+    # like any other run's.
     step6, out = tmp_path / "tiny" / "checkpoints" / "step_00000006", tmp_path / "model.safetensors"
     result = subprocess.run([sys.executable, "-m", "checkpoints.tools", "export", str(step6), "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0 and out.exists(), result.stderr[-3000:]
+    load = f"from megatron_transfusion.inference.load import load_model; print(load_model('{step6}').step)"
+    result = subprocess.run([sys.executable, "-c", load], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.split()[-1] == "6", result.stderr[-3000:]

@@ -51,11 +51,13 @@ def find_checkpoint(path: str | Path) -> Path:
 
 def _inference_overrides(tensor_parallel: int) -> list[str]:
     # Generation runs unpipelined with dense-mask attention: its queries are one token or
-    # one image, so the mask is small; PP-trained weights reshard to PP=1 on load.
+    # one image, so the mask is small; PP-trained weights reshard to PP=1 on load. No
+    # optimizer (any engine's run loads), and eager layers: compiled ones would recompile
+    # for the shapes that change every few calls.
     return [f"parallel.tensor_parallel={tensor_parallel}", "parallel.pipeline_parallel=1",
             "parallel.virtual_pipeline=null", "parallel.sequence_parallel=false", "parallel.recompute=none",
-            "parallel.engine=megatron",
-            "model.attention_backend=sdpa"]  # fmt: skip
+            "parallel.engine=megatron", "parallel.zero_stage=0",
+            "model.attention_backend=sdpa", "model.fuse_elementwise=false"]  # fmt: skip
 
 
 def load_model(path: str | Path, tensor_parallel: int = 1) -> LoadedModel:
