@@ -7,8 +7,8 @@ Three workers train the same shape (width 512, 8 layers, 8 heads, 4 rows × 521 
 vocabulary) on this CPU, each in its own process with the same environment:
 
 - ``project``: this project's real training step (``MegatronEngine.train_step``: Megatron-Core
-  layers, linear patch layers, the dense Transfusion mask, Megatron DDP grad buffers and
-  optimizer, LM + λ·DDPM loss).
+  layers with compiled elementwise work (``model.fuse_elementwise``), linear patch layers,
+  the dense Transfusion mask, Megatron DDP grad buffers and optimizer, LM + λ·DDPM loss).
 - ``lean``: ``LeanTransfusion`` below, a single-file pure-torch model of the same shape and
   work: RMSNorm, SwiGLU, RoPE, SDPA with the same dense Transfusion mask, linear patch
   layers, the same losses, torch AdamW with clipping. The floor this project may cost at
@@ -29,7 +29,7 @@ worker once, the first one rotating) and prints medians of tokens/s (positions t
 transformer ran on), wall clock and per CPU-second of the worker, and the two ratios, as
 the median over repeats of the back-to-back ratio and as the ratio of medians.
 
-    --workers project,project@parallel.zero_stage=0   # an ablation in the same run
+    --workers project,project@model.fuse_elementwise=false   # an ablation in the same run
     --workers project~/tmp/before,project,lean        # before/after: code from another tree
     --threads 1                                       # steadier on a loaded machine
     --profile project                                 # one worker's step under torch.profiler
@@ -38,6 +38,7 @@ the median over repeats of the back-to-back ratio and as the ratio of medians.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -220,7 +221,7 @@ class ProjectWorker:
     def __init__(self, images: int, *extra_overrides: str):
         from megatron_transfusion import platform
         from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
-        from megatron_transfusion.config import load_config
+        from megatron_transfusion.config import ModelConfig, load_config
         from megatron_transfusion.diffusion import CosineSchedule, noise_images
         from megatron_transfusion.model import build_model
         from megatron_transfusion.parallel import init_distributed, seed_everything
@@ -236,9 +237,13 @@ class ProjectWorker:
             f"model.latent_size={s['latent']}", f"model.patch_size={s['patch']}",
             "model.patch_layer=linear", "model.timestep_frequency_dim=256", "model.attention_backend=sdpa",
             f"data.seq_length={s['seq']}", f"data.micro_batch_size={s['rows']}",
-            f"data.global_batch_tokens={s['rows'] * s['seq']}", *extra_overrides,
+            f"data.global_batch_tokens={s['rows'] * s['seq']}",
         ]  # fmt: skip
-        cfg = load_config("tiny", overrides)
+        # Compiled elementwise work: the default of every preset but tiny, whose sizes these
+        # replace (a tree from before the switch, in a before/after run, has no such field).
+        if "fuse_elementwise" in {f.name for f in dataclasses.fields(ModelConfig)}:
+            overrides.append("model.fuse_elementwise=true")
+        cfg = load_config("tiny", [*overrides, *extra_overrides])
         plat = platform.activate()
         init_distributed(cfg.parallel, plat)
         seed_everything(0)

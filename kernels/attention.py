@@ -219,6 +219,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + torch.cat((-second, first), dim=-1) * sin
 
 
+def rotary_batch_major(query, key, value, rotary: tuple[torch.Tensor, torch.Tensor] | None):
+    """RoPE on queries and keys; [s, b, heads, d] in, [s, b, heads, d] views of
+    [b, s, heads, d] memory out: the order SDPA's CPU kernel runs ~15% faster on, and the
+    KV cache's. Compiled (kernels.elementwise), rotation and reordering are one pass."""
+    if rotary is not None:
+        query, key = apply_rotary(query, *rotary), apply_rotary(key, *rotary)
+    return tuple(t.transpose(0, 1).contiguous().transpose(0, 1) for t in (query, key, value))
+
+
 def varlen_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=False):
     """``flash_attn_varlen_func``'s contract, one SDPA call per run: [total, heads, d]
     tensors, causal aligned to the bottom-right corner of each run's score block."""

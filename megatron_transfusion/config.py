@@ -50,6 +50,11 @@ class ModelConfig:
     # auto: the platform's (flex on GPU, sdpa on CPU); flash: kernels.attention's run split
     attention_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     flex_block_size: int = 128
+    # Training steps run the per-layer elementwise work (RMSNorm, SwiGLU, RoPE and the
+    # attention layout) compiled: one pass over the activations each instead of one per op,
+    # equal to eager up to fp32 rounding, for 2-15 s of compilation per process
+    # (kernels/elementwise.py).
+    fuse_elementwise: bool = True
 
     @property
     def ffn_size(self) -> int:

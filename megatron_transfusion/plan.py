@@ -22,14 +22,18 @@ fp32 on CPU, as ``platform.py`` picks), N = parameters of the stage's TP shard
   keeps for backward), for this project's Llama layer; s, b, h, d = head dim, a heads,
   g query groups, f FFN width, t = TP, r = t with sequence parallelism, else 1:
 
-      none/selective: s·b·(6h/r + 4d) + s·b·((a+2g)·d + (a+g)·d + a·d + 5f)/t
-      full:           s·b·h/r  (the layer input; one layer is rebuilt at a time)
+      none:      s·b·6h/r + s·b·((a+2g)·d + 2a·d + 5f)/t
+      selective: a·d less (the attention output)
+      full:      s·b·h/r  (the layer input; one layer is rebuilt at a time)
+      fused elementwise (``model.fuse_elementwise``): 4h/r for 6h/r and 3f for 5f
 
-  6h: both RMSNorms keep input and normalised output, QKV and FC1 keep their inputs
-  (replicated over TP, or sequence slices under SP); 4d: RoPE's cos/sin for q and k;
-  (a+2g)·d: the fused QKV output, kept whole by the value view; (a+g)·d: rotated q, k;
-  a·d: the attention output (also the projection's input); 5f: SwiGLU keeps FC1's output
-  (2f), two f-wide intermediates, and FC2's input. Neither kernel keeps the s×s scores
+  plus RoPE's cos and sin, 2·s·b·d per micro-batch, shared by the layers. 6h: both
+  RMSNorms keep input and normalised output (compiled: the input only), QKV and FC1 keep
+  their inputs (replicated over TP, or sequence slices under SP); (a+2g)·d: rotated
+  queries, keys and values in the attention kernel's [b, s] order; a·d: the attention
+  output, and a·d its copy in Megatron's order that the projection keeps; 5f: SwiGLU
+  keeps FC1's output (2f), two f-wide intermediates (compiled: none), and FC2's input.
+  Neither kernel keeps the s×s scores
   (SDPA's CPU kernel and FlexAttention keep a log-sum-exp), so Korthikanti's 5as/h term
   and what selective recompute saves there do not apply; what selective recompute does
   save here is the mask below. Read off a real layer's saved tensors (autograd's
@@ -43,9 +47,10 @@ fp32 on CPU, as ``platform.py`` picks), N = parameters of the stage's TP shard
   first stage holds p; interleaved: Megatron's warm-up count, 2(p-1) + (v-1)p (+1), of
   chunk micro-batches of L/(p·v) layers (``schedules.get_pp_rank_microbatches``).
 - Per stage once: patch-in (first) / patch-out (last) activations per image, counted from
-  the modules' saved tensors on the meta device; final norm and LM-head input (3·s·b·h/r);
-  each non-last stage keeps its output until the backward (``deallocate_pipeline_outputs``
-  is off). Transient backward peak, the larger of: the LM head (fp32 logits kept by the
+  the modules' saved tensors on the meta device; final norm and LM-head input (2·s·b·h/r,
+  fused 1·s·b·h/r, + x·s·b·h, x the text fraction of positions); each non-last stage keeps
+  its output until the backward (``deallocate_pipeline_outputs`` is off). Transient peak,
+  the larger of: the LM head, which runs on text positions only (fp32 logits kept by the
   vocab-parallel cross entropy, plus the compute-dtype logits when they are a separate
   tensor, plus the head's weight gradient) and a layer (its activation gradients
   s·b·(h + 2f/t), the FC1 weight gradient, and under full recompute its rebuilt
@@ -56,10 +61,11 @@ fp32 on CPU, as ``platform.py`` picks), N = parameters of the stage's TP shard
 Time per step, the slowest pipeline stage:
 
 - Compute: executed FLOPs / (peak × efficiency). Model FLOPs per token are those of
-  ``training.metrics`` (MFU's definition); executed FLOPs differ in two ways: attention
+  ``training.metrics`` (MFU's definition); executed FLOPs differ in three ways: attention
   computes only the blocks the mask allows (flex: at most the causal half; the dense
-  SDPA mask computes all), and recompute adds a forward (full: the layer; selective: the
-  core attention). Patch layers are replicated over TP ranks, so not divided by t.
+  SDPA mask computes all), recompute adds a forward (full: the layer; selective: the
+  core attention), and the LM head runs on text positions only. Patch layers are
+  replicated over TP ranks, so not divided by t.
 - Tensor parallelism: 4 all-reduces of s·b·h·e per layer and micro-batch (2 forward, 2
   backward; +2 under full recompute), +1 for the embedding and +1 for the LM head, ring
   time 2(t-1)/t · bytes / bandwidth, not overlapped (synchronous in Megatron's layers).
@@ -345,8 +351,10 @@ def layer_activation_elements(
     if recompute == "full":
         return s * b * m.hidden_size / sequence_split
     h, d, f, a, g = m.hidden_size, m.head_dim, m.ffn_size, m.num_attention_heads, m.query_groups
-    split = (a + 2 * g) * d + (a + g) * d + a * d + 5 * f
-    return s * b * 6 * h / sequence_split + s * b * 4 * d + s * b * split / tp
+    norm, swiglu = (1, 3) if m.fuse_elementwise else (2, 5)  # per RMSNorm, in h; in f
+    attention_output = 0 if recompute == "selective" else a * d
+    split = (a + 2 * g) * d + attention_output + a * d + swiglu * f
+    return s * b * (2 * norm + 2) * h / sequence_split + s * b * split / tp
 
 
 @dataclass(frozen=True)
@@ -461,17 +469,18 @@ def stage_memory(cfg: ExperimentConfig, cluster: Cluster, layout: Layout, image_
     in_flight = _in_flight(layout, rank, micro_batches)
     layers = m.num_layers // layout.pp
     images = image_token_fraction * s * b / m.patches_per_image
+    text = 1 - image_token_fraction  # the LM head's positions
     costs = model_costs(m)
 
     hidden = s * b * h / (t if layout.sp else 1)  # one [s, b, h] activation (SP: a slice)
-    elements = (
-        in_flight * layers * layer_activation_elements(m, s, b, t, layout.recompute, layout.sp)
-    )
+    layer = layer_activation_elements(m, s, b, t, layout.recompute, layout.sp)
+    elements = in_flight * (layers * layer + 2 * s * b * m.head_dim)  # + RoPE's cos, sin
     chunks = in_flight * (layout.vp or 1)  # chunk micro-batches alive on this rank
     if first:
         elements += math.ceil(in_flight) * images * costs.patch_in_saved
     if last:
-        elements += images * costs.patch_out_saved + 3 * hidden  # final norm (2) + LM-head input
+        final_norm = 1 if m.fuse_elementwise else 2
+        elements += images * costs.patch_out_saved + final_norm * hidden + text * s * b * h  # + head input
         chunks -= in_flight  # the final chunk sends nothing on
     elements += chunks * hidden  # outputs sent on, kept until their backward
     activations = elements * e
@@ -491,7 +500,7 @@ def stage_memory(cfg: ExperimentConfig, cluster: Cluster, layout: Layout, image_
     transient = layer_work
     if last:
         vocab = m.padded_vocab_size / t
-        logits = s * b * vocab * (4 + (e if e < 4 else 0)) + vocab * h * e
+        logits = text * s * b * vocab * (4 + (e if e < 4 else 0)) + vocab * h * e
         transient = max(transient, logits)
 
     params, grads, optimizer, buffers = _state(
@@ -571,6 +580,7 @@ def step_time(
 
     matmul, attention, head = flops_per_token_parts(m, s)
     attention *= ATTENTION_COMPUTED[backend]
+    head *= 1 - image_token_fraction
     layer = matmul + attention
     layer += {"none": 0.0, "selective": attention / 3, "full": layer / 3}[
         layout.recompute

@@ -93,14 +93,19 @@ def test_unconditional_image_ignores_its_caption(model_and_cfg):
 
 
 def test_token_losses_equal_cross_entropy_of_logits(model_and_cfg):
+    """Where a position has an LM loss; elsewhere (images, BOI, document ends, padding)
+    the LM head does not run and the loss is 0."""
     model, cfg = model_and_cfg
     batch = layout(cfg)
-    labels, _ = batch.lm_targets()
+    labels, trained = batch.lm_targets()
     with torch.no_grad():
         losses = model(batch, labels).token_losses[0]
         logits, _ = run(model, batch)
     expected = F.cross_entropy(logits, labels[0], reduction="none")
-    torch.testing.assert_close(losses, expected, rtol=1e-5, atol=1e-5)
+    trained = trained[0]
+    assert 0 < trained.sum() < len(trained)
+    torch.testing.assert_close(losses[trained], expected[trained], rtol=1e-5, atol=1e-5)
+    assert torch.equal(losses[~trained], torch.zeros_like(losses[~trained]))
 
 
 def test_sharded_state_dict_covers_every_parameter(model_and_cfg):

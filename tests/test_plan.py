@@ -104,10 +104,13 @@ def test_enumeration_matches_a_hand_count():
     assert refused and all("parallel.engine" in reason for reason in refused)
 
 
-def test_memory_of_one_stage_by_hand():
-    """First stage of TP=2, PP=2 (1F1B, 2 micro-batches in flight), fp32, ZeRO-1 at DP=1."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_memory_of_one_stage_by_hand(fused):
+    """First stage of TP=2, PP=2 (1F1B, 2 micro-batches in flight), fp32, ZeRO-1 at DP=1.
+    Compiled elementwise work keeps each norm's input only and SwiGLU's input and output."""
     cfg = load_config(
-        None, BASE + ["data.seq_length=512", "data.global_batch_tokens=4096"]
+        None, BASE + ["data.seq_length=512", "data.global_batch_tokens=4096",
+                      f"model.fuse_elementwise={str(fused).lower()}"]
     )  # 4 micro-batches
     layout = Layout(2, 2, 1, None, 2, "none", "megatron", 1)
     h, f, V, s, b, d_head, layers = 256, 768, 8192, 512, 2, 64, 2
@@ -115,9 +118,11 @@ def test_memory_of_one_stage_by_hand():
     patch_in = (64 * 8 + 8) + (8 * 8 + 8) + (8 * h + h)  # timestep MLP 64->8->8, projection 8->256
     patch_out = h * 8 + 8
     params = layers * layer_params + V * h / 2 + (patch_in + patch_out) / 2
-    per_layer = s * b * (6 * h + 4 * d_head) + s * b * (3 * h + 2 * h + h + 5 * f) / 2
+    norms, swiglu = (4 * h, 3 * f) if fused else (6 * h, 5 * f)
+    per_layer = s * b * norms + s * b * (3 * h + 2 * h + swiglu) / 2
+    rope = 2 * s * b * d_head  # cos, sin: once per micro-batch
     images = 0.25 * s * b / 16  # a quarter of the tokens are image patches
-    activations = 4 * (2 * layers * per_layer + 2 * s * b * h)  # 2 in flight, + stage outputs
+    activations = 4 * 2 * (layers * per_layer + rope + s * b * h)  # 2 in flight, + stage outputs
     mask = 2 * (b * s * s + layers * b * s * s * 4)  # boolean + each layer's fp32 copy
     memory = stage_memory(cfg, CPU, layout, 0.25, first=True, last=False)
     assert memory.parameters == pytest.approx(4 * params)

@@ -40,7 +40,7 @@ def transformer_config(cfg: ExperimentConfig, platform: Platform) -> Transformer
         bf16=platform.dtype == torch.bfloat16,
         use_cpu_initialization=True,  # same init for every TP layout given the seed
         apply_rope_fusion=False,
-        bias_activation_fusion=False,
+        bias_activation_fusion=m.fuse_elementwise,  # Megatron's compiled SwiGLU
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
         persist_layer_norm=False,

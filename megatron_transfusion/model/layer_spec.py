@@ -25,24 +25,27 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from torch.utils.checkpoint import checkpoint
 
-from kernels.attention import TransfusionMask, apply_rotary, attend
+from kernels.attention import TransfusionMask, attend, rotary_batch_major
+from kernels.elementwise import fusable, rms_norm
 
 
 class TransfusionCoreAttention(MegatronModule):
     """Megatron core-attention adapter: [s, b, heads, d] in, [s, b, heads·d] out.
 
     ``backend`` (a spec param) names the kernel; the per-batch ``TransfusionMask`` that
-    TransformerBlock passes through untouched must have been built for it.
+    TransformerBlock passes through untouched must have been built for it. ``fused``:
+    RoPE and the reordering of queries/keys/values run compiled.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, backend: str,
-                 recompute: bool = False, attention_dropout=None, softmax_scale=None,
-                 cp_comm_type=None, pg_collection=None):  # fmt: skip
+                 recompute: bool = False, fused: bool = False, attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None):  # fmt: skip
         super().__init__(config=config)
         if config.attention_dropout:
             raise ValueError("attention dropout is not supported by the Transfusion attention")
         self.backend = backend
         self.recompute = recompute
+        self.rotary_batch_major = fusable(rotary_batch_major, fused)
         self.layer_number = layer_number  # names this layer's slot in a generation KV cache
         self.softmax_scale = softmax_scale
 
@@ -50,15 +53,13 @@ class TransfusionCoreAttention(MegatronModule):
                 attention_bias=None, packed_seq_params=None):  # fmt: skip
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("Transfusion attention takes its mask from the PackedBatch only")
-        if attention_mask.rotary is not None:
-            query, key = (apply_rotary(t, *attention_mask.rotary) for t in (query, key))
+        query, key, value = self.rotary_batch_major(query, key, value, attention_mask.rotary)
         if attention_mask.kv_cache is not None:  # generation: a few queries, dense mask
             key, value = attention_mask.kv_cache.update(self.layer_number, key, value)
         elif attention_mask.backend != self.backend:
             raise ValueError(f"mask built for {attention_mask.backend!r}, layer uses {self.backend!r}")
-        # [b, heads, s, d] over [b, s, heads, d] memory: SDPA's CPU kernel runs ~15% faster
-        # than on Megatron's [s, b, ...] order (free when b = 1 or from the KV cache).
-        q, k, v = (t.transpose(0, 1).contiguous().transpose(1, 2) for t in (query, key, value))
+        # [b, heads, s, d] views of [b, s, heads, d] memory (rotary_batch_major, KV cache)
+        q, k, v = (t.transpose(0, 1).transpose(1, 2) for t in (query, key, value))
         if self.recompute and torch.is_grad_enabled():
             out = checkpoint(attend, q, k, v, attention_mask, self.softmax_scale, use_reentrant=False)
         else:
@@ -68,13 +69,18 @@ class TransfusionCoreAttention(MegatronModule):
 
 
 class RMSNorm(torch.nn.RMSNorm):
-    """torch's RMSNorm as a Megatron norm module. Under sequence parallelism each TP rank
-    normalises its slice of the sequence, so the weight is marked for Megatron to sum its
-    gradient over TP ranks (Megatron's own torch-norm wrapper refuses sequence parallelism)."""
+    """torch's RMSNorm as a Megatron norm module, compiled when ``fused``. Under sequence
+    parallelism each TP rank normalises its slice of the sequence, so the weight is marked
+    for Megatron to sum its gradient over TP ranks (Megatron's own torch-norm wrapper
+    refuses sequence parallelism)."""
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, fused: bool = False, **unused):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = config.sequence_parallel
+        self.rms_norm = fusable(rms_norm, fused)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rms_norm(x, self.weight, self.eps)
 
 
 class RecomputedTransformerLayer(TransformerLayer):
@@ -86,11 +92,16 @@ class RecomputedTransformerLayer(TransformerLayer):
         return checkpoint(super().forward, *args, use_reentrant=False, **kwargs)
 
 
-def transfusion_layer_spec(attention_backend: str, recompute: str = "none") -> ModuleSpec:
+def transfusion_layer_spec(
+    attention_backend: str, recompute: str = "none", fused: bool = False
+) -> ModuleSpec:
+    """``fused``: compiled norms and RoPE here; SwiGLU is Megatron's own fused kernel
+    (``bias_activation_fusion`` in the TransformerConfig)."""
+    norm = ModuleSpec(module=RMSNorm, params={"fused": fused})
     return ModuleSpec(
         module=RecomputedTransformerLayer if recompute == "full" else TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.arbitrary},
@@ -98,7 +109,8 @@ def transfusion_layer_spec(attention_backend: str, recompute: str = "none") -> M
                     linear_qkv=ColumnParallelLinear,
                     core_attention=ModuleSpec(
                         module=TransfusionCoreAttention,
-                        params={"backend": attention_backend, "recompute": recompute == "selective"},
+                        params={"backend": attention_backend, "recompute": recompute == "selective",
+                                "fused": fused},
                     ),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
@@ -106,7 +118,7 @@ def transfusion_layer_spec(attention_backend: str, recompute: str = "none") -> M
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=norm,
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
@@ -119,9 +131,11 @@ def transfusion_layer_spec(attention_backend: str, recompute: str = "none") -> M
 
 
 def transfusion_block_spec(
-    config, attention_backend: str, recompute: str = "none", vp_stage: int | None = None
-) -> TransformerBlockSubmodules:
+    config, attention_backend: str, recompute: str = "none", vp_stage: int | None = None,
+    fused: bool = False,
+) -> TransformerBlockSubmodules:  # fmt: skip
     """The layers of this pipeline stage (or virtual stage) plus the final RMSNorm."""
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
-    spec = transfusion_layer_spec(attention_backend, recompute)
-    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=RMSNorm)
+    spec = transfusion_layer_spec(attention_backend, recompute, fused)
+    norm = ModuleSpec(module=RMSNorm, params={"fused": fused})
+    return TransformerBlockSubmodules(layer_specs=[spec] * layers, layer_norm=norm)

@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
@@ -32,7 +33,7 @@ class TransfusionOutput:
     """Last-stage outputs. ``token_losses`` when labels were given, else ``logits``."""
 
     predicted_noise: torch.Tensor  # [n, C, H, W]
-    token_losses: torch.Tensor | None = None  # [b, s] cross entropy per position
+    token_losses: torch.Tensor | None = None  # [b, s] cross entropy where lm_targets trains, else 0
     logits: torch.Tensor | None = None  # [s, b, vocab / TP]
 
 
@@ -75,7 +76,9 @@ class TransfusionModel(LanguageModule):
         )
         self.decoder = TransformerBlock(
             config=config,
-            spec=transfusion_block_spec(config, attention_backend, recompute, vp_stage),
+            spec=transfusion_block_spec(
+                config, attention_backend, recompute, vp_stage, model_cfg.fuse_elementwise
+            ),
             pre_process=pre_process,
             post_process=post_process,
             vp_stage=vp_stage,
@@ -120,11 +123,25 @@ class TransfusionModel(LanguageModule):
         return angles.cos().to(self.config.params_dtype), angles.sin().to(self.config.params_dtype)
 
     def _predict_noise(self, hidden: torch.Tensor, batch: PackedBatch) -> torch.Tensor:
-        if self.config.sequence_parallel:  # the patch-out layer runs replicated, on all positions
-            hidden = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        """ε̂ per image from the whole sequence's hidden states [s, b, h] (the patch-out
+        layer runs replicated on every TP rank)."""
         rows, cols = batch.image_positions()
         shape = (batch.num_images, self.model_cfg.patches_per_image, hidden.shape[-1])
         return self.patch_out(hidden[cols, rows].reshape(shape), batch.timesteps)
+
+    def _text_losses(self, hidden: torch.Tensor, labels: torch.Tensor, batch: PackedBatch):
+        """Cross entropy [b, s] at the positions with an LM loss (``lm_targets``), 0 elsewhere.
+        The LM head runs on those positions only: image positions never have one, and they
+        are about half of a row that holds an image. ``hidden`` is the whole sequence's."""
+        rows, cols = torch.nonzero(batch.lm_targets()[1], as_tuple=True)
+        selected = hidden[cols, rows].unsqueeze(1)  # [n, 1, h]
+        if self.config.sequence_parallel:  # the head gathers its input: give it this rank's share
+            tp = self.config.tensor_model_parallel_size
+            selected = F.pad(selected, (0, 0, 0, 0, 0, -len(rows) % tp))
+            selected = tensor_parallel.scatter_to_sequence_parallel_region(selected)
+        logits, _ = self.output_layer(selected)
+        losses = self.compute_language_model_loss(labels[rows, cols][None], logits[: len(rows)])
+        return losses.new_zeros(labels.shape).index_put((rows, cols), losses[0])
 
     def forward(self, batch: PackedBatch, labels: torch.Tensor | None = None,
                 mask: TransfusionMask | None = None, text_logits: bool = True):  # fmt: skip
@@ -138,12 +155,14 @@ class TransfusionModel(LanguageModule):
         hidden = self.decoder(hidden_states=hidden, attention_mask=mask)
         if not self.post_process:
             return hidden
-        output = TransfusionOutput(predicted_noise=self._predict_noise(hidden, batch))
+        whole = hidden  # the heads pick positions from the whole sequence
+        if self.config.sequence_parallel:
+            whole = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        output = TransfusionOutput(predicted_noise=self._predict_noise(whole, batch))
         if not text_logits:
             return output
-        logits, _ = self.output_layer(hidden)
         if labels is None:
-            output.logits = logits
+            output.logits, _ = self.output_layer(hidden)
         else:
-            output.token_losses = self.compute_language_model_loss(labels, logits)
+            output.token_losses = self._text_losses(whole, labels, batch)
         return output

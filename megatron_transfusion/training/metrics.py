@@ -5,7 +5,8 @@ forward, the backward computing gradients for both inputs and weights):
 
 - Transformer, per token of every kind: 6·N + 12·L·(heads·head_dim)·s, where N counts
   the parameters that multiply activations (QKV, output projection, SwiGLU gate/up/down
-  in every layer, plus the LM head, which runs at every position). Left out: the word
+  in every layer, plus the LM head, counted at every position as is usual, although
+  training runs it only where there is an LM loss, not on images). Left out: the word
   embedding, a row lookup with no arithmetic, and the norm gains, elementwise and
   negligible. The attention term is QKᵀ and AV over the full s×s score matrix of each
   packed row, as Megatron, nanoGPT and PaLM count it: causal masking, document
