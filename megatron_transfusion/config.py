@@ -103,7 +103,7 @@ class ParallelConfig:
     # "selective" only the core attention (the s×s scores), Megatron's cheap default.
     recompute: Literal["none", "selective", "full"] = "none"
     engine: Literal["megatron", "deepspeed"] = "megatron"  # who reduces grads and shards state
-    zero_stage: int = 1  # megatron: 0 (plain) or 1 (distributed optimizer); deepspeed: 1-3
+    zero_stage: int = 1  # megatron: 0 (plain) or 1 (distributed optimizer where DP > 1); deepspeed: 1-3
 
 
 @dataclass
