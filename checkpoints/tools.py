@@ -1,7 +1,8 @@
 """``mtf-checkpoint inspect|export``: look into a checkpoint; consolidate its model.
 
-Checkpoints are Megatron dist-checkpoints, so resharding needs no tool: a run resumed
-with another TP/PP/DP layout loads the same directory (``--resume PATH``). ``export``
+Checkpoints are Megatron dist-checkpoints in one layout for every engine, so resharding
+needs no tool: a run resumed with another TP/PP/DP layout or engine loads the same
+directory (``--resume PATH``). ``export``
 writes the model alone, unsharded, as one safetensors file plus the run's config, which
 inference and other frameworks can read without Megatron's loader.
 """
