@@ -193,3 +193,16 @@ def test_bf16_checkpoint_moves_between_engines(tmp_path, zero3_bf16_checkpoint, 
     """bf16 weights, fp32 masters (the GPU dtype, run here on CPU): DeepSpeed ZeRO-3 to the
     Megatron engine. Losses within bf16's reach (measured 2.5e-5 apart at the second step)."""
     assert_resumes_the_same_run(tmp_path, *zero3_bf16_checkpoint, [*layout, "--bf16"], rel=1e-3)
+
+
+@pytest.mark.parametrize("zero", [1, 3])
+def test_pipeline_parallel_is_refused(zero):
+    cfg = load_config("tiny", ["parallel.pipeline_parallel=2"])
+    with pytest.raises(ValueError, match="use the megatron engine for PP > 1"):
+        DeepSpeedEngine(cfg, [torch.nn.Linear(2, 2)], zero)
+
+
+@pytest.mark.parametrize("zero", [0, 4])
+def test_unknown_zero_stage_is_refused(zero):
+    with pytest.raises(ValueError, match="ZeRO stage must be 1, 2 or 3"):
+        DeepSpeedEngine(load_config("tiny"), [torch.nn.Linear(2, 2)], zero)

@@ -9,7 +9,7 @@ import torch
 
 from data_prep.images import center_crop_resize, decode_image, to_model_range
 from data_prep.shard import ShardJob, merge, run_shard_job
-from data_prep.tokenizer import Tokenizer, train_bpe
+from data_prep.tokenizer import train_bpe
 from data_prep.vae import ConvVAE, VAEConfig, load_vae, save_vae
 from megatron_transfusion.data import CorruptShardError, PreparedDataset
 from tests.data_fixtures import png_bytes, write_inputs

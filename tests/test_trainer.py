@@ -108,7 +108,7 @@ def test_kill_9_then_resume_continues_bitwise(data_root, uninterrupted, tmp_path
     latest = (tmp_path / "tiny" / "checkpoints" / "latest").read_text()
     assert latest in ("step_00000004", "step_00000006")
     output = run(2, overrides(data_root, tmp_path, 8) + ["--resume", "auto"])
-    assert f"resumed from" in output
+    assert "resumed from" in output
     resumed = losses(tmp_path)
     for step in range(int(latest[-2:]) + 1, 9):
         assert resumed[step] == uninterrupted[step], step
