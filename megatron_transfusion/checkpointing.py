@@ -153,9 +153,11 @@ def optimizer_sharded_state(shards: list, states: list[dict[str, torch.Tensor]],
     }
 
 
-def empty_optimizer_states(shapes: list[tuple[int, ...]]) -> list[dict[str, torch.Tensor]]:
-    """What ``optimizer_sharded_state`` asks a load to fill, per parameter shape."""
-    return [{k: torch.empty(shape, dtype=torch.float32) for k in OPTIMIZER_STATE_KEYS} for shape in shapes]
+def optimizer_load_request(shards: list, shapes: list[tuple[int, ...]]) -> dict:
+    """What a load asks for: ``optimizer_sharded_state`` with empty tensors of each parameter's
+    shape to fill (the param groups and step come from the checkpoint)."""
+    states = [{k: torch.empty(shape, dtype=torch.float32) for k in OPTIMIZER_STATE_KEYS} for shape in shapes]
+    return optimizer_sharded_state(shards, states, [], 0)
 
 
 def loaded_optimizer_state(loaded: dict) -> tuple[list[dict[str, torch.Tensor]], int]:

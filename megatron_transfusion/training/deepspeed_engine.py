@@ -34,10 +34,10 @@ from megatron.core import parallel_state
 
 from megatron_transfusion import platform
 from megatron_transfusion.checkpointing import (
-    empty_optimizer_states,
     load_sharded,
     loaded_optimizer_state,
     model_sharded_state_dict,
+    optimizer_load_request,
     optimizer_sharded_state,
     parameter_shards,
     save_sharded,
@@ -318,9 +318,8 @@ class DeepSpeedEngine(Engine):
             for i in indices:
                 key, shard = self._shards[i]
                 model[key] = dataclasses.replace(shard, data=torch.empty(self._shapes[i], dtype=self._params[i].dtype))
-            states = empty_optimizer_states([self._shapes[i] for i in indices])
             request = {"model": {"chunk0": model},
-                       "optimizer": optimizer_sharded_state(list(model.values()), states, [], 0)}
+                       "optimizer": optimizer_load_request(list(model.values()), [self._shapes[i] for i in indices])}
             loaded = load_sharded(request, directory, part=True)
             states, step = loaded_optimizer_state(loaded["optimizer"])
             for i, state in zip(indices, states, strict=True):

@@ -30,10 +30,10 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePred
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
 from megatron_transfusion.checkpointing import (
-    empty_optimizer_states,
     load_sharded,
     loaded_optimizer_state,
     model_sharded_state_dict,
+    optimizer_load_request,
     optimizer_sharded_state,
     parameter_shards,
     save_sharded,
@@ -146,12 +146,16 @@ class MegatronEngine(Engine):
         else:
             self._load_plain_optimizer(state["optimizer"])
 
+    def _optimizers(self) -> list:
+        """Megatron's optimizers, one per parameter dtype group (a ChainedOptimizer or one)."""
+        return getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+
     # The plain optimizer: torch AdamW over fp32 main parameters (the model's own in fp32).
 
     def _plain_parameters(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter, torch.optim.Optimizer]]:
         """(model parameter, its fp32 main parameter, the torch optimizer updating it)."""
         out = []
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for opt in self._optimizers():
             if isinstance(opt, Float16OptimizerWithFloat16Params):
                 pairs = [pair for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups)
                          for pair in zip(models, mains)]  # fmt: skip
@@ -165,8 +169,7 @@ class MegatronEngine(Engine):
         entries = self._plain_parameters()
         shards = [shard for _, shard in parameter_shards(model_state, [model for model, _, _ in entries])]
         if is_loading:
-            states = empty_optimizer_states([tuple(model.shape) for model, _, _ in entries])
-            return optimizer_sharded_state(shards, states, self.optimizer.param_groups, 0)
+            return optimizer_load_request(shards, [tuple(model.shape) for model, _, _ in entries])
         states = [{"param": main.detach(), "exp_avg": adam.state[main]["exp_avg"],
                    "exp_avg_sq": adam.state[main]["exp_avg_sq"]} for _, main, adam in entries]  # fmt: skip
         (step,) = {int(adam.state[main]["step"]) for _, main, adam in entries}
@@ -184,7 +187,7 @@ class MegatronEngine(Engine):
         """Checkpoints need torch AdamW's per-parameter state, which only exists after a
         first update (and a run may save before one, e.g. when every step so far was
         skipped): create the state a fresh AdamW would start from."""
-        for opt in getattr(self.optimizer, "chained_optimizers", [self.optimizer]):
+        for opt in self._optimizers():
             for group in opt.optimizer.param_groups:
                 for param in group["params"]:
                     if param not in opt.optimizer.state:
@@ -197,8 +200,7 @@ class MegatronEngine(Engine):
     # The distributed optimizer.
 
     def _distributed_optimizers(self) -> list[DistributedOptimizer]:
-        chained = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        return [o for o in chained if isinstance(o, DistributedOptimizer)]
+        return [o for o in self._optimizers() if isinstance(o, DistributedOptimizer)]
 
     def _load_optimizer(self, optimizer_state: dict) -> None:
         """Without Apex/TE the distributed optimizer wraps torch AdamW, which keeps a `step`
