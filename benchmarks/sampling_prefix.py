@@ -52,7 +52,7 @@ def main() -> None:
         sampling = SamplingConfig(max_new_tokens=0, diffusion_steps=steps, guidance_scale=5.0, use_cache=use_cache)
         marks = []
         started = time.perf_counter()
-        Generator(model, cfg.model, special, sampling).generate(
+        Generator(model, cfg, special, sampling).generate(
             [prompts[length]], force_image=True, progress=lambda step, total: marks.append(time.perf_counter()))
         return time.perf_counter() - started, (marks[-1] - marks[0]) / (len(marks) - 1)
 

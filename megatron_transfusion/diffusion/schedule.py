@@ -10,6 +10,8 @@ import torch
 from megatron_transfusion.batch import PackedBatch
 from megatron_transfusion.config import DiffusionConfig
 
+MAX_BETA = 0.999
+
 
 @dataclass(frozen=True)
 class CosineSchedule:
@@ -18,7 +20,12 @@ class CosineSchedule:
     alphas_cumprod: torch.Tensor  # [T], float64
 
     @classmethod
-    def create(cls, train_timesteps: int = 1000, offset: float = 0.008, max_beta: float = 0.999):
+    def from_config(cls, cfg: DiffusionConfig) -> CosineSchedule:
+        """The schedule a run trains (and so must sample) with."""
+        return cls.create(cfg.train_timesteps)
+
+    @classmethod
+    def create(cls, train_timesteps: int = 1000, offset: float = 0.008, max_beta: float = MAX_BETA):
         def f(t):
             return math.cos((t / train_timesteps + offset) / (1 + offset) * math.pi / 2) ** 2
 
@@ -31,6 +38,15 @@ class CosineSchedule:
     @property
     def train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
+
+    @property
+    def last_uncapped_step(self) -> int:
+        """The last t whose β_t = 1 - ᾱ_t/ᾱ_{t-1} is below the cap (the cosine schedule caps
+        only t = T-1, where ᾱ falls 1000-fold to ≈ 2.4e-9)."""
+        abar = self.alphas_cumprod
+        betas = 1 - abar[1:] / abar[:-1]
+        uncapped = torch.nonzero(betas < MAX_BETA - 1e-9).flatten()
+        return int(uncapped[-1]) + 1 if uncapped.numel() else 0
 
     def add_noise(self, clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
         """x_t = sqrt(ᾱ_t)·x_0 + sqrt(1-ᾱ_t)·ε, per image."""

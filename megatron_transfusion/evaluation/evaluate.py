@@ -71,7 +71,7 @@ def caption_metrics(model, cfg: ExperimentConfig, tokenizer, batch_size: int = 1
     latents, references = _caption_samples(cfg.eval.image_caption_data, cfg.eval.captions, tokenizer)
     special = tokenizer.special
     sampling = SamplingConfig(max_new_tokens=32, temperature=0.0, max_images=0, guidance_scale=1.0)
-    generator = Generator(model, cfg.model, special, sampling)
+    generator = Generator(model, cfg, special, sampling)
     hypotheses = []
     for start in range(0, len(latents), batch_size):
         prompts = [[TextSegment([special.bos]), ImageSegment(x, caption_first=False)]
@@ -102,7 +102,7 @@ def image_metrics(model, cfg: ExperimentConfig, tokenizer, vae, batch_size: int 
     generated = {}
     for name, scale in (("guided", e.guidance_scale), ("unconditional", 0.0)):
         sampling = SamplingConfig(diffusion_steps=e.diffusion_steps, guidance_scale=scale, max_new_tokens=0)
-        generator = Generator(model, cfg.model, tokenizer.special, sampling)
+        generator = Generator(model, cfg, tokenizer.special, sampling)
         images = []
         for start in range(0, len(captions), batch_size):
             prompts = [[TextSegment([tokenizer.special.bos, *tokenizer.encode(c)])]

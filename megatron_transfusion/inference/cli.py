@@ -22,6 +22,7 @@ from PIL import Image
 
 from megatron_transfusion.batch import Document, ImageSegment, TextSegment
 from megatron_transfusion.cli import run_cli
+from megatron_transfusion.diffusion.sampler import SPACINGS
 
 IMAGE_TAG = re.compile(r"<image:([^>]+)>")
 
@@ -106,6 +107,9 @@ def generate_main(argv=None) -> None:
     parser.add_argument("--out", help="output directory (default: <run>/samples/step_N)")
     parser.add_argument("--steps", type=int, default=250, help="diffusion steps (of the 1000 trained)")
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
+    parser.add_argument("--spacing", choices=SPACINGS, default="leading",
+                        help="where the respaced chain starts: leading (DDIM's, default), uncapped, "
+                             "trailing (t = T-1, where the cosine schedule is degenerate)")  # fmt: skip
     parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
@@ -135,9 +139,10 @@ def generate_main(argv=None) -> None:
         sampling = SamplingConfig(
             max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (64 if args.mode == "text" else 0),
             temperature=args.temperature, top_p=args.top_p, diffusion_steps=args.steps, sampler=args.sampler,
+            spacing=args.spacing,
             guidance_scale=args.guidance, max_images=args.max_images, seed=args.seed, use_cache=not args.no_cache,
         )  # fmt: skip
-        generator = Generator(loaded.model, cfg.model, tokenizer.special, sampling)
+        generator = Generator(loaded.model, cfg, tokenizer.special, sampling)
         generator.check_prompts(documents, force_image=args.mode == "image")
         rank0 = int(os.environ.get("RANK", 0)) == 0
         out = Path(args.out) if args.out else _default_out(loaded)

@@ -30,7 +30,7 @@ from megatron_transfusion.batch import (
     TextSegment,
     pack_documents,
 )
-from megatron_transfusion.config import ModelConfig
+from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.diffusion.sampler import ReverseProcess
 from megatron_transfusion.diffusion.schedule import CosineSchedule
 from megatron_transfusion.inference.kv_cache import KVCache
@@ -43,6 +43,7 @@ class SamplingConfig:
     top_p: float = 1.0
     diffusion_steps: int = 250
     sampler: str = "ddpm"  # or "ddim"
+    spacing: str = "leading"  # where the respaced chain starts (diffusion.sampler.SPACINGS)
     guidance_scale: float = 5.0  # 1: no guidance (no unconditional branch)
     max_images: int = 1  # images per row; BOI is not sampled after that
     seed: int = 0
@@ -73,13 +74,14 @@ class _Row:
 class Generator:
     """Generates for a batch of prompts with one (TP-sharded) model on this rank."""
 
-    def __init__(self, model, model_cfg: ModelConfig, tokens: SpecialIds,
-                 sampling: SamplingConfig, schedule: CosineSchedule | None = None):  # fmt: skip
+    def __init__(self, model, cfg: ExperimentConfig, tokens: SpecialIds, sampling: SamplingConfig):
+        """``cfg``: the run's config: its model shapes, and the noise schedule it trained with."""
         self.model = model
-        self.cfg = model_cfg
+        self.cfg = model_cfg = cfg.model
         self.tokens = tokens
         self.sampling = sampling
-        self.reverse = ReverseProcess(schedule or CosineSchedule.create(), sampling.diffusion_steps, sampling.sampler)
+        schedule = CosineSchedule.from_config(cfg.diffusion)
+        self.reverse = ReverseProcess(schedule, sampling.diffusion_steps, sampling.sampler, sampling.spacing)
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.latent_shape = (model_cfg.latent_channels, model_cfg.latent_size, model_cfg.latent_size)

@@ -34,7 +34,7 @@ def main():
     cfg = loaded.cfg
     special = load_tokenizer(cfg).special
     sampling = SamplingConfig(max_new_tokens=3, diffusion_steps=4, guidance_scale=3.0, temperature=0.7, top_p=0.9)
-    generator = Generator(loaded.model, cfg.model, special, sampling)
+    generator = Generator(loaded.model, cfg, special, sampling)
     shape = (cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
     results = generator.generate(prompts(special, shape), force_image=True)
     if dist.get_rank() == 0:
