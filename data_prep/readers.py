@@ -2,8 +2,9 @@
 entries (never raises for one bad sample), so the sharding job can count and name them.
 
 - image–caption: webdataset-style tar shards (``KEY.jpg|png|webp`` + ``KEY.txt`` and/or
-  ``KEY.json``, as img2dataset writes them) or Parquet with an image-bytes column and
-  a caption column;
+  ``KEY.json``, as img2dataset writes them), Parquet with an image-bytes column and
+  a caption column, or a folder of image files with the same sidecars;
+- images alone (VAE training): the same inputs, captions not read;
 - text: JSONL or Parquet with a text column.
 """
 
@@ -15,18 +16,26 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_prep.images import center_crop_resize, decode_image
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-IMAGE_CAPTION_SUFFIXES = (".tar", ".parquet")
+CAPTION_EXTENSIONS = (".txt", ".json")
+IMAGE_SUFFIXES = (".tar", ".parquet")  # and folders of image files
 TEXT_SUFFIXES = (".jsonl", ".parquet")
 
 
 @dataclass(frozen=True)
-class ImageCaptionRecord:
+class ImageRecord:
     key: str
     image: bytes
+
+
+@dataclass(frozen=True)
+class ImageCaptionRecord(ImageRecord):
     caption: str
 
 
@@ -52,23 +61,35 @@ class Columns:
     text: str = "text"
 
 
-def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> list[Path]:
+def _has_images(folder: Path) -> bool:
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.iterdir())
+
+
+def expand_inputs(inputs: list[str], suffixes: tuple[str, ...],
+                  image_folders: bool = False) -> list[Path]:  # fmt: skip
     """Files named directly or found under directories, sorted so that every task of a
-    job array sees the same list."""
-    files: list[Path] = []
+    job array sees the same list. With ``image_folders``, every directory (the named one or
+    one below it) with image files directly inside is one more input: a folder of images."""
+    units: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files += [p for p in path.rglob("*") if p.suffix in suffixes and p.is_file()]
+            for p in [path, *path.rglob("*")]:
+                if p.is_file() and p.suffix in suffixes:
+                    units.append(p)
+                elif image_folders and p.is_dir() and _has_images(p):
+                    units.append(p)
         elif path.is_file():
             if path.suffix not in suffixes:
-                raise ValueError(f"input '{path}': expected one of {', '.join(suffixes)}")
-            files.append(path)
+                expected = ", ".join(suffixes) + (" or a folder of images" if image_folders else "")
+                raise ValueError(f"input '{path}': expected one of {expected}")
+            units.append(path)
         else:
             raise FileNotFoundError(f"input '{path}' does not exist")
-    if not files:
-        raise FileNotFoundError(f"no {'/'.join(suffixes)} files in {inputs}")
-    return sorted(set(files))
+    if not units:
+        folders = " or image files" if image_folders else ""
+        raise FileNotFoundError(f"no {'/'.join(suffixes)} files{folders} in {inputs}")
+    return sorted(set(units))
 
 
 def _decode_text(data: bytes, key: str) -> str | Rejected:
@@ -86,42 +107,63 @@ def _caption_from_json(data: bytes, key: str, field: str) -> str | Rejected:
     return value if isinstance(value, str) else Rejected(key, "missing_caption", f"no '{field}'")
 
 
-def read_tar(path: Path, columns: Columns) -> Iterator[ImageCaptionRecord | Rejected]:
+def _sample(key: str, parts: dict[str, bytes], columns: Columns,
+            captions: bool) -> ImageRecord | Rejected:  # fmt: skip
+    """One webdataset-style sample (extension -> bytes): its image, and with ``captions`` a
+    caption from ``KEY.txt`` or the ``columns.caption`` field of ``KEY.json``."""
+    image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
+    if image is None:
+        return Rejected(key, "missing_image")
+    if not captions:
+        return ImageRecord(key, image)
+    if ".txt" in parts:
+        caption = _decode_text(parts[".txt"], key)
+    elif ".json" in parts:
+        caption = _caption_from_json(parts[".json"], key, columns.caption)
+    else:
+        caption = Rejected(key, "missing_caption")
+    if isinstance(caption, Rejected):
+        return caption
+    if not caption.strip():
+        return Rejected(key, "missing_caption", "empty caption")
+    return ImageCaptionRecord(key, image, caption.strip())
+
+
+ImageRecords = Iterator[ImageRecord | Rejected]  # ImageCaptionRecords where captions are read
+
+
+def read_tar(path: Path, columns: Columns, captions: bool = True) -> ImageRecords:
     groups: dict[str, dict[str, bytes]] = {}
-    order: list[str] = []
     try:
         with tarfile.open(path) as tar:
             for member in tar:
                 if not member.isfile():
                     continue
                 stem, dot, ext = member.name.rpartition(".")
-                if not dot:
-                    continue
-                if stem not in groups:
-                    groups[stem] = {}
-                    order.append(stem)
-                groups[stem]["." + ext.lower()] = tar.extractfile(member).read()
+                if dot:
+                    groups.setdefault(stem, {})["." + ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
         yield Rejected(f"{path}", "unreadable_file", str(e))
-    for stem in order:
+    for stem, parts in groups.items():  # in tar order
+        yield _sample(f"{path.name}/{stem}", parts, columns, captions)
+
+
+def read_image_folder(path: Path, columns: Columns, captions: bool = True) -> ImageRecords:
+    """The image files directly in ``path`` (sorted by name), captions from sidecar files as
+    in a tar: ``KEY.png`` + ``KEY.txt`` is the folder form of the same sample."""
+    groups: dict[str, dict[str, Path]] = {}
+    for file in sorted(path.iterdir()):
+        ext = file.suffix.lower()
+        if ext in IMAGE_EXTENSIONS + CAPTION_EXTENSIONS and file.is_file():
+            groups.setdefault(file.stem, {})[ext] = file
+    for stem, files in groups.items():
         key = f"{path.name}/{stem}"
-        parts = groups[stem]
-        image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
-        if image is None:
-            yield Rejected(key, "missing_image")
+        try:
+            parts = {ext: file.read_bytes() for ext, file in files.items()}
+        except OSError as e:
+            yield Rejected(key, "unreadable_file", str(e))
             continue
-        if ".txt" in parts:
-            caption = _decode_text(parts[".txt"], key)
-        elif ".json" in parts:
-            caption = _caption_from_json(parts[".json"], key, columns.caption)
-        else:
-            caption = Rejected(key, "missing_caption")
-        if isinstance(caption, Rejected):
-            yield caption
-        elif not caption.strip():
-            yield Rejected(key, "missing_caption", "empty caption")
-        else:
-            yield ImageCaptionRecord(key, image, caption.strip())
+        yield _sample(key, parts, columns, captions)
 
 
 def _parquet_rows(path: Path, wanted: list[str]) -> Iterator[tuple[int, dict]]:
@@ -141,14 +183,17 @@ def _parquet_rows(path: Path, wanted: list[str]) -> Iterator[tuple[int, dict]]:
         raise OSError(f"parquet file '{path}' is unreadable: {e}") from None
 
 
-def read_image_caption_parquet(path: Path, columns: Columns) -> Iterator[ImageCaptionRecord | Rejected]:
-    for row, record in _parquet_rows(path, [columns.image, columns.caption]):
+def read_image_parquet(path: Path, columns: Columns, captions: bool = True) -> ImageRecords:
+    wanted = [columns.image, columns.caption] if captions else [columns.image]
+    for row, record in _parquet_rows(path, wanted):
         key = f"{path.name}/{row}"
-        image, caption = record[columns.image], record[columns.caption]
+        image, caption = record[columns.image], record.get(columns.caption)
         if isinstance(image, dict):  # Hugging Face datasets store images as {bytes, path}
             image = image.get("bytes")
         if not image:
             yield Rejected(key, "missing_image")
+        elif not captions:
+            yield ImageRecord(key, bytes(image))
         elif not isinstance(caption, str) or not caption.strip():
             yield Rejected(key, "missing_caption")
         else:
@@ -188,9 +233,28 @@ def read_text_parquet(path: Path, columns: Columns) -> Iterator[TextRecord | Rej
 
 
 def read_unit(path: Path, kind: str, columns: Columns):
-    """All records of one input file."""
-    if kind == "image_caption":
-        reader = read_tar if path.suffix == ".tar" else read_image_caption_parquet
+    """All records of one input (a file, or a folder of images). ``kind`` "image" reads the
+    images of image–caption inputs without their captions."""
+    if kind == "text":
+        return (read_jsonl if path.suffix == ".jsonl" else read_text_parquet)(path, columns)
+    if path.is_dir():
+        reader = read_image_folder
     else:
-        reader = read_jsonl if path.suffix == ".jsonl" else read_text_parquet
-    return reader(path, columns)
+        reader = read_tar if path.suffix == ".tar" else read_image_parquet
+    return reader(path, columns, captions=kind == "image_caption")
+
+
+def decode_images(records: ImageRecords, size: int
+                  ) -> Iterator[tuple[ImageRecord, np.ndarray] | Rejected]:  # fmt: skip
+    """Each record with its image decoded, centre-cropped and resized to uint8 [size, size, 3]
+    (what the VAE sees, when training it and when sharding); an undecodable image is Rejected."""
+    for record in records:
+        if isinstance(record, Rejected):
+            yield record
+            continue
+        try:
+            image = center_crop_resize(decode_image(record.image), size)
+        except ValueError as e:
+            yield Rejected(record.key, "undecodable_image", str(e))
+            continue
+        yield record, image

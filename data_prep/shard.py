@@ -1,14 +1,14 @@
 """The offline sharding job: inputs -> tokenized text / VAE latents -> MDS shards.
 
-Work is cut into *units* (one per input file, in sorted order, recorded in plan.json),
-so a job array splits it (task i of N takes units i, i+N, ...) and any split produces the
-same units. Each unit is written to a temporary directory and renamed into place when
-complete: a killed task never leaves a unit that looks finished, and a re-run skips the
-finished ones. ``merge`` then checks every unit is there and writes one MDS index plus
-``manifest.json`` (provenance, counts, a SHA-256 per shard file) and ``lengths.npy``
+Work is cut into *units* (one per input file or folder of images, in sorted order, recorded
+in plan.json), so a job array splits it (task i of N takes units i, i+N, ...) and any split
+produces the same units. Each unit is written to a temporary directory and renamed into
+place when complete: a killed task never leaves a unit that looks finished, and a re-run
+skips the finished ones. ``merge`` then checks every unit is there and writes one MDS index
+plus ``manifest.json`` (provenance, counts, a SHA-256 per shard file) and ``lengths.npy``
 (tokens per sample, which the loader plans packing from without reading samples).
 
-    mtf-prepare-data shard --kind image_caption --inputs data/*.tar --out shards/img \\
+    mtf-prepare-data shard --kind image_caption --inputs data/*.tar photos/ --out shards/img \\
         --tokenizer tok.json --vae vae/ --image-size 256 [--shard-index I --num-shards N]
     mtf-prepare-data merge --out shards/img
 """
@@ -29,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data_prep.readers import (
-    IMAGE_CAPTION_SUFFIXES, TEXT_SUFFIXES, Columns, Rejected, expand_inputs, read_unit,
+    IMAGE_SUFFIXES, TEXT_SUFFIXES, Columns, Rejected, decode_images, expand_inputs, read_unit,
 )  # fmt: skip
 
 log = logging.getLogger("data_prep.shard")
@@ -156,7 +156,7 @@ def _process_text(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, s
 
 
 def _process_images(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected):
-    from data_prep.images import center_crop_resize, decode_image, to_model_range
+    from data_prep.images import to_model_range
 
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
 
@@ -171,16 +171,12 @@ def _process_images(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter,
             stats["written"] += 1
         pending.clear()
 
-    for record in read_unit(path, "image_caption", job.columns):
+    for item in decode_images(read_unit(path, "image_caption", job.columns), job.image_size):
         stats["read"] += 1
-        if isinstance(record, Rejected):
-            rejected(record)
+        if isinstance(item, Rejected):
+            rejected(item)
             continue
-        try:
-            image = center_crop_resize(decode_image(record.image), job.image_size)
-        except ValueError as e:
-            rejected(Rejected(record.key, "undecodable_image", str(e)))
-            continue
+        record, image = item
         ids = enc.tokenizer.encode(record.caption)
         if not ids:
             rejected(Rejected(record.key, "missing_caption", "no tokens"))
@@ -221,8 +217,10 @@ def _process_unit(index: int, path: Path, job: ShardJob, enc: _Encoders) -> Coun
 
 def run_shard_job(job: ShardJob) -> Counter:
     """Process this task's units; returns counts (units skipped because already done too)."""
-    suffixes = TEXT_SUFFIXES if job.kind == "text" else IMAGE_CAPTION_SUFFIXES
-    units = expand_inputs(job.inputs, suffixes)
+    if job.kind == "text":
+        units = expand_inputs(job.inputs, TEXT_SUFFIXES)
+    else:
+        units = expand_inputs(job.inputs, IMAGE_SUFFIXES, image_folders=True)
     enc = _Encoders(job)
     _write_plan(job, units, enc.provenance(job))
     mine = list(range(job.shard_index, len(units), job.num_shards))
@@ -302,7 +300,9 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     shard = commands.add_parser("shard", help="tokenize / VAE-encode inputs into MDS units")
     shard.add_argument("--kind", required=True, choices=["text", "image_caption"])
-    shard.add_argument("--inputs", nargs="+", required=True, help="files or directories")
+    shard.add_argument("--inputs", nargs="+", required=True,
+                       help="files or directories; for image_caption also folders of images "
+                            "(KEY.png + KEY.txt)")
     shard.add_argument("--out", required=True)
     shard.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
     shard.add_argument("--vae", help="VAE directory (this project's or diffusers AutoencoderKL)")

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import tarfile
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -106,6 +108,31 @@ def test_parquet_columns_are_configurable(env, tmp_path):
         run_shard_job(job(env, "image_caption", tmp_path / "a", inputs=parquet))
     counts = run_shard_job(job(env, "image_caption", tmp_path / "b", inputs=parquet, caption_column="alt"))
     assert counts["written"] == 20 and counts["rejected_missing_caption"] == 1
+
+
+def test_image_folder_shards_like_the_equivalent_tar(env, tmp_path):
+    """part-0.tar unpacked into a folder (KEY.png + KEY.txt/json, the bad samples too) gives the
+    same samples, latents and rejections; found as a folder of images under a named directory."""
+    root = env[0]
+    folder = tmp_path / "photos" / "part-0"
+    folder.mkdir(parents=True)
+    with tarfile.open(root / "inputs" / "images" / "part-0.tar") as tar:
+        for member in tar:
+            (folder / member.name).write_bytes(tar.extractfile(member).read())
+    from_tar = run_shard_job(job(env, "image_caption", tmp_path / "tar", inputs=TARS[:1]))
+    folder_job = job(env, "image_caption", tmp_path / "folder")
+    from_folder = run_shard_job(replace(folder_job, inputs=[str(tmp_path / "photos")]))
+    assert from_folder == from_tar and from_tar["written"] == 20
+    for out in ("tar", "folder"):
+        merge(tmp_path / out)
+    tar_samples, folder_samples = samples(tmp_path / "tar"), samples(tmp_path / "folder")
+    assert [s["key"] for s in folder_samples] == [f"part-0/{i:06d}" for i in range(20)]
+    assert [s["key"] for s in tar_samples] == [f"part-0.tar/{i:06d}" for i in range(20)]
+    for a, b in zip(tar_samples, folder_samples):
+        np.testing.assert_array_equal(a["caption"], b["caption"])
+        np.testing.assert_array_equal(a["latent"], b["latent"])
+    rejected = {json.loads(line)["key"] for line in (tmp_path / "folder" / "rejected.jsonl").open()}
+    assert rejected == {"part-0/bad-image", "part-0/no-caption", "part-0/latin1"}
 
 
 def test_job_array_plus_merge_equals_single_job(env, text_shards, tmp_path):
