@@ -1,18 +1,22 @@
 import io
 import json
 import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
 
 from data_prep.images import center_crop_resize, decode_image, from_model_range, to_model_range
 from data_prep.vae import (
-    ConvVAE, VAEConfig, bilinear_baseline, load_vae, psnr, reconstruct, save_vae, scaling_factor,
-    train_vae, train_vae_main,
+    ConvVAE, VAEConfig, bilinear_baseline, is_held_out, load_vae, psnr, read_image_set, reconstruct,
+    save_vae, scaling_factor, train_vae, train_vae_main,
 )  # fmt: skip
+from tests.data_fixtures import add_member
 
 TINY = VAEConfig(base_channels=8)
 
@@ -253,3 +257,124 @@ def test_builtin_vae_beats_bilinear_on_heldout_emoji():
         reconstructed = from_model_range(vae.decode(vae.encode(to_model_range(heldout))))
     ours, baseline = psnr(heldout, reconstructed), psnr(heldout, bilinear_baseline(heldout))
     assert ours > baseline + 5.0, (ours, baseline)
+
+
+# ------------------------------------------------------------------------------------------
+# mtf-train-vae from the sharding job's inputs
+
+
+def write_image_inputs(root: Path, images: np.ndarray, reverse_tar=False) -> dict[str, Path]:
+    """The same images as a tar (KEY.png + KEY.txt), a Parquet file ('picture' column) and a
+    folder of PNGs with caption sidecars."""
+    root.mkdir(parents=True, exist_ok=True)
+    pngs = [png_bytes(Image.fromarray(image)) for image in images]
+    with tarfile.open(root / "images.tar", "w") as tar:
+        for i in range(len(pngs))[::-1] if reverse_tar else range(len(pngs)):
+            add_member(tar, f"{i:03d}.png", pngs[i])
+            add_member(tar, f"{i:03d}.txt", f"picture {i}".encode())
+    pq.write_table(pa.table({"picture": pngs}), root / "images.parquet")
+    (root / "images").mkdir()
+    for i, png in enumerate(pngs):
+        (root / "images" / f"{i:03d}.png").write_bytes(png)
+        (root / "images" / f"{i:03d}.txt").write_text(f"picture {i}")
+    return {"tar": root / "images.tar", "parquet": root / "images.parquet",
+            "folder": root / "images"}  # fmt: skip
+
+
+def keys_of(form: str, n: int) -> list[str]:
+    name = {"tar": "images.tar/{:03d}", "parquet": "images.parquet/{}", "folder": "images/{:03d}"}
+    return [name[form].format(i) for i in range(n)]
+
+
+def run_train_vae(capsys, *args: str) -> str:
+    train_vae_main([*args, "--steps", "2", "--batch-size", "4", "--base-channels", "8"])
+    return capsys.readouterr().out
+
+
+def assert_error(capsys, message: str) -> None:
+    """argparse's usage, then the whole error on one line."""
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert re.fullmatch(f"mtf-train-vae: error: .*{message}.*", last), last
+
+
+@pytest.mark.parametrize("form", ["tar", "parquet", "folder"])
+def test_train_vae_main_from_the_sharding_inputs(tmp_path, capsys, form):
+    inputs = write_image_inputs(tmp_path / "in", shapes(30, size=24))
+    extra = ["--latent-channels", "4", "--downsample", "4"] if form == "folder" else []
+    out = run_train_vae(capsys, "--inputs", str(inputs[form]), "--image-size", "16",
+                        "--image-column", "picture", "--holdout", "0.2",
+                        "--out", str(tmp_path / "vae"), *extra)  # fmt: skip
+    held = int(is_held_out(keys_of(form, 30), 0.2).sum())
+    assert 1 <= held < 30
+    assert f"{30 - held} training and {held} held-out images of 16x16\n" in out
+    assert "rejected" not in out
+    psnr_line = r"held-out PSNR: VAE ([\d.]+) dB, bilinear baseline ([\d.]+) dB"
+    vae_db, base_db = map(float, re.search(psnr_line, out).groups())
+    assert 0 < vae_db < 60 and 10 < base_db < 40
+    encoder = load_vae(tmp_path / "vae")
+    c, d = (4, 4) if form == "folder" else (8, 8)
+    assert (encoder.latent_channels, encoder.downsample) == (c, d)
+    assert encoder.encode(torch.zeros(1, 3, 16, 16)).shape == (1, c, 16 // d, 16 // d)
+
+
+def test_train_vae_main_reads_mixed_inputs_and_counts_rejected(tmp_path, capsys):
+    inputs = write_image_inputs(tmp_path / "in", shapes(12, size=16))
+    with tarfile.open(inputs["tar"], "a") as tar:
+        add_member(tar, "orphan.txt", b"a caption without an image")
+    (inputs["folder"] / "broken.jpg").write_bytes(b"not an image")
+    truncated = png_bytes(Image.new("RGB", (64, 64), "red"))[:60]
+    (inputs["folder"] / "truncated.png").write_bytes(truncated)
+    out = run_train_vae(capsys, "--inputs", str(tmp_path / "in"), "--image-size", "16",
+                        "--image-column", "picture", "--out", str(tmp_path / "vae"))  # fmt: skip
+    keys = keys_of("tar", 12) + keys_of("parquet", 12) + keys_of("folder", 12)
+    held = int(is_held_out(keys, 0.05).sum())
+    assert f"{36 - held} training and {held} held-out images of 16x16\n" in out
+    assert ("3 rejected: missing_image 1 (first: images.tar/orphan), "
+            "undecodable_image 2 (first: images/broken)\n") in out  # fmt: skip
+    assert load_vae(tmp_path / "vae").kind == "conv_vae"
+
+
+def test_held_out_split_is_deterministic_disjoint_and_order_free(tmp_path):
+    images = shapes(60, size=16)
+    forward = write_image_inputs(tmp_path / "a", images)["tar"]
+    backward = write_image_inputs(tmp_path / "b", images, reverse_tar=True)["tar"]
+
+    def split(tar):
+        train, held, _ = read_image_set([str(tar)], 16, holdout=0.2)
+        return {image.tobytes() for image in train}, {image.tobytes() for image in held}
+
+    (train, held), *others = [split(tar) for tar in (forward, backward, forward)]
+    assert others == [(train, held)] * 2  # the same split again and in reversed member order
+    assert not train & held and train | held == {image.tobytes() for image in images}
+    assert len(held) == is_held_out(keys_of("tar", 60), 0.2).sum() and 1 <= len(held) <= 30
+
+    keys = [f"shard-{i // 100}.tar/{i:05d}" for i in range(4000)]
+    held = is_held_out(keys, 0.1)
+    assert 320 < held.sum() < 480  # ~10%
+    np.testing.assert_array_equal(is_held_out(keys[::-1], 0.1), held[::-1])  # order-free
+    np.testing.assert_array_equal(is_held_out(keys[:1000], 0.1), held[:1000])  # per key
+    assert is_held_out(keys[:3], 1e-6).sum() == 1  # at least one image is held out
+
+
+def test_train_vae_main_input_errors_are_one_line(tmp_path, capsys):
+    inputs = write_image_inputs(tmp_path / "in", shapes(4, size=16))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.png").write_bytes(b"garbage")
+    (tmp_path / "empty").mkdir()
+    folder, out = str(inputs["folder"]), str(tmp_path / "vae")
+    cases = [
+        ([str(tmp_path / "bad")], r"0 usable images in .*bad \(need 2 or more\); "
+                                  r"1 rejected: undecodable_image 1 \(first: bad/x\)"),
+        ([str(tmp_path / "empty")], "no .tar/.parquet files or image files in"),
+        ([f"{folder}/000.png"], "expected one of .tar, .parquet or a folder of images"),
+        ([str(tmp_path / "missing")], "input '.*missing' does not exist"),
+        ([str(inputs["parquet"]), "--image-column", "img"], r"has no column\(s\) \['img'\]"),
+        ([folder, "--image-size", "12"], "image size 12x12 is not a multiple of --downsample 8"),
+        ([folder, "--holdout", "1"], r"--holdout must be in \(0, 1\)"),
+    ]  # fmt: skip
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run_train_vae(capsys, "--out", out, "--image-size", "16", "--inputs", *args)
+        assert exit_info.value.code == 2
+        assert_error(capsys, message)
+    assert not (tmp_path / "vae").exists()
