@@ -10,10 +10,8 @@ import torch
 @dataclass(frozen=True)
 class TransfusionLoss:
     total: torch.Tensor
-    lm: torch.Tensor  # mean next-token cross entropy over trained text positions
-    diffusion: torch.Tensor  # mean over images of the per-image MSE between ε̂ and ε
-    num_tokens: int
-    num_images: int
+    lm: torch.Tensor  # next-token cross entropy summed over trained text positions / num_tokens
+    diffusion: torch.Tensor  # per-image MSE between ε̂ and ε summed over images / num_images
 
 
 def transfusion_loss(
@@ -22,16 +20,23 @@ def transfusion_loss(
     predicted_noise: torch.Tensor,
     noise: torch.Tensor,
     diffusion_weight: float,
+    num_tokens: int | None = None,
+    num_images: int | None = None,
 ) -> TransfusionLoss:
     """``token_losses`` [b, s] is per-position cross entropy; ``lm_mask`` selects the
-    positions that are trained (``PackedBatch.lm_targets``)."""
-    mask = lm_mask.to(token_losses.dtype)
-    num_tokens = int(lm_mask.sum())
-    lm = (token_losses * mask).sum() / max(num_tokens, 1)
-    num_images = predicted_noise.shape[0]
-    if num_images:
-        per_image = (predicted_noise.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
-        diffusion = per_image.mean()
-    else:  # exactly 0, but keeps the patch-out layer in the graph (see TransfusionModel._embed)
-        diffusion = predicted_noise.float().sum()
-    return TransfusionLoss(lm + diffusion_weight * diffusion, lm, diffusion, num_tokens, num_images)
+    positions that are trained (``PackedBatch.lm_targets``).
+
+    L_LM is a mean over ``num_tokens`` trained tokens and L_DDPM over ``num_images``
+    images, by default this batch's own. A micro-batch passes its global batch's counts,
+    so that the micro-batches' losses add up to the global batch's means. A count of 0
+    gives 0 (its sum is empty), not NaN.
+    """
+    if num_tokens is None:
+        num_tokens = int(lm_mask.sum())
+    if num_images is None:
+        num_images = predicted_noise.shape[0]
+    lm = (token_losses * lm_mask.to(token_losses.dtype)).sum() / max(num_tokens, 1)
+    # Zero images give exactly 0 with the patch-out layer in the graph (TransfusionModel._embed).
+    per_image = (predicted_noise.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+    diffusion = per_image.sum() / max(num_images, 1)
+    return TransfusionLoss(lm + diffusion_weight * diffusion, lm, diffusion)

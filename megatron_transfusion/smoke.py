@@ -13,7 +13,7 @@ from megatron_transfusion.diffusion import CosineSchedule, noise_images
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.synthetic import random_batch
-from megatron_transfusion.training.step import MicroBatch, forward_backward, mean_report
+from megatron_transfusion.training.step import MicroBatch, batch_losses, forward_backward
 
 
 def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[dict[str, float]]:
@@ -39,7 +39,7 @@ def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[dict
         history = []
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            report = mean_report(forward_backward([model], micro_batches, cfg.diffusion.loss_weight))
+            report = batch_losses(forward_backward([model], micro_batches, cfg.diffusion.loss_weight))
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             optimizer.step()
             history.append(report)

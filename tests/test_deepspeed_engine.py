@@ -1,10 +1,11 @@
 """DeepSpeedEngine (ZeRO-1/2/3 over a Megatron TP×DP model) trains exactly like plain AdamW.
 
-The reference runs in this process at TP=1: the same model and seed, every micro-batch
-of every rank through Megatron's schedule (mean over the global batch), torch's
-clip_grad_norm_ and AdamW over the project's ``param_groups``. The DeepSpeed runs are
-real processes over gloo (torchrun); their final weights come back through
-dist-checkpointing, resharded to TP=1.
+The reference runs in this process at TP=1: the same model and seed, the micro-batches of
+every rank as ONE micro-batch through Megatron's schedule, torch's clip_grad_norm_ and
+AdamW over the project's ``param_groups``. The ranks' micro-batches hold different numbers
+of images and tokens, so this also checks that L_LM and L_DDPM are global-batch means.
+The DeepSpeed runs are real processes over gloo (torchrun); their final weights come back
+through dist-checkpointing, resharded to TP=1.
 """
 
 import functools
@@ -20,16 +21,18 @@ from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import seed_everything
 from megatron_transfusion.training.deepspeed_engine import DeepSpeedEngine
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
-from megatron_transfusion.training.step import forward_backward, mean_report
+from megatron_transfusion.training.step import batch_losses, forward_backward
 from tests.conftest import run_torchrun
 from tests.distributed import deepspeed_worker as worker
+from tests.distributed.equivalence_worker import one_batch
 
 WORKER = "tests/distributed/deepspeed_worker.py"
 
 
 @functools.cache
 def reference(plat, dp: int, steps: tuple[int, ...]):
-    """Plain AdamW on the global batch of each step in ``steps``: (weights, per-step results)."""
+    """Plain AdamW on the global batch of each step in ``steps``: (weights, per-step
+    results, the losses of step STEPS's global batch after them)."""
     cfg = worker.config(dp=dp)
     seed_everything(worker.SEED)
     chunks = build_model(cfg, plat)
@@ -37,13 +40,16 @@ def reference(plat, dp: int, steps: tuple[int, ...]):
     results = []
     for step in steps:
         optimizer.zero_grad(set_to_none=True)
-        batches = worker.micro_batches(cfg, step, 0, dp * worker.MICRO_BATCHES)
-        losses = mean_report(forward_backward(chunks, batches, cfg.diffusion.loss_weight))
+        batch = one_batch(worker.micro_batches(cfg, step, 0, dp * worker.MICRO_BATCHES))
+        losses = batch_losses(forward_backward(chunks, [batch], cfg.diffusion.loss_weight))
         grad_norm = torch.nn.utils.clip_grad_norm_(chunks[0].parameters(), cfg.optimizer.grad_clip)
         set_lr(optimizer, worker.lr(cfg, step))
         optimizer.step()
         results.append({"losses": losses, "grad_norm": float(grad_norm)})
-    return tensors(chunks[0]), results
+    with torch.no_grad():
+        batch = one_batch(worker.micro_batches(cfg, worker.STEPS, 0, dp * worker.MICRO_BATCHES))
+        evaluation = batch_losses(forward_backward(chunks, [batch], cfg.diffusion.loss_weight, forward_only=True))
+    return tensors(chunks[0]), results, evaluation
 
 
 def trained_weights(plat, directory) -> dict[str, torch.Tensor]:
@@ -85,9 +91,10 @@ def assert_matches(ours: list[dict], theirs: list[dict]):
     "zero, tp, offload", [(1, 1, False), (2, 1, False), (1, 2, False), (2, 1, True)]
 )  # ZeRO-3 is compared with the reference in the NaN test
 def test_zero_matches_plain_adamw(tmp_path, megatron_world, zero, tp, offload):
-    _, results = run(tmp_path, "train", zero, tp, offload)
-    weights, expected = reference(megatron_world, dp=2 // tp, steps=tuple(range(worker.STEPS)))
+    out, results = run(tmp_path, "train", zero, tp, offload)
+    weights, expected, evaluation = reference(megatron_world, dp=2 // tp, steps=tuple(range(worker.STEPS)))
     assert_matches(results, expected)
+    assert out["evaluation"] == pytest.approx(evaluation, abs=1e-5)
     assert max_diff(trained_weights(megatron_world, tmp_path / "run"), weights) < 1e-5
 
 
@@ -95,7 +102,7 @@ def test_without_mpu_tensor_parallel_is_wrong(tmp_path, megatron_world):
     """The control that shows the comparison can fail: without the mpu adapter DeepSpeed
     averages TP shards into each other (shared notes), and this test sees it."""
     run(tmp_path, "train", zero=1, tp=2, no_mpu=True)
-    weights, _ = reference(megatron_world, dp=1, steps=tuple(range(worker.STEPS)))
+    weights, *_ = reference(megatron_world, dp=1, steps=tuple(range(worker.STEPS)))
     assert max_diff(trained_weights(megatron_world, tmp_path / "run"), weights) > 1e-2
 
 
@@ -111,7 +118,7 @@ def test_non_finite_loss_on_one_rank_skips_the_step_everywhere(tmp_path, megatro
         assert math.isfinite(results[step]["grad_norm"]) != poisoned, step
     # The run equals one that never saw the bad steps: Adam's step count did not advance.
     steps = tuple(s for s in range(worker.NAN_STEPS) if s not in worker.POISONED)
-    weights, expected = reference(megatron_world, dp=2, steps=steps)
+    weights, expected, _ = reference(megatron_world, dp=2, steps=steps)
     assert_matches([results[s] for s in steps], expected)
     assert max_diff(trained_weights(megatron_world, tmp_path / "run"), weights) < 1e-5
 

@@ -1,6 +1,7 @@
 """Losses, the noise schedule and the training-time draws, against hand computation."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from megatron_transfusion.config import DiffusionConfig
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
 from megatron_transfusion.diffusion.schedule import sample_timesteps
 from megatron_transfusion.loss import transfusion_loss
+from megatron_transfusion.training.step import GlobalBatch, MicroBatch, batch_losses
 
 SPECIAL = SpecialTokens(boi=1, eoi=2, pad=0)
 
@@ -47,7 +49,6 @@ def test_lm_loss_equals_hand_computation():
             hand.append(log_z - row[int(labels[0, i])])
     empty = torch.zeros(0, 1, 1, 2)
     loss = transfusion_loss(token_losses, mask, empty, empty, diffusion_weight=5.0)
-    assert loss.num_tokens == 4
     assert loss.lm.item() == pytest.approx(sum(hand) / len(hand), rel=1e-5)
     assert loss.total.item() == pytest.approx(loss.lm.item())
 
@@ -60,8 +61,6 @@ def test_diffusion_loss_is_the_per_image_mean_of_squared_error():
     lm = torch.zeros(1, 4)
     loss = transfusion_loss(lm, torch.ones(1, 4, dtype=torch.bool), predicted, noise, 5.0)
     assert loss.diffusion.item() == pytest.approx((0 + 0.25 + 4.0) / 3)
-    # Per image, not per element: a larger image would not weigh more.
-    assert loss.num_images == 3
 
 
 @pytest.mark.parametrize("weight", [0.0, 1.0, 5.0, 7.5])
@@ -122,3 +121,65 @@ def test_noise_images_draws_are_deterministic_and_cfg_dropout_has_its_rate():
     drops = torch.cat([noise_images(batch, schedule, cfg, generator)[0].unconditional for _ in range(500)])
     sigma = math.sqrt(0.1 * 0.9 / drops.numel())
     assert abs(drops.float().mean().item() - 0.1) < 4 * sigma
+
+
+def uneven_micro_batches():
+    """A text-only micro-batch with 9 trained tokens, and one with 6 and 3 images."""
+    image = ImageSegment(torch.ones(1, 1, 2))
+    text = [[[TextSegment([5, 6, 7, 8, 9])]], [[TextSegment([5, 6, 7])], [TextSegment([8, 9, 10, 11])]]]
+    images = [[[TextSegment([7, 8]), image, TextSegment([9])], [image]],
+              [[ImageSegment(torch.ones(1, 1, 2), caption_first=False), TextSegment([3, 4, 5])]]]  # fmt: skip
+    generator = torch.Generator().manual_seed(2)
+    out = []
+    for rows in (text, images):
+        batch = pack_documents(rows, 16, 2, (1, 1, 2), SPECIAL)
+        output = SimpleNamespace(
+            token_losses=torch.rand(batch.tokens.shape, generator=generator).requires_grad_(),
+            predicted_noise=torch.randn(batch.latents.shape, generator=generator).requires_grad_(),
+        )
+        out.append((MicroBatch(batch, torch.randn(batch.latents.shape, generator=generator)), output))
+    return out
+
+
+def test_micro_batch_shares_add_up_to_the_global_batch_means(megatron_world):
+    """L_LM is the mean over every trained token of the global batch, L_DDPM over every
+    image, however they fall into micro-batches: not a mean of per-micro-batch means."""
+    weight = 5.0
+    pairs = uneven_micro_batches()
+    global_batch = GlobalBatch.of([micro for micro, _ in pairs])
+    assert (global_batch.num_tokens, global_batch.num_images, global_batch.averaged_over) == (9 + 6, 3, 2)
+    totals, reports = zip(*(global_batch.loss(micro, micro.batch.lm_targets()[1], weight, output)
+                            for micro, output in pairs))  # fmt: skip
+    # What the engines train: each micro-batch's loss averaged over micro-batches and DP ranks.
+    trained = sum(totals) / global_batch.averaged_over
+    inputs = [t for _, output in pairs for t in (output.token_losses, output.predicted_noise)]
+
+    # Brute force over the concatenated batch.
+    token_losses = torch.cat([o.token_losses[m.batch.lm_targets()[1]] for m, o in pairs])
+    per_image = [(p - e).pow(2).mean() for m, o in pairs for p, e in zip(o.predicted_noise, m.noise)]
+    lm, diffusion = token_losses.mean(), torch.stack(per_image).mean()
+    expected = lm + weight * diffusion
+    assert trained.item() == pytest.approx(expected.item(), rel=1e-6)
+    for key, value in (("loss", expected), ("lm_loss", lm), ("diffusion_loss", diffusion)):
+        assert batch_losses(list(reports))[key] == pytest.approx(value.item(), rel=1e-6), key
+    for ours, theirs in zip(torch.autograd.grad(trained, inputs, materialize_grads=True),
+                            torch.autograd.grad(expected, inputs, materialize_grads=True)):  # fmt: skip
+        torch.testing.assert_close(ours, theirs)
+
+
+def test_global_batch_without_images_or_text_tokens(megatron_world):
+    """A global batch with no image (or no trained token): that part is 0, not NaN, and
+    the patch-out layer's output stays in the graph."""
+    (text, output), _ = uneven_micro_batches()
+    total, report = GlobalBatch.of([text]).loss(text, text.batch.lm_targets()[1], 5.0, output)
+    total.backward()
+    assert float(report["diffusion_loss"]) == 0.0 and float(report["lm_loss"]) > 0
+    assert output.predicted_noise.shape[0] == 0 and output.predicted_noise.grad is not None
+
+    images = pack_documents([[[ImageSegment(torch.ones(1, 1, 2))]]], 8, 2, (1, 1, 2), SPECIAL)
+    micro = MicroBatch(images, torch.zeros(1, 1, 1, 2))
+    lm_mask = images.lm_targets()[1]
+    output = SimpleNamespace(token_losses=torch.ones(1, 8), predicted_noise=torch.ones(1, 1, 1, 2))
+    _, report = GlobalBatch.of([micro]).loss(micro, lm_mask, 5.0, output)
+    assert not lm_mask.any() and float(report["lm_loss"]) == 0.0
+    assert float(report["diffusion_loss"]) == 1.0

@@ -1,4 +1,5 @@
-"""TP=2, PP=2, TP=2×PP=2 and interleaved PP give the TP=1 loss and gradients.
+"""TP=2, PP=2, TP=2×PP=2 and interleaved PP over two uneven micro-batches give the loss
+and gradients of their samples as one batch at TP=1.
 
 Real processes over gloo (torchrun). Weights reach every layout through
 dist-checkpointing, so this also proves the sharded state dict reshards TP=1 -> TP=2/PP=2.

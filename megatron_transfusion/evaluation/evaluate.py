@@ -27,8 +27,10 @@ from megatron_transfusion.inference.generate import Generator, SamplingConfig
 
 
 def heldout_losses(evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: int = 1) -> dict[str, float]:
-    """Mean losses over ``eval.batches`` global batches of held-out data, the same batches
-    and noise at every evaluation; ``evaluate(micro_batches)`` is the engine's forward."""
+    """Losses over ``eval.batches`` global batches of held-out data, the same batches and
+    noise at every evaluation, scored as one batch (L_LM the mean over all their trained
+    tokens, so the perplexity is per token); ``evaluate(micro_batches)`` is the engine's
+    forward."""
     from megatron_transfusion.data.loader import MixedModalityLoader
     from megatron_transfusion.diffusion.schedule import CosineSchedule, noise_images
     from megatron_transfusion.training.step import MicroBatch
@@ -40,17 +42,15 @@ def heldout_losses(evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: i
     schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
     generator = torch.Generator().manual_seed(cfg.run.seed + 17 + dp_rank)
     device = platform.current().device()
-    totals: dict[str, float] = {}
+    micro = []
     for _ in range(e.batches):
-        micro = []
         for batch in loader.next_step():
             noised, noise = noise_images(batch, schedule, cfg.diffusion, generator)
             micro.append(MicroBatch(noised.to(device), noise.to(device)))
-        for key, value in evaluate(micro).items():
-            totals[key] = totals.get(key, 0.0) + value / e.batches
-    report = {f"heldout_{k}": v for k, v in totals.items()}
+    losses = evaluate(micro)
+    report = {f"heldout_{k}": v for k, v in losses.items()}
     if e.text_data:
-        report["heldout_perplexity"] = math.exp(totals["lm_loss"])
+        report["heldout_perplexity"] = math.exp(losses["lm_loss"])
     return report
 
 
@@ -146,7 +146,7 @@ def evaluate_main(argv=None) -> None:
     from megatron_transfusion.inference.cli import save_grid
     from megatron_transfusion.inference.load import load_image_vae, load_model, load_tokenizer
     from megatron_transfusion.parallel import destroy_distributed
-    from megatron_transfusion.training.step import forward_backward, mean_report
+    from megatron_transfusion.training.step import batch_losses, forward_backward
 
     loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)))
     try:
@@ -159,8 +159,8 @@ def evaluate_main(argv=None) -> None:
 
         def evaluate(micro_batches):
             with torch.no_grad():
-                return mean_report(forward_backward([model], micro_batches, cfg.diffusion.loss_weight,
-                                                    forward_only=True))  # fmt: skip
+                return batch_losses(forward_backward([model], micro_batches, cfg.diffusion.loss_weight,
+                                                     forward_only=True))  # fmt: skip
 
         metrics, details = heldout_losses(evaluate, cfg), {}
         if e.captions and e.image_caption_data:

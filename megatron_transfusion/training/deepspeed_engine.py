@@ -43,10 +43,9 @@ from megatron_transfusion.checkpointing import (
     save_sharded,
 )
 from megatron_transfusion.config import ExperimentConfig
-from megatron_transfusion.loss import transfusion_loss
 from megatron_transfusion.training.engine import Engine, StepResult
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
-from megatron_transfusion.training.step import MicroBatch
+from megatron_transfusion.training.step import LOSS_KEYS, GlobalBatch, MicroBatch
 
 LOAD_GROUP_BYTES = 2**30  # fp32 state + weights read at once per rank when loading
 
@@ -175,30 +174,29 @@ class DeepSpeedEngine(Engine):
             )
         set_lr(self.engine.optimizer, lr)
         self.engine.train()
+        global_batch = GlobalBatch.of(micro_batches)  # its M × DP undoes DeepSpeed's averages
         reports = []
         for i, micro in enumerate(micro_batches):
-            loss = self._forward(micro)
-            reports.append(torch.stack([loss.total, loss.lm, loss.diffusion]).detach().float())
-            total = loss.total
-            if i == len(micro_batches) - 1 and self._any_rank_not_finite(torch.stack(reports)):
+            total, report = self._forward(micro, global_batch)
+            reports.append(report)
+            if i == len(micro_batches) - 1 and self._any_rank_not_finite(self._stack(reports)):
                 # DeepSpeed skips a step whose gradient norm is not finite on every rank
                 # (the norm is all-reduced) and discards its reduced gradients; a NaN
                 # gradient is the one way to route a bad loss on any rank into that path.
                 total = total * math.nan
             self.engine.backward(total)
             self.engine.step()  # updates only at the last micro-batch (the boundary)
-        return self._result(torch.stack(reports).mean(dim=0))
+        return self._result(self._global_losses(reports))
 
-    def _forward(self, micro: MicroBatch):
+    def _forward(self, micro: MicroBatch, global_batch: GlobalBatch):
         labels, lm_mask = micro.batch.lm_targets()
         output = self.engine(micro.batch, labels)
-        return transfusion_loss(
-            output.token_losses,
-            lm_mask,
-            output.predicted_noise,
-            micro.noise,
-            self.cfg.diffusion.loss_weight,
-        )
+        return global_batch.loss(micro, lm_mask, self.cfg.diffusion.loss_weight, output)
+
+    @staticmethod
+    def _stack(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """[micro-batch, (loss, lm, diffusion)]: the shares of the global losses."""
+        return torch.stack([torch.stack([r[k] for k in LOSS_KEYS]) for r in reports]).float()
 
     @staticmethod
     def _any_rank_not_finite(values: torch.Tensor) -> bool:
@@ -208,29 +206,26 @@ class DeepSpeedEngine(Engine):
 
     def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
         self.engine.eval()
+        global_batch = GlobalBatch.of(micro_batches)
         with torch.no_grad():
-            losses = [self._forward(micro) for micro in micro_batches]
+            reports = [self._forward(micro, global_batch)[1] for micro in micro_batches]
         self.engine.train()
-        local = torch.stack([torch.stack([x.total, x.lm, x.diffusion]).float() for x in losses]).mean(0)
-        return dict(zip(("loss", "lm_loss", "diffusion_loss"), self._dp_mean(local).tolist()))
+        return dict(zip(LOSS_KEYS, self._global_losses(reports).tolist()))
 
-    @staticmethod
-    def _dp_mean(local_means: torch.Tensor) -> torch.Tensor:
-        dp_group = parallel_state.get_data_parallel_group()
-        means = local_means.clone()
-        dist.all_reduce(means, group=dp_group)
-        return means / dist.get_world_size(group=dp_group)
+    def _global_losses(self, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+        """[loss, lm, diffusion] of the global batch: every rank's shares of it, summed."""
+        losses = self._stack(reports).sum(dim=0)
+        dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
+        return losses
 
-    def _result(self, local_means: torch.Tensor) -> StepResult:
-        means = self._dp_mean(local_means)
+    def _result(self, losses: torch.Tensor) -> StepResult:
         applied = self.engine.was_step_applied()
-        seen = torch.tensor([int(applied), int(not applied)], device=means.device)
+        seen = torch.tensor([int(applied), int(not applied)], device=losses.device)
         dist.all_reduce(seen, op=dist.ReduceOp.MAX)
         if seen.sum() != 1:
             raise RuntimeError("DeepSpeed applied the step on some ranks only")
-        loss, lm_loss, diffusion_loss = means.tolist()
         return StepResult(
-            losses={"loss": loss, "lm_loss": lm_loss, "diffusion_loss": diffusion_loss},
+            losses=dict(zip(LOSS_KEYS, losses.tolist())),
             grad_norm=float(self.engine.get_global_grad_norm()),
             skipped=not applied,
         )

@@ -24,7 +24,7 @@ from megatron_transfusion.training.step import MicroBatch
 class StepResult:
     """Outcome of one optimizer step, identical on every rank."""
 
-    losses: dict[str, float]  # mean over the global batch: loss, lm_loss, diffusion_loss
+    losses: dict[str, float]  # the global batch's loss, lm_loss, diffusion_loss (see GlobalBatch)
     grad_norm: float  # global L2 norm before clipping (inf/nan if not finite)
     skipped: bool  # the update was skipped because loss or gradients were not finite
 
@@ -36,12 +36,13 @@ class Engine(ABC):
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
         """Zero grads, forward+backward every micro-batch of this rank, reduce gradients
         over data-parallel ranks, clip to the configured norm, then update with ``lr``.
+        The gradient is that of the loss of the whole global batch (``GlobalBatch``).
         If the loss or the gradient norm is not finite on any rank, no rank updates."""
 
     @abstractmethod
     def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
-        """Forward only: loss, lm_loss and diffusion_loss, the mean over every rank's
-        micro-batches, identical on every rank. Nothing is updated."""
+        """Forward only: loss, lm_loss and diffusion_loss of every rank's micro-batches
+        taken as one batch, identical on every rank. Nothing is updated."""
 
     @abstractmethod
     def save(self, directory: Path, background: bool = False):

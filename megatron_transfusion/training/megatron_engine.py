@@ -42,9 +42,7 @@ from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.platform import Platform
 from megatron_transfusion.training.engine import Engine, StepResult
 from megatron_transfusion.training.optimizer import no_decay_parameter_ids
-from megatron_transfusion.training.step import MicroBatch, forward_backward
-
-LOSS_KEYS = ("loss", "lm_loss", "diffusion_loss")
+from megatron_transfusion.training.step import LOSS_KEYS, MicroBatch, batch_losses, forward_backward
 
 
 class MegatronEngine(Engine):
@@ -91,12 +89,12 @@ class MegatronEngine(Engine):
             group["weight_decay"] = o.weight_decay * group.get("wd_mult", 1.0)
 
     def _global_losses(self, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """[loss, lm, diffusion]: mean over micro-batches and DP ranks, on every rank."""
+        """[loss, lm, diffusion] of the global batch, on every rank: the micro-batches'
+        shares summed over DP ranks."""
         values = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            values = torch.tensor([[float(r[k]) for k in LOSS_KEYS] for r in reports]).mean(0).double()
+            values = torch.tensor(list(batch_losses(reports).values()), dtype=torch.float64)
             dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-            values /= parallel_state.get_data_parallel_world_size()
         dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
         return values

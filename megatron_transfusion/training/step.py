@@ -1,4 +1,5 @@
-"""One global step's forward and backward through Megatron-Core's schedules.
+"""One global step's forward and backward through Megatron-Core's schedules, and the loss
+normalisation that every engine shares.
 
 The same code runs unpipelined (PP=1), 1F1B (PP>1) and interleaved (virtual stages):
 every stage receives the micro-batch, because every stage builds the attention mask
@@ -11,10 +12,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_transfusion.batch import PackedBatch
 from megatron_transfusion.loss import transfusion_loss
+
+LOSS_KEYS = ("loss", "lm_loss", "diffusion_loss")
 
 
 @dataclass(frozen=True)
@@ -23,25 +28,50 @@ class MicroBatch:
     noise: torch.Tensor  # the ε each image's prediction is scored against
 
 
-def _loss_func(micro: MicroBatch, lm_mask: torch.Tensor, diffusion_weight: float, output):
-    loss = transfusion_loss(
-        output.token_losses, lm_mask, output.predicted_noise, micro.noise, diffusion_weight
-    )
-    # The schedule divides the returned loss in place: report detached copies.
-    report = {
-        "loss": loss.total.detach().clone(),
-        "lm_loss": loss.lm.detach().clone(),
-        "diffusion_loss": loss.diffusion.detach().clone(),
-    }
-    return loss.total, report
+@dataclass(frozen=True)
+class GlobalBatch:
+    """The counts that make the trained loss the paper's over the whole global batch (every
+    micro-batch of every data-parallel rank): L_LM the mean over all its trained text
+    tokens, L_DDPM the mean over all its images, however they fall into micro-batches.
+
+    A micro-batch's loss is its sums divided by these counts, so the micro-batches' losses
+    add up to the global batch's. The engines average gradients over micro-batches
+    (Megatron's schedule, DeepSpeed's gradient accumulation) and data-parallel ranks, so
+    the loss they differentiate is multiplied by ``averaged_over``: the average becomes the
+    sum. (Megatron's ``calculate_per_token_loss`` divides by one count after the backward;
+    with two, both are counted before it.)
+    """
+
+    num_tokens: int
+    num_images: int
+    averaged_over: int  # micro-batches × data-parallel ranks
+
+    @classmethod
+    def of(cls, micro_batches: list[MicroBatch]) -> GlobalBatch:
+        """Collective over the data-parallel group (two integers)."""
+        tokens = torch.stack([m.batch.lm_targets()[1].sum() for m in micro_batches]).sum()
+        counts = torch.stack([tokens, tokens.new_tensor(sum(m.batch.num_images for m in micro_batches))])
+        group = parallel_state.get_data_parallel_group()
+        dist.all_reduce(counts, group=group)
+        num_tokens, num_images = counts.tolist()
+        return cls(num_tokens, num_images, len(micro_batches) * dist.get_world_size(group))
+
+    def loss(self, micro: MicroBatch, lm_mask: torch.Tensor, diffusion_weight: float, output):
+        """(the loss to differentiate, this micro-batch's share of the global losses)."""
+        loss = transfusion_loss(output.token_losses, lm_mask, output.predicted_noise, micro.noise,
+                                diffusion_weight, self.num_tokens, self.num_images)  # fmt: skip
+        # Megatron's schedule divides the returned loss in place: report detached copies.
+        shares = [loss.total, loss.lm, loss.diffusion]
+        report = {key: value.detach().clone() for key, value in zip(LOSS_KEYS, shares)}
+        return loss.total * self.averaged_over, report
 
 
-def make_forward_step(diffusion_weight: float):
+def make_forward_step(global_batch: GlobalBatch, diffusion_weight: float):
     def forward_step(data_iterator, model):
         micro: MicroBatch = next(data_iterator)
         labels, lm_mask = micro.batch.lm_targets()
         output = model(micro.batch, labels)
-        return output, partial(_loss_func, micro, lm_mask, diffusion_weight)
+        return output, partial(global_batch.loss, micro, lm_mask, diffusion_weight)
 
     return forward_step
 
@@ -52,14 +82,16 @@ def forward_backward(
     diffusion_weight: float,
     forward_only: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """Run all micro-batches; gradients accumulate in the parameters.
+    """Run all micro-batches of this rank; gradients accumulate in the parameters.
 
-    Returns the per-micro-batch loss reports (on the last pipeline stage; empty elsewhere).
+    Returns the per-micro-batch shares of the global losses (on the last pipeline stage;
+    empty elsewhere): summed over micro-batches and data-parallel ranks, they are the
+    global batch's losses (``batch_losses``).
     """
     tokens = micro_batches[0].batch.tokens
     iterators = [iter(micro_batches) for _ in model_chunks]
     return get_forward_backward_func()(
-        forward_step_func=make_forward_step(diffusion_weight),
+        forward_step_func=make_forward_step(GlobalBatch.of(micro_batches), diffusion_weight),
         data_iterator=iterators if len(model_chunks) > 1 else iterators[0],
         model=model_chunks if len(model_chunks) > 1 else model_chunks[0],
         num_microbatches=len(micro_batches),
@@ -69,5 +101,6 @@ def forward_backward(
     )
 
 
-def mean_report(reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
-    return {key: float(torch.stack([r[key] for r in reports]).mean()) for key in reports[0]}
+def batch_losses(reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """This rank's micro-batches' shares added up: the global batch's losses when DP = 1."""
+    return {key: float(torch.stack([r[key] for r in reports]).sum()) for key in LOSS_KEYS}

@@ -1,8 +1,10 @@
 """Under torchrun: three optimizer steps of the Megatron engine in some layout must leave
 the same weights as plain torch AdamW in one process (same groups, schedule, clipping).
 
-``--layout reference`` trains with torch AdamW on all micro-batches; other layouts train
-with MegatronEngine, each data-parallel rank on its share, then compare in the TP=1 view.
+``--layout reference`` trains with torch AdamW on each step's samples as ONE micro-batch;
+other layouts train with MegatronEngine, each data-parallel rank on its share of uneven
+micro-batches (at DP=2 one rank sees no image), then compare in the TP=1 view. Losses,
+gradient norms and an evaluation of a fourth step's batch are recorded too.
 """
 
 import argparse
@@ -21,8 +23,8 @@ from megatron_transfusion.parallel import destroy_distributed, init_distributed,
 from megatron_transfusion.training.megatron_engine import MegatronEngine
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
 from megatron_transfusion.training.schedule import lr_at
-from megatron_transfusion.training.step import forward_backward, mean_report
-from tests.distributed.equivalence_worker import OVERRIDES, full_state, micro_batches
+from megatron_transfusion.training.step import batch_losses, forward_backward
+from tests.distributed.equivalence_worker import OVERRIDES, full_state, micro_batches, one_batch
 
 STEPS = 3
 LAYOUTS = {"reference": [], "dp2": [], "dp2_zero0": ["parallel.zero_stage=0"],
@@ -36,9 +38,9 @@ TRAINING = ["optimizer.lr=0.002", "optimizer.eps=1e-5", "optimizer.warmup_steps=
 
 
 def global_micro_batches(cfg, step):
-    """Four micro-batches per step (two per DP rank at DP=2), different every step."""
-    torch.manual_seed(100 + step)
-    return micro_batches(cfg) + micro_batches(cfg)
+    """Four micro-batches per step, text only and mixed in turn (at DP=2 rank 0 takes the
+    text-only ones), different every step."""
+    return micro_batches(cfg, seed=100 + step) + micro_batches(cfg, seed=200 + step)
 
 
 def main():
@@ -56,27 +58,34 @@ def main():
         save_sharded(model_sharded_state_dict(chunks), args.workdir / "engine_w0")
         optimizer = build_adamw(chunks, cfg.optimizer)
         params = [p for c in chunks for p in c.parameters()]
-        losses = []
+        losses, grad_norms = [], []
         for step in range(STEPS):
             optimizer.zero_grad()
-            report = mean_report(forward_backward(chunks, global_micro_batches(cfg, step), cfg.diffusion.loss_weight))
-            torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)
+            batch = [one_batch(global_micro_batches(cfg, step))]
+            report = batch_losses(forward_backward(chunks, batch, cfg.diffusion.loss_weight))
+            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)))
             set_lr(optimizer, lr_at(step, cfg.optimizer, STEPS))
             optimizer.step()
             losses.append(report["loss"])
+        with torch.no_grad():
+            batch = [one_batch(global_micro_batches(cfg, STEPS))]
+            evaluation = batch_losses(forward_backward(chunks, batch, cfg.diffusion.loss_weight, forward_only=True))
     else:
         load_model(chunks, args.workdir / "engine_w0")
         engine = MegatronEngine(cfg, plat, chunks)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-        losses = []
+        losses, grad_norms = [], []
         for step in range(STEPS):
             mine = global_micro_batches(cfg, step)[rank::dp]
             result = engine.train_step(mine, lr_at(step, cfg.optimizer, STEPS))
             assert not result.skipped
             losses.append(result.losses["loss"])
+            grad_norms.append(result.grad_norm)
+        evaluation = engine.evaluate(global_micro_batches(cfg, STEPS)[rank::dp])
     save_sharded(model_sharded_state_dict(chunks), args.workdir / f"engine_w_{args.layout}")
     if dist.get_rank() == 0:
-        (args.workdir / f"engine_loss_{args.layout}.json").write_text(json.dumps(losses))
+        record = {"losses": losses, "grad_norms": grad_norms, "evaluation": evaluation}
+        (args.workdir / f"engine_loss_{args.layout}.json").write_text(json.dumps(record))
     if args.layout == "reference":
         return destroy_distributed()
     parallel_state.destroy_model_parallel()

@@ -1,8 +1,12 @@
 """Runs under torchrun: one training step of a small Transfusion model in some TP/PP
 layout, to be compared with the same step at TP=1/PP=1.
 
-``--layout reference`` (1 process): save the initial weights w0, run the step, apply
-p -= grad, save w1_reference, record the loss.
+The step's micro-batches are uneven (the first holds text alone, the others images too,
+in different numbers), so their losses add up to the global batch's only if L_LM and
+L_DDPM are normalised by the global batch's token and image counts.
+
+``--layout reference`` (1 process): save the initial weights w0, run the step on the
+same samples as ONE micro-batch, apply p -= grad, save w1_reference, record the loss.
 Any other layout: load w0 through dist-checkpointing (resharding it to this layout),
 run the same step, apply p -= grad, save w1_<layout>; then re-form the world as TP=1
 and compare the two w1 checkpoints (so grads are compared as w0 - w1) on rank 0.
@@ -18,13 +22,14 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_transfusion import platform
+from megatron_transfusion.batch import PackedBatch, TextSegment, pack_documents
 from megatron_transfusion.checkpointing import load_model, model_sharded_state_dict, save_sharded
 from megatron_transfusion.config import load_config
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
-from megatron_transfusion.synthetic import random_batch
-from megatron_transfusion.training.step import MicroBatch, forward_backward, mean_report
+from megatron_transfusion.synthetic import SPECIAL, random_documents
+from megatron_transfusion.training.step import MicroBatch, batch_losses, forward_backward
 
 OVERRIDES = [
     "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -37,25 +42,47 @@ OVERRIDES = [
 NUM_MICRO_BATCHES = 2
 
 
-def micro_batches(cfg):
-    generator = torch.Generator().manual_seed(7)
+def sample_batch(generator, cfg, text_only: bool = False) -> PackedBatch:
+    """Random mixed documents per row, or only their text documents (no image, fewer tokens)."""
+    m = cfg.model
+    rows = [random_documents(generator, m, cfg.data.seq_length) for _ in range(cfg.data.micro_batch_size)]
+    if text_only:
+        rows = [[doc for doc in row if all(isinstance(s, TextSegment) for s in doc)] for row in rows]
+    return pack_documents(rows, cfg.data.seq_length, m.patches_per_image,
+                          (m.latent_channels, m.latent_size, m.latent_size), SPECIAL)  # fmt: skip
+
+
+def micro_batches(cfg, seed: int = 7) -> list[MicroBatch]:
+    """The first text only, the others with images."""
+    generator = torch.Generator().manual_seed(seed)
     schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
     out = []
-    for _ in range(NUM_MICRO_BATCHES):
-        batch = random_batch(generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length)
-        noised, noise = noise_images(batch, schedule, cfg.diffusion, generator)
-        out.append(MicroBatch(noised, noise))
+    for i in range(NUM_MICRO_BATCHES):
+        batch = sample_batch(generator, cfg, text_only=i == 0)
+        out.append(MicroBatch(*noise_images(batch, schedule, cfg.diffusion, generator)))
     return out
 
 
-def train_step(cfg, chunks):
-    reports = forward_backward(chunks, micro_batches(cfg), cfg.diffusion.loss_weight)
+def one_batch(micro_batches: list[MicroBatch]) -> MicroBatch:
+    """The micro-batches' rows as one micro-batch (images renumbered in row-major order)."""
+    batches = [m.batch for m in micro_batches]
+    offsets = torch.tensor([0, *(b.num_images for b in batches)]).cumsum(0)
+    image_ids = [torch.where(b.image_ids >= 0, b.image_ids + offset, -1) for b, offset in zip(batches, offsets)]
+    fields = {name: torch.cat([getattr(b, name) for b in batches]) for name in (
+        "tokens", "positions", "document_ids", "latents", "timesteps", "caption_first", "unconditional")}  # fmt: skip
+    noise = torch.cat([m.noise for m in micro_batches])
+    return MicroBatch(PackedBatch(image_ids=torch.cat(image_ids), **fields), noise)
+
+
+def train_step(cfg, chunks, reference: bool):
+    batches = micro_batches(cfg)
+    reports = forward_backward(chunks, [one_batch(batches)] if reference else batches, cfg.diffusion.loss_weight)
     with torch.no_grad():
         for chunk in chunks:
             for p in chunk.parameters():
                 if p.grad is not None:
                     p -= p.grad
-    return mean_report(reports) if reports else None
+    return batch_losses(reports) if reports else None
 
 
 def full_state(cfg, plat, directory: Path) -> dict:
@@ -83,7 +110,7 @@ def main():
         save_sharded(model_sharded_state_dict(chunks), args.workdir / "w0")
     else:
         load_model(chunks, args.workdir / "w0")
-    report = train_step(cfg, chunks)
+    report = train_step(cfg, chunks, reference=args.layout == "reference")
     save_sharded(model_sharded_state_dict(chunks), args.workdir / f"w1_{args.layout}")
     if report is not None and parallel_state.get_tensor_model_parallel_rank() == 0:
         (args.workdir / f"loss_{args.layout}.json").write_text(json.dumps(report))
