@@ -51,7 +51,7 @@ def main() -> None:
     import torch
 
     generator = torch.Generator().manual_seed(0)
-    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    schedule = CosineSchedule.from_config(cfg.diffusion)
     prepared = [[MicroBatch(*noise_images(b, schedule, cfg.diffusion, generator)) for b in step] for step in steps]
     forward_backward([model], prepared[0], cfg.diffusion.loss_weight)  # warm-up
     start = time.perf_counter()

@@ -99,7 +99,7 @@ def measure(overrides: list[str], plat) -> dict:
     generator = torch.Generator().manual_seed(
         cfg.run.seed + parallel_state.get_data_parallel_rank()
     )
-    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    schedule = CosineSchedule.from_config(cfg.diffusion)
     micro = [MicroBatch(*noise_images(random_batch(generator, cfg.model, d.micro_batch_size, d.seq_length),
                                       schedule, cfg.diffusion, generator))
              for _ in range(count)]  # fmt: skip

@@ -50,7 +50,7 @@ def main() -> None:
         seed_everything(0)
         engine = MegatronEngine(cfg, plat, build_model(cfg, plat))
         generator = torch.Generator().manual_seed(0)
-        schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+        schedule = CosineSchedule.from_config(cfg.diffusion)
         rows = cfg.data.global_batch_tokens // cfg.data.seq_length
         micro = [MicroBatch(*noise_images(random_batch(generator, cfg.model, cfg.data.micro_batch_size,
                                                        cfg.data.seq_length), schedule, cfg.diffusion, generator))

@@ -255,7 +255,7 @@ class ProjectWorker:
         batch = pack_documents(documents, s["seq"], cfg.model.patches_per_image,
                                (s["channels"], s["latent"], s["latent"]), special)  # fmt: skip
         generator = torch.Generator().manual_seed(1)
-        schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+        schedule = CosineSchedule.from_config(cfg.diffusion)
         self.micro = [MicroBatch(*noise_images(batch, schedule, cfg.diffusion, generator))]
         self.positions = batch.tokens.numel()
         self.params = sum(p.numel() for chunk in model for p in chunk.parameters())

@@ -29,7 +29,7 @@ def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[dict
             batch = MixedModalityLoader(cfg).next_step()[0]
         else:
             batch = random_batch(generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length)
-        schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+        schedule = CosineSchedule.from_config(cfg.diffusion)
         noised, noise = noise_images(batch, schedule, cfg.diffusion, generator)
         device = plat.device()
         micro_batches = [MicroBatch(noised.to(device), noise.to(device))]

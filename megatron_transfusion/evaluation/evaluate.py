@@ -39,7 +39,7 @@ def heldout_losses(evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: i
     heldout = dataclasses.replace(cfg, data=dataclasses.replace(
         cfg.data, text_data=e.text_data, image_caption_data=e.image_caption_data))  # fmt: skip
     loader = MixedModalityLoader(heldout, dp_rank, dp_size)
-    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    schedule = CosineSchedule.from_config(cfg.diffusion)
     generator = torch.Generator().manual_seed(cfg.run.seed + 17 + dp_rank)
     device = platform.current().device()
     micro = []

@@ -116,7 +116,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
     # Noise, timesteps and CFG drops: one stream per data-parallel replica (TP/PP ranks of a
     # replica must draw the same), on the CPU so every platform draws alike.
     noise_generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + dp_rank)
-    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    schedule = CosineSchedule.from_config(cfg.diffusion)
     state = {"skipped_steps": 0, "consecutive_skips": 0, "tokens": 0}
     step = 0
     found = checkpoint.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)

@@ -72,7 +72,7 @@ def lr(cfg, step: int) -> float:
 
 
 def micro_batches(cfg, step: int, first: int, count: int) -> list[MicroBatch]:
-    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    schedule = CosineSchedule.from_config(cfg.diffusion)
     out = []
     for index in range(first, first + count):
         generator = torch.Generator().manual_seed(1000 * step + index)

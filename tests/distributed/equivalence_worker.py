@@ -55,7 +55,7 @@ def sample_batch(generator, cfg, text_only: bool = False) -> PackedBatch:
 def micro_batches(cfg, seed: int = 7) -> list[MicroBatch]:
     """The first text only, the others with images."""
     generator = torch.Generator().manual_seed(seed)
-    schedule = CosineSchedule.create(cfg.diffusion.train_timesteps)
+    schedule = CosineSchedule.from_config(cfg.diffusion)
     out = []
     for i in range(NUM_MICRO_BATCHES):
         batch = sample_batch(generator, cfg, text_only=i == 0)
