@@ -91,6 +91,11 @@ class DiffusionConfig:
     loss_weight: float = 5.0  # λ in L = L_LM + λ·L_DDPM
     image_first_max_timestep: int = 500  # noise limit when the image precedes its caption
     caption_dropout: float = 0.1  # probability an image is trained unconditionally (CFG)
+    # Per-image weight of the ε-MSE by its timestep. uniform: the paper's. min_snr: Min-SNR-γ
+    # (Hang et al. 2023), min(SNR_t, γ)/SNR_t: less weight on nearly clean images, whose
+    # ε-loss is large but teaches little.
+    loss_weighting: Literal["uniform", "min_snr"] = "uniform"
+    min_snr_gamma: float = 5.0
 
 
 @dataclass
@@ -437,6 +442,7 @@ def validate(config: ExperimentConfig) -> None:
         f"must lie in [0, {dif.train_timesteps - 1}]",
     )
     _require(0.0 <= dif.caption_dropout < 1.0, "diffusion.caption_dropout", "must lie in [0, 1)")
+    _require(dif.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be positive")
     _require(dif.loss_weight >= 0, "diffusion.loss_weight", "must be ≥ 0")
     o = config.optimizer
     _require(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must lie in [0, optimizer.lr={o.lr}]")

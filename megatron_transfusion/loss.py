@@ -22,6 +22,7 @@ def transfusion_loss(
     diffusion_weight: float,
     num_tokens: int | None = None,
     num_images: int | None = None,
+    image_weights: torch.Tensor | None = None,
 ) -> TransfusionLoss:
     """``token_losses`` [b, s] is per-position cross entropy; ``lm_mask`` selects the
     positions that are trained (``PackedBatch.lm_targets``).
@@ -29,7 +30,8 @@ def transfusion_loss(
     L_LM is a mean over ``num_tokens`` trained tokens and L_DDPM over ``num_images``
     images, by default this batch's own. A micro-batch passes its global batch's counts,
     so that the micro-batches' losses add up to the global batch's means. A count of 0
-    gives 0 (its sum is empty), not NaN.
+    gives 0 (its sum is empty), not NaN. ``image_weights`` [n] scale each image's MSE
+    (``diffusion.schedule.loss_weights``).
     """
     if num_tokens is None:
         num_tokens = int(lm_mask.sum())
@@ -38,5 +40,7 @@ def transfusion_loss(
     lm = (token_losses * lm_mask.to(token_losses.dtype)).sum() / max(num_tokens, 1)
     # Zero images give exactly 0 with the patch-out layer in the graph (TransfusionModel._embed).
     per_image = (predicted_noise.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+    if image_weights is not None:
+        per_image = per_image * image_weights
     diffusion = per_image.sum() / max(num_images, 1)
     return TransfusionLoss(lm + diffusion_weight * diffusion, lm, diffusion)

@@ -9,7 +9,7 @@ import torch
 from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
 from megatron_transfusion.config import DiffusionConfig
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
-from megatron_transfusion.diffusion.schedule import sample_timesteps
+from megatron_transfusion.diffusion.schedule import loss_weights, sample_timesteps
 from megatron_transfusion.loss import transfusion_loss
 from megatron_transfusion.training.step import GlobalBatch, MicroBatch, batch_losses
 
@@ -183,3 +183,37 @@ def test_global_batch_without_images_or_text_tokens(megatron_world):
     _, report = GlobalBatch.of([micro]).loss(micro, lm_mask, 5.0, output)
     assert not lm_mask.any() and float(report["lm_loss"]) == 0.0
     assert float(report["diffusion_loss"]) == 1.0
+
+
+def test_min_snr_weights_by_hand():
+    """min(SNR, γ)/SNR from ᾱ = cos²-schedule values: nearly clean images weigh little, noisy
+    ones 1; uniform weighting adds no weights at all."""
+    schedule = CosineSchedule.create(1000)
+    timesteps = torch.tensor([0, 100, 500, 900, 999])
+    assert loss_weights(timesteps, schedule, DiffusionConfig()) is None
+    weights = loss_weights(timesteps, schedule, DiffusionConfig(loss_weighting="min_snr", min_snr_gamma=5.0))
+    for t, w in zip(timesteps.tolist(), weights.tolist(), strict=True):
+        abar = schedule.alphas_cumprod[t].item()
+        snr = abar / (1 - abar)
+        assert w == pytest.approx(min(snr, 5.0) / snr, rel=1e-6)
+    assert weights[0] < 1e-3 and weights[-2:].tolist() == [1.0, 1.0]
+
+
+def test_image_weights_scale_each_images_squared_error():
+    predicted = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    noise = torch.zeros_like(predicted)
+    weights = torch.tensor([0.5, 1.0, 0.0])
+    loss = transfusion_loss(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.bool), predicted, noise, 5.0,
+                            image_weights=weights)  # fmt: skip
+    per_image = predicted.pow(2).flatten(1).mean(1)
+    torch.testing.assert_close(loss.diffusion, (per_image * weights).sum() / 3)
+
+
+def test_micro_batch_draw_carries_the_configured_weights():
+    batch = pack_documents([[[TextSegment([7]), ImageSegment(torch.ones(1, 1, 2))]] * 1] * 4, 5, 2, (1, 1, 2), SPECIAL)
+    schedule = CosineSchedule.create(1000)
+    cfg = DiffusionConfig(loss_weighting="min_snr")
+    micro = MicroBatch.draw(batch, schedule, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
+    torch.testing.assert_close(micro.image_weights, loss_weights(micro.batch.timesteps, schedule, cfg))
+    again = MicroBatch.draw(batch, schedule, DiffusionConfig(), torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert again.image_weights is None and torch.equal(again.noise, micro.noise)

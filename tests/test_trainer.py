@@ -163,7 +163,7 @@ def test_resume_on_another_layout_continues(data_root, uninterrupted, uninterrup
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(data_root, tmp_path):
-    poison = ("import math, megatron_transfusion.training.trainer as t; original = t.noise_images\n"
+    poison = ("import math, megatron_transfusion.training.step as t; original = t.noise_images\n"
               "def poisoned(batch, *a):\n"
               "    noised, noise = original(batch, *a)\n"
               "    return noised.replace(latents=noised.latents * math.nan), noise\n"

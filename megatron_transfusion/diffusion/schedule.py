@@ -55,6 +55,15 @@ class CosineSchedule:
         return abar.sqrt() * clean + (1 - abar).sqrt() * noise
 
 
+def loss_weights(timesteps: torch.Tensor, schedule: CosineSchedule, cfg: DiffusionConfig) -> torch.Tensor | None:
+    """Each image's weight in L_DDPM (``diffusion.loss_weighting``); None: all equal."""
+    if cfg.loss_weighting == "uniform":
+        return None
+    abar = schedule.alphas_cumprod.to(timesteps.device)[timesteps]
+    snr = abar / (1 - abar)
+    return (snr.clamp(max=cfg.min_snr_gamma) / snr).float()
+
+
 def sample_timesteps(caption_first: torch.Tensor, cfg: DiffusionConfig, generator: torch.Generator):
     """Uniform t per image: over [0, T) after a caption, over [0, limit] before one."""
     limit = torch.where(

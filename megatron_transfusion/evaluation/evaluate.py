@@ -32,7 +32,7 @@ def heldout_losses(evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: i
     tokens, so the perplexity is per token); ``evaluate(micro_batches)`` is the engine's
     forward."""
     from megatron_transfusion.data.loader import MixedModalityLoader
-    from megatron_transfusion.diffusion.schedule import CosineSchedule, noise_images
+    from megatron_transfusion.diffusion.schedule import CosineSchedule
     from megatron_transfusion.training.step import MicroBatch
 
     e = cfg.eval
@@ -45,8 +45,7 @@ def heldout_losses(evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: i
     micro = []
     for _ in range(e.batches):
         for batch in loader.next_step():
-            noised, noise = noise_images(batch, schedule, cfg.diffusion, generator)
-            micro.append(MicroBatch(noised.to(device), noise.to(device)))
+            micro.append(MicroBatch.draw(batch, schedule, cfg.diffusion, generator, device))
     losses = evaluate(micro)
     report = {f"heldout_{k}": v for k, v in losses.items()}
     if e.text_data:

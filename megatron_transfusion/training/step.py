@@ -17,6 +17,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_transfusion.batch import PackedBatch
+from megatron_transfusion.config import DiffusionConfig
+from megatron_transfusion.diffusion.schedule import CosineSchedule, loss_weights, noise_images
 from megatron_transfusion.loss import transfusion_loss
 
 LOSS_KEYS = ("loss", "lm_loss", "diffusion_loss")
@@ -26,6 +28,15 @@ LOSS_KEYS = ("loss", "lm_loss", "diffusion_loss")
 class MicroBatch:
     batch: PackedBatch  # images already noised
     noise: torch.Tensor  # the ε each image's prediction is scored against
+    image_weights: torch.Tensor | None = None  # each image's weight in L_DDPM; None: equal
+
+    @classmethod
+    def draw(cls, batch: PackedBatch, schedule: CosineSchedule, cfg: DiffusionConfig,
+             generator: torch.Generator, device: torch.device) -> MicroBatch:  # fmt: skip
+        """Noise ``batch``'s images and weigh their losses as ``cfg`` says, on ``device``."""
+        noised, noise = noise_images(batch, schedule, cfg, generator)
+        weights = loss_weights(noised.timesteps, schedule, cfg)
+        return cls(noised.to(device), noise.to(device), None if weights is None else weights.to(device))
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,8 @@ class GlobalBatch:
     def loss(self, micro: MicroBatch, lm_mask: torch.Tensor, diffusion_weight: float, output):
         """(the loss to differentiate, this micro-batch's share of the global losses)."""
         loss = transfusion_loss(output.token_losses, lm_mask, output.predicted_noise, micro.noise,
-                                diffusion_weight, self.num_tokens, self.num_images)  # fmt: skip
+                                diffusion_weight, self.num_tokens, self.num_images,
+                                micro.image_weights)  # fmt: skip
         # Megatron's schedule divides the returned loss in place: report detached copies.
         shares = [loss.total, loss.lm, loss.diffusion]
         report = {key: value.detach().clone() for key, value in zip(LOSS_KEYS, shares)}

@@ -23,7 +23,7 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron_transfusion import platform
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.data import MixedModalityLoader
-from megatron_transfusion.diffusion import CosineSchedule, noise_images
+from megatron_transfusion.diffusion import CosineSchedule
 from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses
 from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
@@ -152,10 +152,8 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
 
     while step < cfg.run.train_steps:
         started = time.perf_counter()
-        micro_batches = []
-        for batch in loader.next_step():
-            noised, noise = noise_images(batch, schedule, cfg.diffusion, noise_generator)
-            micro_batches.append(MicroBatch(noised.to(device), noise.to(device)))
+        micro_batches = [MicroBatch.draw(batch, schedule, cfg.diffusion, noise_generator, device)
+                         for batch in loader.next_step()]  # fmt: skip
         result = engine.train_step(micro_batches, lr_at(step, cfg.optimizer, cfg.run.train_steps))
         step += 1
         state["tokens"] += cfg.data.global_batch_tokens
