@@ -27,7 +27,6 @@ class ReverseProcess:
     steps: int = 250
     sampler: str = "ddpm"
     spacing: str = "leading"
-    clip_x0: float | None = None  # clamp the predicted clean latent to ±clip_x0 (None: never)
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -57,9 +56,6 @@ class ReverseProcess:
         a_t = float(abar[t])
         a_prev = float(abar[t_prev]) if t_prev >= 0 else 1.0
         x0 = (x_t - (1 - a_t) ** 0.5 * eps) / a_t**0.5
-        if self.clip_x0 is not None:
-            x0 = x0.clamp(-self.clip_x0, self.clip_x0)
-            eps = (x_t - a_t**0.5 * x0) / (1 - a_t) ** 0.5  # the ε consistent with the clamped x̂₀
         if self.sampler == "ddim":
             return a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
         beta = 1 - a_t / a_prev  # of the respaced chain
