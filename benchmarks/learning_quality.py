@@ -1,0 +1,266 @@
+"""Learning quality: does the trained model draw what its caption says, and caption what it sees?
+
+One command, the documented tools only (no private shortcuts):
+
+    python -m benchmarks.learning_quality --out runs/quality
+
+1. makes the compositional shapes set (``data_prep.shapes``) as a user would bring it: a
+   webdataset tar of PNG + caption, with some attribute combinations held out of training;
+2. ``mtf-prepare-builtin`` (tokenizer and text stream), ``mtf-train-vae`` on the training
+   images, ``mtf-prepare-data shard`` + ``merge``;
+3. trains the ``tiny`` preset with torchrun (``megatron_transfusion.train``);
+4. ``mtf-generate`` draws every test caption (text -> image) and captions every test image
+   (image -> text); the images are scored by construction, the captions by parsing them.
+
+Prints per-attribute accuracy on seen and held-out single-object combinations, two-object
+scenes, and exact captions; writes everything to ``<out>/results.json``. ``--curve`` also
+scores each saved checkpoint (accuracy vs training time). Extra arguments are config overrides
+for training, so one switch at a time can be compared on the same budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import itertools
+import json
+import random
+import subprocess
+import sys
+import tarfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from data_prep.shapes import Scene, make_split, pair_scenes, parse_caption, render, score_image, single_scenes
+
+IMAGE_SIZE = 32
+HELD_OUT_FRACTION = 1 / 6
+SPLIT_SEED = 0
+VENV_BIN = Path(sys.executable).parent
+# The benchmark's own choice on top of the tiny preset: a quarter of the tokens from the
+# built-in text stream, so the model stays a language model while it learns the images.
+TRAIN_SETTINGS = ("data.text_token_fraction=0.25",)
+
+
+def _run(command: list[str], log: Path) -> float:
+    """Run a documented command, its output to ``log``; returns its wall time."""
+    started = time.perf_counter()
+    with log.open("w") as f:
+        result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
+    if result.returncode:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"{' '.join(command[:3])} ... failed ({result.returncode}); see {log}:\n" + "\n".join(tail))
+    return time.perf_counter() - started
+
+
+def _tool(name: str) -> str:
+    return str(VENV_BIN / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The data set
+
+
+def make_inputs(out: Path, train_samples: int, pair_fraction: float, seed: int) -> dict[str, list[Scene]]:
+    """Training tar (seen combinations only) and the test scenes of each kind."""
+    singles, pairs = make_split(single_scenes(), HELD_OUT_FRACTION, SPLIT_SEED), make_split(pair_scenes(), HELD_OUT_FRACTION, SPLIT_SEED)
+    rng = random.Random(seed)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    with tarfile.open(out / "train" / "shapes-000000.tar", "w") as tar:
+        for i in range(train_samples):
+            scene = rng.choice(pairs.seen if rng.random() < pair_fraction else singles.seen)
+            png = io.BytesIO()
+            Image.fromarray(render(scene, IMAGE_SIZE, rng)).save(png, format="PNG")
+            for suffix, data in ((".png", png.getvalue()), (".txt", scene.caption(rng.random() < 0.5).encode())):
+                info = tarfile.TarInfo(f"{i:07d}{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return {
+        "seen": list(singles.seen),
+        "held_out": list(singles.held_out),
+        "pairs_seen": list(pairs.seen),
+        "pairs_held_out": list(pairs.held_out),
+    }
+
+
+def test_cases(tests: dict[str, list[Scene]], per_kind: int, seed: int) -> dict[str, list[Scene]]:
+    """``per_kind`` scenes of each kind, cycling through its scenes in a seeded order."""
+    rng = random.Random(seed + 1)
+    cases = {}
+    for kind, scenes in tests.items():
+        order = rng.sample(scenes, len(scenes))
+        cases[kind] = [order[i % len(order)] for i in range(per_kind)]
+    return cases
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def _accuracy(rows: list[dict[str, bool]]) -> dict[str, float]:
+    return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]} if rows else {}
+
+
+def score_generated(samples_dir: Path, cases: list[tuple[str, Scene]]) -> dict[str, dict[str, float]]:
+    records = [json.loads(line) for line in (samples_dir / "samples.jsonl").read_text().splitlines()]
+    by_kind = defaultdict(list)
+    if len(records) != len(cases):
+        raise SystemExit(f"{samples_dir}: {len(records)} samples for {len(cases)} prompts")
+    for index, (kind, scene) in enumerate(cases):
+        image = np.asarray(Image.open(samples_dir / f"sample_{index:04d}_0.png").convert("RGB"))
+        by_kind[kind].append(score_image(image, scene))
+    return {kind: _accuracy(rows) for kind, rows in by_kind.items()}
+
+
+def score_captions(samples_dir: Path, cases: list[tuple[str, Scene]]) -> dict[str, float]:
+    records = [json.loads(line) for line in (samples_dir / "samples.jsonl").read_text().splitlines()]
+    by_kind = defaultdict(list)
+    for (kind, scene), record in zip(cases, records, strict=True):
+        by_kind[kind].append(parse_caption(record["output"]) == scene)  # only what was generated
+    return {kind: float(np.mean(v)) for kind, v in by_kind.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def text_to_image(run_or_step: Path, out: Path, flat: list[tuple[str, Scene]], sampler: str, steps: int,
+                  spacing: str, guidance: float) -> tuple[dict, float]:  # fmt: skip
+    """Draw every test caption with mtf-generate; per-kind accuracies and the seconds it took."""
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = out / "prompts.txt"
+    prompts.write_text("".join(scene.caption() + "\n" for _, scene in flat))
+    seconds = _run([_tool("mtf-generate"), str(run_or_step), "--prompts-file", str(prompts), "--out", str(out),
+                    "--batch-size", "48", "--steps", str(steps), "--sampler", sampler, "--spacing", spacing,
+                    "--guidance", str(guidance)], out / "generate.log")  # fmt: skip
+    return score_generated(out, flat), seconds
+
+
+def evaluate(run_or_step: Path, out: Path, cases: dict[str, list[Scene]], args) -> dict:
+    """Text -> image and image -> text on every test case, through mtf-generate."""
+    out.mkdir(parents=True, exist_ok=True)
+    flat = [(kind, scene) for kind, scenes in cases.items() for scene in scenes]
+    t2i, seconds = text_to_image(run_or_step, out / "t2i", flat, args.sampler, args.diffusion_steps,
+                                 args.spacing, args.guidance)  # fmt: skip
+
+    images = out / "caption_inputs"
+    images.mkdir(exist_ok=True)
+    rng = random.Random(args.seed + 2)
+    caption_prompts = []
+    for i, (_, scene) in enumerate(flat):
+        path = images / f"{i:04d}.png"
+        Image.fromarray(render(scene, IMAGE_SIZE, rng)).save(path)
+        caption_prompts.append(f"<image:{path.resolve()}>\n")
+    (out / "caption_prompts.txt").write_text("".join(caption_prompts))
+    seconds += _run([_tool("mtf-generate"), str(run_or_step), "--mode", "text", "--prompts-file",
+                     str(out / "caption_prompts.txt"), "--out", str(out / "i2t"), "--max-new-tokens", "24",
+                     "--batch-size", "48"], out / "i2t.log")  # fmt: skip
+    return {
+        "text_to_image": t2i,
+        "image_to_text": score_captions(out / "i2t", flat),
+        "generation_seconds": seconds,
+    }
+
+
+def sweep_sampler(run: Path, out: Path, cases: dict[str, list[Scene]], guidance: float) -> list[dict]:
+    """The sampler's choices on the same weights: all-attributes-right per kind, and seconds."""
+    from megatron_transfusion.diffusion.sampler import SPACINGS
+
+    flat = [(kind, scene) for kind, scenes in cases.items() for scene in scenes]
+    rows = []
+    for sampler, steps, spacing in itertools.product(("ddpm", "ddim"), (25, 100, 250), SPACINGS):
+        scores, seconds = text_to_image(run, out / f"{sampler}{steps}_{spacing}", flat, sampler, steps, spacing, guidance)
+        rows.append({"sampler": sampler, "steps": steps, "spacing": spacing, "seconds": seconds,
+                     **{kind: scores[kind]["all"] for kind in scores}})  # fmt: skip
+        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="runs/quality")
+    parser.add_argument("--train-samples", type=int, default=8000)
+    parser.add_argument("--pair-fraction", type=float, default=0.5, help="share of two-object scenes")
+    parser.add_argument("--vae-minutes", type=float, default=3.0)
+    parser.add_argument("--steps", type=int, default=4000, help="training steps")
+    parser.add_argument("--per-kind", type=int, default=48, help="test cases of each kind")
+    parser.add_argument("--diffusion-steps", type=int, default=100)
+    parser.add_argument("--sampler", default="ddpm")
+    parser.add_argument("--spacing", default="leading")
+    parser.add_argument("--guidance", type=float, default=3.0)
+    parser.add_argument("--sweep-sampler", action="store_true",
+                        help="also score text -> image for DDPM/DDIM x 25/100/250 steps x each spacing")
+    parser.add_argument("--curve", action="store_true", help="also score every saved checkpoint")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reuse", action="store_true", help="keep finished stages (data, VAE, shards, training)")
+    parser.add_argument("overrides", nargs="*", help="training config overrides")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    tests = make_inputs(out / "inputs", args.train_samples, args.pair_fraction, args.seed)
+    timings["prepare_builtin"] = _run([_tool("mtf-prepare-builtin"), "--out", "data/builtin"], out / "builtin.log")
+    vae = out / "vae"
+    if not (args.reuse and (vae / "config.json").exists()):
+        timings["vae"] = _run([_tool("mtf-train-vae"), "--inputs", str(out / "inputs" / "train"), "--image-size",
+                               str(IMAGE_SIZE), "--minutes", str(args.vae_minutes), "--out", str(vae)], out / "vae.log")  # fmt: skip
+    shards = out / "shards"
+    if not (args.reuse and (shards / "manifest.json").exists()):
+        started = time.perf_counter()
+        _run([_tool("mtf-prepare-data"), "shard", "--kind", "image_caption", "--inputs", str(out / "inputs" / "train"),
+              "--out", str(shards), "--tokenizer", "data/builtin/tokenizer.json", "--vae", str(vae),
+              "--image-size", str(IMAGE_SIZE)], out / "shard.log")  # fmt: skip
+        _run([_tool("mtf-prepare-data"), "merge", "--out", str(shards)], out / "merge.log")
+        timings["shard"] = time.perf_counter() - started
+
+    run_name = "model"
+    train_log = out / "train.log"
+    if not (args.reuse and train_log.exists() and "done" in train_log.read_text()[-200:]):
+        interval = max(args.steps // 8, 1) if args.curve else args.steps
+        timings["train"] = _run([
+            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+            "-m", "megatron_transfusion.train", "--config", "tiny", "--resume", "none",
+            f"data.image_caption_data={shards}", f"run.output_root={out}", f"run.name={run_name}",
+            f"run.train_steps={args.steps}", "eval.interval=0", f"checkpoint.interval={interval}",
+            "checkpoint.keep_last=8", *TRAIN_SETTINGS, *args.overrides,
+        ], train_log)  # fmt: skip
+
+    cases = test_cases(tests, args.per_kind, args.seed)
+    results = {"config": vars(args), "timings_seconds": timings}
+    results["final"] = evaluate(out / run_name, out / "eval" / "final", cases, args)
+    if args.curve:
+        curve_cases = test_cases(tests, max(args.per_kind // 4, 4), args.seed)
+        results["curve"] = {}
+        for step_dir in sorted((out / run_name / "checkpoints").glob("step_*"))[:-1]:
+            results["curve"][step_dir.name] = evaluate(step_dir, out / "eval" / step_dir.name, curve_cases, args)
+    if args.sweep_sampler:
+        results["sampler_sweep"] = sweep_sampler(out / run_name, out / "eval" / "sweep", cases, args.guidance)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    print_results(results)
+
+
+def print_results(results: dict) -> None:
+    final = results["final"]
+    print(f"{'text -> image':<16}" + "".join(f"{k:>10}" for k in ("colour", "shape", "size", "position", "all")))
+    for kind in ("seen", "held_out"):
+        row = final["text_to_image"][kind]
+        print(f"{kind:<16}" + "".join(f"{row[k]:>10.0%}" for k in ("colour", "shape", "size", "position", "all")))
+    print(f"{'two objects':<16}" + "".join(f"{k:>10}" for k in ("colours", "shapes", "relation", "all")))
+    for kind in ("pairs_seen", "pairs_held_out"):
+        row = final["text_to_image"][kind]
+        print(f"{kind:<16}" + "".join(f"{row[k]:>10.0%}" for k in ("colours", "shapes", "relation", "all")))
+    print("image -> text exact: " + ", ".join(f"{k} {v:.0%}" for k, v in final["image_to_text"].items()))
+    for step, r in results.get("curve", {}).items():
+        t2i = r["text_to_image"]
+        print(f"{step}: all-correct seen {t2i['seen']['all']:.0%} held-out {t2i['held_out']['all']:.0%} "
+              f"pairs {t2i['pairs_held_out']['all']:.0%}; captions held-out {r['image_to_text']['held_out']:.0%}")  # fmt: skip
+    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items()))
+
+
+if __name__ == "__main__":
+    main()
