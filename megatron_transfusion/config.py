@@ -47,6 +47,9 @@ class ModelConfig:
     unet_channels: list[int] = field(default_factory=lambda: [800, 1600])  # one per level
     unet_blocks_per_level: int = 2
     timestep_frequency_dim: int = 256
+    # Where a patch sits in its image: RoPE's 1-D sequence offsets only (none, the paper's), or
+    # also DiT's fixed 2-D sin-cos embedding added to every patch vector (sincos2d).
+    image_position_embedding: Literal["none", "sincos2d"] = "none"
     # auto: the platform's (flex on GPU, sdpa on CPU); flash: kernels.attention's run split
     attention_backend: Literal["auto", "sdpa", "flex", "flash"] = "auto"
     flex_block_size: int = 128
@@ -334,6 +337,11 @@ def validate(config: ExperimentConfig) -> None:
         m.hidden_size % m.num_attention_heads == 0,
         "model.hidden_size",
         f"{m.hidden_size} is not divisible by model.num_attention_heads={m.num_attention_heads}",
+    )
+    _require(
+        m.image_position_embedding == "none" or m.hidden_size % 4 == 0,
+        "model.image_position_embedding",
+        f"sincos2d needs model.hidden_size divisible by 4, got {m.hidden_size}",
     )
     _require(
         m.num_attention_heads % m.query_groups == 0,

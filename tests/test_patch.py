@@ -1,9 +1,11 @@
+import math
+
 import pytest
 import torch
 
 from megatron_transfusion.config import ModelConfig
 from megatron_transfusion.model.patch import (
-    LinearPatchIn, UNetPatchIn, UNetPatchOut, build_patch_layers, patchify, unpatchify,
+    LinearPatchIn, UNetPatchIn, UNetPatchOut, build_patch_layers, patchify, sincos_2d, unpatchify,
 )  # fmt: skip
 
 
@@ -50,3 +52,39 @@ def test_unet_uses_plain_layer_norm_and_conditions_on_time():
     assert norms and all(n.elementwise_affine for n in norms)
     x = torch.randn(1, 8, 8, 8)
     assert not torch.allclose(down(x, torch.tensor([0])), down(x, torch.tensor([900])))
+
+
+def test_sincos_2d_encodes_row_then_column():
+    """By hand for a 3×3 grid of 8 channels: per axis sin(p·ω), cos(p·ω) with ω = 1, 1e-2."""
+    table = sincos_2d(3, 8)
+    assert table.shape == (9, 8)
+    for index in range(9):
+        row, col = divmod(index, 3)
+        expected = [math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100),
+                    math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)]  # fmt: skip
+        torch.testing.assert_close(table[index], torch.tensor(expected))
+
+
+def test_image_position_embedding_adds_the_table_to_each_image_patch(megatron_world):
+    """Same weights with and without sincos2d: the embedded sequences differ by exactly the
+    table at every image's patches and nowhere else; the table is not saved."""
+    from megatron_transfusion.config import load_config
+    from megatron_transfusion.model import build_model
+    from megatron_transfusion.parallel import seed_everything
+    from megatron_transfusion.synthetic import random_batch
+
+    embedded = {}
+    for option in ("none", "sincos2d"):
+        cfg = load_config("tiny", [f"model.image_position_embedding={option}"])
+        seed_everything(0)
+        (model,) = build_model(cfg, megatron_world)
+        batch = random_batch(torch.Generator().manual_seed(1), cfg.model, 2, 64)
+        embedded[option] = model._embed(batch).detach()  # [s, b, h]
+    assert "patch_positions" not in model.state_dict()
+    assert batch.num_images > 0
+    difference = (embedded["sincos2d"] - embedded["none"]).transpose(0, 1)  # [b, s, h]
+    rows, cols = batch.image_positions()
+    table = sincos_2d(cfg.model.latent_size // cfg.model.patch_size, cfg.model.hidden_size)
+    torch.testing.assert_close(difference[rows, cols], table.repeat(batch.num_images, 1))
+    difference[rows, cols] = 0
+    assert difference.abs().max() == 0

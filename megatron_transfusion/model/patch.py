@@ -47,6 +47,21 @@ def timestep_frequencies(timesteps: torch.Tensor, dim: int, max_period: float = 
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """DiT's (MAE's) fixed 2-D sin-cos position embedding, [grid², dim] in ``patchify``'s
+    row-major order: the first half of the channels encodes the row, the second the column."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    coords = torch.arange(grid, dtype=torch.float64)
+    rows, cols = torch.meshgrid(coords, coords, indexing="ij")
+
+    def encode(positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, out_dim: int, frequency_dim: int):
         super().__init__()

@@ -25,7 +25,7 @@ from kernels.attention import TransfusionMask, build_attention_mask
 from megatron_transfusion.batch import PackedBatch
 from megatron_transfusion.config import ModelConfig
 from megatron_transfusion.model.layer_spec import transfusion_block_spec
-from megatron_transfusion.model.patch import build_patch_layers
+from megatron_transfusion.model.patch import build_patch_layers, sincos_2d
 
 
 @dataclass
@@ -68,6 +68,9 @@ class TransfusionModel(LanguageModule):
                 scatter_to_sequence_parallel=False,  # _embed scatters after placing the patches
             )
             self.patch_in = patch_in(model_cfg)
+            grid = model_cfg.latent_size // model_cfg.patch_size
+            positions = sincos_2d(grid, model_cfg.hidden_size) if model_cfg.image_position_embedding == "sincos2d" else None
+            self.register_buffer("patch_positions", positions, persistent=False)  # fixed: not saved
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels,
             rotary_percent=1.0,
@@ -109,6 +112,8 @@ class TransfusionModel(LanguageModule):
         hidden = self.embedding(input_ids=batch.tokens, position_ids=None)  # [s, b, h]
         rows, cols = batch.image_positions()
         patches = self.patch_in(batch.latents.to(hidden.dtype), batch.timesteps)
+        if self.patch_positions is not None:
+            patches = patches + self.patch_positions.to(patches.dtype)
         hidden = hidden.index_put((cols, rows), patches.reshape(-1, hidden.shape[-1]))
         if self.config.sequence_parallel:  # each TP rank keeps its slice of the sequence
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
