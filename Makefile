@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-slow demo
+.PHONY: setup test test-slow demo quality
 
 setup: $(VENV)/.installed
 
@@ -20,3 +20,7 @@ test-slow: setup
 
 demo: setup
 	RESUME=none bash launch/pretrain_local.sh eval.captions=32
+
+# Learning quality (issue 12): shapes set -> VAE -> shards -> train -> generate -> score.
+quality: setup
+	$(PY) -m benchmarks.learning_quality --out runs/quality --curve
