@@ -220,7 +220,8 @@ def main(argv=None) -> None:
 
     run_name = "model"
     train_log = out / "train.log"
-    if not (args.reuse and train_log.exists() and "done" in train_log.read_text()[-200:]):
+    last_checkpoint = out / run_name / "checkpoints" / f"step_{args.steps:08d}"
+    if not (args.reuse and last_checkpoint.exists()):
         interval = max(args.steps // 8, 1) if args.curve else args.steps
         timings["train"] = _run([
             sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
