@@ -41,9 +41,12 @@ IMAGE_SIZE = 32
 HELD_OUT_FRACTION = 1 / 6
 SPLIT_SEED = 0
 VENV_BIN = Path(sys.executable).parent
-# The benchmark's own choice on top of the tiny preset: a quarter of the tokens from the
-# built-in text stream, so the model stays a language model while it learns the images.
-TRAIN_SETTINGS = ("data.text_token_fraction=0.25",)
+# The benchmark's own settings on top of the tiny preset, pinned so that tuning the preset for
+# the demo does not move the benchmark: a quarter of the tokens from the built-in text stream
+# (the model stays a language model while it learns the images), and the learning rate the
+# results in benchmarks/README.md were measured with.
+TRAIN_SETTINGS = ("data.text_token_fraction=0.25", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4",
+                  "diffusion.loss_weighting=min_snr")  # fmt: skip
 
 
 def _run(command: list[str], log: Path) -> float:
