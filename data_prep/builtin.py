@@ -4,14 +4,19 @@
   names ("grinning face", "flag of france"). The 32x32 render is committed as
   ``builtin/emoji32.npz``; re-rendering needs ``apt-get install fonts-noto-color-emoji``
   and ``pip install emoji``.
+- shapes: scenes of one or two flat coloured shapes (``data_prep.shapes``), drawn in code at
+  export time from a fixed seed and captioned by what they show ("a large red circle on the
+  left", "a green square to the left of a blue triangle"). Its held-out split is a set of
+  attribute combinations that training never shows (``make_split``).
 - text: the Python language reference topics shipped with CPython (``pydoc_data``).
 
-``export_builtin_inputs`` writes both in the formats users bring (webdataset tars, JSONL),
+``export_builtin_inputs`` writes them in the formats users bring (webdataset tars, JSONL),
 so the built-in data goes through the same sharding job as user data.
 
     python -m data_prep.builtin render --out data_prep/builtin/emoji32.npz
     python -m data_prep.builtin export --out runs/builtin_inputs
     python -m data_prep.builtin tokenizer --out runs/tokenizer.json
+    python -m data_prep.builtin vae --out data_prep/builtin/vae --minutes 3
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import random
 import tarfile
 import unicodedata
 from collections.abc import Iterable
@@ -27,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from data_prep import shapes
 from data_prep.tokenizer import Tokenizer, train_bpe
 
 BUILTIN_DIR = Path(__file__).resolve().parent / "builtin"
@@ -36,6 +43,15 @@ NOTO_STRIKE = 109  # the font is a bitmap (CBDT) font with one strike: 136x128 p
 HELDOUT_EVERY = 20  # every 20th item (5%) is held out for evaluation
 SAMPLES_PER_SHARD = 1000
 MIN_DOC_CHARS = 1000
+SPLITS = ("train", "heldout")
+EXPORT_VERSION = 2  # 2: the shapes part
+# The shapes part (builtin/README.md: why these numbers). Held out: a sixth of the attribute
+# combinations (scenes), each made of parts training shows; benchmarks/learning_quality.py's split.
+SHAPES_SAMPLES = {"train": 24000, "heldout": 150}  # 87% of the training images
+SHAPES_PAIR_FRACTION = 0.5  # share of two-object scenes
+SHAPES_HELD_OUT_FRACTION = 1 / 6
+SHAPES_SPLIT_SEED = 0
+SHAPES_RENDER_SEED = {"train": 0, "heldout": 1}
 
 
 def _caption(sequence: str, name: str) -> str:
@@ -93,6 +109,37 @@ def load_builtin_images() -> tuple[np.ndarray, list[str]]:
         return data["images"], [str(c) for c in data["captions"]]
 
 
+def shapes_scenes() -> dict[str, dict[str, list[shapes.Scene]]]:
+    """{split: {"single": scenes, "pair": scenes}}: the held-out split's scenes are new
+    combinations of attribute values that the train split's scenes show."""
+    kinds = {"single": shapes.single_scenes(), "pair": shapes.pair_scenes()}
+    parts = {kind: shapes.make_split(scenes, SHAPES_HELD_OUT_FRACTION, SHAPES_SPLIT_SEED)
+             for kind, scenes in kinds.items()}  # fmt: skip
+    return {"train": {kind: list(split.seen) for kind, split in parts.items()},
+            "heldout": {kind: list(split.held_out) for kind, split in parts.items()}}  # fmt: skip
+
+
+def builtin_shapes(split: str, size: int = 32) -> tuple[np.ndarray, list[str]]:
+    """``SHAPES_SAMPLES[split]`` shapes scenes of ``split`` drawn at ``size`` px: uint8
+    [N, size, size, 3] and captions. Deterministic (fixed seeds); a two-object scene is
+    captioned left-to-right or right-to-left at random."""
+    scenes, rng = shapes_scenes()[split], random.Random(SHAPES_RENDER_SEED[split])
+    images, captions = [], []
+    for _ in range(SHAPES_SAMPLES[split]):
+        scene = rng.choice(scenes["pair" if rng.random() < SHAPES_PAIR_FRACTION else "single"])
+        images.append(shapes.render(scene, size, rng))
+        captions.append(scene.caption(left_first=rng.random() < 0.5))
+    return np.stack(images), captions
+
+
+def builtin_image_captions(split: str) -> dict[str, tuple[np.ndarray, list[str]]]:
+    """The built-in image–caption pairs of ``split`` by part: {"emoji": (images, captions),
+    "shapes": (images, captions)}."""
+    images, captions = load_builtin_images()
+    rows = split_heldout(range(len(images)))[split]
+    return {"emoji": (images[rows], [captions[i] for i in rows]), "shapes": builtin_shapes(split)}
+
+
 def builtin_text_documents() -> list[str]:
     """The CPython language reference topics, cut at paragraph breaks into documents of at
     least ``MIN_DOC_CHARS`` characters. Fixed for a given Python version.
@@ -122,11 +169,38 @@ def builtin_text_documents() -> list[str]:
 
 
 def train_builtin_tokenizer(path: str | Path, vocab_size: int = 4096) -> Tokenizer:
-    """Byte-level BPE on the training split of the built-in text and emoji captions (the
-    held-out split stays unseen, for evaluation)."""
+    """Byte-level BPE on the training split of the built-in text and captions (emoji and
+    shapes; the held-out split stays unseen, for evaluation)."""
     texts = split_heldout(builtin_text_documents())["train"]
-    captions = split_heldout(load_builtin_images()[1])["train"]
+    captions = [c for _, part in builtin_image_captions("train").values() for c in part]
     return train_bpe(texts + captions, vocab_size, path)
+
+
+def train_builtin_vae(out: str | Path, minutes: float | None = 3.0, steps: int | None = None,
+                      seed: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
+    """Train the built-in VAE (``VAEConfig()``) on the train split's images for ``minutes``
+    and/or ``steps`` and save it to ``out``: every emoji and as many shapes scenes (the first
+    ones; the rest only repeat the same 150 scenes, and would crowd the emoji out). Returns the
+    held-out PSNR per part: {"emoji": {"vae": dB, "bilinear": dB, "images": n}, "shapes": ...}."""
+    from data_prep.vae import (
+        VAEConfig, bilinear_baseline, psnr, reconstruct, save_vae, scaling_factor, train_vae,
+    )  # fmt: skip
+
+    parts = builtin_image_captions("train")
+    emoji = parts["emoji"][0]
+    train = np.concatenate([emoji, parts["shapes"][0][: len(emoji)]])
+    config = VAEConfig()
+    max_seconds = None if minutes is None else 60 * minutes
+    model, history = train_vae(train, config, steps=steps, max_seconds=max_seconds, seed=seed)
+    save_vae(model, config, scaling_factor(model, train), out)
+    report: dict[str, dict[str, float]] = {
+        "training": {"steps": len(history), "images": len(train), "seconds": history[-1]["seconds"]}
+    }
+    for part, (held, _) in builtin_image_captions("heldout").items():
+        report[part] = {"vae": psnr(reconstruct(model, held), held),
+                        "bilinear": psnr(bilinear_baseline(held, config.downsample), held),
+                        "images": len(held)}  # fmt: skip
+    return report
 
 
 def split_heldout(items: Iterable) -> dict[str, list]:
@@ -139,23 +213,33 @@ def split_heldout(items: Iterable) -> dict[str, list]:
     }
 
 
+def export_stamp() -> str:
+    """What ``export_builtin_inputs`` writes, in one line: a prepared copy made with another
+    stamp is stale. Bump ``EXPORT_VERSION`` when the export changes in a way this misses."""
+    return json.dumps({"version": EXPORT_VERSION, "emoji": len(load_builtin_images()[0]),
+                       "shapes": SHAPES_SAMPLES, "pair_fraction": SHAPES_PAIR_FRACTION,
+                       "held_out_fraction": SHAPES_HELD_OUT_FRACTION,
+                       "split_seed": SHAPES_SPLIT_SEED, "render_seed": SHAPES_RENDER_SEED})  # fmt: skip
+
+
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info = tarfile.TarInfo(name)  # fixed metadata (mtime 0, no owner): reproducible tars
     info.size = len(data)
     tar.addfile(info, io.BytesIO(data))
 
 
-def _write_tars(directory: Path, rows: list[int], images, captions) -> list[Path]:
+def _write_tars(directory: Path, samples: list[tuple[str, np.ndarray, str]]) -> list[Path]:
+    """``samples``: (key, image, caption)."""
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
-    for shard, start in enumerate(range(0, len(rows), SAMPLES_PER_SHARD)):
+    for shard, start in enumerate(range(0, len(samples), SAMPLES_PER_SHARD)):
         path = directory / f"{directory.name}-{shard:06d}.tar"
         with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
-            for i in rows[start : start + SAMPLES_PER_SHARD]:
+            for key, image, caption in samples[start : start + SAMPLES_PER_SHARD]:
                 png = io.BytesIO()
-                Image.fromarray(images[i]).save(png, format="PNG")
-                _tar_member(tar, f"{i:09d}.png", png.getvalue())
-                _tar_member(tar, f"{i:09d}.txt", captions[i].encode("utf-8"))
+                Image.fromarray(image).save(png, format="PNG")
+                _tar_member(tar, f"{key}.png", png.getvalue())
+                _tar_member(tar, f"{key}.txt", caption.encode("utf-8"))
         paths.append(path)
     return paths
 
@@ -173,19 +257,24 @@ def _write_jsonl(directory: Path, documents: list[str]) -> list[Path]:
 
 
 def export_builtin_inputs(directory: str | Path) -> dict[str, list[Path]]:
-    """Write the built-in data as user inputs: ``images/{split}/{split}-NNNNNN.tar`` (members
-    ``<index>.png`` + ``<index>.txt``, index = row in the npz) and
+    """Write the built-in data as user inputs: ``images/{split}/{split}-NNNNNN.tar`` and
     ``text/{split}/{split}-NNNNNN.jsonl`` (``{"text": ...}``), split = train or heldout.
-    ``split_heldout`` picks the held-out 5%; file names are unique across splits."""
+
+    The tars hold the emoji (members ``<index>.png`` + ``<index>.txt``, index = row in the
+    npz, nine digits), then the shapes scenes (``shapes<n>``, n counting over both splits).
+    ``split_heldout`` holds out every 20th emoji and text document; the shapes' held-out
+    split is its own scenes (``shapes_scenes``). File names are unique across splits."""
     directory = Path(directory)
     images, captions = load_builtin_images()
-    documents = builtin_text_documents()
-    rows, docs = split_heldout(range(len(images))), split_heldout(documents)
-    paths = {}
-    for split in rows:
-        paths[f"images_{split}"] = _write_tars(
-            directory / "images" / split, rows[split], images, captions
-        )
+    rows, docs = split_heldout(range(len(images))), split_heldout(builtin_text_documents())
+    paths, shapes_done = {}, 0
+    for split in SPLITS:
+        shape_images, shape_captions = builtin_shapes(split)
+        samples = [(f"{i:09d}", images[i], captions[i]) for i in rows[split]]
+        samples += [(f"shapes{shapes_done + n:06d}", image, caption) for n, (image, caption)
+                    in enumerate(zip(shape_images, shape_captions, strict=True))]  # fmt: skip
+        shapes_done += len(shape_images)
+        paths[f"images_{split}"] = _write_tars(directory / "images" / split, samples)
         paths[f"text_{split}"] = _write_jsonl(directory / "text" / split, docs[split])
     return paths
 
@@ -205,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = sub.add_parser("tokenizer", help="train the built-in BPE tokenizer")
     tokenizer.add_argument("--out", required=True)
     tokenizer.add_argument("--vocab-size", type=int, default=4096)
+    vae = sub.add_parser("vae", help="train the built-in VAE on the train split's images")
+    vae.add_argument("--out", required=True)
+    vae.add_argument("--minutes", type=float, help="wall-time budget (default 3 without --steps)")
+    vae.add_argument("--steps", type=int, help="step budget (deterministic given --seed)")
+    vae.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
     if args.command == "render":
@@ -215,9 +309,18 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "export":
         for name, paths in export_builtin_inputs(args.out).items():
             print(f"{name}: {len(paths)} file(s) in {paths[0].parent}")
-    else:
+    elif args.command == "tokenizer":
         tok = train_builtin_tokenizer(args.out, args.vocab_size)
         print(f"wrote {tok}")
+    else:
+        minutes = 3.0 if args.minutes is None and args.steps is None else args.minutes
+        report = train_builtin_vae(args.out, minutes, args.steps, args.seed)
+        t = report.pop("training")
+        print(f"{t['steps']} steps in {t['seconds']:.0f}s on {t['images']} images; "
+              f"saved to {args.out}")
+        for part, r in report.items():
+            print(f"held-out {part} ({r['images']} images): PSNR VAE {r['vae']:.2f} dB, "
+                  f"bilinear baseline {r['bilinear']:.2f} dB")  # fmt: skip
 
 
 if __name__ == "__main__":

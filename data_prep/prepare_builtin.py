@@ -1,19 +1,24 @@
 """Prepare the built-in default data end to end, so the main job needs nothing from the user:
 
-    inputs (tar + jsonl, from the committed emoji set and CPython's docs)
+    inputs (tar + jsonl: the committed emoji set, shapes scenes drawn in code, CPython's docs)
       -> tokenizer.json (byte-level BPE) -> VAE (committed weights, or trained here)
       -> MDS shards for text and image–caption pairs, train and held-out splits.
 
 Idempotent: finished pieces are kept, so a re-run after an interruption only does the rest.
+Pieces made from other built-in inputs (an older version of this code), another tokenizer or
+another VAE (e.g. a newly committed one) are made again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 from pathlib import Path
 
-from data_prep.builtin import export_builtin_inputs, load_builtin_images, train_builtin_tokenizer
+from data_prep.builtin import (
+    export_builtin_inputs, export_stamp, train_builtin_tokenizer, train_builtin_vae,
+)  # fmt: skip
 from data_prep.readers import Columns
 from data_prep.shard import ShardJob, merge, run_shard_job
 
@@ -28,12 +33,7 @@ def _vae(out: Path, train_minutes: float | None) -> Path:
         return BUILTIN_VAE
     target = out / "vae"
     if not (target / "config.json").exists():
-        from data_prep.vae import save_vae, scaling_factor, train_vae, VAEConfig
-
-        images, _ = load_builtin_images()
-        config = VAEConfig()
-        model, _ = train_vae(images, config, max_seconds=60 * (train_minutes or 3))
-        save_vae(model, config, scaling_factor(model, images), target)
+        train_builtin_vae(target, minutes=train_minutes or 3)
     return target
 
 
@@ -42,19 +42,24 @@ def prepare_builtin(
 ) -> dict[str, Path]:
     """Returns the prepared dataset directories by name (``text_train``, ``images_heldout``, ...)."""
     out = Path(out)
-    inputs = out / "inputs"
-    if not (inputs / "done").exists():
-        shutil.rmtree(inputs, ignore_errors=True)
+    inputs, tokenizer = out / "inputs", out / "tokenizer.json"
+    done, stamp = inputs / "done", export_stamp()
+    if not done.exists() or done.read_text() != stamp:
+        for stale in (inputs, out / "vae", out / "text", out / "images"):  # all made from inputs
+            shutil.rmtree(stale, ignore_errors=True)
+        tokenizer.unlink(missing_ok=True)
         export_builtin_inputs(inputs)
-        (inputs / "done").touch()
-    tokenizer = out / "tokenizer.json"
+        done.write_text(stamp)
     if not tokenizer.exists():
         train_builtin_tokenizer(tokenizer, TOKENIZER_VOCAB)
     vae = Path(vae) if vae else _vae(out, train_vae_minutes)
+    made_with = _fingerprints(tokenizer, vae)
     datasets = {}
     for kind, folder in (("text", "text"), ("image_caption", "images")):
         for split in ("train", "heldout"):
             target = out / folder / split
+            if _made_with_others(target, kind, made_with):
+                shutil.rmtree(target)
             if not (target / "manifest.json").exists():
                 job = ShardJob(kind=kind, inputs=[str(inputs / folder / split)], out=str(target),
                                tokenizer=str(tokenizer), vae=str(vae), image_size=IMAGE_SIZE,
@@ -63,6 +68,24 @@ def prepare_builtin(
                 merge(target)
             datasets[f"{folder}_{split}"] = target
     return datasets
+
+
+def _fingerprints(tokenizer: Path, vae: Path) -> dict[str, str]:
+    from data_prep.tokenizer import Tokenizer
+    from data_prep.vae import load_vae
+
+    return {"tokenizer": Tokenizer.load(tokenizer).fingerprint()["sha256"],
+            "vae": load_vae(vae).fingerprint()["sha256"]}  # fmt: skip
+
+
+def _made_with_others(target: Path, kind: str, made_with: dict[str, str]) -> bool:
+    """Whether the (possibly unfinished) dataset at ``target`` used another tokenizer or VAE."""
+    plan = target / "plan.json"
+    if not plan.exists():
+        return False
+    settings = json.loads(plan.read_text())["settings"]
+    names = ("tokenizer", "vae") if kind == "image_caption" else ("tokenizer",)
+    return any(settings.get(name, {}).get("sha256") != made_with[name] for name in names)
 
 
 def main(argv=None) -> None:

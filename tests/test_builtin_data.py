@@ -1,5 +1,6 @@
-"""Built-in data: the committed emoji render, the pydoc text corpus, and their export as
-user-format inputs (tar shards, JSONL) with a disjoint held-out split."""
+"""Built-in data: the committed emoji render, the shapes scenes drawn in code, the pydoc text
+corpus, and their export as user-format inputs (tar shards, JSONL) with a disjoint held-out
+split."""
 
 import io
 import json
@@ -13,12 +14,15 @@ from PIL import Image, ImageFont
 
 from data_prep import builtin
 from data_prep.builtin import (
+    builtin_shapes,
     builtin_text_documents,
     export_builtin_inputs,
     load_builtin_images,
     render_emoji,
+    shapes_scenes,
     train_builtin_tokenizer,
 )
+from data_prep.shapes import parse_caption, score_image
 
 
 @pytest.fixture(scope="module")
@@ -97,13 +101,26 @@ def _read_tars(paths):
                 key, ext = name.split(".")
                 data = tar.extractfile(name).read()
                 value = np.asarray(Image.open(io.BytesIO(data))) if ext == "png" else data.decode()
-                samples.setdefault(int(key), {})[ext] = value
+                samples.setdefault(key, {})[ext] = value
     return samples
 
 
-def test_export_images_round_trip_with_disjoint_heldout(emoji32, exported):
+@pytest.fixture(scope="module")
+def exported_images(exported):
+    """{split: {"emoji": {row: sample}, "shapes": {key: sample}}} read back from the tars."""
+    parts = {}
+    for split in ("train", "heldout"):
+        samples = _read_tars(exported[f"images_{split}"])
+        emoji = {int(k): v for k, v in samples.items() if k.isdigit()}
+        shapes = {k: v for k, v in samples.items() if k.startswith("shapes")}
+        assert len(emoji) + len(shapes) == len(samples)
+        parts[split] = {"emoji": emoji, "shapes": shapes}
+    return parts
+
+
+def test_export_images_round_trip_with_disjoint_heldout(emoji32, exported, exported_images):
     images, captions = emoji32
-    train, heldout = _read_tars(exported["images_train"]), _read_tars(exported["images_heldout"])
+    train, heldout = exported_images["train"]["emoji"], exported_images["heldout"]["emoji"]
     assert len(exported["images_train"]) > 1
     assert not train.keys() & heldout.keys()
     assert sorted(train.keys() | heldout.keys()) == list(range(len(images)))
@@ -111,6 +128,38 @@ def test_export_images_round_trip_with_disjoint_heldout(emoji32, exported):
     for key, sample in {**train, **heldout}.items():
         assert sample["txt"] == captions[key]
         np.testing.assert_array_equal(sample["png"], images[key])
+
+
+def test_export_has_the_shapes_part_with_unseen_combinations_held_out(exported_images):
+    """The tars hold the shapes scenes next to the emoji; every caption parses back to a scene
+    of its split, the held-out scenes never occur in training, and the pictures show what
+    their captions say."""
+    scenes = shapes_scenes()
+    found = {}
+    for split in ("train", "heldout"):
+        samples = exported_images[split]["shapes"]
+        assert len(samples) == builtin.SHAPES_SAMPLES[split]
+        found[split] = [parse_caption(sample["txt"]) for sample in samples.values()]
+        assert None not in found[split]
+        assert set(found[split]) <= set(scenes[split]["single"] + scenes[split]["pair"])
+        pairs = sum(len(scene.things) == 2 for scene in found[split])
+        assert 0.35 < pairs / len(samples) < 0.65
+        for key, sample in list(samples.items())[:: len(samples) // 40]:  # the scorer is slow
+            result = score_image(sample["png"], parse_caption(sample["txt"]))
+            assert result["all"], (key, sample["txt"], result)
+    assert not set(found["train"]) & set(found["heldout"])
+    assert len(set(found["train"])) > 140 and len(set(found["heldout"])) > 25  # (nearly) all scenes
+    captions = [s["txt"] for s in exported_images["train"]["shapes"].values()]
+    for relation in ("to the left of", "to the right of"):  # both orders of a pair's caption
+        assert any(relation in c for c in captions)
+    keys = [k for split in exported_images.values() for k in split["shapes"]]
+    assert len(set(keys)) == len(keys)  # unique across splits
+
+
+def test_shapes_part_is_drawn_the_same_every_time():
+    first, second = builtin_shapes("heldout"), builtin_shapes("heldout")
+    np.testing.assert_array_equal(first[0], second[0])
+    assert first[1] == second[1]
 
 
 def test_export_text_round_trip_with_disjoint_heldout(exported):
@@ -133,3 +182,7 @@ def test_builtin_tokenizer(tmp_path, emoji32):
     for text in [docs[0], emoji32[1][0], "flag of france"]:
         assert tok.decode(tok.encode(text)) == text
     assert len(docs[0]) / len(tok.encode(docs[0])) > 3.5  # it learned real merges
+    # The shapes captions are in its training text: one token per word, also for held-out scenes.
+    for scene in shapes_scenes()["heldout"]["pair"][:3] + shapes_scenes()["heldout"]["single"][:3]:
+        caption = scene.caption()
+        assert len(tok.encode(caption)) == len(caption.split()), caption
