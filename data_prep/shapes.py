@@ -14,11 +14,14 @@ as recall: GenEval's object/colour/position checks, exact and without a detector
 
 from __future__ import annotations
 
+import argparse
 import itertools
+import json
 import random
 import re
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -260,3 +263,47 @@ def score_image(image: np.ndarray, scene: Scene) -> dict[str, bool]:
         }
     result["all"] = all(result.values())
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring a folder of samples (mtf-generate's output)
+
+
+def score_samples(directory: str | Path) -> list[tuple[str, dict[str, bool]]]:
+    """(prompt, score_image result) for each prompt in ``directory/samples.jsonl`` that is one
+    of this set's captions, scoring its first image ``sample_NNNN_0.png``; other prompts are
+    skipped."""
+    directory = Path(directory)
+    results = []
+    for index, line in enumerate((directory / "samples.jsonl").read_text().splitlines()):
+        prompt = json.loads(line)["prompt"]
+        scene, path = parse_caption(prompt), directory / f"sample_{index:04d}_0.png"
+        if scene is not None and path.exists():
+            image = np.asarray(Image.open(path).convert("RGB"))
+            results.append((prompt, score_image(image, scene)))
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m data_prep.shapes",
+                                     description=__doc__.split("\n\n")[0])  # fmt: skip
+    sub = parser.add_subparsers(dest="command", required=True)
+    score = sub.add_parser("score", help="score mtf-generate's images of shapes captions")
+    score.add_argument("samples", help="a folder with samples.jsonl and sample_NNNN_0.png")
+    args = parser.parse_args(argv)
+    results = score_samples(args.samples)
+    if not results:
+        print(f"no shapes captions among the prompts in {args.samples}")
+        return
+    totals: dict[str, list[bool]] = {}
+    for prompt, result in results:
+        wrong = [k for k, ok in result.items() if not ok and k != "all"]
+        print(f"  {'right' if result['all'] else 'wrong: ' + ', '.join(wrong):<24} {prompt}")
+        for key, ok in result.items():
+            totals.setdefault(key, []).append(ok)
+    totals["all"] = totals.pop("all")  # last
+    print("shapes scores: " + ", ".join(f"{k} {sum(v)}/{len(v)}" for k, v in totals.items()))
+
+
+if __name__ == "__main__":
+    main()

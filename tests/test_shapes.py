@@ -2,10 +2,12 @@
 seen parts, and the scorer reads every attribute of a true drawing right and a wrong one wrong."""
 
 import dataclasses
+import json
 import random
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from data_prep.shapes import (
     BACKGROUND,
@@ -13,11 +15,13 @@ from data_prep.shapes import (
     SHAPES,
     Scene,
     Thing,
+    main,
     make_split,
     pair_scenes,
     parse_caption,
     render,
     score_image,
+    score_samples,
     single_scenes,
 )
 
@@ -73,3 +77,26 @@ def test_blank_and_speckled_images_score_nothing():
     for image in (blank, speckle):
         for colour in COLOURS:
             assert not score_image(image, Scene((Thing(colour, SHAPES[0], "large", "center"),)))["all"]
+
+
+def test_score_samples_reads_generate_output(tmp_path, capsys):
+    """mtf-generate's folder (samples.jsonl + sample_NNNN_0.png): shapes prompts are scored,
+    others skipped; the command prints one line per prompt and the totals."""
+    rng = random.Random(2)
+    right = Scene((Thing("blue", "square", "small", "right"),))
+    pair = Scene((Thing("red", "circle"), Thing("green", "triangle")))
+    prompts = [right.caption(), "red heart", pair.caption(left_first=False)]
+    drawn = [right, Scene((Thing("yellow", "circle", "large", "left"),)), Scene(pair.things[::-1])]
+    for index, scene in enumerate(drawn):
+        Image.fromarray(render(scene, 32, rng)).save(tmp_path / f"sample_{index:04d}_0.png")
+    records = "".join(json.dumps({"prompt": p, "output": ""}) + "\n" for p in prompts)
+    (tmp_path / "samples.jsonl").write_text(records)
+    results = score_samples(tmp_path)
+    assert [prompt for prompt, _ in results] == [prompts[0], prompts[2]]
+    assert results[0][1]["all"] and not results[1][1]["relation"] and results[1][1]["shapes"]
+    main(["score", str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["right", *prompts[0].split()]
+    assert out[1].split() == ["wrong:", "relation", *prompts[2].split()]
+    assert out[-1] == ("shapes scores: colour 1/1, shape 1/1, size 1/1, position 1/1, "
+                       "colours 1/1, shapes 1/1, relation 0/1, all 1/2")
