@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.shapes import Scene, make_split, pair_scenes, parse_caption, render, score_image, single_scenes
+from data_prep.shapes import Scene, make_split, pair_scenes, parse_caption, render, score_samples, single_scenes
 
 IMAGE_SIZE = 32
 HELD_OUT_FRACTION = 1 / 6
@@ -109,13 +109,13 @@ def _accuracy(rows: list[dict[str, bool]]) -> dict[str, float]:
 
 
 def score_generated(samples_dir: Path, cases: list[tuple[str, Scene]]) -> dict[str, dict[str, float]]:
-    records = [json.loads(line) for line in (samples_dir / "samples.jsonl").read_text().splitlines()]
+    """Per-kind accuracies of mtf-generate's images, scored by ``shapes.score_samples``."""
+    scored = score_samples(samples_dir)
+    if [prompt for prompt, _ in scored] != [scene.caption() for _, scene in cases]:
+        raise SystemExit(f"{samples_dir}: {len(scored)} scored samples do not match the {len(cases)} prompts")
     by_kind = defaultdict(list)
-    if len(records) != len(cases):
-        raise SystemExit(f"{samples_dir}: {len(records)} samples for {len(cases)} prompts")
-    for index, (kind, scene) in enumerate(cases):
-        image = np.asarray(Image.open(samples_dir / f"sample_{index:04d}_0.png").convert("RGB"))
-        by_kind[kind].append(score_image(image, scene))
+    for (kind, _), (_, result) in zip(cases, scored, strict=True):
+        by_kind[kind].append(result)
     return {kind: _accuracy(rows) for kind, rows in by_kind.items()}
 
 
