@@ -68,9 +68,10 @@ def _tool(name: str) -> str:
 # The data set
 
 
-def make_inputs(out: Path, train_samples: int, pair_fraction: float, seed: int) -> dict[str, list[Scene]]:
+def make_inputs(out: Path, train_samples: int, pair_fraction: float, seed: int,
+                split_seed: int = SPLIT_SEED) -> dict[str, list[Scene]]:  # fmt: skip
     """Training tar (seen combinations only) and the test scenes of each kind."""
-    singles, pairs = make_split(single_scenes(), HELD_OUT_FRACTION, SPLIT_SEED), make_split(pair_scenes(), HELD_OUT_FRACTION, SPLIT_SEED)
+    singles, pairs = (make_split(scenes, HELD_OUT_FRACTION, split_seed) for scenes in (single_scenes(), pair_scenes()))
     rng = random.Random(seed)
     (out / "train").mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "train" / "shapes-000000.tar", "w") as tar:
@@ -199,6 +200,8 @@ def main(argv=None) -> None:
                         help="also score text -> image for DDPM/DDIM x 25/100/250 steps x each spacing")
     parser.add_argument("--curve", action="store_true", help="also score every saved checkpoint")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
+                        help="which combinations are held out: another seed checks a change on data it was not tuned on")
     parser.add_argument("--reuse", action="store_true", help="keep finished stages (data, VAE, shards, training)")
     parser.add_argument("overrides", nargs="*", help="training config overrides")
     args = parser.parse_args(argv)
@@ -206,7 +209,7 @@ def main(argv=None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
 
-    tests = make_inputs(out / "inputs", args.train_samples, args.pair_fraction, args.seed)
+    tests = make_inputs(out / "inputs", args.train_samples, args.pair_fraction, args.seed, args.split_seed)
     timings["prepare_builtin"] = _run([_tool("mtf-prepare-builtin"), "--out", "data/builtin"], out / "builtin.log")
     vae = out / "vae"
     if not (args.reuse and (vae / "config.json").exists()):
