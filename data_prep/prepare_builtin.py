@@ -63,7 +63,7 @@ def prepare_builtin(
             if not (target / "manifest.json").exists():
                 job = ShardJob(kind=kind, inputs=[str(inputs / folder / split)], out=str(target),
                                tokenizer=str(tokenizer), vae=str(vae), image_size=IMAGE_SIZE,
-                               max_text_tokens=254, columns=Columns())  # fmt: skip
+                               columns=Columns())  # fmt: skip
                 run_shard_job(job)
                 merge(target)
             datasets[f"{folder}_{split}"] = target

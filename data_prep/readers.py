@@ -99,12 +99,30 @@ def _decode_text(data: bytes, key: str) -> str | Rejected:
         return Rejected(key, "not_utf8", str(e))
 
 
+def _field(record, key: str, name: str) -> str | Rejected:
+    """The string ``record[name]`` of a decoded JSON record, or a rejection that says what
+    was wrong: not an object, no such field (a wrong column option rejects everything with
+    this reason), or not a string."""
+    if not isinstance(record, dict):
+        return Rejected(key, "not_an_object", f"a JSON {type(record).__name__}, expected an object")
+    if name not in record:
+        fields = ", ".join(record) or "no fields"
+        return Rejected(key, "missing_column", f"'{name}' (the record has: {fields})")
+    return _string(record[name], key, name)
+
+
+def _string(value, key: str, name: str) -> str | Rejected:
+    if value is None or isinstance(value, str):
+        return value or ""  # null counts as empty: the callers reject it as such
+    return Rejected(key, "not_a_string", f"'{name}' is a {type(value).__name__}")
+
+
 def _caption_from_json(data: bytes, key: str, field: str) -> str | Rejected:
     try:
-        value = json.loads(data).get(field)
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        record = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         return Rejected(key, "bad_json", str(e))
-    return value if isinstance(value, str) else Rejected(key, "missing_caption", f"no '{field}'")
+    return _field(record, key, field)
 
 
 def _sample(key: str, parts: dict[str, bytes], columns: Columns,
@@ -187,15 +205,20 @@ def read_image_parquet(path: Path, columns: Columns, captions: bool = True) -> I
     wanted = [columns.image, columns.caption] if captions else [columns.image]
     for row, record in _parquet_rows(path, wanted):
         key = f"{path.name}/{row}"
-        image, caption = record[columns.image], record.get(columns.caption)
+        image = record[columns.image]
         if isinstance(image, dict):  # Hugging Face datasets store images as {bytes, path}
             image = image.get("bytes")
         if not image:
             yield Rejected(key, "missing_image")
-        elif not captions:
+            continue
+        if not captions:
             yield ImageRecord(key, bytes(image))
-        elif not isinstance(caption, str) or not caption.strip():
-            yield Rejected(key, "missing_caption")
+            continue
+        caption = _string(record[columns.caption], key, columns.caption)
+        if isinstance(caption, Rejected):
+            yield caption
+        elif not caption.strip():
+            yield Rejected(key, "missing_caption", "empty caption")
         else:
             yield ImageCaptionRecord(key, bytes(image), caption.strip())
 
@@ -215,21 +238,19 @@ def read_jsonl(path: Path, columns: Columns) -> Iterator[TextRecord | Rejected]:
             except json.JSONDecodeError as e:
                 yield Rejected(key, "bad_json", str(e))
                 continue
-            value = value.get(columns.text) if isinstance(value, dict) else None
-            if not isinstance(value, str) or not value.strip():
-                yield Rejected(key, "empty_text")
-            else:
-                yield TextRecord(key, value)
+            yield _text_record(key, _field(value, key, columns.text))
+
+
+def _text_record(key: str, value: str | Rejected) -> TextRecord | Rejected:
+    if isinstance(value, Rejected):
+        return value
+    return TextRecord(key, value) if value.strip() else Rejected(key, "empty_text")
 
 
 def read_text_parquet(path: Path, columns: Columns) -> Iterator[TextRecord | Rejected]:
     for row, record in _parquet_rows(path, [columns.text]):
         key = f"{path.name}/{row}"
-        value = record[columns.text]
-        if not isinstance(value, str) or not value.strip():
-            yield Rejected(key, "empty_text")
-        else:
-            yield TextRecord(key, value)
+        yield _text_record(key, _string(record[columns.text], key, columns.text))
 
 
 def read_unit(path: Path, kind: str, columns: Columns):
@@ -244,17 +265,31 @@ def read_unit(path: Path, kind: str, columns: Columns):
     return reader(path, columns, captions=kind == "image_caption")
 
 
-def decode_images(records: ImageRecords, size: int
+def default_min_image_size(size: int) -> int:
+    """The smallest shorter side accepted for ``size``-px training images: upscaling more
+    than 2× only invents pixels (a 1×1 image would become a flat colour)."""
+    return max(1, size // 2)
+
+
+def decode_images(records: ImageRecords, size: int, min_size: int | None = None
                   ) -> Iterator[tuple[ImageRecord, np.ndarray] | Rejected]:  # fmt: skip
     """Each record with its image decoded, centre-cropped and resized to uint8 [size, size, 3]
-    (what the VAE sees, when training it and when sharding); an undecodable image is Rejected."""
+    (what the VAE sees, when training it and when sharding); an undecodable image, or one
+    whose shorter side is under ``min_size`` (default ``default_min_image_size``), is Rejected."""
+    min_size = default_min_image_size(size) if min_size is None else min_size
     for record in records:
         if isinstance(record, Rejected):
             yield record
             continue
         try:
-            image = center_crop_resize(decode_image(record.image), size)
+            decoded = decode_image(record.image)
         except ValueError as e:
             yield Rejected(record.key, "undecodable_image", str(e))
             continue
-        yield record, image
+        if min(decoded.size) < min_size:
+            width, height = decoded.size
+            yield Rejected(record.key, "image_too_small",
+                           f"{width}×{height} px; the shorter side must be ≥ {min_size} px "
+                           "(--min-image-size)")  # fmt: skip
+            continue
+        yield record, center_crop_resize(decoded, size)

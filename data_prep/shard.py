@@ -8,6 +8,11 @@ skips the finished ones. ``merge`` then checks every unit is there and writes on
 plus ``manifest.json`` (provenance, counts, a SHA-256 per shard file) and ``lengths.npy``
 (tokens per sample, which the loader plans packing from without reading samples).
 
+Text documents are stored whole, however long: the loader cuts them to the training
+sequence length (``megatron_transfusion.data.planner``), so one sharding serves every
+``data.seq_length``. A job in which every record was rejected (a wrong ``--text-column``,
+say) fails with the most common reason instead of writing an empty dataset.
+
     mtf-prepare-data shard --kind image_caption --inputs data/*.tar photos/ --out shards/img \\
         --tokenizer tok.json --vae vae/ --image-size 256 [--shard-index I --num-shards N]
     mtf-prepare-data merge --out shards/img
@@ -29,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from data_prep.readers import (
-    IMAGE_SUFFIXES, TEXT_SUFFIXES, Columns, Rejected, decode_images, expand_inputs, read_unit,
+    IMAGE_SUFFIXES, TEXT_SUFFIXES, Columns, Rejected, decode_images, default_min_image_size,
+    expand_inputs, read_unit,
 )  # fmt: skip
 
 log = logging.getLogger("data_prep.shard")
@@ -46,7 +52,7 @@ class ShardJob:
     tokenizer: str
     vae: str | None = None
     image_size: int = 256
-    max_text_tokens: int = 4096  # longer documents become several samples
+    min_image_size: int | None = None  # smaller images are rejected; None: half of image_size
     max_caption_tokens: int = 128  # longer captions are truncated (and counted)
     batch_size: int = 64  # images per VAE forward
     shard_size_limit: int = 1 << 26
@@ -61,6 +67,8 @@ class ShardJob:
             raise ValueError("--vae is required for image_caption data")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"--shard-index {self.shard_index} is not in [0, {self.num_shards})")
+        if self.min_image_size is None:
+            self.min_image_size = default_min_image_size(self.image_size)
 
 
 class _Encoders:
@@ -84,7 +92,6 @@ class _Encoders:
             "format_version": FORMAT_VERSION,
             "kind": job.kind,
             "tokenizer": self.tokenizer.fingerprint(),
-            "max_text_tokens": job.max_text_tokens,
             "columns": asdict(job.columns),
         }
         if self.vae is not None:
@@ -92,6 +99,7 @@ class _Encoders:
             settings.update(
                 vae=self.vae.fingerprint(),
                 image_size=job.image_size,
+                min_image_size=job.min_image_size,
                 latent_shape=[self.vae.latent_channels, side, side],
                 max_caption_tokens=job.max_caption_tokens,
             )
@@ -147,12 +155,8 @@ def _process_text(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, s
         if not ids:
             rejected(Rejected(record.key, "empty_text", "no tokens"))
             continue
-        chunks = range(0, len(ids), job.max_text_tokens)
-        for i, start in enumerate(chunks):
-            piece = np.asarray(ids[start : start + job.max_text_tokens], dtype=np.int32)
-            out.write({"key": f"{record.key}#{i}", "tokens": piece}, len(piece))
-            stats["written"] += 1
-        stats["documents_split"] += len(chunks) > 1
+        out.write({"key": record.key, "tokens": np.asarray(ids, dtype=np.int32)}, len(ids))
+        stats["written"] += 1
 
 
 def _process_images(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected):
@@ -171,7 +175,8 @@ def _process_images(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter,
             stats["written"] += 1
         pending.clear()
 
-    for item in decode_images(read_unit(path, "image_caption", job.columns), job.image_size):
+    records = read_unit(path, "image_caption", job.columns)
+    for item in decode_images(records, job.image_size, job.min_image_size):
         stats["read"] += 1
         if isinstance(item, Rejected):
             rejected(item)
@@ -215,8 +220,25 @@ def _process_unit(index: int, path: Path, job: ShardJob, enc: _Encoders) -> Coun
     return stats
 
 
+class AllRejected(ValueError):
+    """Every record read was rejected: the options (a column name, say) do not fit the inputs."""
+
+
+def _top_rejection(rejected_files: list[Path]) -> str:
+    """The most common rejection in ``rejected.jsonl`` files, in words, with its first record."""
+    records = [json.loads(line) for f in rejected_files if f.exists() for line in f.open()]
+    if not records:
+        return "no records were read"
+    reason, count = Counter(r["reason"] for r in records).most_common(1)[0]
+    first = next(r for r in records if r["reason"] == reason)
+    detail = f" {first['detail']}" if first["detail"] else ""
+    where = f"first: {first['key']} in {first['input']}"
+    return f"{reason}{detail} ({count} of {len(records)} rejected; {where})"
+
+
 def run_shard_job(job: ShardJob) -> Counter:
-    """Process this task's units; returns counts (units skipped because already done too)."""
+    """Process this task's units; returns counts (units skipped because already done too).
+    Raises ``AllRejected`` if this task read records and every one was rejected."""
     if job.kind == "text":
         units = expand_inputs(job.inputs, TEXT_SUFFIXES)
     else:
@@ -231,7 +253,16 @@ def run_shard_job(job: ShardJob) -> Counter:
             continue
         totals.update(_process_unit(index, units[index], job, enc))
         totals["units_done"] += 1
+    if totals["units_done"] and not totals["written"]:
+        done = [Path(job.out) / _unit_name(i) / "rejected.jsonl" for i in mine]
+        raise AllRejected(f"every record of {_unit_count(totals['units_done'])} was rejected: "
+                          f"{_top_rejection(done)}; fix the options, shard into a new "
+                          "--out")  # fmt: skip
     return totals
+
+
+def _unit_count(n: int) -> str:
+    return f"the {n} input unit{'s' if n > 1 else ''}"
 
 
 def merge(out: str | Path) -> dict:
@@ -252,9 +283,12 @@ def merge(out: str | Path) -> dict:
             f"{len(missing)} of {len(names)} units are not finished in '{out}' (first: {missing[0]}); "
             "re-run the shard job (finished units are skipped), then merge again"
         )
+    lengths = np.concatenate([np.load(out / n / "lengths.npy") for n in names]).astype(np.int32)
+    if not len(lengths):
+        rejected_files = [out / n / "rejected.jsonl" for n in names]
+        raise AllRejected(f"'{out}' holds no samples: {_top_rejection(rejected_files)}")
     merge_index([str(out / n / "index.json") for n in names], str(out))
     index = json.loads((out / "index.json").read_text())
-    lengths = np.concatenate([np.load(out / n / "lengths.npy") for n in names]).astype(np.int32)
     if len(lengths) != sum(s["samples"] for s in index["shards"]):
         raise RuntimeError(f"'{out}': lengths and shard sample counts disagree")
     np.save(out / "lengths.npy", lengths)
@@ -307,7 +341,9 @@ def main(argv=None) -> None:
     shard.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
     shard.add_argument("--vae", help="VAE directory (this project's or diffusers AutoencoderKL)")
     shard.add_argument("--image-size", type=int, default=256)
-    shard.add_argument("--max-text-tokens", type=int, default=4096)
+    shard.add_argument("--min-image-size", type=int,
+                       help="reject images whose shorter side is smaller "
+                            "(default: half of --image-size)")
     shard.add_argument("--max-caption-tokens", type=int, default=128)
     shard.add_argument("--batch-size", type=int, default=64)
     shard.add_argument("--image-column", default="image")
@@ -328,7 +364,7 @@ def main(argv=None) -> None:
             return
         job = ShardJob(
             kind=args.kind, inputs=args.inputs, out=args.out, tokenizer=args.tokenizer,
-            vae=args.vae, image_size=args.image_size, max_text_tokens=args.max_text_tokens,
+            vae=args.vae, image_size=args.image_size, min_image_size=args.min_image_size,
             max_caption_tokens=args.max_caption_tokens, batch_size=args.batch_size,
             columns=Columns(args.image_column, args.caption_column, args.text_column),
             shard_index=args.shard_index, num_shards=args.num_shards,

@@ -100,6 +100,22 @@ class ImageSegment:
 
 Document = list  # of TextSegment | ImageSegment
 
+# What a document's layout adds to its content, in positions: BOS and EOS around the
+# document (the loader adds them), BOI and EOI around each image (``pack_documents``).
+# Every length limit (the loader's plan, sharding checks) is derived from these.
+DOCUMENT_OVERHEAD = 2
+IMAGE_OVERHEAD = 2
+
+
+def text_document_length(text_tokens: int) -> int:
+    """Positions of a text document laid out whole: BOS text EOS."""
+    return text_tokens + DOCUMENT_OVERHEAD
+
+
+def image_caption_length(caption_tokens: int, patches_per_image: int) -> int:
+    """Positions of an image–caption pair in either order: BOS caption BOI patches EOI EOS."""
+    return caption_tokens + DOCUMENT_OVERHEAD + patches_per_image + IMAGE_OVERHEAD
+
 
 @dataclass(frozen=True)
 class SpecialTokens:

@@ -6,8 +6,8 @@ import torch
 from data_prep.shard import ShardJob, merge, run_shard_job
 from data_prep.tokenizer import train_bpe
 from data_prep.vae import ConvVAE, VAEConfig, save_vae
-from megatron_transfusion.config import load_config
-from megatron_transfusion.data import MixedModalityLoader, MixturePlanner
+from megatron_transfusion.config import ConfigError, load_config
+from megatron_transfusion.data import MixedModalityLoader, MixturePlanner, PreparedDataset
 from tests.conftest import run_torchrun
 from tests.data_fixtures import write_inputs
 
@@ -17,7 +17,7 @@ def prepare(root):
     train_bpe(source["documents"] + source["captions"][:500], 400, root / "tok.json")
     torch.manual_seed(0)
     save_vae(ConvVAE(VAEConfig()), VAEConfig(), 0.5, root / "vae")
-    common = dict(tokenizer=str(root / "tok.json"), vae=str(root / "vae"), image_size=32, max_text_tokens=100)
+    common = dict(tokenizer=str(root / "tok.json"), vae=str(root / "vae"), image_size=32)
     from data_prep.readers import Columns
 
     columns = Columns("picture", "caption", "body")
@@ -77,7 +77,10 @@ def test_layout_of_documents(data_root):
         tokens, docs, images = batch.tokens[r], batch.document_ids[r], batch.image_ids[r]
         for d in docs[docs >= 0].unique().tolist():
             where = (docs == d).nonzero().flatten()
-            assert tokens[where[0]] == bos and tokens[where[-1]] == eos
+            # A long text continues over rows: its later windows start a row, all but its
+            # last fill one.
+            assert tokens[where[0]] == bos or d == 0
+            assert tokens[where[-1]] == eos or len(where) == cfg.data.seq_length
             assert batch.positions[r][where].tolist() == list(range(len(where)))
         for i in images[images >= 0].unique().tolist():
             where = (images == i).nonzero().flatten()
@@ -107,11 +110,107 @@ def test_token_mix_and_caption_order_over_many_steps():
         assert len(caption_first) > 10000
 
 
-def test_sample_too_long_for_the_sequence_is_a_clear_error():
+def test_long_text_continues_over_rows_and_resumes_mid_document():
+    """A 100-token text is BOS + 100 + EOS = 102 positions: windows [0, 64) and [63, 102),
+    the second starting on the first's last position; a 10-token one fits whole."""
     import numpy as np
 
-    with pytest.raises(ValueError, match="more than data.seq_length=64"):
-        MixturePlanner({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    planner = MixturePlanner({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    examples = [e for _ in range(6) for e in planner.next_row()]
+    long = [(e.start, e.length) for e in examples if e.index == 1]
+    assert long[:2] == [(0, 64), (63, 39)]
+    assert all(e.length <= 64 for e in examples)
+    assert [(e.start, e.length) for e in examples if e.index == 0][0] == (0, 12)
+    planner = MixturePlanner({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    while planner.next_row()[-1].length != 64:  # stop inside the long document
+        pass
+    state = planner.state_dict()
+    assert state["pending"]["start"] == 63  # the window that continues it
+    resumed = MixturePlanner({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    resumed.load_state_dict(state)
+    assert [resumed.next_row() for _ in range(5)] == [planner.next_row() for _ in range(5)]
+
+
+def word_tokenizer(path, words):
+    """An HF tokenizer.json with one token per whitespace-separated word: exact lengths."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {w: i for i, w in enumerate(["<unk>", *words])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(path))
+
+
+def test_documents_at_the_4096_boundary_train_at_seq_4096(tmp_path):
+    """Sharded with the default flags, documents of 4,094, 4,095 and 4,096 tokens train in
+    4,096-token rows: BOS + 4,094 + EOS fills one row exactly; the longer two continue into a
+    second window (BOS only on the first, EOS only on the last, one position shared), and
+    every next-token prediction of every document is trained once."""
+    import json
+
+    from data_prep.shard import main
+
+    sizes = (4094, 4095, 4096)
+    documents = [[f"d{d}w{i % 97}" for i in range(n)] for d, n in enumerate(sizes)]
+    word_tokenizer(tmp_path / "tok.json", sorted({w for doc in documents for w in doc}))
+    (tmp_path / "in").mkdir()
+    lines = [json.dumps({"text": " ".join(words)}) + "\n" for words in documents]
+    (tmp_path / "in" / "docs.jsonl").write_text("".join(lines))
+    main(["shard", "--kind", "text", "--inputs", str(tmp_path / "in"), "--out",
+          str(tmp_path / "text"), "--tokenizer", str(tmp_path / "tok.json")])  # fmt: skip
+    main(["merge", "--out", str(tmp_path / "text")])
+    cfg = load_config("tiny", [f"data.text_data={tmp_path / 'text'}", "data.seq_length=4096",
+                               "data.image_caption_data=null", "model.max_sequence_length=4096",
+                               "data.micro_batch_size=1",
+                               "data.global_batch_tokens=20480"])  # fmt: skip
+    loader = MixedModalityLoader(cfg)
+    batches = loader.next_step()  # 5 rows: the epoch's 5 windows, one row each
+    pieces, trained = [], 0
+    for batch in batches:
+        batch.validate(cfg.model.patches_per_image)
+        trained += int(batch.lm_targets()[1].sum())
+        row, docs = batch.tokens[0], batch.document_ids[0]
+        pieces += [row[docs == d].tolist() for d in docs[docs >= 0].unique().tolist()]
+    dataset = PreparedDataset(str(tmp_path / "text"))
+    texts = [dataset[d]["tokens"].tolist() for d in range(3)]  # each document has its own words
+    assert [len(ids) for ids in texts] == list(sizes)
+    owner = {t: d for d, ids in enumerate(texts) for t in ids}
+    windows = [[p for p in pieces if owner[p[p[0] == loader.bos]] == d] for d in range(3)]
+    for ids, mine in zip(texts, windows):
+        assert mine[0] + [t for p in mine[1:] for t in p[1:]] == [loader.bos, *ids, loader.eos]
+        assert [len(p) for p in mine] == ([4096] if len(ids) == 4094 else [4096, len(ids) - 4093])
+        assert sum(p.count(loader.bos) + p.count(loader.eos) for p in mine) == 2
+    assert trained == sum(n + 1 for n in sizes)
+
+
+def test_captions_too_long_for_the_rows_name_both_settings(data_root):
+    expected = r"'data.seq_length': 24 cannot hold an image-caption pair .* with --max-caption-tokens 128"
+    with pytest.raises(ConfigError, match=expected):
+        MixedModalityLoader(config(data_root, "data.seq_length=24", "data.global_batch_tokens=96"))
+
+
+PRESETS = ["tiny", "transfusion-0.16b", "transfusion-0.37b", "transfusion-0.76b",
+           "transfusion-1.4b", "transfusion-7b"]  # fmt: skip
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_what_sharding_writes_by_default_trains_under_every_preset(preset):
+    """The longest caption the sharding job keeps by default fits every preset's rows with
+    its image; texts of any length are cut to the rows (above)."""
+    import dataclasses
+
+    import numpy as np
+
+    from megatron_transfusion.batch import image_caption_length
+
+    cfg = load_config(preset)
+    longest = {f.name: f.default for f in dataclasses.fields(ShardJob)}["max_caption_tokens"]
+    s, patches = cfg.data.seq_length, cfg.model.patches_per_image
+    assert image_caption_length(longest, patches) <= s
+    lengths = {"text": np.array([3 * s]), "image_caption": np.array([longest])}
+    planner = MixturePlanner(lengths, s, patches, 0.5, 0.8, seed=0)
+    for _ in range(8):
+        assert sum(e.length for e in planner.next_row()) <= s
 
 
 def test_exact_resume_mid_epoch(data_root):

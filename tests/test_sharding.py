@@ -36,7 +36,7 @@ def job(env, kind, out, inputs=None, caption_column="caption", **kwargs):
     default = root / "inputs" / ("images" if kind == "image_caption" else "text")
     inputs = [str(root / "inputs" / i) for i in inputs] if inputs else [str(default)]
     return ShardJob(kind=kind, inputs=inputs, out=str(out), tokenizer=str(root / "tok.json"),
-                    vae=str(root / "vae"), image_size=32, max_text_tokens=64,
+                    vae=str(root / "vae"), image_size=32,
                     columns=Columns("picture", caption_column, "body"), **kwargs)  # fmt: skip
 
 
@@ -55,13 +55,13 @@ def text_shards(env):
     return out, counts, merge(out)
 
 
-def test_text_round_trip_splits_long_documents(env, text_shards):
+def test_text_round_trip_keeps_documents_whole(env, text_shards):
+    """However long: the loader cuts them to the row length it trains at."""
     _, source, tokenizer = env
     out, _, manifest = text_shards
-    expected = []
-    for document in source["documents"]:  # jsonl first, then parquet: sorted unit order
-        ids = tokenizer.encode(document)
-        expected += [ids[i : i + 64] for i in range(0, len(ids), 64)]
+    # jsonl first, then parquet: sorted unit order
+    expected = [tokenizer.encode(document) for document in source["documents"]]
+    assert max(map(len, expected)) > 256  # longer than the tiny preset's rows
     got = samples(out)
     assert [s["tokens"].tolist() for s in got] == expected
     assert manifest["num_samples"] == len(expected)
@@ -76,6 +76,77 @@ def test_bad_text_inputs_are_counted_and_named(text_shards):
     assert manifest["counts"]["rejected_not_utf8"] == 1
     keys = {json.loads(line)["key"] for line in (out / "rejected.jsonl").read_text().splitlines()}
     assert keys == {"docs.jsonl:7", "docs.jsonl:8", "docs.jsonl:9"}
+
+
+def test_rejections_say_what_was_wrong(env, tmp_path):
+    """Not lumped together as empty text: each reason names the problem, and the first record
+    of each is listed with it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = ['{"body": "a fine document"}', '{"text": "the wrong field"}',
+             '["not", "an", "object"]', '{"body": 42}', '{"body": null}',
+             '{"body": "  "}']  # fmt: skip
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "docs.jsonl").write_text("\n".join(lines) + "\n")
+    pq.write_table(pa.table({"body": [7, 8]}), tmp_path / "in" / "numbers.parquet")
+    out = tmp_path / "out"
+    counts = run_shard_job(replace(job(env, "text", out), inputs=[str(tmp_path / "in")]))
+    assert counts["written"] == 1
+    assert counts["rejected_missing_column"] == 1 and counts["rejected_not_an_object"] == 1
+    assert counts["rejected_not_a_string"] == 3 and counts["rejected_empty_text"] == 2
+    rejected = map(json.loads, (out / "unit-000000" / "rejected.jsonl").open())
+    details = {(r["key"], r["reason"]): r["detail"] for r in rejected}
+    assert details[("docs.jsonl:2", "missing_column")] == "'body' (the record has: text)"
+    assert details[("docs.jsonl:3", "not_an_object")] == "a JSON list, expected an object"
+    assert details[("docs.jsonl:4", "not_a_string")] == "'body' is a int"
+
+
+def test_tar_captions_and_tiny_images_are_rejected_by_name(env, tmp_path):
+    """A caption .json without the caption field or not an object, and images whose shorter
+    side is under half the training size (32 px here: 16 px is the least accepted)."""
+    from tests.data_fixtures import add_member
+
+    images = {"ok": np.zeros((16, 40, 3), np.uint8), "dot": np.zeros((1, 1, 3), np.uint8),
+              "thin": np.zeros((15, 64, 3), np.uint8), "field": np.zeros((32, 32, 3), np.uint8),
+              "list": np.zeros((32, 32, 3), np.uint8)}  # fmt: skip
+    captions = {"field": {"alt": "x"}, "list": ["x"]}
+    (tmp_path / "in").mkdir()
+    with tarfile.open(tmp_path / "in" / "t.tar", "w") as tar:
+        for key, image in images.items():
+            add_member(tar, f"{key}.png", png_bytes(image))
+            caption = captions.get(key, {"caption": "a dot"})
+            add_member(tar, f"{key}.json", json.dumps(caption).encode())
+    out = tmp_path / "out"
+    tar_job = replace(job(env, "image_caption", out), inputs=[str(tmp_path / "in" / "t.tar")])
+    counts = run_shard_job(tar_job)
+    assert counts["written"] == 1 and counts["rejected_image_too_small"] == 2
+    assert counts["rejected_missing_column"] == 1 and counts["rejected_not_an_object"] == 1
+    rejected = map(json.loads, (out / "unit-000000" / "rejected.jsonl").open())
+    details = {r["key"]: r["detail"] for r in rejected}
+    assert details["t.tar/dot"].startswith("1×1 px; the shorter side must be ≥ 16 px")
+    assert details["t.tar/field"] == "'caption' (the record has: alt)"
+
+
+def test_a_job_that_rejects_every_record_fails_with_the_top_reason(env, tmp_path):
+    """A wrong --text-column: the shard task and the merge exit non-zero, in one line each."""
+    from data_prep.shard import main
+
+    root = env[0]
+    out = tmp_path / "o"
+    with pytest.raises(SystemExit) as shard_exit:
+        main(["shard", "--kind", "text", "--inputs", str(root / "inputs" / "text" / "docs.jsonl"),
+              "--out", str(out), "--tokenizer", str(root / "tok.json"),
+              "--text-column", "text"])  # fmt: skip
+    message = str(shard_exit.value)
+    assert message.startswith(
+        "error: every record of the 1 input unit was rejected: missing_column 'text' "
+        "(the record has: body) (7 of 9 rejected; first: docs.jsonl:1 in "
+    )
+    assert "\n" not in message
+    with pytest.raises(SystemExit, match="^error: '.*o' holds no samples: missing_column 'text'"):
+        main(["merge", "--out", str(out)])
+    assert not (out / "manifest.json").exists()
 
 
 def test_image_caption_round_trip_equals_direct_encoding(env, tmp_path):
@@ -173,8 +244,7 @@ def test_killed_task_leaves_no_complete_looking_unit_and_rerun_finishes(env, tex
 
 def test_rerun_with_other_settings_is_refused(env, text_shards):
     out, _, _ = text_shards
-    other = job(env, "text", out)
-    other.max_text_tokens = 32
+    other = job(env, "text", out, caption_column="alt")
     with pytest.raises(ValueError, match="other inputs or settings"):
         run_shard_job(other)
 

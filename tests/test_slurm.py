@@ -203,7 +203,7 @@ def test_sharding_array_then_merge_equals_a_single_run(slurm, data_root, tmp_pat
     inputs = [str(data_root / "inputs" / "images" / f"part-{i}.tar") for i in range(2)]
     ids = scmd(slurm, "bash", str(LAUNCH / "shard_dataset.sh"), "2", "--kind", "image_caption",
                "--inputs", *inputs, "--out", str(out), "--tokenizer", str(data_root / "tok.json"),
-               "--vae", str(data_root / "vae"), "--image-size", "32", "--max-text-tokens", "100",
+               "--vae", str(data_root / "vae"), "--image-size", "32",
                "--image-column", "picture", "--text-column", "body", cwd=tmp_path)  # fmt: skip
     array, merge = ids.split()
     assert job_info(slurm, merge)["Dependency"] == f"afterok:{array}_*(unfulfilled)"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from megatron_transfusion.batch import ImageSegment, PackedBatch, SpecialTokens, TextSegment, pack_documents
+from megatron_transfusion.batch import (
+    ImageSegment, PackedBatch, SpecialTokens, TextSegment, image_caption_length, pack_documents,
+)  # fmt: skip
 from megatron_transfusion.config import ConfigError, ExperimentConfig
 from megatron_transfusion.data.planner import IMAGE, TEXT, MixturePlanner, PlannedExample
 from megatron_transfusion.data.source import PreparedDataset
@@ -22,13 +24,30 @@ def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfi
         raise ConfigError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
                          f"tokenizer's {first['vocab_size']} ({first['path']})")  # fmt: skip
     if IMAGE in datasets:
-        m = cfg.model
-        expected = [m.latent_channels, m.latent_size, m.latent_size]
-        found = datasets[IMAGE].manifest["latent_shape"]
-        if found != expected:
-            raise ConfigError(f"image latents in '{datasets[IMAGE].directory}' have shape {found}, the "
-                             f"model expects {expected} (model.latent_channels, model.latent_size)")  # fmt: skip
+        _check_images_fit(datasets[IMAGE], cfg)
     return first["special"]
+
+
+def _check_images_fit(dataset: PreparedDataset, cfg: ExperimentConfig) -> None:
+    """The sharding job's image settings against the model's and the row length."""
+    m, manifest = cfg.model, dataset.manifest
+    expected = [m.latent_channels, m.latent_size, m.latent_size]
+    found = manifest["latent_shape"]
+    if found != expected:
+        raise ConfigError(f"image latents in '{dataset.directory}' have shape {found} (sharded "
+                          f"with --image-size {manifest['image_size']}), the model expects "
+                          f"{expected} (model.latent_channels, model.latent_size)")  # fmt: skip
+    caption = int(dataset.lengths.max())
+    needed = image_caption_length(caption, m.patches_per_image)
+    if needed > cfg.data.seq_length:
+        fits = cfg.data.seq_length - image_caption_length(0, m.patches_per_image)
+        raise ConfigError(
+            f"config field 'data.seq_length': {cfg.data.seq_length} cannot hold an image-caption "
+            f"pair of '{dataset.directory}' ({needed} positions: a {caption}-token caption, "
+            f"sharded with --max-caption-tokens {manifest['max_caption_tokens']}, + "
+            f"{m.patches_per_image} patches + BOS/EOS/BOI/EOI); raise data.seq_length or "
+            f"re-shard with --max-caption-tokens {fits}"
+        )
 
 
 class MixedModalityLoader:
@@ -61,6 +80,7 @@ class MixedModalityLoader:
                 f"into {dp_size} data-parallel ranks × micro-batches of {d.micro_batch_size}"
             )
         self.global_rows, self.dp_rank, self.dp_size = rows, dp_rank, dp_size
+        self._last: tuple = (None, None, None)  # (stream, index, sample) last read
         self.cfg = cfg
         self.planner = MixturePlanner(
             {s: ds.lengths for s, ds in self.datasets.items()},
@@ -71,10 +91,20 @@ class MixedModalityLoader:
             cfg.run.seed,
         )
 
+    def _sample(self, stream: str, index: int) -> dict:
+        """The pieces of a long document are planned one after another: read it once."""
+        if self._last[:2] != (stream, index):
+            self._last = (stream, index, self.datasets[stream][index])
+        return self._last[2]
+
     def _document(self, example: PlannedExample) -> list:
-        sample = self.datasets[example.stream][example.index]
-        if example.stream == TEXT:
-            return [TextSegment([self.bos, *sample["tokens"].tolist(), self.eos])]
+        sample = self._sample(example.stream, example.index)
+        if example.stream == TEXT:  # positions [start, stop) of BOS text EOS
+            tokens, start, stop = sample["tokens"], example.start, example.start + example.length
+            window = tokens[max(start - 1, 0) : stop - 1].tolist()
+            bos = [self.bos] if start == 0 else []
+            eos = [self.eos] if stop == len(tokens) + 2 else []
+            return [TextSegment(bos + window + eos)]
         image = ImageSegment(torch.from_numpy(sample["latent"].astype(np.float32)), example.caption_first)
         caption = sample["caption"].tolist()
         if example.caption_first:

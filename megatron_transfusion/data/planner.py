@@ -6,6 +6,13 @@ permutation every epoch; each image–caption pair is laid out caption-first wit
 configured probability (else image-first, which limits its noise). Examples are packed
 greedily into rows of ``seq_length``; one that does not fit starts the next row.
 
+A text document longer than a row continues over several examples: windows of at most
+``seq_length`` positions of its layout ``BOS text EOS`` (so BOS only in the first, EOS
+only in the last), each starting at the last position of the one before, so that every
+next-token prediction is trained exactly once. Each window is a document of its own in
+its row: positions restart at 0 and it attends to nothing of the earlier windows. The
+loader checks that every image–caption pair fits a row before planning.
+
 Every rank runs the same planner over all rows (cheap: no sample is read) and keeps the
 rows of its data-parallel rank. Its state is a handful of integers, so a checkpoint
 resumes exactly, also onto another data-parallel size with the same global batch.
@@ -17,6 +24,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from megatron_transfusion.batch import image_caption_length, text_document_length
+
 TEXT, IMAGE = "text", "image_caption"
 STREAM_IDS = {TEXT: 0, IMAGE: 1}
 
@@ -27,6 +36,7 @@ class PlannedExample:
     index: int  # sample index in the stream's dataset
     caption_first: bool
     length: int  # tokens once laid out in the sequence
+    start: int = 0  # where in the document's layout this example starts (a continued text)
 
 
 @dataclass
@@ -34,6 +44,7 @@ class _Cursor:
     epoch: int = 0
     position: int = 0
     tokens: int = 0  # laid-out tokens drawn so far
+    offset: int = 0  # where the document at ``position`` continues (a long text)
 
 
 class MixturePlanner:
@@ -56,17 +67,10 @@ class MixturePlanner:
         self.seq_length = seq_length
         self.caption_first_probability = caption_first_probability
         self.seed = seed
-        # Laid-out length: BOS + text + EOS, plus BOI + patches + EOI for an image.
-        self.layout_lengths = {s: lengths[s].astype(np.int64) + 2 for s in self.streams}
-        if IMAGE in self.layout_lengths:
-            self.layout_lengths[IMAGE] += patches_per_image + 2
-        for stream, layout in self.layout_lengths.items():
-            longest = int(layout.max())
-            if longest > seq_length:
-                raise ValueError(
-                    f"a {stream} sample needs {longest} tokens, more than data.seq_length="
-                    f"{seq_length}; shard with smaller --max-text-tokens/--max-caption-tokens"
-                )
+        tokens = {s: lengths[s].astype(np.int64) for s in self.streams}
+        self.layout_lengths = {s: text_document_length(tokens[s]) for s in self.streams}
+        if IMAGE in self.streams:
+            self.layout_lengths[IMAGE] = image_caption_length(tokens[IMAGE], patches_per_image)
         self.cursors = {s: _Cursor() for s in self.streams}
         self.pending: PlannedExample | None = None
         self.rows_planned = 0
@@ -90,14 +94,19 @@ class MixturePlanner:
         cursor = self.cursors[stream]
         order, caption_first = self._epoch_order(stream, cursor.epoch)
         index = int(order[cursor.position])
+        whole, start = int(self.layout_lengths[stream][index]), cursor.offset
         example = PlannedExample(
             stream=stream,
             index=index,
             caption_first=bool(caption_first[cursor.position]) if stream == IMAGE else True,
-            length=int(self.layout_lengths[stream][index]),
+            length=min(whole - start, self.seq_length),
+            start=start,
         )
-        cursor.position += 1
         cursor.tokens += example.length
+        if start + example.length < whole:  # continues from this window's last position
+            cursor.offset = start + example.length - 1
+            return example
+        cursor.position, cursor.offset = cursor.position + 1, 0
         if cursor.position == len(order):
             cursor.epoch, cursor.position = cursor.epoch + 1, 0
         return example
