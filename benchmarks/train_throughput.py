@@ -38,7 +38,8 @@ def main() -> None:
     from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
     from megatron_transfusion.synthetic import random_batch
     from megatron_transfusion.training.megatron_engine import MegatronEngine
-    from megatron_transfusion.training.metrics import measure_matmul_peak, model_flops_per_token
+    from megatron_transfusion.platform import measure_matmul_peak
+    from megatron_transfusion.training.metrics import model_flops_per_token
     from megatron_transfusion.training.step import MicroBatch
 
     plat = platform.activate()

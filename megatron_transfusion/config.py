@@ -160,7 +160,8 @@ class RunConfig:
     train_steps: int = 250_000
     log_interval: int = 10
     max_consecutive_skips: int = 5  # non-finite steps in a row before the run stops
-    peak_flops: float | None = None  # per device, for MFU; None: measured fp32 GEMM peak (CPU)
+    # Dense FLOP/s per device, for MFU; None: the platform's (GPU: datasheet; CPU: measured).
+    peak_flops: float | None = None
 
 
 @dataclass

@@ -100,6 +100,7 @@ from typing import Literal
 
 import torch
 
+from megatron_transfusion import platform
 from megatron_transfusion.cli import _size, run_cli
 from megatron_transfusion.config import (
     ConfigError,
@@ -147,7 +148,7 @@ CLUSTERS = {
         # nvidia-smi: 81,559 MiB per H100 SXM5 80GB.
         memory=81_559 * 2**20,
         # H100 SXM5 datasheet: 989 TFLOP/s dense BF16 (1,979 is with 2:4 sparsity).
-        peak_flops=989e12,
+        peak_flops=platform.datasheet_peak("H100 SXM5", torch.bfloat16),
         # NVLink 4: 900 GB/s bidirectional per GPU (datasheet), 450 GB/s each way.
         intra_node_bandwidth=450e9,
         # One 400 Gb/s InfiniBand NDR NIC per GPU (DGX H100): 50 GB/s each way.
@@ -192,6 +193,7 @@ CLUSTERS = {
         fragmentation=0.0,  # every tensor ≥ 64 KiB is its own mapping there (see that script)
     ),
 }
+
 
 # Fraction of the dense s×s attention FLOPs a kernel executes. Flex: a BlockMask skips
 # every block above the diagonal, so at most the causal half (packed documents and
@@ -664,6 +666,19 @@ def predict(cfg: ExperimentConfig, cluster: Cluster, layout: Layout,
         image_token_fraction * model_costs(cfg.model).patch_flops_per_image_token
     )  # = metrics.model_flops_per_token
     return Prediction(layout, memory, time, rate, rate * flops / cluster.peak_flops)
+
+
+def platform_cluster(plat: platform.Platform) -> Cluster:
+    """The cluster whose memory model describes ``plat``: on any GPU h100-80gb's (bf16,
+    FlexAttention, the CUDA allowance; its memory size and speeds play no part in the
+    prediction), on a CPU the cpu one."""
+    return CLUSTERS["h100-80gb" if plat.is_gpu else "cpu"]
+
+
+def predicted_memory(cfg: ExperimentConfig, plat: platform.Platform, gpus: int) -> float:
+    """Bytes per device the planner predicts for ``cfg``'s own layout on ``gpus`` devices,
+    for the trainer to log beside what it measures."""
+    return predict(cfg, platform_cluster(plat), Layout.of_config(cfg, gpus)).memory.total
 
 
 # Predicted throughputs closer than this fraction of the fastest count as equal: finer

@@ -3,7 +3,9 @@
 On a GPU the project runs as Megatron-Core expects: NCCL, bf16, FlexAttention.
 On a CPU-only machine it runs the *same* code over gloo in fp32 with dense-mask SDPA,
 after giving Megatron-Core's own modules CPU stand-ins for the handful of ``torch.cuda``
-calls they make. The stand-ins are scoped: only ``megatron.*`` modules see them (each
+calls they make. It also knows what MFU and memory are measured against: a GPU's
+datasheet peak (a CPU's is measured), and the allocator's (GPU) or the process's (CPU)
+peak memory. The stand-ins are scoped: only ``megatron.*`` modules see them (each
 gets a ``torch`` proxy whose ``cuda`` attribute is replaced), so torch itself,
 torch.compile and every other library keep the real ``torch.cuda``.
 """
@@ -15,11 +17,25 @@ import functools
 import importlib.abc
 import importlib.machinery
 import os
+import re
 import sys
+import time
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from megatron_transfusion.config import ConfigError
+
+# Dense tensor-core peaks (without 2:4 sparsity) from NVIDIA's datasheets, FLOP/s per GPU,
+# per compute dtype; the first pattern found in ``device_name()`` wins. SXM parts unless named.
+DATASHEET_PEAKS: tuple[tuple[str, dict[torch.dtype, float]], ...] = (
+    (r"H100.*PCIe", {torch.bfloat16: 756e12}),
+    (r"H[12]00 NVL", {torch.bfloat16: 835e12}),
+    (r"H100|H200|GH200", {torch.bfloat16: 989e12}),
+    (r"A100", {torch.bfloat16: 312e12}),
+)
 
 
 @dataclass(frozen=True)
@@ -38,9 +54,58 @@ class Platform:
     def device(self, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank) if self.is_gpu else torch.device("cpu")
 
+    def peak_flops(self) -> float:
+        """Dense FLOP/s of one device in the compute dtype, what MFU divides by: the GPU's
+        datasheet figure (a GPU not in ``DATASHEET_PEAKS`` needs ``run.peak_flops``), or on
+        CPU a measured fp32 GEMM, as no datasheet applies there."""
+        if not self.is_gpu:
+            return measure_matmul_peak()
+        return datasheet_peak(device_name(), self.dtype)
+
+    def peak_memory(self) -> int:
+        """Bytes at this process's high-water mark so far: on GPU what PyTorch's allocator
+        had allocated (the planner's tensors; not the CUDA context or the cache), on CPU the
+        resident set (VmHWM, everything the process touched)."""
+        if self.is_gpu:
+            return gpu_peak_allocated()
+        # Linux's VmHWM: unlike getrusage's maxrss, it does not carry a parent's peak across exec.
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    """The GPU's name as the driver reports it, e.g. 'NVIDIA H100 80GB HBM3'."""
+    return torch.cuda.get_device_name()
+
+
+def gpu_peak_allocated() -> int:
+    return torch.cuda.max_memory_allocated()
+
+
+def datasheet_peak(name: str, dtype: torch.dtype) -> float:
+    for pattern, peaks in DATASHEET_PEAKS:
+        if re.search(pattern, name) and dtype in peaks:
+            return peaks[dtype]
+    raise ConfigError(f"config field 'run.peak_flops': no datasheet peak is known for '{name}' "
+                      f"in {dtype}; set it to the GPU's dense FLOP/s in that dtype, for "
+                      "MFU")  # fmt: skip
+
+
+def measure_matmul_peak(seconds: float = 1.0, size: int = 2048, dtype=torch.float32) -> float:
+    """Dense-GEMM FLOP/s of this machine's CPU, with the threads this process has."""
+    a = torch.randn(size, size, dtype=dtype)
+    b = torch.randn(size, size, dtype=dtype)
+    for _ in range(2):  # warm-up: thread pool start, first-touch allocation
+        torch.matmul(a, b)
+    runs, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or runs == 0:
+        torch.matmul(a, b)
+        runs += 1
+    return 2.0 * size**3 * runs / elapsed
 
 
 @functools.cache

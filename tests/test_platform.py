@@ -84,3 +84,48 @@ def test_only_the_platform_module_mentions_torch_cuda():
         if "torch.cuda" in path.read_text() and path.name != "platform.py"
     ]
     assert offenders == []
+
+
+# What MFU and memory are measured against. The GPU is faked at the platform's boundary
+# (the driver's device name, the allocator's peak); everything above it is the real code.
+GPU = platform.Platform("cuda", "nccl", torch.bfloat16, "flex")
+
+
+@pytest.mark.parametrize("name, peak", [
+    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+])  # fmt: skip
+def test_gpu_peak_is_the_datasheet_dense_bf16_figure(monkeypatch, name, peak):
+    monkeypatch.setattr(platform, "device_name", lambda: name)
+    assert GPU.peak_flops() == peak
+
+
+def test_unknown_gpu_asks_for_run_peak_flops(monkeypatch):
+    from megatron_transfusion.config import ConfigError
+
+    monkeypatch.setattr(platform, "device_name", lambda: "NVIDIA GeForce RTX 4090")
+    expected = r"^config field 'run.peak_flops': .*'NVIDIA GeForce RTX 4090' in torch.bfloat16; set it"
+    with pytest.raises(ConfigError, match=expected):
+        GPU.peak_flops()
+
+
+def test_gpu_memory_is_the_allocator_peak_and_cpu_memory_the_resident_peak(monkeypatch):
+    monkeypatch.setattr(platform, "gpu_peak_allocated", lambda: 123 * 2**20)
+    assert GPU.peak_memory() == 123 * 2**20
+    code = ("import torch\nfrom megatron_transfusion import platform\n"
+            "cpu = platform.current()\nbefore = cpu.peak_memory()\nx = torch.ones(64 * 2**20)\n"
+            "print((cpu.peak_memory() - before) / 2**20)")  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown = float(result.stdout)
+    assert 200 < grown < 300  # the 256 MiB tensor (the mark may have stood above the set)
+
+
+def test_planner_prediction_for_the_running_layout():
+    """What the trainer logs beside its measured memory: the planner's own figure."""
+    from megatron_transfusion.config import load_config
+    from megatron_transfusion.plan import CLUSTERS, Layout, predict, predicted_memory
+
+    cfg = load_config("transfusion-0.16b")
+    on_gpu = predict(cfg, CLUSTERS["h100-80gb"], Layout.of_config(cfg, 8)).memory.total
+    assert predicted_memory(cfg, GPU, 8) == on_gpu
+    assert predicted_memory(cfg, platform.current(), 8) > on_gpu  # fp32 and a dense mask on CPU

@@ -75,6 +75,25 @@ def test_loss_falls_and_checkpoints_are_kept(uninterrupted, uninterrupted_run):
     assert (uninterrupted_run / "tiny" / "checkpoints" / "latest").read_text() == "step_00000008"
 
 
+def test_metrics_carry_mfu_and_memory_beside_the_plan(data_root, uninterrupted_run):
+    """On CPU: MFU against the measured GEMM peak, memory as the growth of the resident peak
+    over the run, and the layout planner's prediction for this layout (2 ranks) beside it."""
+    from megatron_transfusion import platform
+    from megatron_transfusion.config import load_config
+    from megatron_transfusion.plan import predicted_memory
+
+    metrics = uninterrupted_run / "tiny" / "logs" / "metrics.jsonl"
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    cfg = load_config("tiny", overrides(data_root, uninterrupted_run, 8))
+    planned = predicted_memory(cfg, platform.current(), 2) / 2**30
+    assert len(records) == 8
+    for record in records:
+        assert 0 < record["mfu"] < 1
+        assert record["predicted_memory_gib"] == pytest.approx(planned)
+        assert 0 < record["memory_gib"] < 2
+    assert records[-1]["memory_gib"] >= records[0]["memory_gib"]  # a peak only grows
+
+
 def test_checkpoint_tools_inspect_and_export(uninterrupted_run, tmp_path):
     from safetensors import safe_open
 

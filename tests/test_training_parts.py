@@ -10,10 +10,10 @@ import torch
 from megatron_transfusion.config import OptimizerConfig, load_config
 from megatron_transfusion.model.params import count_parameters
 from megatron_transfusion.parallel import seed_everything
+from megatron_transfusion.platform import measure_matmul_peak
 from megatron_transfusion.training.metrics import (
     MetricsLogger,
     format_line,
-    measure_matmul_peak,
     mfu,
     model_flops_per_token,
     patch_flops_per_image_token,
@@ -219,6 +219,8 @@ def test_console_line():
     assert format_line(5, {"loss": 1.0, "tokens_per_second": 2.5e6}) == (
         "step 5 | loss 1.000 | 2.5M tok/s"
     )
+    memory = {"mfu": 0.31, "memory_gib": 1.5, "predicted_memory_gib": 1.234}
+    assert format_line(7, memory) == "step 7 | mfu 31.0% | mem 1.50 (plan 1.23) GiB"
 
 
 def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):

@@ -1,4 +1,5 @@
-"""Training metrics: model FLOPs for MFU, the CPU matmul peak, and the step logger.
+"""Training metrics: model FLOPs for MFU and the step logger (the peak FLOP/s and memory
+they are measured against come from ``platform``).
 
 FLOP conventions (one multiply-add = 2 FLOPs; training = forward + backward = 3×
 forward, the backward computing gradients for both inputs and weights):
@@ -22,7 +23,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -66,20 +66,6 @@ def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> 
     return tokens_per_second * flops_per_token / peak_flops
 
 
-def measure_matmul_peak(seconds: float = 1.0, size: int = 2048, dtype=torch.float32) -> float:
-    """Dense-GEMM FLOP/s of this machine's CPU: the reference for MFU on CPU, where no
-    datasheet peak applies (on GPU the caller uses a configured peak instead)."""
-    a = torch.randn(size, size, dtype=dtype)
-    b = torch.randn(size, size, dtype=dtype)
-    for _ in range(2):  # warm-up: thread pool start, first-touch allocation
-        torch.matmul(a, b)
-    runs, start = 0, time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds or runs == 0:
-        torch.matmul(a, b)
-        runs += 1
-    return 2.0 * size**3 * runs / elapsed
-
-
 def _si(x: float) -> str:
     for unit, scale in (("M", 1e6), ("k", 1e3)):
         if x >= scale:
@@ -89,7 +75,8 @@ def _si(x: float) -> str:
 
 def format_line(step: int, values: dict[str, float]) -> str:
     """nanoGPT-style console line from the keys it knows; others go to the files only:
-    loss, lm_loss, diffusion_loss, lr, grad_norm, tokens_per_second, mfu (a fraction)."""
+    loss, lm_loss, diffusion_loss, lr, grad_norm, tokens_per_second, mfu (a fraction),
+    memory_gib with predicted_memory_gib (the layout planner's figure) beside it."""
     parts = [f"step {step}"]
     if "loss" in values:
         details = [f"{label} {values[key]:.3f}" for key, label in
@@ -103,6 +90,10 @@ def format_line(step: int, values: dict[str, float]) -> str:
         parts.append(f"{_si(values['tokens_per_second'])} tok/s")
     if "mfu" in values:
         parts.append(f"mfu {100 * values['mfu']:.1f}%")
+    if "memory_gib" in values:
+        planned = values.get("predicted_memory_gib")
+        beside = "" if planned is None else f" (plan {planned:.2f})"
+        parts.append(f"mem {values['memory_gib']:.2f}{beside} GiB")
     return " | ".join(parts)
 
 

@@ -28,9 +28,10 @@ from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_lo
 from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
+from megatron_transfusion.plan import predicted_memory
 from megatron_transfusion.training import checkpoint
 from megatron_transfusion.training.engine import Engine
-from megatron_transfusion.training.metrics import MetricsLogger, measure_matmul_peak, mfu, model_flops_per_token
+from megatron_transfusion.training.metrics import MetricsLogger, mfu, model_flops_per_token
 from megatron_transfusion.training.schedule import lr_at
 from megatron_transfusion.training.step import MicroBatch
 
@@ -110,6 +111,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.run.seed)
+    memory_start = plat.peak_memory()  # logged: what model, engine and data add to it
     engine = build_engine(cfg, plat, build_model(cfg, plat))
     dp_rank = parallel_state.get_data_parallel_rank()
     loader = MixedModalityLoader(cfg, dp_rank, parallel_state.get_data_parallel_world_size())
@@ -132,7 +134,8 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
 
     tokenizer = load_tokenizer(cfg) if cfg.eval.interval and cfg.eval.captions else None
     logger = MetricsLogger(run_dir, rank0)
-    peak = cfg.run.peak_flops or measure_matmul_peak()
+    peak = cfg.run.peak_flops or plat.peak_flops()
+    planned = predicted_memory(cfg, plat, dist.get_world_size())
     stop = _StopRequest()
     device = plat.device()
     last: dict = {}
@@ -168,7 +171,9 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
             last = {**result.losses, "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
                     "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second,
                     "mfu": mfu(tokens_per_second, flops, peak * dist.get_world_size()),
-                    "skipped_steps": state["skipped_steps"]}  # fmt: skip
+                    "skipped_steps": state["skipped_steps"],
+                    "memory_gib": (plat.peak_memory() - memory_start) / 2**30,
+                    "predicted_memory_gib": planned / 2**30}  # fmt: skip
             line = logger.log(step, last)
             if rank0:
                 print(line + (" | skipped (non-finite)" if result.skipped else ""), flush=True)
