@@ -37,7 +37,7 @@ def _check_images_fit(dataset: PreparedDataset, cfg: ExperimentConfig) -> None:
         raise ConfigError(f"image latents in '{dataset.directory}' have shape {found} (sharded "
                           f"with --image-size {manifest['image_size']}), the model expects "
                           f"{expected} (model.latent_channels, model.latent_size)")  # fmt: skip
-    caption = int(dataset.lengths.max())
+    caption = int(dataset.lengths.max(initial=0))  # an empty dataset: the planner says so
     needed = image_caption_length(caption, m.patches_per_image)
     if needed > cfg.data.seq_length:
         fits = cfg.data.seq_length - image_caption_length(0, m.patches_per_image)
