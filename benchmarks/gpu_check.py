@@ -66,16 +66,11 @@ def shapes(dry_run: bool) -> tuple[str, list[str]]:
     """The preset and overrides a part runs: the paper's 0.16B at seq 4,096, or tiny (CPU)."""
     common = ["data.text_data=null", "data.image_caption_data=null", "eval.interval=0"]
     if dry_run:
-        return "tiny", common + [
-            "data.seq_length=256",
-            "data.micro_batch_size=2",
-            "data.global_batch_tokens=1024",
-        ]
-    # 8 rows of 4,096 tokens per step, micro-batches of 2: a step is ~0.3 s of work.
-    return "transfusion-0.16b", common + [
-        "data.micro_batch_size=2",
-        "data.global_batch_tokens=32768",
-    ]
+        return "tiny", common + ["data.seq_length=256", "data.micro_batch_size=2",
+                                 "data.global_batch_tokens=1024"]  # fmt: skip
+    # 8 rows of 4,096 tokens per step in micro-batches of 2: ~0.3 s of work at 30% MFU.
+    return "transfusion-0.16b", common + ["data.micro_batch_size=2",
+                                          "data.global_batch_tokens=32768"]  # fmt: skip
 
 
 def _world(cfg):
@@ -89,10 +84,11 @@ def _world(cfg):
 
 
 def _median_seconds(fn, repeats: int) -> float:
+    """``fn`` returns a tensor; reading a value of it waits for the GPU's queued work."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        float(fn().float().sum())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -117,9 +113,8 @@ def gpu_tests(dry_run: bool) -> dict:
         ]
         result = subprocess.run(cmd + tests, cwd=ROOT, capture_output=True, text=True, check=False)
         if not report.exists():
-            raise RuntimeError(
-                f"pytest wrote no report (exit {result.returncode}): {result.stdout[-1500:]}"
-            )
+            ending = result.stdout[-1500:]
+            raise RuntimeError(f"pytest wrote no report (exit {result.returncode}): {ending}")
         outcomes = {}
         for case in ElementTree.parse(report).iter("testcase"):
             status, message = "passed", None
@@ -140,8 +135,7 @@ def attention(dry_run: bool) -> dict:
     from megatron_transfusion.config import load_config
     from megatron_transfusion.synthetic import random_batch
 
-    preset, overrides = shapes(dry_run)
-    cfg = load_config(preset, overrides)
+    cfg = load_config(*shapes(dry_run))
     m, seq = cfg.model, cfg.data.seq_length
     plat = platform.current()
     device = plat.device()
@@ -156,43 +150,35 @@ def attention(dry_run: bool) -> dict:
     grad = torch.randn(q.shape, generator=generator).to(device=device, dtype=plat.dtype)
     scale = m.head_dim**-0.5
 
-    def run(backend, inputs, backward=True):
+    def run(backend, inputs, backward=True) -> list:
+        """[out] or [out, dq, dk, dv] of ``backend``, the mask built as a training step does."""
         mask = build_attention_mask(batch, backend, m.flex_block_size)
         if not backward:
-            return (attend(*(t.detach() for t in inputs), mask, scale=scale),)
+            return [attend(*(t.detach() for t in inputs), mask, scale=scale)]
         out = attend(*inputs, mask, scale=scale)
-        return (out, *torch.autograd.grad(out, inputs, grad.to(out.dtype)))
+        return [out, *torch.autograd.grad(out, inputs, grad.to(out.dtype))]
 
-    reference = [
-        t.detach() for t in run("sdpa", [t.detach().float().requires_grad_() for t in (q, k, v)])
-    ]
+    fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    reference = [t.detach() for t in run("sdpa", fp32)]
     tolerance = TOLERANCE[str(plat.dtype)]
-    results = {
-        "seq_length": seq,
-        "rows": batch.tokens.shape[0],
-        "images": batch.num_images,
-        "dtype": str(plat.dtype),
-        "reference": "dense SDPA in fp32",
-        "tolerance": {"atol": tolerance, "rtol": tolerance},
-    }
+    results = {"seq_length": seq, "rows": batch.tokens.shape[0], "images": batch.num_images,
+               "dtype": str(plat.dtype), "reference": "dense SDPA in fp32",
+               "tolerance": {"atol": tolerance, "rtol": tolerance}}  # fmt: skip
     wrong = []
     for backend in ("sdpa", "flex", "flash"):
         # torch has no FlexAttention backward on CPU: the dry run checks its forward only.
         backward = plat.is_gpu or backend != "flex"
-        outputs = [t.detach().float() for t in run(backend, [q, k, v], backward)]
+        outputs = [t.detach().float() for t in run(backend, [q, k, v], backward)]  # compiles once
         names = ["out", "dq", "dk", "dv"][: len(outputs)]
-        errors = {n: float((a - e).abs().max()) for n, a, e in zip(names, outputs, reference)}
-        outside = {
-            n: float((~torch.isclose(a, e, atol=tolerance, rtol=tolerance)).float().mean())
-            for n, a, e in zip(names, outputs, reference)
-        }
-        timed = functools.partial(run, backend, [q, k, v], backward)
-        seconds = _median_seconds(timed, 3 if dry_run else 10)
+        pairs = list(zip(names, outputs, reference))
+        outside = {n: float((~torch.isclose(a, e, atol=tolerance, rtol=tolerance)).float().mean())
+                   for n, a, e in pairs}  # fmt: skip
+        timed = functools.partial(lambda *a: run(*a)[-1], backend, [q, k, v], backward)
         results[backend] = {
-            "max_abs_error": errors,
+            "max_abs_error": {n: float((a - e).abs().max()) for n, a, e in pairs},
             "fraction_outside_tolerance": outside,
             "backward": backward,
-            "ms": 1e3 * seconds,
+            "ms": 1e3 * _median_seconds(timed, 3 if dry_run else 10),
         }
         wrong += [f"{backend} {n}" for n, fraction in outside.items() if fraction > 0]
     if not plat.is_gpu:
@@ -223,32 +209,25 @@ def training(dry_run: bool) -> dict:
     generator = torch.Generator().manual_seed(0)
     schedule = CosineSchedule.from_config(cfg.diffusion)
     rows = d.global_batch_tokens // d.seq_length
-    micro = [
-        MicroBatch.draw(
-            random_batch(generator, cfg.model, d.micro_batch_size, d.seq_length),
-            schedule,
-            cfg.diffusion,
-            generator,
-            plat.device(),
-        )
-        for _ in range(rows // d.micro_batch_size)
-    ]
-    image_fraction = sum(int((mb.batch.image_ids >= 0).sum()) for mb in micro) / (
-        rows * d.seq_length
-    )
-    started = time.perf_counter()
-    warm_up = [engine.train_step(micro, 1e-4) for _ in range(2)]  # compiles (flex, elementwise)
-    compile_seconds = time.perf_counter() - started
-    steps = 2 if dry_run else 8
-    start = time.perf_counter()
-    results = [
-        engine.train_step(micro, 1e-4) for _ in range(steps)
-    ]  # losses are read: synchronised
-    seconds = time.perf_counter() - start
-    rate = steps * d.global_batch_tokens / seconds
-    flops = model_flops_per_token(cfg.model, d.seq_length, image_fraction)
+    batches = [random_batch(generator, cfg.model, d.micro_batch_size, d.seq_length)
+               for _ in range(rows // d.micro_batch_size)]  # fmt: skip
+    micro = [MicroBatch.draw(b, schedule, cfg.diffusion, generator, plat.device()) for b in batches]
+    image_fraction = sum(int((b.image_ids >= 0).sum()) for b in batches) / (rows * d.seq_length)
+    parameter = next(engine.model_chunks[0].parameters())
+
+    def steps(n: int) -> tuple[list, float]:
+        """n optimizer steps and their seconds, the GPU's queue drained at the end."""
+        start = time.perf_counter()
+        done = [engine.train_step(micro, 1e-4) for _ in range(n)]
+        float(parameter.float().sum())
+        return done, time.perf_counter() - start
+
+    warm_up, warm_up_seconds = steps(2)  # compiles (FlexAttention, the elementwise kernels)
+    timed, seconds = steps(2 if dry_run else 8)
+    rate = len(timed) * d.global_batch_tokens / seconds
     peak = plat.peak_flops()
-    losses = [r.losses["loss"] for r in warm_up + results]
+    losses = [r.losses["loss"] for r in warm_up + timed]
+    flops = model_flops_per_token(cfg.model, d.seq_length, image_fraction)
     results = {
         "config": preset,
         "seq_length": d.seq_length,
@@ -256,9 +235,9 @@ def training(dry_run: bool) -> dict:
         "tokens_per_step": d.global_batch_tokens,
         "image_token_fraction": image_fraction,
         "dtype": str(plat.dtype),
-        "warm_up_seconds": compile_seconds,
-        "steps_timed": steps,
-        "seconds_per_step": seconds / steps,
+        "warm_up_seconds": warm_up_seconds,
+        "steps_timed": len(timed),
+        "seconds_per_step": seconds / len(timed),
         "tokens_per_second": rate,
         "peak_flops": peak,
         "mfu": mfu(rate, flops, peak),
@@ -273,7 +252,7 @@ def training(dry_run: bool) -> dict:
 
 def sampling(dry_run: bool) -> dict:
     from data_prep.tokenizer import SpecialIds
-    from megatron_transfusion.batch import TextSegment
+    from megatron_transfusion.batch import ImageSegment, TextSegment
     from megatron_transfusion.config import load_config
     from megatron_transfusion.inference.generate import Generator, SamplingConfig
     from megatron_transfusion.model import build_model
@@ -285,37 +264,31 @@ def sampling(dry_run: bool) -> dict:
     special = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
     steps = 2 if dry_run else 100
 
-    def generate(batch_size: int, diffusion_steps: int) -> tuple[float, float]:
-        """(seconds for the batch, seconds per diffusion step after the prompt's prefill)."""
-        prompts = [
-            [TextSegment([1, *range(10 + i, 26 + i)])] for i in range(batch_size)
-        ]  # 16-token captions
-        sampling = SamplingConfig(
-            max_new_tokens=0, diffusion_steps=diffusion_steps, guidance_scale=5.0
-        )
-        marks, start = [], time.perf_counter()
-        Generator(model, cfg, special, sampling).generate(
-            prompts,
-            force_image=True,
-            progress=lambda step, total: marks.append(time.perf_counter()),
-        )
-        return time.perf_counter() - start, (marks[-1] - marks[0]) / max(len(marks) - 1, 1)
+    def generate(batch_size: int, diffusion_steps: int) -> float:
+        """Seconds to draw one image for each of ``batch_size`` 16-token captions."""
+        prompts = [[TextSegment([1, *range(10 + i, 26 + i)])] for i in range(batch_size)]
+        sampling = SamplingConfig(max_new_tokens=0, diffusion_steps=diffusion_steps)
+        start = time.perf_counter()
+        drawn = Generator(model, cfg, special, sampling).generate(prompts, force_image=True)
+        images = [s.latent for row in drawn for s in row if isinstance(s, ImageSegment)]
+        float(sum(latent.float().sum() for latent in images))  # the GPU's queue drained
+        return time.perf_counter() - start
 
-    generate(1, 2)  # warm-up: compiles the prefill and the step
+    generate(1, 2)  # warm-up
     results = {
         "config": preset,
         "patches_per_image": cfg.model.patches_per_image,
         "diffusion_steps": steps,
-        "guidance_scale": 5.0,
-        "kv_cache": True,
+        "guidance_scale": SamplingConfig().guidance_scale,
+        "kv_cache": SamplingConfig().use_cache,
         "batches": {},
     }
     for batch_size in (1, 2) if dry_run else (1, 8):
-        seconds, per_step = generate(batch_size, steps)
+        seconds = generate(batch_size, steps)
         results["batches"][str(batch_size)] = {
             "seconds": seconds,
             "images_per_second": batch_size / seconds,
-            "ms_per_diffusion_step": 1e3 * per_step,
+            "ms_per_diffusion_step": 1e3 * seconds / steps,  # the prompt's prefill included
         }
     return results
 
@@ -360,8 +333,10 @@ def _write(report: dict, out: Path) -> None:
 def _run(cmd: list[str], env: dict, limit: float) -> tuple[str, int | None]:
     """(output, exit status or None if it ran past ``limit`` seconds); on a timeout the whole
     process group goes (a part's pytest, compile workers), not just the process."""
-    process = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
     try:
         return process.communicate(timeout=limit)[0], process.returncode
     except subprocess.TimeoutExpired:
