@@ -22,7 +22,12 @@ import yaml
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
-class ConfigError(ValueError):
+class UserError(ValueError):
+    """A mistake in what the user gave a command (config, data, checkpoint, flags), not a
+    bug: entry points print its message as one ``error:`` line and exit 2, no traceback."""
+
+
+class ConfigError(UserError):
     """A user mistake in a config file or override; the message names the field."""
 
 
@@ -280,7 +285,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     try:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as e:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({e})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML ({_one_line(e)})") from None
+
+
+def _one_line(error: Exception) -> str:
+    """PyYAML's messages span lines (problem, context, marks): errors here are one line."""
+    return " ".join(str(error).split())
 
 
 def resolve_preset(name_or_path: str) -> Path:
@@ -302,8 +312,10 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] = ()) ->
         path = resolve_preset(preset_or_path)
         try:
             tree = yaml.safe_load(path.read_text()) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text ({e})") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+            raise ConfigError(f"config file '{path}' is not valid YAML: {_one_line(e)}") from None
     return config_from_tree(tree, overrides)
 
 
@@ -454,7 +466,14 @@ def validate(config: ExperimentConfig) -> None:
     _require(dif.min_snr_gamma > 0, "diffusion.min_snr_gamma", "must be positive")
     _require(dif.loss_weight >= 0, "diffusion.loss_weight", "must be ≥ 0")
     o = config.optimizer
+    _require(o.lr > 0, "optimizer.lr", "must be positive")
     _require(0 <= o.min_lr <= o.lr, "optimizer.min_lr", f"must lie in [0, optimizer.lr={o.lr}]")
+    _require(o.warmup_steps >= 0, "optimizer.warmup_steps", "must be ≥ 0")
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1", "betas must lie in [0, 1)")
     _require(o.grad_clip > 0, "optimizer.grad_clip", "must be positive")
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be ≥ 1")
+    _require(config.checkpoint.interval >= 1, "checkpoint.interval", "must be ≥ 1 (steps between saves)")
+    r = config.run
+    _require(r.train_steps >= 1, "run.train_steps", "must be ≥ 1")
+    _require(r.log_interval >= 1, "run.log_interval", "must be ≥ 1 (steps between log lines)")
+    _require(r.max_consecutive_skips >= 1, "run.max_consecutive_skips", "must be ≥ 1")

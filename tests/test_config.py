@@ -54,6 +54,12 @@ def test_yaml_file_path(tmp_path):
     (["diffusion.image_first_max_timestep=1000"], "config field 'diffusion.image_first_max_timestep'"),
     (["model.num_layers"], "expected the form section.field=value"),
     (["parallel.sequence_parallel=true"], "config field 'parallel.sequence_parallel': needs parallel.tensor_parallel > 1"),
+    (["checkpoint.interval=0"], "config field 'checkpoint.interval': must be ≥ 1"),
+    (["checkpoint.interval=-100"], "config field 'checkpoint.interval': must be ≥ 1"),
+    (["run.log_interval=-10"], "config field 'run.log_interval': must be ≥ 1"),
+    (["optimizer.lr=0"], "config field 'optimizer.lr': must be positive"),
+    (["optimizer.lr=-3e-4"], "config field 'optimizer.lr': must be positive"),
+    (["run.train_steps=0"], "config field 'run.train_steps': must be ≥ 1"),
 ])  # fmt: skip
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError) as info:
