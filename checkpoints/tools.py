@@ -4,7 +4,9 @@ Checkpoints are Megatron dist-checkpoints in one layout for every engine, so res
 needs no tool: a run resumed with another TP/PP/DP layout or engine loads the same
 directory (``--resume PATH``). ``export``
 writes the model alone, unsharded, as one safetensors file plus the run's config, which
-inference and other frameworks can read without Megatron's loader.
+inference and other frameworks can read without Megatron's loader. Both check the
+checkpoint's files against its manifest first (``--no-verify`` skips that); ``inspect``
+also reads an exported file.
 """
 
 from __future__ import annotations
@@ -15,16 +17,26 @@ from pathlib import Path
 
 import yaml
 
-from megatron_transfusion.checkpointing import run_config_path
-from megatron_transfusion.config import ConfigError, load_config
+from megatron_transfusion.checkpointing import read_metadata, run_config_path, verify_checkpoint
+from megatron_transfusion.cli import run_cli
+from megatron_transfusion.config import UserError, load_config
+from megatron_transfusion.inference.load import export_metadata, find_checkpoint
 
 
-def inspect(checkpoint: Path) -> dict:
-    from torch.distributed.checkpoint import FileSystemReader
+def inspect(path: Path, verify: bool = True) -> dict:
+    """Step, counters and tensor shapes of a checkpoint (any path mtf-generate takes)."""
+    checkpoint = find_checkpoint(path)
+    if checkpoint.suffix == ".safetensors":
+        from safetensors import safe_open
 
-    if not (checkpoint / "trainer.json").exists():
-        raise FileNotFoundError(f"'{checkpoint}' is not a complete checkpoint (no trainer.json)")
-    metadata = FileSystemReader(str(checkpoint / "engine")).read_metadata()
+        step = export_metadata(checkpoint).get("step", "")  # refuses a truncated or damaged file
+        with safe_open(str(checkpoint), "pt") as f:
+            tensors = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+        return {"trainer": {"step": int(step) if step.isdigit() else step, "exported": True}, "ranks": 1,
+                "tensors": tensors}  # fmt: skip
+    if verify:
+        verify_checkpoint(checkpoint)
+    metadata = read_metadata(checkpoint / "engine")
     tensors = {
         key: list(item.size)
         for key, item in metadata.state_dict_metadata.items()
@@ -37,7 +49,7 @@ def inspect(checkpoint: Path) -> dict:
     }
 
 
-def export(checkpoint: Path, out: Path) -> Path:
+def export(path: Path, out: Path, verify: bool = True) -> Path:
     """Load the model at TP=1/PP=1 in this process and save it as one safetensors file."""
     from safetensors.torch import save_file
 
@@ -46,6 +58,11 @@ def export(checkpoint: Path, out: Path) -> Path:
     from megatron_transfusion.model import build_model
     from megatron_transfusion.parallel import destroy_distributed, init_distributed
 
+    checkpoint = find_checkpoint(path)
+    if checkpoint.suffix == ".safetensors":
+        raise UserError(f"'{checkpoint}' is already an exported file")
+    if verify:
+        verify_checkpoint(checkpoint)
     config_path = run_config_path(checkpoint)
     cfg = load_config(str(config_path), ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
                                          "parallel.virtual_pipeline=null"])  # fmt: skip
@@ -63,26 +80,27 @@ def export(checkpoint: Path, out: Path) -> Path:
     return out
 
 
+@run_cli
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="mtf-checkpoint", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     inspect_cmd = commands.add_parser("inspect", help="step, counters, data state, tensor shapes")
-    inspect_cmd.add_argument("checkpoint", type=Path)
     export_cmd = commands.add_parser("export", help="one consolidated safetensors file of the model")
-    export_cmd.add_argument("checkpoint", type=Path)
     export_cmd.add_argument("--out", type=Path, required=True)
+    for command in (inspect_cmd, export_cmd):
+        command.add_argument("checkpoint", type=Path, help="run dir, checkpoints dir, step_N dir (inspect: "
+                                                           "or an exported .safetensors)")  # fmt: skip
+        command.add_argument("--no-verify", action="store_true",
+                             help="skip checking the checkpoint's files against its manifest")
     args = parser.parse_args(argv)
-    try:
-        if args.command == "inspect":
-            report = inspect(args.checkpoint)
-            trainer = report.pop("trainer")
-            print(json.dumps({"step": trainer.pop("step"), "ranks": report["ranks"], **trainer}, indent=1))
-            for key, shape in sorted(report["tensors"].items()):
-                print(f"{key:80s} {shape}")
-        else:
-            print(f"wrote {export(args.checkpoint, args.out)}")
-    except (FileNotFoundError, ConfigError) as e:
-        raise SystemExit(f"error: {e}") from None
+    if args.command == "inspect":
+        report = inspect(args.checkpoint, verify=not args.no_verify)
+        trainer = report.pop("trainer")
+        print(json.dumps({"step": trainer.pop("step"), "ranks": report["ranks"], **trainer}, indent=1))
+        for key, shape in sorted(report["tensors"].items()):
+            print(f"{key:80s} {shape}")
+    else:
+        print(f"wrote {export(args.checkpoint, args.out, verify=not args.no_verify)}")
 
 
 if __name__ == "__main__":

@@ -1,16 +1,35 @@
 """Sharded model state through Megatron dist-checkpointing (torch_dist format), which
-reshards between TP/PP layouts on load.
+reshards between TP/PP layouts on load; reading checkpoints safely; their manifests.
 
 Megatron's torch_dist writer forks one process per file bucket and waits on a queue with
 no timeout, so a child that dies leaves the save hanging forever (seen on loaded CPU
 machines). Here the buckets are written in the calling process, and the results travel
 through a plain queue instead of a spawned multiprocessing Manager: a save either
 finishes or raises, and no helper process is started.
+
+Loading never runs code from the checkpoint. The torch_dist format holds pickles: the
+global ``.metadata`` (torch's reader calls plain ``pickle.load`` on it), ``common.pt``
+(torch.save'd param groups) and Megatron's small byte items inside the ``.distcp`` files
+(e.g. ``_extra_state``; torch's planner reads them with ``weights_only=False``). The format
+stays (torch's and Megatron's tools read it, and a format of our own would mean
+rewriting their writers and resharding readers); what changes is how its pickles are read:
+``.metadata`` by an unpickler that admits only the dataclasses torch's checkpoint writer
+stores (``_METADATA_GLOBALS``), ``common.pt`` and byte items by torch's weights-only
+unpickler (tensors, containers, numbers, strings). Tensor data torch already reads that way.
+
+The manifest (``manifest.json``: every file's size and SHA-256) is integrity, not
+authenticity: it catches a flipped byte, a truncated or a deleted file before anything is
+trained on or sampled from, but whoever can edit the files can edit it too.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import pickle
 import queue
+import sys
 import threading
 from pathlib import Path
 from unittest import mock
@@ -22,7 +41,16 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTenso
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
+from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
 from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+from torch.distributed.checkpoint import CheckpointException, FileSystemReader
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+from megatron_transfusion.config import UserError
+
+
+class CheckpointError(UserError):
+    """A checkpoint file is missing, damaged, or holds something other than checkpoint data."""
 
 
 class _InProcessWriter(FileSystemWriterAsync):
@@ -103,10 +131,116 @@ class BackgroundWrite:
             finalize()
 
 
+# Every global a torch_dist ``.metadata`` refers to (torch 2.14, Megatron-Core 0.16), plus
+# torch's dtypes; anything else makes the file unreadable rather than run.
+_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
+        "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                             "BytesIOWriteData"},
+    "torch.serialization": {"_get_layout"},  # a lookup of torch's layouts by name
+    "torch": {"Size"} | {name for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if name not in _METADATA_GLOBALS.get(module, ()):
+            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which checkpoint metadata never does")
+        return super().find_class(module, name)
+
+
+def _reason(error: Exception) -> str:
+    """One line of an unpickling error (torch's weights-only errors span a page)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    line = next((x for x in lines if "Unsupported global" in x), lines[0] if lines else "")
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
+
+
+def read_metadata(directory: str | Path) -> Metadata:
+    """A dist-checkpoint's ``.metadata``, read without running code from it."""
+    path = Path(directory) / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file '{path}' is missing") from None
+    except Exception as e:  # truncated, garbage, or a pickle that would call something
+        raise CheckpointError(f"checkpoint file '{path}' is not checkpoint metadata ({_reason(e)}); "
+                              "nothing in it was run") from None  # fmt: skip
+    if not isinstance(metadata, Metadata):
+        raise CheckpointError(f"checkpoint file '{path}' holds a {type(metadata).__name__}, not checkpoint metadata")
+    return metadata
+
+
+def _load_data(source, where: str):
+    """torch.load through torch's weights-only unpickler: data, never code."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{where} cannot be read as data ({_reason(e)}); nothing in it was run") from None
+
+
+class _DataOnlyReader(FileSystemReader):
+    """torch's reader, handed the ``.metadata`` that ``read_metadata`` read: torch's own
+    reading would unpickle freely, and its errors end up inside torch's retry logic."""
+
+    def __init__(self, path, metadata: Metadata):
+        super().__init__(path)
+        self._metadata = metadata
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        return self._metadata
+
+
+def _data_only_planner(directory: Path):
+    """Megatron's load planner, reading the byte items of ``directory`` as data only."""
+
+    class DataOnlyPlanner(torch_strategy.MCoreLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            file = directory / self.metadata.storage_data[read_item.storage_index].relative_path
+            _load_data(value, f"checkpoint file '{file}' (item '{read_item.dest_index.fqn}')")
+            value.seek(0)  # only data: torch's own load of it now runs nothing either
+            super().load_bytes(read_item, value)
+
+    return DataOnlyPlanner
+
+
+class _DataOnlyCommonLoad(TorchCommonLoadStrategy):
+    def load_common(self, checkpoint_dir):
+        path = Path(checkpoint_dir) / "common.pt"
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file '{path}' is missing")
+        return _load_data(path, f"checkpoint file '{path}'")
+
+
 def load_sharded(sharded_state_dict: dict, directory: str | Path, part: bool = False) -> dict:
     """Fill this rank's shards from a checkpoint saved in any layout. ``part``: the request
-    covers some tensors' shards only (e.g. some layers of a stacked tensor), by design."""
-    return dist_checkpointing.load(sharded_state_dict, str(directory), validate_access_integrity=not part)
+    covers some tensors' shards only (e.g. some layers of a stacked tensor), by design.
+    The strategies are given, not chosen by the checkpoint's ``metadata.json``, so it
+    cannot select a reader that unpickles freely."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    with (
+        mock.patch.object(torch_strategy, "_get_filesystem_reader",
+                          lambda path, cache_metadata=False: _DataOnlyReader(path, metadata)),
+        mock.patch.object(torch_strategy, "MCoreLoadPlanner", _data_only_planner(directory)),
+    ):  # fmt: skip
+        try:
+            return dist_checkpointing.load(sharded_state_dict, str(directory),
+                                           sharded_strategy=torch_strategy.TorchDistLoadShardedStrategy(),
+                                           common_strategy=_DataOnlyCommonLoad(), validate_access_integrity=not part)  # fmt: skip
+        except CheckpointException as e:  # torch gathers every rank's failure into one
+            ours = [failure for failure, _ in e.failures.values() if isinstance(failure, CheckpointError)]
+            if ours:
+                raise ours[0] from None
+            raise
 
 
 def model_sharded_state_dict(chunks) -> dict:
@@ -192,3 +326,75 @@ def load_trained_model(chunks, checkpoint: str | Path) -> None:
     state = load_sharded({"model": model_sharded_state_dict(chunks)}, Path(checkpoint) / "engine")
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state["model"][f"chunk{i}"])
+
+
+# ---- The manifest -----------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+_DAMAGED = "restore it, use an earlier checkpoint, or pass --no-verify to load it anyway"
+
+
+def _digest(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+
+
+def _rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _digests(directory: Path, names: list[str]) -> dict[str, dict | None]:
+    """Size and SHA-256 of each file (None: absent). Collective where a process group is
+    up: the ranks split the files, so a large checkpoint hashes in 1/world of the time."""
+    rank, world = _rank_world()
+    mine = {name: _digest(directory / name) if (directory / name).is_file() else None for name in names[rank::world]}
+    if world == 1:
+        return mine
+    parts: list = [None] * world
+    dist.all_gather_object(parts, mine)
+    return {name: digest for part in parts for name, digest in part.items()}
+
+
+def write_manifest(checkpoint: Path) -> None:
+    """Collective where a process group is up: record the size and SHA-256 of every file
+    under ``checkpoint`` in its ``manifest.json`` (rank 0 writes it)."""
+    rank, world = _rank_world()
+    names = [sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)]
+    if world > 1:
+        dist.broadcast_object_list(names, src=0)  # rank 0's listing: all ranks split the same files
+    files = _digests(checkpoint, names[0])
+    if rank == 0:
+        (checkpoint / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(checkpoint: Path) -> None:
+    """Collective where a process group is up. Every file of ``checkpoint`` against its
+    manifest; CheckpointError naming the first that is missing, truncated or changed.
+    A checkpoint from before manifests is loaded with a warning: refusing it would stop
+    runs that resume across this change."""
+    path = checkpoint / MANIFEST
+    if not path.exists():
+        if _rank_world()[0] == 0:
+            print(f"warning: '{checkpoint}' has no {MANIFEST} (written before checkpoints had one): its files "
+                  "are not verified", file=sys.stderr, flush=True)  # fmt: skip
+        return
+    try:
+        files = {str(name): {"bytes": int(entry["bytes"]), "sha256": str(entry["sha256"])}
+                 for name, entry in json.loads(path.read_text())["files"].items()}  # fmt: skip
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"'{path}' is damaged ({type(e).__name__}: {e}); {_DAMAGED}") from None
+    names = sorted(files)
+    for name in names:
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"'{path}' lists '{name}', which is outside the checkpoint; {_DAMAGED}")
+    found = _digests(checkpoint, names)
+    for name in names:
+        file, expected, actual = checkpoint / name, files[name], found[name]
+        if actual is None:
+            raise CheckpointError(f"checkpoint file '{file}' is missing; {_DAMAGED}")
+        if actual["bytes"] != expected["bytes"]:
+            raise CheckpointError(f"checkpoint file '{file}' has {actual['bytes']} bytes, {MANIFEST} says "
+                                  f"{expected['bytes']}: it is truncated or damaged; {_DAMAGED}")  # fmt: skip
+        if actual["sha256"] != expected["sha256"]:
+            raise CheckpointError(f"checkpoint file '{file}' does not match its SHA-256 in {MANIFEST}: it is "
+                                  f"damaged; {_DAMAGED}")  # fmt: skip

@@ -8,11 +8,12 @@ import sys
 
 import yaml
 
-from megatron_transfusion.config import ConfigError, load_config
+from megatron_transfusion.config import UserError, load_config
 
 
 def run_cli(main=None, *, also: tuple[type[Exception], ...] = ()):
-    """Decorator; ``also`` adds exception types that mean bad user input for this command."""
+    """Decorator; ``also`` adds exception types that mean bad user input for this command.
+    Ctrl-C where a command does not handle it exits with 130, without a traceback."""
     if main is None:
         return functools.partial(run_cli, also=also)
 
@@ -22,9 +23,12 @@ def run_cli(main=None, *, also: tuple[type[Exception], ...] = ()):
 
         try:
             return main(argv)
-        except (ConfigError, FileNotFoundError, CorruptShardError, *also) as e:
+        except (UserError, FileNotFoundError, CorruptShardError, *also) as e:
             print(f"error: {e}", file=sys.stderr)
             raise SystemExit(2) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
 
     return wrapper
 
@@ -83,12 +87,14 @@ def train_main(argv=None) -> None:
     parser = _config_parser("Pretrain a Transfusion model.")
     parser.add_argument("--resume", default="auto",
                         help="auto (latest checkpoint of the run, if any), none, or a checkpoint path")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="resume without checking the checkpoint's files against its manifest")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     from megatron_transfusion.training.trainer import TrainingError, train
 
     try:
-        train(cfg, args.resume)
+        train(cfg, args.resume, verify=not args.no_verify)
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

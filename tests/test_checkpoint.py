@@ -73,11 +73,13 @@ def test_resume_choices(megatron_world, tmp_path):
         checkpoint.resolve_resume(tmp_path, "auto")
 
 
-def test_checkpoint_files_load_without_pickle(megatron_world, tmp_path):
+def test_checkpoint_files_load_without_pickle_and_are_in_the_manifest(megatron_world, tmp_path):
     engine = FileEngine()
     path = save(engine, tmp_path, 1)
     assert json.loads((path / "trainer.json").read_text())["step"] == 1
-    assert sorted(p.suffix for p in path.rglob("*") if p.is_file()) == [".json", ".safetensors", ".safetensors"]
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    assert files == ["engine/part1.safetensors", "manifest.json", "rng/rank_00000.safetensors", "trainer.json"]
+    assert sorted(json.loads((path / "manifest.json").read_text())["files"]) == [f for f in files if f != "manifest.json"]
 
 
 def test_background_write_keeps_the_state_of_the_save_step(megatron_world, tmp_path):

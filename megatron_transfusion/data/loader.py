@@ -8,7 +8,7 @@ import torch
 from megatron_transfusion.batch import (
     ImageSegment, PackedBatch, SpecialTokens, TextSegment, image_caption_length, pack_documents,
 )  # fmt: skip
-from megatron_transfusion.config import ConfigError, ExperimentConfig
+from megatron_transfusion.config import ConfigError, ExperimentConfig, UserError
 from megatron_transfusion.data.planner import IMAGE, TEXT, MixturePlanner, PlannedExample
 from megatron_transfusion.data.source import PreparedDataset
 
@@ -18,7 +18,7 @@ def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfi
     first = next(iter(tokenizers.values()))
     for stream, tokenizer in tokenizers.items():
         if tokenizer["sha256"] != first["sha256"]:
-            raise ValueError(f"the {stream} data was tokenized with another tokenizer than the rest "
+            raise UserError(f"the {stream} data was tokenized with another tokenizer than the rest "
                              f"({tokenizer['path']} vs {first['path']}); re-shard one of them")  # fmt: skip
     if first["vocab_size"] > cfg.model.vocab_size:
         raise ConfigError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
@@ -69,7 +69,7 @@ class MixedModalityLoader:
             raise ConfigError("config fields 'data.text_data' and 'data.image_caption_data' are both empty")
         for stream, dataset in self.datasets.items():
             if dataset.kind != stream:
-                raise ValueError(f"'{dataset.directory}' holds {dataset.kind} data, not {stream}")
+                raise UserError(f"'{dataset.directory}' holds {dataset.kind} data, not {stream}")
         special = _check_compatible(self.datasets, cfg)
         self.bos, self.eos = special["bos"], special["eos"]
         self.special = SpecialTokens(boi=special["boi"], eoi=special["eoi"], pad=special["pad"])
@@ -131,6 +131,6 @@ class MixedModalityLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_rows"] != self.global_rows:
-            raise ValueError(f"the saved data state is for {state['global_rows']} sequences per step, "
+            raise UserError(f"the saved data state is for {state['global_rows']} sequences per step, "
                              f"this run has {self.global_rows}: keep data.global_batch_tokens")  # fmt: skip
         self.planner.load_state_dict(state["planner"])

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from megatron_transfusion.batch import image_caption_length, text_document_length
+from megatron_transfusion.config import UserError
 
 TEXT, IMAGE = "text", "image_caption"
 STREAM_IDS = {TEXT: 0, IMAGE: 1}
@@ -60,10 +61,10 @@ class MixturePlanner:
         self.targets = {TEXT: text_token_fraction, IMAGE: 1.0 - text_token_fraction}
         self.streams = [s for s in (TEXT, IMAGE) if s in lengths and self.targets[s] > 0]
         if not self.streams:
-            raise ValueError("no data stream to draw from (check data paths and data.text_token_fraction)")
+            raise UserError("no data stream to draw from (check data paths and data.text_token_fraction)")
         for stream in self.streams:
             if len(lengths[stream]) == 0:
-                raise ValueError(f"the {stream} dataset has no samples")
+                raise UserError(f"the {stream} dataset has no samples")
         self.seq_length = seq_length
         self.caption_first_probability = caption_first_probability
         self.seed = seed
@@ -134,7 +135,7 @@ class MixturePlanner:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or set(state["cursors"]) != set(self.streams):
-            raise ValueError("data loader state comes from a run with another seed or other streams")
+            raise UserError("data loader state comes from a run with another seed or other streams")
         self.rows_planned = state["rows_planned"]
         self.cursors = {s: _Cursor(**c) for s, c in state["cursors"].items()}
         self.pending = PlannedExample(**state["pending"]) if state["pending"] else None

@@ -133,6 +133,8 @@ def evaluate_main(argv=None) -> None:
     parser.add_argument("--out", help="results JSON (default: <run>/eval/step_N.json)")
     parser.add_argument("--tokenizer", help="default: the one the training data was made with")
     parser.add_argument("--vae", help="default: the one the training latents were made with")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load the checkpoint without checking its files against its manifest")
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:
@@ -147,7 +149,8 @@ def evaluate_main(argv=None) -> None:
     from megatron_transfusion.parallel import destroy_distributed
     from megatron_transfusion.training.step import batch_losses, forward_backward
 
-    loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)))
+    loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
+                        verify=not args.no_verify)  # fmt: skip
     try:
         cfg = config_from_tree(loaded.cfg.to_dict(), args.overrides)
         e = cfg.eval

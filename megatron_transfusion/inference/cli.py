@@ -24,7 +24,7 @@ from megatron_transfusion.batch import Document, ImageSegment, TextSegment
 from megatron_transfusion.cli import run_cli
 from megatron_transfusion.diffusion.sampler import SPACINGS
 
-IMAGE_TAG = re.compile(r"<image:([^>]+)>")
+IMAGE_TAG = re.compile(r"<image:([^>]*)>")
 
 
 def parse_prompt(text: str, tokenizer, vae, image_size: int, mode: str) -> Document:
@@ -39,10 +39,15 @@ def parse_prompt(text: str, tokenizer, vae, image_size: int, mode: str) -> Docum
         if i % 2 == 0:
             tokens += tokenizer.encode(part.strip()) if part.strip() else []
             continue
+        if not part.strip():
+            raise ValueError(f"prompt '{text}' has an image tag without a path: write <image:PATH>")
         path = Path(part).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"prompt image '{path}' does not exist")
-        pixels = center_crop_resize(decode_image(path.read_bytes()), image_size)
+        try:
+            pixels = center_crop_resize(decode_image(path.read_bytes()), image_size)
+        except ValueError as e:
+            raise ValueError(f"prompt image '{path}': {e}") from None
         document += [TextSegment(tokens)] if tokens else []
         document.append(ImageSegment(vae.encode(to_model_range(pixels[None]))[0].cpu()))
         tokens = []
@@ -59,9 +64,13 @@ def read_prompts(args) -> list[str]:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompts file '{path}' does not exist")
-        prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        try:
+            prompts += [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        except UnicodeDecodeError as e:
+            raise ValueError(f"prompts file '{path}' is not UTF-8 text ({e})") from None
     if not prompts:
-        raise ValueError("no prompts: pass --prompt TEXT (repeatable) or --prompts-file FILE (one per line)")
+        source = f"prompts file '{args.prompts_file}' holds none" if args.prompts_file else "no prompts"
+        raise ValueError(f"{source}: pass --prompt TEXT (repeatable) or --prompts-file FILE (one per line)")
     return prompts
 
 
@@ -95,6 +104,21 @@ def save_grid(images: list[np.ndarray], path: Path, columns: int = 8) -> None:
     Image.fromarray(grid).save(path)
 
 
+def check_args(args) -> None:
+    """ValueError naming the first flag whose value cannot mean anything."""
+    for flag, value, ok, what in [
+        ("--batch-size", args.batch_size, args.batch_size >= 1, "must be ≥ 1"),
+        ("--steps", args.steps, args.steps >= 1, "must be ≥ 1"),
+        ("--max-images", args.max_images, args.max_images >= 0, "must be ≥ 0"),
+        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 0, "must be ≥ 0"),
+        ("--guidance", args.guidance, args.guidance >= 0, "must be ≥ 0 (1: no guidance, 0: unconditional)"),
+        ("--temperature", args.temperature, args.temperature >= 0, "must be ≥ 0 (0: greedy)"),
+        ("--top-p", args.top_p, 0 < args.top_p <= 1, "must lie in (0, 1]"),
+    ]:  # fmt: skip
+        if not ok:
+            raise ValueError(f"{flag} {value}: {what}")
+
+
 @run_cli(also=(ValueError,))
 def generate_main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="mtf-generate", description=__doc__.split("\n\n")[0])
@@ -120,7 +144,10 @@ def generate_main(argv=None) -> None:
     parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
     parser.add_argument("--tokenizer", help="default: the one the training data was made with")
     parser.add_argument("--vae", help="default: the one the training latents were made with")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="load the checkpoint without checking its files against its manifest")
     args = parser.parse_args(argv)
+    check_args(args)
 
     from tqdm import tqdm
 
@@ -129,7 +156,8 @@ def generate_main(argv=None) -> None:
     from megatron_transfusion.parallel import destroy_distributed
 
     prompts = read_prompts(args)
-    loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)))
+    loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
+                        verify=not args.no_verify)  # fmt: skip
     try:
         cfg = loaded.cfg
         tokenizer = load_tokenizer(cfg, args.tokenizer)
@@ -162,6 +190,9 @@ def generate_main(argv=None) -> None:
             bar.close()
             if not rank0:
                 continue
+            for k in generator.stopped_at_context_limit:
+                print(f"notice: prompt {start + k} stopped at the model's context limit (max_sequence_length="
+                      f"{cfg.model.max_sequence_length}) before --max-new-tokens {sampling.max_new_tokens}")  # fmt: skip
             for k, result in enumerate(results):
                 index = start + k
                 text, images = render(result, tokenizer, out, f"sample_{index:04d}", vae)

@@ -58,6 +58,7 @@ class _Row:
     new_tokens: int = 0
     images: int = 0
     done: bool = False
+    cut: bool = False  # stopped by the model's context before max_new_tokens
 
     def append_token(self, token: int) -> None:
         for segments in (self.document, self.generated):
@@ -88,6 +89,7 @@ class Generator:
         self.patches = model_cfg.patches_per_image
         self.special = SpecialTokens(boi=tokens.boi, eoi=tokens.eoi, pad=tokens.pad)
         self.guided = sampling.guidance_scale != 1.0
+        self.stopped_at_context_limit: list[int] = []  # rows of the last generate() cut short
 
     def check_prompts(self, prompts: list[Document], force_image: bool) -> None:
         """ValueError naming the first prompt that does not fit the model's context."""
@@ -127,8 +129,10 @@ class Generator:
         forced = force_image
         while True:
             for row in rows:
-                if not forced and (row.new_tokens >= self.sampling.max_new_tokens or self._room(row) < 1):
+                if not (forced or row.done) and (row.new_tokens >= self.sampling.max_new_tokens
+                                                 or self._room(row) < 1):  # fmt: skip
                     row.done = True
+                    row.cut = row.new_tokens < self.sampling.max_new_tokens
             active = [i for i, row in enumerate(rows) if not row.done]
             if not active:
                 break
@@ -151,6 +155,7 @@ class Generator:
                 logits[text] = self._continue_text(rows, text)
             if imaging:
                 logits[imaging] = self._image(rows, imaging, progress)
+        self.stopped_at_context_limit = [i for i, row in enumerate(rows) if row.cut]
         return [row.generated for row in rows]
 
     # ---- forwards -----------------------------------------------------------------------

@@ -17,7 +17,7 @@ import yaml
 from data_prep.tokenizer import Tokenizer
 from data_prep.vae import LatentEncoder, load_vae
 from megatron_transfusion import platform
-from megatron_transfusion.checkpointing import load_trained_model, run_config_path
+from megatron_transfusion.checkpointing import CheckpointError, load_trained_model, run_config_path, verify_checkpoint
 from megatron_transfusion.config import ExperimentConfig, config_from_tree, load_config
 from megatron_transfusion.model import TransfusionModel, build_model
 from megatron_transfusion.parallel import init_distributed
@@ -39,6 +39,8 @@ class LoadedModel:
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint a user path names; FileNotFoundError saying what was expected."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such checkpoint: {path}")
     if path.is_file() and path.suffix == ".safetensors":
         return path
     for candidate in (path, path / "checkpoints"):
@@ -60,14 +62,24 @@ def _inference_overrides(tensor_parallel: int) -> list[str]:
             "model.attention_backend=sdpa", "model.fuse_elementwise=false"]  # fmt: skip
 
 
-def load_model(path: str | Path, tensor_parallel: int = 1) -> LoadedModel:
-    """Initialise the parallel state (TP over the launched ranks) and load the model."""
+def export_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a consolidated file; CheckpointError if it is not a whole safetensors file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}): it is truncated or "
+                              "damaged; export the checkpoint again") from None  # fmt: skip
+
+
+def load_model(path: str | Path, tensor_parallel: int = 1, verify: bool = True) -> LoadedModel:
+    """Initialise the parallel state (TP over the launched ranks) and load the model.
+    ``verify``: check a checkpoint directory's files against its manifest first."""
     checkpoint = find_checkpoint(path)
     if checkpoint.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(checkpoint), "pt") as f:
-            metadata = f.metadata() or {}
+        metadata = export_metadata(checkpoint)
         if "config" not in metadata:
             raise ValueError(f"'{checkpoint}' has no config in its metadata: not written by mtf-checkpoint export")
         if tensor_parallel != 1:
@@ -77,9 +89,12 @@ def load_model(path: str | Path, tensor_parallel: int = 1) -> LoadedModel:
         step = int(metadata.get("step", -1))
     else:
         cfg = load_config(str(run_config_path(checkpoint)), _inference_overrides(tensor_parallel))
-        step = json.loads((checkpoint / "trainer.json").read_text())["step"]
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
+    if checkpoint.suffix != ".safetensors":
+        if verify:
+            verify_checkpoint(checkpoint)
+        step = json.loads((checkpoint / "trainer.json").read_text())["step"]
     (model,) = build_model(cfg, plat)
     if checkpoint.suffix == ".safetensors":
         from safetensors.torch import load_file

@@ -5,12 +5,14 @@
         engine/               model + optimizer (dist-checkpointing, one layout for every engine)
         rng/rank_00000.safetensors   each rank's random generators
         trainer.json          step, counters, data-loader state (identical on every rank)
+        manifest.json         size and SHA-256 of every file above, checked before loading
       latest                  the name of the newest complete checkpoint
 
 A step directory only exists once every rank has finished writing into its temporary
-twin, and ``latest`` only moves after that (rank 0 renames both), so a crash at any
-moment leaves the previous checkpoint loadable. Everything is read back without pickle:
-JSON and safetensors.
+twin and its manifest is written there, and ``latest`` only moves after that (rank 0
+renames both), so a crash at any moment leaves the previous checkpoint loadable. The
+engine state's pickles are read without running code (``checkpointing.load_sharded``);
+everything else is JSON and safetensors.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from megatron_transfusion.checkpointing import verify_checkpoint, write_manifest
 from megatron_transfusion.training.engine import Engine
 
 LATEST = "latest"
@@ -75,9 +78,11 @@ class PendingCheckpoint:
             self.write.finish()
         rank = dist.get_rank()
         final, tmp = self.directory / step_name(self.step), self.directory / f".tmp-{step_name(self.step)}"
-        dist.barrier()  # every rank's shards are on disk
         if rank == 0:
             (tmp / "trainer.json").write_text(json.dumps({"step": self.step, **self.trainer_state}, indent=1))
+        dist.barrier()  # every rank's files are on disk
+        write_manifest(tmp)
+        if rank == 0:
             if final.exists():  # re-saving a step (e.g. after a resume): replace it whole
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -118,9 +123,12 @@ def _prune(directory: Path, keep_last: int) -> None:
         shutil.rmtree(old)
 
 
-def load_checkpoint(path: Path, engine: Engine) -> tuple[dict, dict[str, torch.Tensor] | None]:
+def load_checkpoint(path: Path, engine: Engine, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """Collective. Returns (trainer state, this rank's RNG state or None if the checkpoint
-    was written by a different number of ranks)."""
+    was written by a different number of ranks). ``verify``: check every file against the
+    manifest first."""
+    if verify:
+        verify_checkpoint(path)
     engine.load(path / "engine")
     trainer_state = json.loads((path / "trainer.json").read_text())
     rng_file = path / "rng" / f"rank_{dist.get_rank():05d}.safetensors"

@@ -4,13 +4,15 @@
     for each step: batches -> noise -> engine.train_step -> log -> checkpoint
 
 Faults: a non-finite loss or gradient norm skips the update on every rank and is counted;
-``max_consecutive_skips`` in a row stop the run with an error. SIGTERM/SIGUSR1 finish the
-current step, save a checkpoint and exit with ``EXIT_PREEMPTED`` so a batch script can
-requeue the job; ``--resume auto`` then continues from it.
+``max_consecutive_skips`` in a row stop the run with an error. SIGTERM/SIGUSR1 and a first
+Ctrl-C (SIGINT) finish the current step, save a checkpoint and exit with ``EXIT_PREEMPTED``
+so a batch script can requeue the job; ``--resume auto`` then continues from it. A second
+Ctrl-C exits at once, saving nothing.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from pathlib import Path
@@ -43,15 +45,23 @@ class TrainingError(RuntimeError):
 
 
 class _StopRequest:
-    """Set by SIGTERM/SIGUSR1; acted on at the next step boundary, agreed by all ranks."""
+    """Set by SIGTERM/SIGUSR1/SIGINT; acted on at the next step boundary, agreed by all
+    ranks. After a first SIGINT the next one gets the default action (the process ends
+    at once, even inside a collective): Ctrl-C twice means "now"."""
 
     def __init__(self):
         self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        self.announce = dist.get_rank() == 0
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            if self.announce:  # os.write: print() may be mid-write in the interrupted code
+                os.write(2, b"interrupted: saving a checkpoint after this step; Ctrl-C again to exit "
+                            b"at once without saving\n")  # fmt: skip
 
     def agreed(self) -> bool:
         flag = torch.tensor(float(self.requested))
@@ -93,17 +103,18 @@ def evaluate(cfg: ExperimentConfig, engine, tokenizer) -> dict[str, float]:
     return metrics
 
 
-def train(cfg: ExperimentConfig, resume: str | None = "auto") -> dict:
-    """Runs to ``run.train_steps`` (or a stop request). Returns the last step's metrics."""
+def train(cfg: ExperimentConfig, resume: str | None = "auto", verify: bool = True) -> dict:
+    """Runs to ``run.train_steps`` (or a stop request). Returns the last step's metrics.
+    ``verify``: check a resumed checkpoint's files against its manifest first."""
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
     try:
-        return _train(cfg, plat, resume)
+        return _train(cfg, plat, resume, verify)
     finally:
         destroy_distributed()
 
 
-def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
+def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dict:
     rank0 = dist.get_rank() == 0
     run_dir = Path(cfg.run.output_root) / cfg.run.name
     ckpt_dir = Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
@@ -123,7 +134,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None) -> dict:
     step = 0
     found = checkpoint.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)
     if found is not None:
-        saved, rng = checkpoint.load_checkpoint(found, engine)
+        saved, rng = checkpoint.load_checkpoint(found, engine, verify)
         step = saved.pop("step")
         loader.load_state_dict(saved.pop("loader"))
         state.update(saved)

@@ -1,0 +1,423 @@
+"""Issue 14: a checkpoint never runs code and is verified before use, Ctrl-C saves, and
+user mistakes (config, data, generation flags, files) are one ``error:`` line. README's
+Reliability table points at these tests."""
+
+import builtins
+import io
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from megatron_transfusion.checkpointing import (
+    CheckpointError,
+    load_trained_model,
+    read_metadata,
+    verify_checkpoint,
+    write_manifest,
+)
+from megatron_transfusion.config import ConfigError, UserError, load_config
+from tests.conftest import ROOT
+from tests.test_loader import config as loader_config
+from tests.test_loader import prepare
+from tests.test_trainer import TRAIN, overrides, run
+
+GENERATE = "from megatron_transfusion.inference.cli import generate_main; generate_main()"
+CHECKPOINT_TOOL = "from checkpoints.tools import main; main()"
+STEP = "step_00000002"
+
+
+class Exploit:
+    """Unpickled, it creates ``marker``: what a malicious checkpoint file would do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return builtins.exec, (f"open({self.marker!r}, 'w').close()",)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability-data")
+    prepare(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(data_root, tmp_path_factory):
+    """A real two-step run (one process) with its checkpoint at step 2."""
+    run_root = tmp_path_factory.mktemp("reliability-run")
+    run(1, overrides(data_root, run_root, 2))
+    return run_root
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    shutil.copytree(trained_run, tmp_path / "run")
+    return tmp_path / "run"
+
+
+def step_dir(run_root):
+    return run_root / "tiny" / "checkpoints" / STEP
+
+
+def cli(code, *args):
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # fmt: skip
+
+
+def assert_one_line_error(result, *parts):
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-4000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and all(p in last for p in parts), result.stderr[-4000:]
+    assert "Traceback" not in result.stderr, result.stderr[-4000:]
+
+
+# ---- A checkpoint never runs code --------------------------------------------------------
+
+
+def plant(step, name, data: bytes) -> None:
+    """Replace a checkpoint file as whoever can write the checkpoint could: with a manifest
+    that agrees, so only the way the file is read stands between it and its code."""
+    (step / name).write_bytes(data)
+    write_manifest(step)
+
+
+def torch_saved(obj) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def plant_exploit(step, planted, marker) -> None:
+    if planted == "engine/.metadata":
+        plant(step, planted, pickle.dumps(Exploit(marker)))
+    elif planted == "engine/common.pt":
+        plant(step, planted, torch_saved(Exploit(marker)))
+    else:  # one of Megatron's byte items (an _extra_state), moved into a file of its own
+        payload = torch_saved(Exploit(marker))
+        (step / planted).write_bytes(payload)
+        metadata = read_metadata(step / "engine")
+        index = next(k for k in metadata.storage_data if "_extra_state" in k.fqn)
+        info = metadata.storage_data[index]
+        metadata.storage_data[index] = type(info)(relative_path=planted.split("/")[-1], offset=0,
+                                                  length=len(payload))  # fmt: skip
+        plant(step, "engine/.metadata", pickle.dumps(metadata))
+
+
+@pytest.mark.parametrize("planted", ["engine/.metadata", "engine/common.pt", "engine/__evil.distcp"])
+def test_a_planted_pickle_never_runs(megatron_world, run_copy, tmp_path, planted):
+    """Loading for generation, export or resume goes through one reader."""
+    from megatron_transfusion.model import build_model
+
+    step, marker = step_dir(run_copy), tmp_path / "code-ran"
+    plant_exploit(step, planted, marker)
+    verify_checkpoint(step)  # the manifest agrees: only the reader stands in the way
+    cfg = load_config(str(run_copy / "tiny" / "config.yaml"), ["model.attention_backend=sdpa"])
+    (model,) = build_model(cfg, megatron_world)
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file '{step / planted}'")) as info:
+        load_trained_model([model], step)
+    assert "nothing in it was run" in str(info.value)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("command", ["generate", "inspect", "export", "resume"])
+def test_every_entry_point_refuses_a_planted_metadata_pickle(run_copy, data_root, tmp_path, command):
+    step, marker = step_dir(run_copy), tmp_path / "code-ran"
+    plant_exploit(step, "engine/.metadata", marker)
+    if command == "generate":
+        result = cli(GENERATE, run_copy / "tiny", "--prompt", "red", "--steps", "1")
+    elif command == "resume":
+        result = cli(TRAIN, "--config", "tiny", *overrides(data_root, run_copy, 4), "--resume", "auto")
+    else:
+        result = cli(CHECKPOINT_TOOL, command, step, *(["--out", tmp_path / "m.safetensors"] if command == "export" else []))
+    assert_one_line_error(result, f"checkpoint file '{step / 'engine' / '.metadata'}'", "nothing in it was run")
+    assert not marker.exists()
+
+
+# ---- A damaged checkpoint is refused, naming the file --------------------------------------
+
+
+def test_the_manifest_covers_every_file_of_a_published_checkpoint(trained_run):
+    step = step_dir(trained_run)
+    files = json.loads((step / "manifest.json").read_text())["files"]
+    on_disk = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert sorted(files) == on_disk and "engine/.metadata" in files and "trainer.json" in files
+    verify_checkpoint(step)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("flip", "does not match its SHA-256 in manifest.json"),
+    ("truncate", "bytes, manifest.json says"),
+    ("delete", "is missing"),
+])  # fmt: skip
+def test_a_damaged_checkpoint_file_is_refused_by_name(run_copy, damage, message):
+    step = step_dir(run_copy)
+    target = sorted((step / "engine").glob("*.distcp"))[0]
+    data = bytearray(target.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+        target.write_bytes(data)
+    elif damage == "truncate":
+        target.write_bytes(data[: len(data) // 2])
+    else:
+        target.unlink()
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file '{target}' ")) as info:
+        verify_checkpoint(step)
+    assert message in str(info.value) and "--no-verify" in str(info.value)
+
+
+def test_resume_and_tools_refuse_a_flipped_byte_unless_told_not_to_verify(run_copy, data_root):
+    step = step_dir(run_copy)
+    target = step / "trainer.json"
+    target.write_text(target.read_text().replace('"step": 2', '"step": 3'))
+    result = cli(TRAIN, "--config", "tiny", *overrides(data_root, run_copy, 4), "--resume", "auto")
+    assert_one_line_error(result, f"checkpoint file '{target}'", "does not match its SHA-256")
+    assert_one_line_error(cli(CHECKPOINT_TOOL, "inspect", step), f"checkpoint file '{target}'")
+    result = cli(CHECKPOINT_TOOL, "inspect", step, "--no-verify")
+    assert result.returncode == 0 and '"step": 3' in result.stdout, result.stderr[-3000:]
+
+
+def test_a_checkpoint_from_before_manifests_loads_with_a_warning(megatron_world, run_copy, capsys):
+    from megatron_transfusion.model import build_model
+
+    step = step_dir(run_copy)
+    (step / "manifest.json").unlink()
+    verify_checkpoint(step)
+    assert f"warning: '{step}' has no manifest.json" in capsys.readouterr().err
+    cfg = load_config(str(run_copy / "tiny" / "config.yaml"), ["model.attention_backend=sdpa"])
+    (model,) = build_model(cfg, megatron_world)
+    load_trained_model([model], step)
+
+
+def mutations(data: bytes, rng: random.Random):
+    """A flipped byte, a truncation and random bytes in place of part of the file."""
+    flipped = bytearray(data)
+    flipped[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+    cut = rng.randrange(len(data))
+    start = rng.randrange(len(data))
+    noise = bytes(rng.randrange(256) for _ in range(min(64, len(data) - start)))
+    return {"flip": bytes(flipped), "truncate": data[:cut], "noise": data[:start] + noise + data[start + len(noise) :]}
+
+
+def test_fuzzed_checkpoint_files_are_clean_errors(megatron_world, trained_run, tmp_path):
+    """Every file, three kinds of damage: verification names it. Unverified, the files
+    that hold pickles are still read to a clean error (or, rarely, harmlessly)."""
+    from megatron_transfusion.model import build_model
+
+    rng = random.Random(14)
+    source = step_dir(trained_run)
+    cfg = load_config(str(trained_run / "tiny" / "config.yaml"), ["model.attention_backend=sdpa"])
+    (model,) = build_model(cfg, megatron_world)
+    for path in sorted(p for p in source.rglob("*") if p.is_file()):
+        name = str(path.relative_to(source))
+        for kind, data in mutations(path.read_bytes(), rng).items():
+            step = tmp_path / f"{kind}-{name.replace('/', '_')}"
+            shutil.copytree(source, step)
+            (step / name).write_bytes(data)
+            with pytest.raises(CheckpointError) as info:
+                verify_checkpoint(step)
+            assert str(step / name) in str(info.value) or name == "manifest.json", (name, kind, info.value)
+            if name in ("engine/.metadata", "engine/common.pt"):
+                try:
+                    load_trained_model([model], step)
+                except CheckpointError as e:
+                    assert str(step / name) in str(e), (name, kind, e)
+
+
+# ---- Ctrl-C -------------------------------------------------------------------------------
+
+
+def start_training(data_root, run_root, steps):
+    """One process, no torchrun: Ctrl-C in a terminal signals it directly."""
+    process = subprocess.Popen([sys.executable, "-c", TRAIN, "--config", "tiny",
+                                *overrides(data_root, run_root, steps, "checkpoint.interval=1000")],
+                               cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    watchdog = threading.Timer(600, process.kill)  # never hang the suite
+    watchdog.daemon = True
+    watchdog.start()
+    metrics = run_root / "tiny" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+        assert process.poll() is None, process.stdout.read()[-4000:]
+        time.sleep(0.2)
+    return process
+
+
+def test_first_ctrl_c_finishes_the_step_saves_and_exits_3(data_root, tmp_path):
+    process = start_training(data_root, tmp_path, 1000)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 3, output[-4000:]
+    assert "interrupted: saving a checkpoint after this step" in output and "stop requested: saved step" in output
+    saved = int((tmp_path / "tiny" / "checkpoints" / "latest").read_text()[-8:])
+    assert 2 <= saved < 1000
+    resumed = run(1, overrides(data_root, tmp_path, saved + 1) + ["--resume", "auto"])
+    assert f"at step {saved}" in resumed
+
+
+def test_second_ctrl_c_exits_at_once_without_saving(data_root, tmp_path):
+    process = start_training(data_root, tmp_path, 1000)
+    process.send_signal(signal.SIGINT)
+    seen = []
+    while not (seen and "interrupted: saving" in seen[-1]):
+        line = process.stdout.readline()
+        assert line, "".join(seen)[-4000:]
+        seen.append(line)
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGINT, (process.returncode, rest[-4000:])
+    assert "stop requested" not in rest
+    assert not (tmp_path / "tiny" / "checkpoints" / "latest").exists()
+
+
+# ---- User mistakes at training start -------------------------------------------------------
+
+
+def other_tokenizer_copy(data_root, tmp_path):
+    """The text dataset as if sharded with another tokenizer."""
+    shutil.copytree(data_root / "text", tmp_path / "text")
+    manifest = json.loads((tmp_path / "text" / "manifest.json").read_text())
+    manifest["tokenizer"] = {**manifest["tokenizer"], "path": "other.json", "sha256": "0" * 64}
+    (tmp_path / "text" / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path / "text"
+
+
+def test_data_mistakes_at_training_start_are_user_errors(data_root, tmp_path):
+    from megatron_transfusion.data import MixedModalityLoader
+
+    other = other_tokenizer_copy(data_root, tmp_path)
+    with pytest.raises(UserError, match="tokenized with another tokenizer"):
+        MixedModalityLoader(loader_config(data_root, f"data.text_data={other}"))
+    empty = tmp_path / "empty"
+    shutil.copytree(data_root / "text", empty)
+    manifest = json.loads((empty / "manifest.json").read_text())
+    (empty / "manifest.json").write_text(json.dumps({**manifest, "num_samples": 0, "files": {}}))
+    (empty / "index.json").write_text(json.dumps({**json.loads((empty / "index.json").read_text()), "shards": []}))
+    np.save(empty / "lengths.npy", np.zeros(0, dtype=np.int64))
+    with pytest.raises(UserError, match="the text dataset has no samples"):
+        MixedModalityLoader(loader_config(data_root, f"data.text_data={empty}"))
+
+
+def test_train_reports_a_data_mistake_in_one_line(data_root, tmp_path):
+    other = other_tokenizer_copy(data_root, tmp_path)
+    result = cli(TRAIN, "--config", "tiny", *overrides(data_root, tmp_path, 2, f"data.text_data={other}"))
+    assert_one_line_error(result, "tokenized with another tokenizer")
+
+
+# ---- Config files ---------------------------------------------------------------------------
+
+
+def test_fuzzed_config_files_are_config_errors(tmp_path):
+    rng = random.Random(14)
+    tiny = (ROOT / "megatron_transfusion" / "configs" / "tiny.yaml").read_bytes()
+    path = tmp_path / "fuzzed.yaml"
+    for trial in range(200):
+        for data in mutations(tiny, rng).values():
+            path.write_bytes(data)
+            try:
+                load_config(str(path))
+            except ConfigError as e:
+                assert "\n" not in str(e).strip() or "YAML" in str(e), e
+            # else: the damage left a valid config
+
+
+# ---- Generation edges -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "--batch-size 0: must be ≥ 1"),
+    ("--guidance", "-1", "--guidance -1.0: must be ≥ 0"),
+    ("--steps", "0", "--steps 0: must be ≥ 1"),
+    ("--top-p", "0", "--top-p 0.0: must lie in (0, 1]"),
+])  # fmt: skip
+def test_generate_refuses_meaningless_flags(tmp_path, capsys, flag, value, message):
+    from megatron_transfusion.inference.cli import generate_main
+
+    with pytest.raises(SystemExit) as info:
+        generate_main([str(tmp_path), "--prompt", "x", flag, value])
+    assert info.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: {message}")
+
+
+def exported_file(path):
+    save_file({"weight": torch.zeros(2, 3)}, path, metadata={"step": "7", "config": "{}"})
+    return path
+
+
+def test_generate_refuses_a_truncated_export_by_name(tmp_path, capsys):
+    from megatron_transfusion.inference.cli import generate_main
+
+    path = exported_file(tmp_path / "model.safetensors")
+    path.write_bytes(path.read_bytes()[:-5])
+    with pytest.raises(SystemExit):
+        generate_main([str(path), "--prompt", "x"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: '{path}' is not a readable safetensors file") and "export the checkpoint again" in line
+
+
+@pytest.mark.parametrize("content", [b"hello, I am text", b"\x89PNG\r\n\x1a\n\x00\x00"])
+def test_a_prompt_file_that_is_no_image_is_named(tmp_path, content):
+    from megatron_transfusion.inference.cli import parse_prompt
+
+    path = tmp_path / "picture.png"
+    path.write_bytes(content)
+    tokenizer = SimpleNamespace(special=SimpleNamespace(bos=1), encode=lambda text: [5])
+    with pytest.raises(ValueError, match=re.escape(f"prompt image '{path}': undecodable image")):
+        parse_prompt(f"<image:{path}>", tokenizer, None, 32, "text")
+    with pytest.raises(ValueError, match=re.escape("has an image tag without a path: write <image:PATH>")):
+        parse_prompt("a cat <image:> please", tokenizer, None, 32, "text")
+
+
+def test_fuzzed_prompts_files_are_clean_errors(tmp_path):
+    from megatron_transfusion.inference.cli import read_prompts
+
+    rng = random.Random(14)
+    path = tmp_path / "prompts.txt"
+    text = "a red circle\nthe <image:photo.png> shows\n".encode()
+    for _ in range(50):
+        for data in mutations(text, rng).values():
+            path.write_bytes(data)
+            try:
+                read_prompts(SimpleNamespace(prompt=None, prompts_file=str(path)))
+            except ValueError as e:
+                assert str(path) in str(e)
+
+
+def test_generation_cut_at_the_context_limit_says_so(trained_run, data_root, tmp_path):
+    from data_prep.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(data_root / "tok.json")
+    words = []
+    while len(tokenizer.encode(" ".join(words))) < 118:  # of max_sequence_length 128
+        words.append("circle")
+    result = cli(GENERATE, trained_run / "tiny", "--mode", "text", "--prompt", " ".join(words), "--max-images", "0",
+                 "--max-new-tokens", "64", "--out", tmp_path / "out")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "notice: prompt 0 stopped at the model's context limit (max_sequence_length=128) before " \
+           "--max-new-tokens 64" in result.stdout  # fmt: skip
+
+
+def test_inspect_reads_an_export_and_names_a_missing_path(tmp_path):
+    from checkpoints.tools import inspect
+
+    report = inspect(exported_file(tmp_path / "model.safetensors"))
+    assert report["trainer"] == {"step": 7, "exported": True} and report["tensors"] == {"weight": [2, 3]}
+    with pytest.raises(FileNotFoundError, match=re.escape(f"no such checkpoint: {tmp_path / 'nope'}")):
+        inspect(tmp_path / "nope")
