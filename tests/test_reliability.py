@@ -333,7 +333,7 @@ def test_fuzzed_config_files_are_config_errors(tmp_path):
             try:
                 load_config(str(path))
             except ConfigError as e:
-                assert "\n" not in str(e).strip() or "YAML" in str(e), e
+                assert "\n" not in str(e), e
             # else: the damage left a valid config
 
 
