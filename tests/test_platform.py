@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -119,6 +120,19 @@ def test_gpu_memory_is_the_allocator_peak_and_cpu_memory_the_resident_peak(monke
     grown = float(result.stdout)
     assert 200 < grown < 300  # the 256 MiB tensor (the mark may have stood above the set)
 
+
+def test_cpu_peak_is_the_fastest_gemm_not_the_average(monkeypatch):
+    """A busy machine slows some GEMMs down: the measured peak must be the fastest one's
+    rate (an average here once gave a tenth of the peak, and MFU 800%)."""
+    clock, durations = [0.0], iter([9.0, 9.0, 2.0, 0.5, 4.0, 4.0])  # 2 warm-ups, then 4 timed
+
+    def matmul(a, b):
+        clock[0] += next(durations)
+        return a
+
+    monkeypatch.setattr(platform, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(platform, "torch", types.SimpleNamespace(randn=torch.randn, matmul=matmul))
+    assert platform.measure_matmul_peak(seconds=10.0, size=8) == 2 * 8**3 / 0.5
 
 def test_planner_prediction_for_the_running_layout():
     """What the trainer logs beside its measured memory: the planner's own figure."""
