@@ -104,6 +104,21 @@ def test_captioning_cached_equals_full_recomputation(model_and_cfg):
                 generate(model, cfg, prompts, False, use_cache=False, **common))  # fmt: skip
 
 
+def test_ids_the_tokenizer_lacks_are_never_sampled(model_and_cfg):
+    """The model's vocabulary may be larger than the tokenizer's (the 0.16B preset's 32k
+    beside the rehearsal's 9k tokenizer; here 512 beside 400): ids past the tokenizer's
+    decode to nothing, and an early checkpoint's captions came out empty."""
+    model, cfg = model_and_cfg
+    prompts = [[TextSegment([1]), ImageSegment(latent(cfg, s))] for s in range(4)]
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0, max_images=0)
+
+    def sampled(**limit):
+        results = Generator(model, cfg, SPECIAL, sampling, **limit).generate(prompts)
+        return [t for row in results for s in row if isinstance(s, TextSegment) for t in s.tokens]
+
+    assert max(sampled()) >= 64  # the model's own vocabulary reaches past the limit below
+    assert max(sampled(vocab_size=64)) < 64
+
 def test_a_prompt_generates_the_same_alone_or_batched(model_and_cfg):
     model, cfg = model_and_cfg
     short, long = [TextSegment([1, 9])], [TextSegment([1, *range(20, 40)])]

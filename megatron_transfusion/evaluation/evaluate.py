@@ -70,7 +70,7 @@ def caption_metrics(model, cfg: ExperimentConfig, tokenizer, batch_size: int = 1
     latents, references = _caption_samples(cfg.eval.image_caption_data, cfg.eval.captions, tokenizer)
     special = tokenizer.special
     sampling = SamplingConfig(max_new_tokens=32, temperature=0.0, max_images=0, guidance_scale=1.0)
-    generator = Generator(model, cfg, special, sampling)
+    generator = Generator(model, cfg, special, sampling, tokenizer.vocab_size)
     hypotheses = []
     for start in range(0, len(latents), batch_size):
         prompts = [[TextSegment([special.bos]), ImageSegment(x, caption_first=False)]

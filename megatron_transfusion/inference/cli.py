@@ -170,7 +170,7 @@ def generate_main(argv=None) -> None:
             spacing=args.spacing,
             guidance_scale=args.guidance, max_images=args.max_images, seed=args.seed, use_cache=not args.no_cache,
         )  # fmt: skip
-        generator = Generator(loaded.model, cfg, tokenizer.special, sampling)
+        generator = Generator(loaded.model, cfg, tokenizer.special, sampling, tokenizer.vocab_size)
         generator.check_prompts(documents, force_image=args.mode == "image")
         rank0 = int(os.environ.get("RANK", 0)) == 0
         out = Path(args.out) if args.out else _default_out(loaded)

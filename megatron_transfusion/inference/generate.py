@@ -75,11 +75,16 @@ class _Row:
 class Generator:
     """Generates for a batch of prompts with one (TP-sharded) model on this rank."""
 
-    def __init__(self, model, cfg: ExperimentConfig, tokens: SpecialIds, sampling: SamplingConfig):
-        """``cfg``: the run's config: its model shapes, and the noise schedule it trained with."""
+    def __init__(self, model, cfg: ExperimentConfig, tokens: SpecialIds, sampling: SamplingConfig,
+                 vocab_size: int | None = None):  # fmt: skip
+        """``cfg``: the run's config: its model shapes, and the noise schedule it trained with.
+        ``vocab_size``: the tokenizer's, when the model's vocabulary is larger (a preset's 32k
+        beside a smaller tokenizer): ids the tokenizer lacks decode to nothing, so they are
+        never sampled (an early checkpoint's captions came out empty)."""
         self.model = model
         self.cfg = model_cfg = cfg.model
         self.tokens = tokens
+        self.vocab_size = vocab_size or model_cfg.vocab_size
         self.sampling = sampling
         schedule = CosineSchedule.from_config(cfg.diffusion)
         self.reverse = ReverseProcess(schedule, sampling.diffusion_steps, sampling.sampler, sampling.spacing)
@@ -310,7 +315,7 @@ class Generator:
         scores = logits[active].clone()
         banned = [self.tokens.pad, self.tokens.bos, self.tokens.eoi]  # never LM targets
         scores[:, banned] = -torch.inf
-        scores[:, self.cfg.vocab_size :] = -torch.inf  # TP padding of the vocabulary
+        scores[:, self.vocab_size :] = -torch.inf  # ids the tokenizer lacks, TP padding
         for k, i in enumerate(active):
             if rows[i].images >= self.sampling.max_images or self._room(rows[i]) < self.patches + 2:
                 scores[k, self.tokens.boi] = -torch.inf
