@@ -57,6 +57,11 @@ fp32 on CPU, as ``platform.py`` picks), N = parameters of the stage's TP shard
   activations).
 - Framework: a fixed allowance per cluster (GPU: CUDA context, NCCL and cuBLAS buffers;
   CPU: measured) plus a fraction of the activations for allocator fragmentation.
+- The micro-batch: the most demanding one the packer can make, not the average of the
+  data mix. Rows come out nearly all text or all images (a long document fills rows; the
+  CPU rehearsal's were 0% and 94% image), and memory is largest at one end: an all-text
+  row (the LM head's logits) or a row packed with image-caption pairs (patch-layer
+  activations). Time uses the data mix's average.
 
 Time per step, the slowest pipeline stage:
 
@@ -101,6 +106,7 @@ from typing import Literal
 import torch
 
 from megatron_transfusion import platform
+from megatron_transfusion.batch import image_caption_length
 from megatron_transfusion.cli import _size, run_cli
 from megatron_transfusion.config import (
     ConfigError,
@@ -412,6 +418,13 @@ def attention_backend(m: ModelConfig, cluster: Cluster) -> str:
     return cluster.attention_backend if m.attention_backend == "auto" else m.attention_backend
 
 
+def max_image_token_fraction(cfg: ExperimentConfig) -> float:
+    """Image positions of the most image-heavy row: as many image-caption pairs as fit, with
+    empty captions (an upper bound; 15 of 256 patches in a 4,096-token row)."""
+    m, s = cfg.model, cfg.data.seq_length
+    return s // image_caption_length(0, m.patches_per_image) * m.patches_per_image / s
+
+
 def default_image_token_fraction(cfg: ExperimentConfig) -> float:
     """Image positions per token: the image-caption stream's share, its captions counted
     as image (an upper bound; images cost more than text in memory and FLOPs)."""
@@ -653,12 +666,15 @@ class Prediction:
 
 def predict(cfg: ExperimentConfig, cluster: Cluster, layout: Layout,
             image_token_fraction: float | None = None) -> Prediction:  # fmt: skip
-    """Memory and time of ``layout``; ``image_token_fraction`` defaults to the data mix's."""
+    """Memory and time of ``layout``. Memory is that of the most demanding micro-batch (see the
+    module doc); ``image_token_fraction``, the time's, defaults to the data mix's."""
     if image_token_fraction is None:
         image_token_fraction = default_image_token_fraction(cfg)
     stages = [(True, True)] if layout.pp == 1 else [(True, False), (False, True)]
-    memory = max((stage_memory(cfg, cluster, layout, image_token_fraction, first, last)
-                  for first, last in stages), key=lambda mem: mem.total)  # fmt: skip
+    rows = [0.0] if cfg.data.text_token_fraction > 0 else []  # all text
+    rows += [max_image_token_fraction(cfg)] if cfg.data.text_token_fraction < 1 else []
+    memory = max((stage_memory(cfg, cluster, layout, row, first, last)
+                  for row in rows for first, last in stages), key=lambda mem: mem.total)  # fmt: skip
     time = step_time(cfg, cluster, layout, image_token_fraction)
     rate = cfg.data.global_batch_tokens / time.total / layout.gpus
     flops = transformer_flops_per_token(cfg.model, cfg.data.seq_length)
