@@ -1,5 +1,6 @@
 """Readers for the inputs users actually have. Each yields records or ``Rejected``
-entries (never raises for one bad sample), so the sharding job can count and name them.
+entries (never raises for one bad sample or a damaged file), so the sharding job can count
+and name them.
 
 - image–caption: webdataset-style tar shards (``KEY.jpg|png|webp`` + ``KEY.txt`` and/or
   ``KEY.json``, as img2dataset writes them), Parquet with an image-bytes column and
@@ -11,7 +12,9 @@ entries (never raises for one bad sample), so the sharding job can count and nam
 from __future__ import annotations
 
 import json
+import lzma
 import tarfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +95,21 @@ def expand_inputs(inputs: list[str], suffixes: tuple[str, ...],
     return sorted(set(units))
 
 
+# What a damaged file raises while it is read: a tar's gzip/xz stream raises zlib's and
+# lzma's own errors, which are not OSErrors.
+_UNREADABLE = (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _json(data: bytes | str, key: str):
+    """The decoded JSON value, or a ``bad_json`` rejection: also for what the json module
+    refuses with other errors (nesting deeper than the interpreter's recursion limit, an
+    integer of more than 4,300 digits)."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return Rejected(key, "bad_json", str(e))
+
+
 def _decode_text(data: bytes, key: str) -> str | Rejected:
     try:
         return data.decode("utf-8")
@@ -112,17 +130,20 @@ def _field(record, key: str, name: str) -> str | Rejected:
 
 
 def _string(value, key: str, name: str) -> str | Rejected:
-    if value is None or isinstance(value, str):
-        return value or ""  # null counts as empty: the callers reject it as such
-    return Rejected(key, "not_a_string", f"'{name}' is a {type(value).__name__}")
+    if value is None:
+        return ""  # null counts as empty: the callers reject it as such
+    if not isinstance(value, str):
+        return Rejected(key, "not_a_string", f"'{name}' is a {type(value).__name__}")
+    try:
+        value.encode("utf-8")  # a JSON escape of a lone surrogate (\ud800) decodes to no text
+    except UnicodeEncodeError as e:
+        return Rejected(key, "not_utf8", f"'{name}': {e}")
+    return value
 
 
 def _caption_from_json(data: bytes, key: str, field: str) -> str | Rejected:
-    try:
-        record = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return Rejected(key, "bad_json", str(e))
-    return _field(record, key, field)
+    record = _json(data, key)
+    return record if isinstance(record, Rejected) else _field(record, key, field)
 
 
 def _sample(key: str, parts: dict[str, bytes], columns: Columns,
@@ -160,7 +181,7 @@ def read_tar(path: Path, columns: Columns, captions: bool = True) -> ImageRecord
                 stem, dot, ext = member.name.rpartition(".")
                 if dot:
                     groups.setdefault(stem, {})["." + ext.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
+    except _UNREADABLE as e:
         yield Rejected(f"{path}", "unreadable_file", str(e))
     for stem, parts in groups.items():  # in tar order
         yield _sample(f"{path.name}/{stem}", parts, columns, captions)
@@ -184,26 +205,48 @@ def read_image_folder(path: Path, columns: Columns, captions: bool = True) -> Im
         yield _sample(key, parts, columns, captions)
 
 
-def _parquet_rows(path: Path, wanted: list[str]) -> Iterator[tuple[int, dict]]:
+def _parquet_rows(path: Path, wanted: list[str]) -> Iterator[tuple[int, dict] | Rejected]:
+    """(row number, record) of each row; a file that is damaged where it is read ends with
+    one ``unreadable_file`` rejection, as a tar does. Missing columns are the job's options
+    not fitting the data: an error."""
     try:
         table = pq.ParquetFile(path)
         names = table.schema_arrow.names
-        missing = [c for c in wanted if c not in names]
-        if missing:
-            raise ValueError(f"parquet file '{path}' has no column(s) {missing} (columns: {names}); "
-                             "set the column names in the job's options")  # fmt: skip
-        row = 0
+    except (OSError, pa.ArrowException) as e:
+        yield Rejected(f"{path}", "unreadable_file", str(e))
+        return
+    missing = [c for c in wanted if c not in names]
+    if missing:
+        raise ValueError(f"parquet file '{path}' has no column(s) {missing} (columns: {names}); "
+                         "set the column names in the job's options")  # fmt: skip
+    row = 0
+    try:
         for batch in table.iter_batches(columns=wanted, batch_size=1024):
-            for record in batch.to_pylist():
-                yield row, record
+            try:
+                records = batch.to_pylist()
+            except UnicodeDecodeError:  # a string column holds bytes that are not UTF-8: whose?
+                records = [_parquet_row(batch, i, f"{path.name}/{row + i}") for i in range(batch.num_rows)]
+            for record in records:
+                yield record if isinstance(record, Rejected) else (row, record)
                 row += 1
     except (OSError, pa.ArrowException) as e:
-        raise OSError(f"parquet file '{path}' is unreadable: {e}") from None
+        yield Rejected(f"{path}", "unreadable_file", f"after {row} rows: {e}")
+
+
+def _parquet_row(batch: pa.RecordBatch, i: int, key: str) -> dict | Rejected:
+    try:
+        return {name: column[i].as_py() for name, column in zip(batch.schema.names, batch.columns)}
+    except UnicodeDecodeError as e:
+        return Rejected(key, "not_utf8", str(e))
 
 
 def read_image_parquet(path: Path, columns: Columns, captions: bool = True) -> ImageRecords:
     wanted = [columns.image, columns.caption] if captions else [columns.image]
-    for row, record in _parquet_rows(path, wanted):
+    for item in _parquet_rows(path, wanted):
+        if isinstance(item, Rejected):
+            yield item
+            continue
+        row, record = item
         key = f"{path.name}/{row}"
         image = record[columns.image]
         if isinstance(image, dict):  # Hugging Face datasets store images as {bytes, path}
@@ -233,12 +276,8 @@ def read_jsonl(path: Path, columns: Columns) -> Iterator[TextRecord | Rejected]:
             if isinstance(text, Rejected):
                 yield text
                 continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                yield Rejected(key, "bad_json", str(e))
-                continue
-            yield _text_record(key, _field(value, key, columns.text))
+            value = _json(text, key)
+            yield value if isinstance(value, Rejected) else _text_record(key, _field(value, key, columns.text))
 
 
 def _text_record(key: str, value: str | Rejected) -> TextRecord | Rejected:
@@ -248,7 +287,11 @@ def _text_record(key: str, value: str | Rejected) -> TextRecord | Rejected:
 
 
 def read_text_parquet(path: Path, columns: Columns) -> Iterator[TextRecord | Rejected]:
-    for row, record in _parquet_rows(path, [columns.text]):
+    for item in _parquet_rows(path, [columns.text]):
+        if isinstance(item, Rejected):
+            yield item
+            continue
+        row, record = item
         key = f"{path.name}/{row}"
         yield _text_record(key, _string(record[columns.text], key, columns.text))
 

@@ -231,7 +231,7 @@ def _top_rejection(rejected_files: list[Path]) -> str:
         return "no records were read"
     reason, count = Counter(r["reason"] for r in records).most_common(1)[0]
     first = next(r for r in records if r["reason"] == reason)
-    detail = f" {first['detail']}" if first["detail"] else ""
+    detail = f" {' '.join(first['detail'].split())}" if first["detail"] else ""  # one line
     where = f"first: {first['key']} in {first['input']}"
     return f"{reason}{detail} ({count} of {len(records)} rejected; {where})"
 

@@ -3,6 +3,7 @@ user mistakes (config, data, generation flags, files) are one ``error:`` line. R
 Reliability table points at these tests."""
 
 import builtins
+import contextlib
 import io
 import json
 import os
@@ -13,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from types import SimpleNamespace
@@ -335,6 +337,147 @@ def test_fuzzed_config_files_are_config_errors(tmp_path):
             except ConfigError as e:
                 assert "\n" not in str(e), e
             # else: the damage left a valid config
+
+
+# ---- Data inputs ------------------------------------------------------------------------------
+
+HOSTILE_LINES = [  # each a counted rejection, not the end of the job
+    b"[" * 100_000,  # deeper than the interpreter's recursion limit
+    b'{"text": ' + b"1" * 5000 + b"}",  # an integer the json module refuses to convert
+    b'{"text": "a lone \\ud800 surrogate"}',  # no UTF-8 text for the tokenizer
+]
+
+
+def data_inputs() -> dict[str, tuple[str, bytes]]:
+    """One small valid input of each kind ``mtf-prepare-data shard`` reads (a tar also
+    gzip-compressed, as tarfile opens it) -> (kind, file contents)."""
+    import gzip
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.data_fixtures import add_member, png_bytes
+
+    rng = np.random.default_rng(14)
+    images = [png_bytes(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(3)]
+    tar = io.BytesIO()
+    with tarfile.open(fileobj=tar, mode="w") as archive:
+        for i, image in enumerate(images):
+            add_member(archive, f"{i}.png", image)
+            add_member(archive, f"{i}.json" if i % 2 else f"{i}.txt",
+                       json.dumps({"caption": "a red circle"}).encode() if i % 2 else b"a blue square")  # fmt: skip
+
+    def parquet(table) -> bytes:
+        buffer = io.BytesIO()
+        pq.write_table(pa.table(table), buffer)
+        return buffer.getvalue()
+
+    documents = ["the quick brown fox", "jumps over the lazy dog", "a red circle on the left"]
+    return {
+        "tar": ("image_caption", tar.getvalue()),
+        "gz.tar": ("image_caption", gzip.compress(tar.getvalue(), mtime=0)),
+        "img.parquet": ("image_caption", parquet({"image": images, "caption": ["a red circle"] * 3})),
+        "jsonl": ("text", b"".join(json.dumps({"text": d}).encode() + b"\n" for d in documents)
+                          + b"\n".join(HOSTILE_LINES) + b"\n"),
+        "text.parquet": ("text", parquet({"text": documents})),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def encoders(tmp_path_factory):
+    from data_prep.tokenizer import train_bpe
+    from data_prep.vae import ConvVAE, VAEConfig, save_vae
+
+    root = tmp_path_factory.mktemp("fuzz-encoders")
+    train_bpe(["the quick brown fox jumps over the lazy dog", "a red circle", "a blue square"], 300,
+              root / "tok.json")  # fmt: skip
+    torch.manual_seed(0)
+    save_vae(ConvVAE(VAEConfig()), VAEConfig(), 0.5, root / "vae")
+    return root
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    """A hang fails the test instead of stalling the suite."""
+
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def prepare_data(*argv) -> str | None:
+    """``mtf-prepare-data`` in this process: None if it succeeded, else its error line."""
+    from data_prep.shard import main
+
+    try:
+        with deadline(60):
+            main([str(a) for a in argv])
+    except SystemExit as e:
+        assert isinstance(e.code, str) and e.code.startswith("error: ") and "\n" not in e.code, e.code
+        return e.code
+    return None
+
+
+def shard_and_merge(name: str, kind: str, data: bytes, encoders, out_root) -> dict | None:
+    """Shard one input and merge it; each step succeeds or stops with one error line naming
+    the input, and leaves no unit that looks finished but is not. Returns the counts of a
+    dataset that was made, None where none was."""
+    from megatron_transfusion.data import PreparedDataset
+
+    source = out_root / f"in.{name}"
+    source.write_bytes(data)
+    out = out_root / "out"
+    error = prepare_data("shard", "--kind", kind, "--inputs", source, "--out", out, "--tokenizer",
+                         encoders / "tok.json", "--vae", encoders / "vae", "--image-size", 16)  # fmt: skip
+    assert error is None or str(source) in error, error
+    for unit in out.glob("unit-*"):  # renamed into place only when complete
+        assert {"stats.json", "index.json", "lengths.npy", "rejected.jsonl"} <= {f.name for f in unit.iterdir()}
+    merge_error = prepare_data("merge", "--out", out)
+    if error or merge_error:
+        assert error and merge_error and not (out / "manifest.json").exists(), (error, merge_error)
+        return None
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(PreparedDataset(str(out))) == manifest["num_samples"] == manifest["counts"]["written"]
+    return manifest["counts"]
+
+
+def test_undamaged_inputs_shard_whole_and_hostile_lines_are_rejections(encoders, tmp_path):
+    for name, (kind, data) in data_inputs().items():
+        (tmp_path / name).mkdir()
+        counts = shard_and_merge(name, kind, data, encoders, tmp_path / name)
+        rejected = {k: v for k, v in counts.items() if k.startswith("rejected_")}
+        assert counts["written"] == 3, (name, counts)
+        assert rejected == ({"rejected_bad_json": 2, "rejected_not_utf8": 1} if name == "jsonl" else {}), name
+
+
+@pytest.mark.parametrize("trials", [3, pytest.param(30, marks=pytest.mark.slow)])
+def test_fuzzed_data_inputs_are_counted_or_one_line_errors(encoders, tmp_path, trials):
+    """Flips, truncations and noise in tars, Parquet and JSONL: ``mtf-prepare-data shard``
+    and ``merge`` finish with what was readable counted, or stop with one line naming the
+    input; never a traceback, a hang, or a half-written unit taken as finished. The VAE's
+    reader (``mtf-train-vae --inputs``) returns images and rejections, or a ValueError."""
+    from data_prep.vae import read_image_set
+
+    rng, inputs = random.Random(14), data_inputs()
+    for trial in range(trials):
+        for name, (kind, data) in inputs.items():
+            for damage, damaged in mutations(data, rng).items():
+                case = tmp_path / f"{trial}-{name}-{damage}"
+                case.mkdir()
+                shard_and_merge(name, kind, damaged, encoders, case)
+                if kind == "image_caption":
+                    try:
+                        with deadline(60):
+                            read_image_set([str(case / f"in.{name}")], 16)
+                    except ValueError as e:
+                        assert "\n" not in str(e), e
 
 
 # ---- Generation edges -----------------------------------------------------------------------
