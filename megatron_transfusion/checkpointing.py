@@ -240,7 +240,26 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path, part: bool = F
             ours = [failure for failure, _ in e.failures.values() if isinstance(failure, CheckpointError)]
             if ours:
                 raise ours[0] from None
+            short = _short_files(directory, metadata)
+            if short:  # unverified (--no-verify): torch's reader stops at the end with a bare EOFError
+                raise CheckpointError(f"checkpoint file {short[0]}; {_DAMAGED_UNVERIFIED}") from None
             raise
+
+
+def _short_files(directory: Path, metadata: Metadata) -> list[str]:
+    """'PATH' and what is wrong, for each data file of a dist-checkpoint that is absent or
+    shorter than its metadata says."""
+    ends: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    short = []
+    for name, end in sorted(ends.items()):
+        path = directory / name
+        if not path.is_file():
+            short.append(f"'{path}' is missing")
+        elif (size := path.stat().st_size) < end:
+            short.append(f"'{path}' has {size} bytes, '.metadata' places data up to byte {end}: it is truncated")
+    return short
 
 
 def model_sharded_state_dict(chunks) -> dict:
@@ -331,7 +350,8 @@ def load_trained_model(chunks, checkpoint: str | Path) -> None:
 # ---- The manifest -----------------------------------------------------------------------
 
 MANIFEST = "manifest.json"
-_DAMAGED = "restore it, use an earlier checkpoint, or pass --no-verify to load it anyway"
+_DAMAGED_UNVERIFIED = "restore it or use an earlier checkpoint"
+_DAMAGED = f"{_DAMAGED_UNVERIFIED}, or pass --no-verify to load it anyway"
 
 
 def _digest(path: Path) -> dict:

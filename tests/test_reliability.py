@@ -194,6 +194,16 @@ def test_resume_and_tools_refuse_a_flipped_byte_unless_told_not_to_verify(run_co
     assert result.returncode == 0 and '"step": 3' in result.stdout, result.stderr[-3000:]
 
 
+def test_an_unverified_truncated_data_file_is_named(run_copy, tmp_path):
+    """--no-verify skips the manifest; torch's reader would then end in a bare EOFError."""
+    step = step_dir(run_copy)
+    target = sorted((step / "engine").glob("*.distcp"))[0]
+    size = target.stat().st_size
+    target.write_bytes(target.read_bytes()[: size // 2])
+    result = cli(CHECKPOINT_TOOL, "export", step, "--no-verify", "--out", tmp_path / "m.safetensors")
+    assert_one_line_error(result, f"checkpoint file '{target}' has {size // 2} bytes", "it is truncated")
+
+
 def test_a_checkpoint_from_before_manifests_loads_with_a_warning(megatron_world, run_copy, capsys):
     from megatron_transfusion.model import build_model
 
@@ -218,7 +228,8 @@ def mutations(data: bytes, rng: random.Random):
 
 def test_fuzzed_checkpoint_files_are_clean_errors(megatron_world, trained_run, tmp_path):
     """Every file, three kinds of damage: verification names it. Unverified, the files
-    that hold pickles are still read to a clean error (or, rarely, harmlessly)."""
+    the model is read from still give a clean error naming them (or load, where the damage
+    is harmless to reading: a flipped bit in a tensor)."""
     from megatron_transfusion.model import build_model
 
     rng = random.Random(14)
@@ -234,7 +245,7 @@ def test_fuzzed_checkpoint_files_are_clean_errors(megatron_world, trained_run, t
             with pytest.raises(CheckpointError) as info:
                 verify_checkpoint(step)
             assert str(step / name) in str(info.value) or name == "manifest.json", (name, kind, info.value)
-            if name in ("engine/.metadata", "engine/common.pt"):
+            if name in ("engine/.metadata", "engine/common.pt") or name.endswith(".distcp"):
                 try:
                     load_trained_model([model], step)
                 except CheckpointError as e:
