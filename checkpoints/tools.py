@@ -5,8 +5,8 @@ needs no tool: a run resumed with another TP/PP/DP layout or engine loads the sa
 directory (``--resume PATH``). ``export``
 writes the model alone, unsharded, as one safetensors file plus the run's config, which
 inference and other frameworks can read without Megatron's loader. Both check the
-checkpoint's files against its manifest first (``--no-verify`` skips that); ``inspect``
-also reads an exported file.
+checkpoint's files against its manifest first, and an exported file against the SHA-256
+it holds (``--no-verify`` skips that); ``inspect`` also reads an exported file.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def inspect(path: Path, verify: bool = True) -> dict:
     if checkpoint.suffix == ".safetensors":
         from safetensors import safe_open
 
-        step = export_metadata(checkpoint).get("step", "")  # refuses a truncated or damaged file
+        step = export_metadata(checkpoint, verify).get("step", "")  # refuses a truncated or damaged file
         with safe_open(str(checkpoint), "pt") as f:
             tensors = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
         return {"trainer": {"step": int(step) if step.isdigit() else step, "exported": True}, "ranks": 1,
@@ -50,11 +50,10 @@ def inspect(path: Path, verify: bool = True) -> dict:
 
 
 def export(path: Path, out: Path, verify: bool = True) -> Path:
-    """Load the model at TP=1/PP=1 in this process and save it as one safetensors file."""
-    from safetensors.torch import save_file
-
+    """Load the model at TP=1/PP=1 in this process and save it as one safetensors file
+    (with its SHA-256 inside, checked wherever it is loaded)."""
     from megatron_transfusion import platform
-    from megatron_transfusion.checkpointing import load_trained_model
+    from megatron_transfusion.checkpointing import load_trained_model, save_export
     from megatron_transfusion.model import build_model
     from megatron_transfusion.parallel import destroy_distributed, init_distributed
 
@@ -74,7 +73,7 @@ def export(path: Path, out: Path, verify: bool = True) -> Path:
         tensors = {k: v.contiguous() for k, v in model.state_dict().items() if hasattr(v, "contiguous")}
         out.parent.mkdir(parents=True, exist_ok=True)
         step = json.loads((checkpoint / "trainer.json").read_text())["step"]
-        save_file(tensors, out, metadata={"step": str(step), "config": yaml.safe_dump(cfg.to_dict())})
+        save_export(tensors, out, {"step": str(step), "config": yaml.safe_dump(cfg.to_dict())})
     finally:
         destroy_distributed()
     return out
@@ -91,7 +90,8 @@ def main(argv=None) -> None:
         command.add_argument("checkpoint", type=Path, help="run dir, checkpoints dir, step_N dir (inspect: "
                                                            "or an exported .safetensors)")  # fmt: skip
         command.add_argument("--no-verify", action="store_true",
-                             help="skip checking the checkpoint's files against its manifest")
+                             help="skip checking the checkpoint's files against its manifest "
+                                  "(an exported file: against its SHA-256)")
     args = parser.parse_args(argv)
     if args.command == "inspect":
         report = inspect(args.checkpoint, verify=not args.no_verify)

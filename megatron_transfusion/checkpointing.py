@@ -19,7 +19,9 @@ unpickler (tensors, containers, numbers, strings). Tensor data torch already rea
 
 The manifest (``manifest.json``: every file's size and SHA-256) is integrity, not
 authenticity: it catches a flipped byte, a truncated or a deleted file before anything is
-trained on or sampled from, but whoever can edit the files can edit it too.
+trained on or sampled from, but whoever can edit the files can edit it too. An exported
+``.safetensors`` carries the same check inside itself (``save_export``), so it travels with
+the one file.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import json
 import os
 import pickle
 import queue
+import struct
 import sys
 import threading
 from pathlib import Path
@@ -418,3 +421,56 @@ def verify_checkpoint(checkpoint: Path) -> None:
         if actual["sha256"] != expected["sha256"]:
             raise CheckpointError(f"checkpoint file '{file}' does not match its SHA-256 in {MANIFEST}: it is "
                                   f"damaged; {_DAMAGED}")  # fmt: skip
+
+
+# ---- Exported files ---------------------------------------------------------------------
+
+EXPORT_DIGEST = "sha256"  # the metadata field of an exported .safetensors that holds its SHA-256
+_UNSET_DIGEST = "0" * 64
+
+
+def _read_header(f) -> tuple[bytes, bytes]:
+    """A safetensors file's 8-byte header length and its JSON header; ``f`` is left at the data."""
+    prefix = f.read(8)
+    return prefix, f.read(struct.unpack("<Q", prefix)[0])
+
+
+def _export_digest(path: Path, stored: str) -> str:
+    """SHA-256 of a safetensors file read with ``stored`` (its digest field's value) as zeros:
+    every byte but the digest's own, header (step, config, shapes) and tensor data alike."""
+    with open(path, "rb") as f:
+        prefix, header = _read_header(f)
+        if header.count(stored.encode()) != 1:
+            raise CheckpointError(f"'{path}' has a damaged header (its {EXPORT_DIGEST} field); export the "
+                                  "checkpoint again, or pass --no-verify to load it anyway")  # fmt: skip
+        digest = hashlib.sha256(prefix + header.replace(stored.encode(), _UNSET_DIGEST.encode()))
+        return hashlib.file_digest(f, lambda: digest).hexdigest()  # the tensor data, from here on
+
+
+def save_export(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
+    """Write one safetensors file with its SHA-256 in its metadata (``EXPORT_DIGEST``), under a
+    temporary name until complete: the digest goes in place of zeros, so no offset moves."""
+    from safetensors.torch import save_file
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    save_file(tensors, tmp, metadata={**metadata, EXPORT_DIGEST: _UNSET_DIGEST})
+    digest = _export_digest(tmp, _UNSET_DIGEST)
+    with open(tmp, "r+b") as f:
+        prefix, header = _read_header(f)
+        f.seek(len(prefix) + header.index(_UNSET_DIGEST.encode()))
+        f.write(digest.encode())
+    os.replace(tmp, out)
+
+
+def verify_export(path: Path, metadata: dict[str, str]) -> None:
+    """An exported file against the SHA-256 in its ``metadata``; one exported before files had
+    it loads with a warning, as a checkpoint without a manifest does."""
+    stored = metadata.get(EXPORT_DIGEST)
+    if stored is None:
+        if _rank_world()[0] == 0:
+            print(f"warning: '{path}' has no {EXPORT_DIGEST} in its metadata (exported before exports had "
+                  "one): it is not verified", file=sys.stderr, flush=True)  # fmt: skip
+        return
+    if _export_digest(path, stored) != stored:
+        raise CheckpointError(f"'{path}' does not match the SHA-256 in its metadata: it is damaged; export the "
+                              "checkpoint again, or pass --no-verify to load it anyway")  # fmt: skip

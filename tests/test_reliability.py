@@ -28,6 +28,7 @@ from megatron_transfusion.checkpointing import (
     CheckpointError,
     load_trained_model,
     read_metadata,
+    save_export,
     verify_checkpoint,
     write_manifest,
 )
@@ -511,8 +512,37 @@ def test_generate_refuses_meaningless_flags(tmp_path, capsys, flag, value, messa
 
 
 def exported_file(path):
-    save_file({"weight": torch.zeros(2, 3)}, path, metadata={"step": "7", "config": "{}"})
+    """What ``mtf-checkpoint export`` writes, for a model of one tensor."""
+    save_export({"weight": torch.zeros(2, 3)}, path, {"step": "7", "config": "{}"})
     return path
+
+
+@pytest.mark.parametrize("where", ["tensor data", "header"])
+def test_a_flipped_byte_in_an_export_is_refused_unless_told_not_to_verify(tmp_path, capsys, where):
+    from checkpoints.tools import inspect
+    from megatron_transfusion.inference.cli import generate_main
+
+    path = exported_file(tmp_path / "model.safetensors")
+    data = bytearray(path.read_bytes())
+    data[-1 if where == "tensor data" else data.index(b'"step":"7"') + 8] ^= 0x01  # a weight; step 7 -> 6
+    path.write_bytes(data)
+    message = f"'{path}' does not match the SHA-256 in its metadata: it is damaged"
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        inspect(path)
+    assert inspect(path, verify=False)["tensors"] == {"weight": [2, 3]}
+    with pytest.raises(SystemExit) as info:
+        generate_main([str(path), "--prompt", "x"])
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and line.startswith(f"error: {message}") and "--no-verify" in line
+
+
+def test_an_export_without_a_sha256_loads_with_a_warning(tmp_path, capsys):
+    from checkpoints.tools import inspect
+
+    path = tmp_path / "old.safetensors"
+    save_file({"weight": torch.zeros(2, 3)}, path, metadata={"step": "7", "config": "{}"})
+    assert inspect(path)["trainer"]["step"] == 7
+    assert f"warning: '{path}' has no sha256 in its metadata" in capsys.readouterr().err
 
 
 def test_generate_refuses_a_truncated_export_by_name(tmp_path, capsys):

@@ -145,7 +145,8 @@ def generate_main(argv=None) -> None:
     parser.add_argument("--tokenizer", help="default: the one the training data was made with")
     parser.add_argument("--vae", help="default: the one the training latents were made with")
     parser.add_argument("--no-verify", action="store_true",
-                        help="load the checkpoint without checking its files against its manifest")
+                        help="load the checkpoint without checking its files against its manifest "
+                             "(an exported file: against its SHA-256)")
     args = parser.parse_args(argv)
     check_args(args)
 

@@ -17,7 +17,9 @@ import yaml
 from data_prep.tokenizer import Tokenizer
 from data_prep.vae import LatentEncoder, load_vae
 from megatron_transfusion import platform
-from megatron_transfusion.checkpointing import CheckpointError, load_trained_model, run_config_path, verify_checkpoint
+from megatron_transfusion.checkpointing import (
+    CheckpointError, load_trained_model, run_config_path, verify_checkpoint, verify_export,
+)  # fmt: skip
 from megatron_transfusion.config import ExperimentConfig, config_from_tree, load_config
 from megatron_transfusion.model import TransfusionModel, build_model
 from megatron_transfusion.parallel import init_distributed
@@ -62,24 +64,29 @@ def _inference_overrides(tensor_parallel: int) -> list[str]:
             "model.attention_backend=sdpa", "model.fuse_elementwise=false"]  # fmt: skip
 
 
-def export_metadata(path: Path) -> dict[str, str]:
-    """The metadata of a consolidated file; CheckpointError if it is not a whole safetensors file."""
+def export_metadata(path: Path, verify: bool = True) -> dict[str, str]:
+    """The metadata of a consolidated file; CheckpointError if it is not a whole safetensors
+    file or, with ``verify``, does not match the SHA-256 it holds."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
+            metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}): it is truncated or "
                               "damaged; export the checkpoint again") from None  # fmt: skip
+    if verify:
+        verify_export(path, metadata)
+    return metadata
 
 
 def load_model(path: str | Path, tensor_parallel: int = 1, verify: bool = True) -> LoadedModel:
     """Initialise the parallel state (TP over the launched ranks) and load the model.
-    ``verify``: check a checkpoint directory's files against its manifest first."""
+    ``verify``: check a checkpoint directory's files against its manifest, or an exported
+    file against its SHA-256, first."""
     checkpoint = find_checkpoint(path)
     if checkpoint.suffix == ".safetensors":
-        metadata = export_metadata(checkpoint)
+        metadata = export_metadata(checkpoint, verify)
         if "config" not in metadata:
             raise ValueError(f"'{checkpoint}' has no config in its metadata: not written by mtf-checkpoint export")
         if tensor_parallel != 1:
