@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-slow demo quality
+.PHONY: setup test test-slow demo quality rehearsal
 
 setup: $(VENV)/.installed
 
@@ -24,3 +24,9 @@ demo: setup
 # Learning quality (issue 12): shapes set -> VAE -> shards -> train -> generate -> score.
 quality: setup
 	$(PY) -m benchmarks.learning_quality --out runs/quality --curve
+
+# Full-shape rehearsal (issue 13.3): 256-px images and long documents -> shards -> the 0.16B
+# preset's shapes under sbatch on a local Slurm -> stop, requeue, resume -> mtf-generate.
+# Needs root (it installs and starts Slurm); 5-7 min on 2 cores. Also part of test-slow.
+rehearsal: setup
+	$(PY) -m benchmarks.rehearsal --out runs/rehearsal
