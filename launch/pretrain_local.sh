@@ -21,7 +21,9 @@ a green square to the left of a blue triangle;a yellow circle to the left of a r
 red heart;grinning face"}
 
 "$VENV/bin/mtf-prepare-builtin" --out data/builtin
-"$VENV/bin/python" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" \
+# torchrun through the project's launcher: a user mistake ends in one error line and exit 2,
+# Ctrl-C in one line after the checkpoint (megatron_transfusion/launch.py).
+"$VENV/bin/python" -m megatron_transfusion.launch --standalone --nproc_per_node "$NPROC" \
     -m megatron_transfusion.train --config "$CONFIG" --resume "$RESUME" "$@"
 
 # The run directory and where the last checkpoint's samples go (mtf-generate's default).

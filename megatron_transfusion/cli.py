@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
+import os
 import sys
 
 import yaml
 
-from megatron_transfusion.config import UserError, load_config
+from megatron_transfusion.config import EXIT_USER_ERROR, UserError, load_config
 
 
 def run_cli(main=None, *, also: tuple[type[Exception], ...] = ()):
@@ -24,13 +26,33 @@ def run_cli(main=None, *, also: tuple[type[Exception], ...] = ()):
         try:
             return main(argv)
         except (UserError, FileNotFoundError, CorruptShardError, *also) as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(2) from None
+            if _first_to_say(f"error: {e}"):
+                print(f"error: {e}", file=sys.stderr)
+            raise SystemExit(EXIT_USER_ERROR) from None
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise SystemExit(130) from None
 
     return wrapper
+
+
+def _first_to_say(line: str) -> bool:
+    """False where another worker of the same launch (``megatron_transfusion.launch``) has
+    printed ``line`` already: the ranks of a run mostly make the same mistake, and one line
+    says it."""
+    from megatron_transfusion.launch import ERRORS_ENV
+
+    directory = os.environ.get(ERRORS_ENV)
+    if not directory:
+        return True
+    try:
+        os.close(os.open(os.path.join(directory, hashlib.sha256(line.encode()).hexdigest()),
+                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # fmt: skip
+    except FileExistsError:
+        return False
+    except OSError:  # no such directory (a launcher that has gone): say it
+        pass
+    return True
 
 
 def _config_parser(description: str) -> argparse.ArgumentParser:

@@ -22,6 +22,11 @@ import yaml
 PRESET_DIR = Path(__file__).parent / "configs"
 
 
+# Exit codes every entry point shares; launchers act on them (megatron_transfusion.launch).
+EXIT_USER_ERROR = 2  # a UserError, printed as one ``error:`` line
+EXIT_PREEMPTED = 3  # the trainer saved a checkpoint on request and stopped: requeue me
+
+
 class UserError(ValueError):
     """A mistake in what the user gave a command (config, data, checkpoint, flags), not a
     bug: entry points print its message as one ``error:`` line and exit 2, no traceback."""

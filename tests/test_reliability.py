@@ -17,6 +17,7 @@ import sys
 import tarfile
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -332,6 +333,83 @@ def test_train_reports_a_data_mistake_in_one_line(data_root, tmp_path):
     other = other_tokenizer_copy(data_root, tmp_path)
     result = cli(TRAIN, "--config", "tiny", *overrides(data_root, tmp_path, 2, f"data.text_data={other}"))
     assert_one_line_error(result, "tokenized with another tokenizer")
+
+
+# ---- Under the launcher (torchrun) -----------------------------------------------------------
+
+
+def launched(nproc, *args) -> subprocess.Popen:
+    """``python -m megatron_transfusion.launch`` (torchrun) running the trainer, as
+    launch/pretrain_local.sh starts it."""
+    command = [sys.executable, "-m", "megatron_transfusion.launch", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "megatron_transfusion.train", "--config", "tiny", *map(str, args)]  # fmt: skip
+    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def test_a_user_mistake_under_the_launcher_is_one_line_and_exit_2(data_root, tmp_path):
+    """Both workers refuse the data; torchrun's ChildFailedError report and its log lines
+    stay out, and the two workers' identical lines are printed once."""
+    other = other_tokenizer_copy(data_root, tmp_path)
+    process = launched(2, *overrides(data_root, tmp_path, 2, f"data.text_data={other}"))
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 2, out[-2000:] + err[-4000:]
+    errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and "tokenized with another tokenizer" in errors[0], err
+    assert err.strip().splitlines()[-1] == errors[0]
+
+
+def wait_for_steps(process, run_root, steps=2):
+    metrics = run_root / "tiny" / "logs" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= steps):
+        assert process.poll() is None and time.time() < deadline, process.communicate()
+        time.sleep(0.2)
+
+
+def test_ctrl_c_under_the_launcher_saves_and_ends_in_one_line(data_root, tmp_path):
+    """Ctrl-C reaches torchrun alone (its workers run in sessions of their own); it passes
+    SIGINT on, the worker saves and exits, and the launcher says so in one line (exit 130)
+    instead of torchrun's SignalException traceback."""
+    process = launched(1, *overrides(data_root, tmp_path, 1000, "checkpoint.interval=1000"))
+    wait_for_steps(process, tmp_path)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGINT, out[-2000:] + err[-4000:]
+    assert "stop requested: saved step" in out and "Traceback" not in err, err[-4000:]
+    assert err.strip().splitlines()[-1] == "stopped by SIGINT (torchrun passed it on to the workers)"
+    assert (tmp_path / "tiny" / "checkpoints" / "latest").exists()
+
+
+def test_ctrl_c_twice_under_the_launcher_exits_without_saving(data_root, tmp_path):
+    """torchrun answers a second Ctrl-C by stopping its workers with SIGTERM; after a
+    Ctrl-C the trainer takes that as "now" too. Steps of ~1 s leave time to press twice."""
+    process = launched(1, *overrides(data_root, tmp_path, 1000, "checkpoint.interval=1000",
+                                     "data.global_batch_tokens=4096"))  # fmt: skip
+    wait_for_steps(process, tmp_path)
+    process.send_signal(signal.SIGINT)
+    seen = []
+    while not (seen and seen[-1].startswith("interrupted: saving")):
+        line = process.stderr.readline()
+        assert line, "".join(seen)[-4000:]
+        seen.append(line)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGINT, out[-2000:] + err[-4000:]
+    assert "stop requested" not in out and "Traceback" not in err, err[-4000:]
+    assert not (tmp_path / "tiny" / "checkpoints" / "latest").exists()
+
+
+def test_a_worker_stopped_directly_ends_the_launcher_with_3(data_root, tmp_path):
+    """SIGTERM to the worker itself (a Slurm time limit signals every process of the step):
+    it saves and exits 3, and so does the launcher, without torchrun's report."""
+    process = launched(1, *overrides(data_root, tmp_path, 1000, "checkpoint.interval=1000"))
+    wait_for_steps(process, tmp_path)
+    (worker,) = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+    os.kill(int(worker), signal.SIGTERM)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 3, out[-2000:] + err[-4000:]
+    assert "stop requested: saved step" in out and "Traceback" not in err and "ChildFailedError" not in err, err
 
 
 # ---- Config files ---------------------------------------------------------------------------

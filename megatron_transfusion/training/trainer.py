@@ -23,7 +23,7 @@ import yaml
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_transfusion import platform
-from megatron_transfusion.config import ExperimentConfig
+from megatron_transfusion.config import EXIT_PREEMPTED, ExperimentConfig
 from megatron_transfusion.data import MixedModalityLoader
 from megatron_transfusion.diffusion import CosineSchedule
 from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses
@@ -37,8 +37,6 @@ from megatron_transfusion.training.metrics import MetricsLogger, mfu, model_flop
 from megatron_transfusion.training.schedule import lr_at
 from megatron_transfusion.training.step import MicroBatch
 
-EXIT_PREEMPTED = 3  # saved a checkpoint on request: requeue me
-
 
 class TrainingError(RuntimeError):
     """The run cannot continue (e.g. too many non-finite steps in a row)."""
@@ -46,8 +44,10 @@ class TrainingError(RuntimeError):
 
 class _StopRequest:
     """Set by SIGTERM/SIGUSR1/SIGINT; acted on at the next step boundary, agreed by all
-    ranks. After a first SIGINT the next one gets the default action (the process ends
-    at once, even inside a collective): Ctrl-C twice means "now"."""
+    ranks. After a first SIGINT the next SIGINT or SIGTERM gets the default action (the
+    process ends at once, even inside a collective): Ctrl-C twice means "now". SIGTERM
+    too, because under torchrun a second Ctrl-C reaches torchrun, which then stops its
+    workers with SIGTERM."""
 
     def __init__(self):
         self.requested = False
@@ -59,6 +59,7 @@ class _StopRequest:
         self.requested = True
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if self.announce:  # os.write: print() may be mid-write in the interrupted code
                 os.write(2, b"interrupted: saving a checkpoint after this step; Ctrl-C again to exit "
                             b"at once without saving\n")  # fmt: skip
