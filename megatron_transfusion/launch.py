@@ -42,12 +42,12 @@ class _QuietEndings(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
-        if message.startswith(("Sending process", "Received")):  # "... closing signal", "... death signal"
+        if message.startswith(("Sending process %s closing signal", "Received %s death signal")):
             return False
         return not (message.startswith("failed (exitcode:") and record.args and record.args[0] in _REPORTED)
 
 
-def reported_exit(failures) -> int | None:
+def _reported_exit(failures) -> int | None:
     """2 or 3 where the failed workers exited with it (those torchrun then stopped with
     SIGTERM aside), else None: ``failures`` maps ranks to torchrun's ProcessFailures."""
     codes = {failure.exitcode for failure in failures.values()} - {-signal.SIGTERM}
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             torchrun(argv)
         except ChildFailedError as e:
-            code = reported_exit(e.failures)
+            code = _reported_exit(e.failures)
             if code is None:
                 raise
             raise SystemExit(code) from None
