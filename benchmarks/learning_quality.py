@@ -8,7 +8,7 @@ One command, the documented tools only (no private shortcuts):
    webdataset tar of PNG + caption, with some attribute combinations held out of training;
 2. ``mtf-prepare-builtin`` (tokenizer and text stream), ``mtf-train-vae`` on the training
    images, ``mtf-prepare-data shard`` + ``merge``;
-3. trains the ``tiny`` preset with torchrun (``megatron_transfusion.train``);
+3. trains the ``tiny`` preset with the project's torchrun launcher (``megatron_transfusion.launch``);
 4. ``mtf-generate`` draws every test caption (text -> image) and captions every test image
    (image -> text); the images are scored by construction, the captions by parsing them.
 
@@ -230,7 +230,7 @@ def main(argv=None) -> None:
     if not (args.reuse and last_checkpoint.exists()):
         interval = max(args.steps // 8, 1) if args.curve else args.steps
         timings["train"] = _run([
-            sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+            sys.executable, "-m", "megatron_transfusion.launch", "--standalone", "--nproc_per_node", "1",
             "-m", "megatron_transfusion.train", "--config", "tiny", "--resume", "none",
             f"data.image_caption_data={shards}", f"run.output_root={out}", f"run.name={run_name}",
             f"run.train_steps={args.steps}", "eval.interval=0", f"checkpoint.interval={interval}",
