@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from megatron_transfusion.checkpointing import read_metadata, run_config_path, verify_checkpoint
-from megatron_transfusion.cli import run_cli
+from megatron_transfusion.console import run_cli
 from megatron_transfusion.config import UserError, load_config
 from megatron_transfusion.inference.load import export_metadata, find_checkpoint
 

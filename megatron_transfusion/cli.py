@@ -3,56 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import functools
-import hashlib
-import os
 import sys
 
 import yaml
 
-from megatron_transfusion.config import EXIT_USER_ERROR, UserError, load_config
-
-
-def run_cli(main=None, *, also: tuple[type[Exception], ...] = ()):
-    """Decorator; ``also`` adds exception types that mean bad user input for this command.
-    Ctrl-C where a command does not handle it exits with 130, without a traceback."""
-    if main is None:
-        return functools.partial(run_cli, also=also)
-
-    @functools.wraps(main)
-    def wrapper(argv=None):
-        from megatron_transfusion.data.source import CorruptShardError
-
-        try:
-            return main(argv)
-        except (UserError, FileNotFoundError, CorruptShardError, *also) as e:
-            if _first_to_say(f"error: {e}"):
-                print(f"error: {e}", file=sys.stderr)
-            raise SystemExit(EXIT_USER_ERROR) from None
-        except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            raise SystemExit(130) from None
-
-    return wrapper
-
-
-def _first_to_say(line: str) -> bool:
-    """False where another worker of the same launch (``megatron_transfusion.launch``) has
-    printed ``line`` already: the ranks of a run mostly make the same mistake, and one line
-    says it."""
-    from megatron_transfusion.launch import ERRORS_ENV
-
-    directory = os.environ.get(ERRORS_ENV)
-    if not directory:
-        return True
-    try:
-        os.close(os.open(os.path.join(directory, hashlib.sha256(line.encode()).hexdigest()),
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # fmt: skip
-    except FileExistsError:
-        return False
-    except OSError:  # no such directory (a launcher that has gone): say it
-        pass
-    return True
+from megatron_transfusion.config import load_config
+from megatron_transfusion.console import human_size, run_cli
 
 
 def _config_parser(description: str) -> argparse.ArgumentParser:
@@ -71,13 +27,9 @@ def config_main(argv=None) -> None:
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     c = count_parameters(cfg.model)
-    print(f"# parameters: language model {_size(c.language_model)} (embedding {_size(c.embedding)}, "
-          f"transformer {_size(c.transformer)}, head {_size(c.lm_head)}) + "
-          f"{cfg.model.patch_layer} patch layers {_size(c.patch_layers)} = {_size(c.total)}")  # fmt: skip
-
-
-def _size(n: int) -> str:
-    return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    print(f"# parameters: language model {human_size(c.language_model)} (embedding {human_size(c.embedding)}, "
+          f"transformer {human_size(c.transformer)}, head {human_size(c.lm_head)}) + "
+          f"{cfg.model.patch_layer} patch layers {human_size(c.patch_layers)} = {human_size(c.total)}")  # fmt: skip
 
 
 @run_cli

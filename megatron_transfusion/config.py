@@ -2,7 +2,7 @@
 
 Defaults are the paper's (Zhou et al., 2024); presets in ``configs/`` set the sizes.
 Every user mistake becomes a ``ConfigError`` naming the field, which entry points print
-as one line (``megatron_transfusion.cli.run_cli``).
+as one line (``megatron_transfusion.console.run_cli``).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ them unchanged) and differs only in how a run ends:
 
 - workers that stopped on a user mistake (exit 2, after one ``error:`` line) end it with
   exit 2 and nothing more, instead of torchrun's ChildFailedError traceback; a line that
-  several workers print alike is printed once (``MTF_LAUNCH_ERRORS``, read by ``cli.run_cli``);
+  several workers print alike is printed once (``MTF_LAUNCH_ERRORS``, read by ``console.run_cli``);
 - workers that saved a checkpoint on request and stopped (exit 3) end it with exit 3;
 - a stop signal that torchrun itself gets (Ctrl-C in a terminal, SIGTERM, Slurm's USR1 where
   ``--signals-to-handle`` names it) is forwarded once to every worker, which finishes its

@@ -107,7 +107,7 @@ import torch
 
 from megatron_transfusion import platform
 from megatron_transfusion.batch import image_caption_length
-from megatron_transfusion.cli import _size, run_cli
+from megatron_transfusion.console import human_size, run_cli
 from megatron_transfusion.config import (
     ConfigError,
     ExperimentConfig,
@@ -862,7 +862,7 @@ def main(argv=None) -> None:
     )
     m = cfg.model
     rows = cfg.data.global_batch_tokens // cfg.data.seq_length
-    print(f"{cfg.run.name}: {_size(model_costs(m).parameters.total)} parameters, {m.num_layers} layers "
+    print(f"{cfg.run.name}: {human_size(model_costs(m).parameters.total)} parameters, {m.num_layers} layers "
           f"× {m.hidden_size}, seq {cfg.data.seq_length}, global batch {rows} sequences; {gpus} × "
           f"{cluster.name} ({_gib(cluster.memory)} GiB, keep {args.margin:.0%} free)")  # fmt: skip
     if not ranked:

@@ -20,7 +20,7 @@ import torch
 
 from megatron_transfusion import platform
 from megatron_transfusion.batch import ImageSegment, TextSegment
-from megatron_transfusion.cli import run_cli
+from megatron_transfusion.console import run_cli
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.evaluation.captions import bleu4, cider_d, tokenize
 from megatron_transfusion.inference.generate import Generator, SamplingConfig

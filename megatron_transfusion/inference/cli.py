@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from megatron_transfusion.batch import Document, ImageSegment, TextSegment
-from megatron_transfusion.cli import run_cli
+from megatron_transfusion.console import run_cli
 from megatron_transfusion.diffusion.sampler import SPACINGS
 
 IMAGE_TAG = re.compile(r"<image:([^>]*)>")
