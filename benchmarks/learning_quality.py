@@ -189,7 +189,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--train-samples", type=int, default=8000)
     parser.add_argument("--pair-fraction", type=float, default=0.5, help="share of two-object scenes")
-    parser.add_argument("--vae-minutes", type=float, default=3.0)
+    parser.add_argument("--vae-steps", type=int, default=1800,
+                        help="VAE training steps (~3 min on 2 idle cores): a step budget, so that a busy "
+                             "machine does not train a weaker VAE")
     parser.add_argument("--steps", type=int, default=4000, help="training steps")
     parser.add_argument("--per-kind", type=int, default=48, help="test cases of each kind")
     parser.add_argument("--diffusion-steps", type=int, default=100)
@@ -214,7 +216,7 @@ def main(argv=None) -> None:
     vae = out / "vae"
     if not (args.reuse and (vae / "config.json").exists()):
         timings["vae"] = _run([_tool("mtf-train-vae"), "--inputs", str(out / "inputs" / "train"), "--image-size",
-                               str(IMAGE_SIZE), "--minutes", str(args.vae_minutes), "--out", str(vae)], out / "vae.log")  # fmt: skip
+                               str(IMAGE_SIZE), "--steps", str(args.vae_steps), "--out", str(vae)], out / "vae.log")  # fmt: skip
     shards = out / "shards"
     if not (args.reuse and (shards / "manifest.json").exists()):
         started = time.perf_counter()
