@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +38,6 @@ from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex
 
 from megatron_transfusion import platform
 from megatron_transfusion.batch import PackedBatch
-
-if TYPE_CHECKING:
-    from megatron_transfusion.inference.kv_cache import KVCacheView
 
 BACKENDS = ("sdpa", "flex", "flash")
 
@@ -164,16 +160,12 @@ def attention_runs(batch: PackedBatch) -> AttentionRuns:
 
 @dataclass(frozen=True)
 class TransfusionMask:
-    """The per-batch mask travelling through Megatron's layers, in its backend's form."""
+    """The per-batch mask, in its backend's form."""
 
     backend: str
     dense: torch.Tensor | None = None  # sdpa: [b, 1, queries, keys]
     blocks: BlockMask | None = None  # flex
     runs: AttentionRuns | None = None  # flash
-    # Generation: the layers store this step's keys/values here and attend to all of them.
-    kv_cache: KVCacheView | None = None
-    # RoPE (cos, sin), [s, b, 1, head_dim]: computed once per batch, applied by every layer.
-    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def build_attention_mask(batch: PackedBatch, backend: str, block_size: int = 128) -> TransfusionMask:

@@ -15,13 +15,13 @@ from safetensors import safe_open
 from data_prep.tokenizer import SpecialIds
 from data_prep.vae import ConvVAE, VAEConfig, save_vae
 from kernels.attention import dense_mask
+from kernels.kv_cache import KVCache
 from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
 from megatron_transfusion.checkpointing import load_trained_model
 from megatron_transfusion.config import load_config
 from megatron_transfusion.diffusion.sampler import ReverseProcess
 from megatron_transfusion.diffusion.schedule import CosineSchedule
 from megatron_transfusion.inference.generate import Generator, SamplingConfig, _top_p
-from megatron_transfusion.inference.kv_cache import KVCache
 from megatron_transfusion.inference.load import find_checkpoint, load_image_vae, load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import seed_everything
@@ -139,9 +139,9 @@ def test_cache_mask_equals_the_training_mask():
     cache = KVCache(rows=1, capacity=12, device=torch.device("cpu"))
     for start, stop in [(0, 4), (4, 9), (9, 12)]:  # text + BOI | image + EOI | text + pad
         slots = torch.arange(start, stop)[None]
-        mask = cache.view(torch.tensor([0]), slots, batch.document_ids[:, start:stop],
+        view = cache.view(torch.tensor([0]), slots, batch.document_ids[:, start:stop],
                           batch.image_ids[:, start:stop], torch.zeros((1, stop - start), dtype=torch.bool))  # fmt: skip
-        assert torch.equal(mask.dense[0, 0], reference[start:stop, :stop])
+        assert torch.equal(view.mask.dense[0, 0], reference[start:stop, :stop])
 
 
 def test_reverse_process_matches_the_posterior_and_recovers_a_known_image():

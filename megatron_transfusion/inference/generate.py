@@ -22,6 +22,7 @@ import torch
 from megatron.core import tensor_parallel
 
 from data_prep.tokenizer import SpecialIds
+from kernels.kv_cache import KVCache
 from megatron_transfusion.batch import (
     Document,
     ImageSegment,
@@ -33,7 +34,6 @@ from megatron_transfusion.batch import (
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.diffusion.sampler import ReverseProcess
 from megatron_transfusion.diffusion.schedule import CosineSchedule
-from megatron_transfusion.inference.kv_cache import KVCache
 
 
 @dataclass
@@ -294,15 +294,15 @@ class Generator:
         """ε = ε_uncond + g·(ε_cond − ε_uncond)."""
         return unconditional + self.sampling.guidance_scale * (conditional - unconditional)
 
-    def _forward(self, batch: PackedBatch, mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: PackedBatch, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [s, b, vocab] gathered over TP ranks, predicted noise)."""
-        out = self.model(batch, mask=mask)
+        out = self.model(batch, kv_cache=kv_cache)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(out.logits)
         return logits.float(), out.predicted_noise
 
-    def _denoise(self, batch: PackedBatch, mask=None) -> torch.Tensor:
+    def _denoise(self, batch: PackedBatch, kv_cache=None) -> torch.Tensor:
         """Predicted noise alone: the LM head is skipped while an image is denoised."""
-        return self.model(batch, mask=mask, text_logits=False).predicted_noise.float()
+        return self.model(batch, kv_cache=kv_cache, text_logits=False).predicted_noise.float()
 
     # ---- helpers ------------------------------------------------------------------------
 

@@ -5,9 +5,11 @@ support it.
 
 Activation recomputation lives here too, as torch's non-reentrant checkpoint around the
 layer ("full") or the core attention ("selective"): Megatron's own recompute saves its
-inputs with ``save_for_backward``, which cannot carry the per-batch mask object."""
+inputs with ``save_for_backward``, which cannot carry the per-forward attention context."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
@@ -27,14 +29,27 @@ from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import TransfusionMask, attend, rotary_batch_major
 from kernels.elementwise import fusable, rms_norm
+from kernels.kv_cache import KVCacheView
+
+
+@dataclass(frozen=True)
+class AttentionContext:
+    """What every layer's core attention needs for one forward, built once by the model and
+    passed through Megatron's TransformerBlock as its ``attention_mask``."""
+
+    mask: TransfusionMask
+    # RoPE (cos, sin), [s, b, 1, head_dim]: computed once per batch, applied by every layer.
+    rotary: tuple[torch.Tensor, torch.Tensor]
+    # Generation: the layers store this forward's keys/values here and attend to all of them.
+    kv_cache: KVCacheView | None = None
 
 
 class TransfusionCoreAttention(MegatronModule):
     """Megatron core-attention adapter: [s, b, heads, d] in, [s, b, heads·d] out.
 
-    ``backend`` (a spec param) names the kernel; the per-batch ``TransfusionMask`` that
-    TransformerBlock passes through untouched must have been built for it. ``fused``:
-    RoPE and the reordering of queries/keys/values run compiled.
+    ``backend`` (a spec param) names the kernel; the mask of the per-forward
+    ``AttentionContext`` that TransformerBlock passes through untouched must have been
+    built for it. ``fused``: RoPE and the reordering of queries/keys/values run compiled.
     """
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, backend: str,
@@ -49,21 +64,22 @@ class TransfusionCoreAttention(MegatronModule):
         self.layer_number = layer_number  # names this layer's slot in a generation KV cache
         self.softmax_scale = softmax_scale
 
-    def forward(self, query, key, value, attention_mask: TransfusionMask, attn_mask_type=None,
+    def forward(self, query, key, value, attention_mask: AttentionContext, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):  # fmt: skip
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("Transfusion attention takes its mask from the PackedBatch only")
-        query, key, value = self.rotary_batch_major(query, key, value, attention_mask.rotary)
-        if attention_mask.kv_cache is not None:  # generation: a few queries, dense mask
-            key, value = attention_mask.kv_cache.update(self.layer_number, key, value)
-        elif attention_mask.backend != self.backend:
-            raise ValueError(f"mask built for {attention_mask.backend!r}, layer uses {self.backend!r}")
+        context, mask = attention_mask, attention_mask.mask
+        query, key, value = self.rotary_batch_major(query, key, value, context.rotary)
+        if context.kv_cache is not None:  # generation: a few queries, dense mask
+            key, value = context.kv_cache.update(self.layer_number, key, value)
+        elif mask.backend != self.backend:
+            raise ValueError(f"mask built for {mask.backend!r}, layer uses {self.backend!r}")
         # [b, heads, s, d] views of [b, s, heads, d] memory (rotary_batch_major, KV cache)
         q, k, v = (t.transpose(0, 1).transpose(1, 2) for t in (query, key, value))
         if self.recompute and torch.is_grad_enabled():
-            out = checkpoint(attend, q, k, v, attention_mask, self.softmax_scale, use_reentrant=False)
+            out = checkpoint(attend, q, k, v, mask, self.softmax_scale, use_reentrant=False)
         else:
-            out = attend(q, k, v, attention_mask, scale=self.softmax_scale)
+            out = attend(q, k, v, mask, scale=self.softmax_scale)
         s, b = query.shape[0], query.shape[1]
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 

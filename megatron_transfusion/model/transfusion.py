@@ -2,13 +2,13 @@
 
 First pipeline stage: token embeddings, with image positions overwritten by the patch-in
 layer's vectors. Every stage: its share of the TransformerBlock under the Transfusion
-mask (built once per micro-batch from the PackedBatch). Last stage: the tensor-parallel
+mask (built once per micro-batch from the PackedBatch, with the RoPE tables, into the
+layers' ``AttentionContext``). Last stage: the tensor-parallel
 LM head and the patch-out layer predicting each image's noise ε.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -21,10 +21,11 @@ from megatron.core.models.common.language_module.language_module import Language
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from kernels.attention import TransfusionMask, build_attention_mask
+from kernels.attention import build_attention_mask
+from kernels.kv_cache import KVCacheView
 from megatron_transfusion.batch import PackedBatch
 from megatron_transfusion.config import ModelConfig
-from megatron_transfusion.model.layer_spec import transfusion_block_spec
+from megatron_transfusion.model.layer_spec import AttentionContext, transfusion_block_spec
 from megatron_transfusion.model.patch import build_patch_layers, sincos_2d
 
 
@@ -149,15 +150,17 @@ class TransfusionModel(LanguageModule):
         return losses.new_zeros(labels.shape).index_put((rows, cols), losses[0])
 
     def forward(self, batch: PackedBatch, labels: torch.Tensor | None = None,
-                mask: TransfusionMask | None = None, text_logits: bool = True):  # fmt: skip
+                kv_cache: KVCacheView | None = None, text_logits: bool = True):  # fmt: skip
         """Hidden states [s, b, h] on non-last stages, ``TransfusionOutput`` on the last.
-        Generation passes a ``mask`` from its KV cache (default: the batch's own) and skips
-        the LM head (``text_logits=False``) while denoising."""
-        if mask is None:
+        Generation passes a ``kv_cache`` view (``batch`` then holds only the new positions,
+        masked by the view) and skips the LM head (``text_logits=False``) while denoising."""
+        if kv_cache is None:
             mask = build_attention_mask(batch, self.attention_backend, self.model_cfg.flex_block_size)
-        mask = dataclasses.replace(mask, rotary=self._rotary(batch.positions))
+        else:
+            mask = kv_cache.mask
+        context = AttentionContext(mask, self._rotary(batch.positions), kv_cache)
         hidden = self._embed(batch) if self.pre_process else None
-        hidden = self.decoder(hidden_states=hidden, attention_mask=mask)
+        hidden = self.decoder(hidden_states=hidden, attention_mask=context)
         if not self.post_process:
             return hidden
         whole = hidden  # the heads pick positions from the whole sequence

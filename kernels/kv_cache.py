@@ -25,10 +25,10 @@ class KVCache:
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # [rows, capacity, heads, d]
 
     def view(self, rows: torch.Tensor, slots: torch.Tensor, document: torch.Tensor,
-             image: torch.Tensor, isolated: torch.Tensor) -> TransfusionMask:  # fmt: skip
-        """Record what ``slots`` [len(rows), q] of ``rows`` will hold and return the mask
-        for queries at those slots (attending to slots 0..max(slots) of their rows).
-        The model's layers then write their keys/values there through the mask."""
+             image: torch.Tensor, isolated: torch.Tensor) -> KVCacheView:  # fmt: skip
+        """Record what ``slots`` [len(rows), q] of ``rows`` will hold and return the view
+        through which the model's layers write their keys/values there, with the mask of
+        queries at those slots (attending to slots 0..max(slots) of their rows)."""
         if int(slots.max()) >= self.capacity:
             raise ValueError(f"generation needs more than the cache's {self.capacity} positions")
         r = rows[:, None]
@@ -39,14 +39,16 @@ class KVCache:
         mask_mod = position_mask_mod(self.document[rows], self.image[rows], self.isolated[rows])
         batch = torch.arange(len(rows), device=slots.device)[:, None, None]
         dense = mask_mod(batch, 0, slots[:, :, None], torch.arange(keys, device=slots.device))
-        return TransfusionMask("sdpa", dense=dense[:, None], kv_cache=KVCacheView(self, rows, slots, keys))
+        return KVCacheView(self, rows, slots, keys, TransfusionMask("sdpa", dense=dense[:, None]))
 
 
 class KVCacheView:
-    """One forward's window into the cache: which rows, which slots it writes."""
+    """One forward's window into the cache: which rows, which slots it writes, and the
+    mask of its queries over the keys they see."""
 
-    def __init__(self, cache: KVCache, rows: torch.Tensor, slots: torch.Tensor, keys: int):
-        self.cache, self.rows, self.slots, self.keys = cache, rows, slots, keys
+    def __init__(self, cache: KVCache, rows: torch.Tensor, slots: torch.Tensor, keys: int,
+                 mask: TransfusionMask):  # fmt: skip
+        self.cache, self.rows, self.slots, self.keys, self.mask = cache, rows, slots, keys, mask
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
         """Store this layer's [q, b, heads, d] keys/values; return all keys/values of the
