@@ -11,18 +11,22 @@ only to itself. In the cache it occupies a scratch row per row, so the condition
 unconditional predictions come from one forward.
 
 ``use_cache=False`` recomputes every forward over the whole sequence with the training
-forward and mask: the reference the cached path is tested against.
+forward and mask: the reference the cached path is tested against. Each generate call
+computes its forwards through one session, ``_CachedSession`` or ``_ReferenceSession``;
+the decoding around them (``Generator._generate``, ``Generator._image``) is shared, so the
+two paths differ only in how a forward is computed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from megatron.core import tensor_parallel
 
 from data_prep.tokenizer import SpecialIds
-from kernels.kv_cache import KVCache
+from kernels.kv_cache import KVCache, KVCacheView
 from megatron_transfusion.batch import (
     Document,
     ImageSegment,
@@ -34,6 +38,9 @@ from megatron_transfusion.batch import (
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.diffusion.sampler import ReverseProcess
 from megatron_transfusion.diffusion.schedule import CosineSchedule
+
+# (latents x_t [k, C, H, W], t) -> predicted noise: one branch of an image being denoised
+Denoiser = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass
@@ -123,14 +130,12 @@ class Generator:
             self.model.train(training)
 
     def _generate(self, prompts, force_image, progress, seeds) -> list[Document]:
+        """Every row's state machine, one step per iteration for all active rows at once: in
+        LM mode a row samples a token (or takes the forced BOI); EOS ends it; BOI switches it
+        to diffusion mode for one image (``_image``), which ends with EOI back in LM mode."""
         rows = [_Row(list(p), torch.Generator().manual_seed(s)) for p, s in zip(prompts, seeds, strict=True)]
-        self._cache = None
-        if self.sampling.use_cache:
-            self._scratch_offset = len(rows)  # scratch rows hold the unconditional branch
-            scratch_rows = len(rows) if self.guided else 0
-            self._cache = KVCache(len(rows) + scratch_rows, self.cfg.max_sequence_length, self.device)
-        self._images_written = 0
-        logits = self._prefill(rows)
+        session = _CachedSession(self, len(rows)) if self.sampling.use_cache else _ReferenceSession(self)
+        logits = session.prefill(rows)
         forced = force_image
         while True:
             for row in rows:
@@ -157,62 +162,22 @@ class Generator:
             if text:
                 for i in text:
                     rows[i].append_token(chosen[i])
-                logits[text] = self._continue_text(rows, text)
+                logits[text] = session.after_token(rows, text)
             if imaging:
-                logits[imaging] = self._image(rows, imaging, progress)
+                logits[imaging] = self._image(session, rows, imaging, progress)
         self.stopped_at_context_limit = [i for i, row in enumerate(rows) if row.cut]
         return [row.generated for row in rows]
 
-    # ---- forwards -----------------------------------------------------------------------
-
-    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
-        """Encode the prompts; logits [rows, vocab] at each prompt's last position."""
-        batch = self._pack([row.document for row in rows])
-        if self._cache is None:
-            return self._last_logits(self._forward(batch), rows)
-        length = batch.tokens.shape[1]
-        every = torch.arange(len(rows), device=self.device)
-        slots = torch.arange(length, device=self.device).expand(len(rows), length)
-        mask = self._cache.view(every, slots, batch.document_ids, batch.image_ids,
-                                torch.zeros_like(batch.image_ids, dtype=torch.bool))  # fmt: skip
-        self._images_written = batch.num_images
-        return self._last_logits(self._forward(batch, mask), rows)
-
-    def _continue_text(self, rows: list[_Row], indices: list[int]) -> torch.Tensor:
-        """Logits after the token just appended to each of ``rows[indices]``."""
-        if self._cache is None:
-            return self._last_logits(self._forward(self._pack([rows[i].document for i in indices])),
-                                     [rows[i] for i in indices])  # fmt: skip
-        tokens = [rows[i].document[-1].tokens[-1] for i in indices]
-        slots = [self._length(rows[i]) - 1 for i in indices]
-        return self._write_tokens(indices, tokens, slots)
-
-    def _write_tokens(self, indices: list[int], tokens: list[int], slots: list[int]) -> torch.Tensor:
-        """Cached: one text token per row at ``slots``; returns their logits."""
-        tokens = torch.tensor(tokens, device=self.device)[:, None]
-        slots = torch.tensor(slots, device=self.device)[:, None]
-        not_image = torch.full_like(tokens, -1)
-        batch = self._query(tokens, slots, not_image)
-        mask = self._cache.view(torch.tensor(indices, device=self.device), slots, torch.zeros_like(tokens),
-                                not_image, torch.zeros_like(tokens, dtype=torch.bool))  # fmt: skip
-        logits, _ = self._forward(batch, mask)
-        return logits[-1]
-
-    def _image(self, rows: list[_Row], indices: list[int], progress) -> torch.Tensor:
+    def _image(self, session: _Session, rows: list[_Row], indices: list[int], progress) -> torch.Tensor:
         """Generate one image for each of ``rows[indices]`` (BOI, denoise, clean, EOI);
         returns the logits at EOI."""
-        n, k = self.patches, len(indices)
         x = self._normal(rows, indices)  # the chain runs in fp32 whatever the model's dtype
-        starts = torch.tensor([self._length(rows[i]) for i in indices], device=self.device)  # BOI slot
-        slots = starts[:, None] + 1 + torch.arange(n, device=self.device)
-        if self._cache is None:
-            predict = self._uncached_denoiser(rows, indices)
-        else:
-            self._write_tokens(indices, [self.tokens.boi] * k, starts.tolist())
-            predict = self._cached_denoiser(indices, slots)
+        conditional, unconditional = session.begin_image(rows, indices)
         timesteps = self.reverse.timesteps()
         for step, t in enumerate(timesteps):
-            eps = predict(x, t)
+            eps = conditional(x, t)
+            if self.guided:
+                eps = self._guide(eps, unconditional(x, t))
             t_prev = timesteps[step + 1] if step + 1 < len(timesteps) else -1
             x = self.reverse.step(x, eps, t, t_prev, self._normal(rows, indices))
             if progress is not None:
@@ -220,68 +185,7 @@ class Generator:
         for i, latent in zip(indices, x):
             rows[i].append_image(latent.detach().clone())
             rows[i].images += 1
-        if self._cache is None:
-            return self._last_logits(self._forward(self._pack([rows[i].document for i in indices])),
-                                     [rows[i] for i in indices])  # fmt: skip
-        # The clean image replaces the last noise level in the cache, then EOI follows it.
-        eoi_slots = torch.cat([slots, slots[:, -1:] + 1], dim=1)
-        tokens = torch.full_like(eoi_slots, self.tokens.pad)
-        tokens[:, -1] = self.tokens.eoi
-        image = self._image_ids(k, eoi_slots.shape[1])
-        query_images = image - self._images_written
-        image[:, -1] = query_images[:, -1] = -1
-        batch = self._query(tokens, eoi_slots, query_images, latents=x,
-                            timesteps=torch.zeros(k, dtype=torch.long, device=self.device))  # fmt: skip
-        mask = self._cache.view(torch.tensor(indices, device=self.device), eoi_slots, torch.zeros_like(image),
-                                image, torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
-        self._images_written += k
-        logits, _ = self._forward(batch, mask)
-        return logits[-1]
-
-    def _cached_denoiser(self, indices: list[int], slots: torch.Tensor):
-        k, n = len(indices), self.patches
-        rows_index = torch.tensor(indices, device=self.device)
-        image = self._image_ids(k, n)
-        query = self._query(torch.full_like(slots, self.tokens.pad), slots, image - self._images_written)
-        conditional = self._cache.view(rows_index, slots, torch.zeros_like(image), image,
-                                       torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
-        if self.guided:
-            # The unconditional branch in the scratch rows: the image alone, at positions
-            # 0..n-1 (RoPE is relative), so it never reads the prefix.
-            alone = self._alone_query(k)
-            unconditional = self._cache.view(rows_index + self._scratch_offset, alone.positions,
-                                             torch.zeros_like(image), image, torch.ones_like(image, dtype=torch.bool))
-
-        def predict(x: torch.Tensor, t: int) -> torch.Tensor:
-            timesteps = torch.full((k,), t, dtype=torch.long, device=self.device)
-            noise = self._denoise(query.replace(latents=x, timesteps=timesteps), conditional)
-            if not self.guided:
-                return noise
-            return self._guide(noise, self._denoise(alone.replace(latents=x, timesteps=timesteps), unconditional))
-
-        return predict
-
-    def _uncached_denoiser(self, rows: list[_Row], indices: list[int]):
-        """Whole sequences through the training forward; the unconditional branch is the
-        image alone, flagged unconditional (what CFG dropout trained)."""
-        k = len(indices)
-        documents = [rows[i].document for i in indices]
-        alone = self._alone_query(k).replace(unconditional=torch.ones(k, dtype=torch.bool, device=self.device))
-        # Each row's pending image: after its earlier images and those of the rows before it.
-        earlier = torch.tensor([sum(isinstance(s, ImageSegment) for s in doc) for doc in documents])
-        pending = (earlier + 1).cumsum(0) - 1
-
-        def predict(x: torch.Tensor, t: int) -> torch.Tensor:
-            batch = self._pack([doc + [ImageSegment(latent)] for doc, latent in zip(documents, x)])
-            timesteps = batch.timesteps.clone()
-            timesteps[pending] = t
-            noise = self._denoise(batch.replace(timesteps=timesteps))[pending]
-            if not self.guided:
-                return noise
-            timesteps = torch.full((k,), t, dtype=torch.long, device=self.device)
-            return self._guide(noise, self._denoise(alone.replace(latents=x, timesteps=timesteps)))
-
-        return predict
+        return session.after_image(rows, indices, x)
 
     def _alone_query(self, k: int) -> PackedBatch:
         """k images by themselves at positions 0..n-1: the unconditional branch."""
@@ -294,17 +198,20 @@ class Generator:
         """ε = ε_uncond + g·(ε_cond − ε_uncond)."""
         return unconditional + self.sampling.guidance_scale * (conditional - unconditional)
 
-    def _forward(self, batch: PackedBatch, kv_cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, batch: PackedBatch, kv_cache: KVCacheView | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [s, b, vocab] gathered over TP ranks, predicted noise)."""
         out = self.model(batch, kv_cache=kv_cache)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(out.logits)
         return logits.float(), out.predicted_noise
 
-    def _denoise(self, batch: PackedBatch, kv_cache=None) -> torch.Tensor:
+    def _denoise(self, batch: PackedBatch, kv_cache: KVCacheView | None = None) -> torch.Tensor:
         """Predicted noise alone: the LM head is skipped while an image is denoised."""
         return self.model(batch, kv_cache=kv_cache, text_logits=False).predicted_noise.float()
 
     # ---- helpers ------------------------------------------------------------------------
+
+    def _timesteps(self, k: int, t: int) -> torch.Tensor:
+        return torch.full((k,), t, dtype=torch.long, device=self.device)
 
     def _normal(self, rows: list[_Row], indices: list[int]) -> torch.Tensor:
         """One standard-normal latent per row, from that row's generator."""
@@ -351,12 +258,6 @@ class Generator:
             unconditional=torch.zeros(images, dtype=torch.bool, device=self.device),
         )  # fmt: skip
 
-    def _image_ids(self, k: int, width: int) -> torch.Tensor:
-        """[k, width] cache ids of the k images being generated: after every image written
-        so far (ids only need to differ within a row; a counter makes them unique)."""
-        first = self._images_written
-        return (first + torch.arange(k, device=self.device))[:, None].expand(k, width).clone()
-
     def _document_length(self, document: Document) -> int:
         return sum(len(s.tokens) if isinstance(s, TextSegment) else self.patches + 2 for s in document)
 
@@ -365,6 +266,152 @@ class Generator:
 
     def _room(self, row: _Row) -> int:
         return self.cfg.max_sequence_length - self._length(row)
+
+
+class _CachedSession:
+    """One generate call's forwards through a KV cache: each computes only the new
+    positions. Row i's unconditional branch lives in scratch row ``rows + i``."""
+
+    def __init__(self, generator: Generator, rows: int):
+        self.g = generator
+        self.scratch_offset = rows
+        scratch_rows = rows if generator.guided else 0
+        self.cache = KVCache(rows + scratch_rows, generator.cfg.max_sequence_length, generator.device)
+        self.images_written = 0  # numbers the cache's images (_image_ids)
+
+    def prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """Encode the prompts; logits [rows, vocab] at each prompt's last position."""
+        g = self.g
+        batch = g._pack([row.document for row in rows])
+        length = batch.tokens.shape[1]
+        every = torch.arange(len(rows), device=g.device)
+        slots = torch.arange(length, device=g.device).expand(len(rows), length)
+        view = self.cache.view(every, slots, batch.document_ids, batch.image_ids,
+                               torch.zeros_like(batch.image_ids, dtype=torch.bool))  # fmt: skip
+        self.images_written = batch.num_images
+        return g._last_logits(g._forward(batch, view), rows)
+
+    def after_token(self, rows: list[_Row], indices: list[int]) -> torch.Tensor:
+        """Logits after the token just appended to each of ``rows[indices]``."""
+        tokens = [rows[i].document[-1].tokens[-1] for i in indices]
+        slots = [self.g._length(rows[i]) - 1 for i in indices]
+        return self._write_tokens(indices, tokens, slots)
+
+    def begin_image(self, rows: list[_Row], indices: list[int]) -> tuple[Denoiser, Denoiser | None]:
+        """Write BOI after each of ``rows[indices]``; the (conditional, unconditional)
+        predictions of the noise of the images that follow it."""
+        g = self.g
+        n, k = g.patches, len(indices)
+        starts = torch.tensor([g._length(rows[i]) for i in indices], device=g.device)  # BOI slot
+        slots = starts[:, None] + 1 + torch.arange(n, device=g.device)
+        self._write_tokens(indices, [g.tokens.boi] * k, starts.tolist())
+        rows_index = torch.tensor(indices, device=g.device)
+        image = self._image_ids(k, n)
+        query = g._query(torch.full_like(slots, g.tokens.pad), slots, image - self.images_written)
+        prefixed = self.cache.view(rows_index, slots, torch.zeros_like(image), image,
+                                   torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
+
+        def conditional(x: torch.Tensor, t: int) -> torch.Tensor:
+            return g._denoise(query.replace(latents=x, timesteps=g._timesteps(k, t)), prefixed)
+
+        if not g.guided:
+            return conditional, None
+        # The unconditional branch in the scratch rows: the image alone, at positions
+        # 0..n-1 (RoPE is relative), so it never reads the prefix.
+        alone = g._alone_query(k)
+        isolated = self.cache.view(rows_index + self.scratch_offset, alone.positions, torch.zeros_like(image),
+                                   image, torch.ones_like(image, dtype=torch.bool))  # fmt: skip
+
+        def unconditional(x: torch.Tensor, t: int) -> torch.Tensor:
+            return g._denoise(alone.replace(latents=x, timesteps=g._timesteps(k, t)), isolated)
+
+        return conditional, unconditional
+
+    def after_image(self, rows: list[_Row], indices: list[int], x: torch.Tensor) -> torch.Tensor:
+        """The clean images ``x`` replace the last noise level in the cache, then EOI follows
+        them; returns the logits at EOI."""
+        g = self.g
+        n, k = g.patches, len(indices)
+        first = torch.tensor([g._length(rows[i]) - n - 1 for i in indices], device=g.device)  # first patch
+        slots = first[:, None] + torch.arange(n + 1, device=g.device)  # the patches, then EOI
+        tokens = torch.full_like(slots, g.tokens.pad)
+        tokens[:, -1] = g.tokens.eoi
+        image = self._image_ids(k, n + 1)
+        query_images = image - self.images_written
+        image[:, -1] = query_images[:, -1] = -1
+        batch = g._query(tokens, slots, query_images, latents=x, timesteps=g._timesteps(k, 0))
+        view = self.cache.view(torch.tensor(indices, device=g.device), slots, torch.zeros_like(image),
+                               image, torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
+        self.images_written += k
+        logits, _ = g._forward(batch, view)
+        return logits[-1]
+
+    def _write_tokens(self, indices: list[int], tokens: list[int], slots: list[int]) -> torch.Tensor:
+        """One text token per row at ``slots``; returns their logits."""
+        device = self.g.device
+        tokens = torch.tensor(tokens, device=device)[:, None]
+        slots = torch.tensor(slots, device=device)[:, None]
+        not_image = torch.full_like(tokens, -1)
+        batch = self.g._query(tokens, slots, not_image)
+        view = self.cache.view(torch.tensor(indices, device=device), slots, torch.zeros_like(tokens),
+                               not_image, torch.zeros_like(tokens, dtype=torch.bool))  # fmt: skip
+        logits, _ = self.g._forward(batch, view)
+        return logits[-1]
+
+    def _image_ids(self, k: int, width: int) -> torch.Tensor:
+        """[k, width] cache ids of the k images being generated: after every image written
+        so far (ids only need to differ within a row; a counter makes them unique)."""
+        first = self.images_written
+        return (first + torch.arange(k, device=self.g.device))[:, None].expand(k, width).clone()
+
+
+class _ReferenceSession:
+    """One generate call's forwards without a cache: each recomputes whole sequences with
+    the training forward and mask. The reference the cached path is tested against."""
+
+    def __init__(self, generator: Generator):
+        self.g = generator
+
+    def prefill(self, rows: list[_Row]) -> torch.Tensor:
+        return self._logits(rows, list(range(len(rows))))
+
+    def after_token(self, rows: list[_Row], indices: list[int]) -> torch.Tensor:
+        return self._logits(rows, indices)
+
+    def begin_image(self, rows: list[_Row], indices: list[int]) -> tuple[Denoiser, Denoiser | None]:
+        """The conditional branch appends the noisy image to the whole sequence; the
+        unconditional one is the image alone, flagged unconditional (what CFG dropout
+        trained)."""
+        g = self.g
+        k = len(indices)
+        documents = [rows[i].document for i in indices]
+        # Each row's pending image: after its earlier images and those of the rows before it.
+        earlier = torch.tensor([sum(isinstance(s, ImageSegment) for s in doc) for doc in documents])
+        pending = (earlier + 1).cumsum(0) - 1
+
+        def conditional(x: torch.Tensor, t: int) -> torch.Tensor:
+            batch = g._pack([doc + [ImageSegment(latent)] for doc, latent in zip(documents, x)])
+            timesteps = batch.timesteps.clone()
+            timesteps[pending] = t
+            return g._denoise(batch.replace(timesteps=timesteps))[pending]
+
+        alone = g._alone_query(k).replace(unconditional=torch.ones(k, dtype=torch.bool, device=g.device))
+
+        def unconditional(x: torch.Tensor, t: int) -> torch.Tensor:
+            return g._denoise(alone.replace(latents=x, timesteps=g._timesteps(k, t)))
+
+        return conditional, unconditional
+
+    def after_image(self, rows: list[_Row], indices: list[int], x: torch.Tensor) -> torch.Tensor:
+        return self._logits(rows, indices)
+
+    def _logits(self, rows: list[_Row], indices: list[int]) -> torch.Tensor:
+        """Logits at the last position of each of ``rows[indices]``."""
+        chosen = [rows[i] for i in indices]
+        return self.g._last_logits(self.g._forward(self.g._pack([row.document for row in chosen])), chosen)
+
+
+_Session = _CachedSession | _ReferenceSession
 
 
 def _top_p(probs: torch.Tensor, top_p: float) -> torch.Tensor:
