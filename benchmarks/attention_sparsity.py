@@ -18,7 +18,7 @@ from kernels.attention import block_mask
 from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
 from megatron_transfusion.config import ModelConfig
 
-SPECIAL = SpecialTokens(boi=1, eoi=2, pad=0)
+SPECIAL = SpecialTokens(pad=0, bos=3, eos=4, boi=1, eoi=2)
 
 
 def paper_like_row(generator: torch.Generator, cfg: ModelConfig, seq: int, images: int) -> list:

@@ -251,8 +251,7 @@ def training(dry_run: bool) -> dict:
 
 
 def sampling(dry_run: bool) -> dict:
-    from data_prep.tokenizer import SpecialIds
-    from megatron_transfusion.batch import ImageSegment, TextSegment
+    from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment
     from megatron_transfusion.config import load_config
     from megatron_transfusion.inference.generate import Generator, SamplingConfig
     from megatron_transfusion.model import build_model
@@ -261,7 +260,7 @@ def sampling(dry_run: bool) -> dict:
     cfg = load_config(preset, overrides)
     plat = _world(cfg)
     (model,) = build_model(cfg, plat)
-    special = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+    special = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4)
     steps = 2 if dry_run else 100
 
     def generate(batch_size: int, diffusion_steps: int) -> float:

@@ -20,7 +20,7 @@ import time
 import torch
 
 from megatron_transfusion import platform
-from megatron_transfusion.batch import TextSegment
+from megatron_transfusion.batch import SpecialTokens, TextSegment
 from megatron_transfusion.config import load_config
 
 MODEL = ["model.hidden_size=512", "model.num_layers=8", "model.num_attention_heads=8", "model.vocab_size=8192",
@@ -34,7 +34,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="diffusion steps per image")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    from data_prep.tokenizer import SpecialIds
     from megatron_transfusion.inference.generate import Generator, SamplingConfig
     from megatron_transfusion.model import build_model
     from megatron_transfusion.parallel import init_distributed, seed_everything
@@ -44,7 +43,7 @@ def main() -> None:
     init_distributed(cfg.parallel, plat)
     seed_everything(0)
     (model,) = build_model(cfg, plat)
-    special = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+    special = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4)
     prompts = {length: [TextSegment([1, *range(10, 9 + length)])] for length in (10, 1000)}
 
     def seconds(length: int, use_cache: bool, steps: int) -> tuple[float, float]:

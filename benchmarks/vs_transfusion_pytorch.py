@@ -249,7 +249,7 @@ class ProjectWorker:
         seed_everything(0)
         model = build_model(cfg, plat)
         self.engine = MegatronEngine(cfg, plat, model)
-        special = SpecialTokens(boi=BOI, eoi=EOI, pad=PAD)
+        special = SpecialTokens(pad=PAD, bos=FIRST_TEXT, eos=FIRST_TEXT + 1, boi=BOI, eoi=EOI)  # no BOS/EOS written
         documents = [[[TextSegment(v.tolist()) if kind == "text" else ImageSegment(v) for kind, v in row]]
                      for row in make_rows(images)]  # fmt: skip
         batch = pack_documents(documents, s["seq"], cfg.model.patches_per_image,

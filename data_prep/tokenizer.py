@@ -10,29 +10,22 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import sentencepiece
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from megatron_transfusion.batch import SpecialTokens
+
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>")
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    pad: int
-    bos: int
-    eos: int
-    boi: int
-    eoi: int
 
 
 class Tokenizer:
     """A loaded tokenizer file plus the ids of the five specials; build with ``load``."""
 
-    def __init__(self, kind: str, path: Path, backend, special: SpecialIds, vocab_size: int):
+    def __init__(self, kind: str, path: Path, backend, special: SpecialTokens, vocab_size: int):
         self.kind = kind
         self.path = path
         self._backend = backend
@@ -69,7 +62,7 @@ class Tokenizer:
         # Existing tokens keep their ids; missing ones get the next free ids, in order.
         tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
         tok.encode_special_tokens = True  # special strings in text are split like plain text
-        special = SpecialIds(*(tok.token_to_id(t) for t in SPECIAL_TOKENS))
+        special = SpecialTokens(*(tok.token_to_id(t) for t in SPECIAL_TOKENS))
         vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
         return cls("hf", path, tok, special, vocab_size)
 
@@ -91,7 +84,7 @@ class Tokenizer:
             if i < 0:
                 i, next_id = next_id, next_id + 1
             ids.append(i)
-        return cls("sentencepiece", path, sp, SpecialIds(*ids), next_id)
+        return cls("sentencepiece", path, sp, SpecialTokens(*ids), next_id)
 
     def encode(self, text: str) -> list[int]:
         """Token ids for ``text``; never adds specials and never maps text to a special id."""

@@ -119,9 +119,13 @@ def image_caption_length(caption_tokens: int, patches_per_image: int) -> int:
 
 @dataclass(frozen=True)
 class SpecialTokens:
-    boi: int
-    eoi: int
+    """Ids of the five special tokens, in ``data_prep.tokenizer.SPECIAL_TOKENS`` order."""
+
     pad: int  # also the placeholder at image positions
+    bos: int  # document bounds: the loader adds them, the packer does not
+    eos: int
+    boi: int  # image bounds: the packer writes them around each image's patches
+    eoi: int
 
 
 def pack_documents(

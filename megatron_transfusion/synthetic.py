@@ -13,7 +13,9 @@ from megatron_transfusion.batch import (
 )  # fmt: skip
 from megatron_transfusion.config import ModelConfig
 
-SPECIAL = SpecialTokens(boi=1, eoi=2, pad=0)
+# Random documents are not wrapped in BOS/EOS and nothing reads those ids from a
+# PackedBatch, so they are drawn as text too.
+SPECIAL = SpecialTokens(pad=0, bos=3, eos=4, boi=1, eoi=2)
 FIRST_TEXT_ID = 3
 
 

@@ -12,7 +12,6 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from data_prep.tokenizer import SpecialIds
 from data_prep.vae import ConvVAE, VAEConfig, save_vae
 from kernels.attention import dense_mask
 from kernels.kv_cache import KVCache
@@ -28,7 +27,7 @@ from megatron_transfusion.parallel import seed_everything
 from tests.conftest import ROOT
 from tests.test_trainer import overrides, run
 
-SPECIAL = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+SPECIAL = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4)
 
 
 @pytest.fixture(scope="module")
@@ -132,9 +131,8 @@ def test_a_prompt_generates_the_same_alone_or_batched(model_and_cfg):
 def test_cache_mask_equals_the_training_mask():
     """A document written into the cache in three pieces gets, for each piece's queries,
     exactly the rows of the training mask of the whole packed document."""
-    special = SpecialTokens(boi=3, eoi=4, pad=0)
     document = [TextSegment([1, 5, 6]), ImageSegment(torch.zeros(2, 2, 2)), TextSegment([7, 8])]
-    batch = pack_documents([[document]], 12, 4, (2, 2, 2), special)  # 3 + 6 + 2 = 11 used, 1 pad
+    batch = pack_documents([[document]], 12, 4, (2, 2, 2), SPECIAL)  # 3 + 6 + 2 = 11 used, 1 pad
     reference = dense_mask(batch)[0, 0]
     cache = KVCache(rows=1, capacity=12, device=torch.device("cpu"))
     for start, stop in [(0, 4), (4, 9), (9, 12)]:  # text + BOI | image + EOI | text + pad

@@ -71,7 +71,7 @@ def test_batches_are_valid_and_deterministic(data_root):
 def test_layout_of_documents(data_root):
     cfg = config(data_root)
     loader = MixedModalityLoader(cfg)
-    bos, eos = loader.bos, loader.eos
+    bos, eos = loader.special.bos, loader.special.eos
     batch = loader.next_step()[0]
     for r in range(batch.tokens.shape[0]):
         tokens, docs, images = batch.tokens[r], batch.document_ids[r], batch.image_ids[r]
@@ -175,11 +175,11 @@ def test_documents_at_the_4096_boundary_train_at_seq_4096(tmp_path):
     texts = [dataset[d]["tokens"].tolist() for d in range(3)]  # each document has its own words
     assert [len(ids) for ids in texts] == list(sizes)
     owner = {t: d for d, ids in enumerate(texts) for t in ids}
-    windows = [[p for p in pieces if owner[p[p[0] == loader.bos]] == d] for d in range(3)]
+    windows = [[p for p in pieces if owner[p[p[0] == loader.special.bos]] == d] for d in range(3)]
     for ids, mine in zip(texts, windows):
-        assert mine[0] + [t for p in mine[1:] for t in p[1:]] == [loader.bos, *ids, loader.eos]
+        assert mine[0] + [t for p in mine[1:] for t in p[1:]] == [loader.special.bos, *ids, loader.special.eos]
         assert [len(p) for p in mine] == ([4096] if len(ids) == 4094 else [4096, len(ids) - 4093])
-        assert sum(p.count(loader.bos) + p.count(loader.eos) for p in mine) == 2
+        assert sum(p.count(loader.special.bos) + p.count(loader.special.eos) for p in mine) == 2
     assert trained == sum(n + 1 for n in sizes)
 
 

@@ -13,7 +13,7 @@ from megatron_transfusion.diffusion.schedule import loss_weights, sample_timeste
 from megatron_transfusion.loss import transfusion_loss
 from megatron_transfusion.training.step import GlobalBatch, MicroBatch, batch_losses
 
-SPECIAL = SpecialTokens(boi=1, eoi=2, pad=0)
+SPECIAL = SpecialTokens(pad=0, bos=3, eos=4, boi=1, eoi=2)
 
 
 def toy_batch(caption_first=(True,)):

@@ -19,7 +19,7 @@ from kernels.attention import (
 from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
 from megatron_transfusion.config import ModelConfig
 
-SPECIAL = SpecialTokens(boi=1, eoi=2, pad=0)
+SPECIAL = SpecialTokens(pad=0, bos=3, eos=4, boi=1, eoi=2)
 PATCHES = 4
 SHAPE = (2, 2, 2)
 

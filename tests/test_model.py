@@ -9,7 +9,7 @@ from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment,
 from megatron_transfusion.config import load_config
 from megatron_transfusion.parallel import seed_everything
 
-SPECIAL = SpecialTokens(boi=1, eoi=2, pad=0)
+SPECIAL = SpecialTokens(pad=0, bos=3, eos=4, boi=1, eoi=2)
 OVERRIDES = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
              "model.vocab_size=100", "model.make_vocab_size_divisible_by=4", "data.seq_length=64",
              "data.micro_batch_size=1", "data.global_batch_tokens=64"]  # fmt: skip

@@ -8,11 +8,11 @@ little, must still draw that distribution."""
 import pytest
 import torch
 
+from megatron_transfusion.batch import SpecialTokens
 from megatron_transfusion.config import load_config
 from megatron_transfusion.diffusion.sampler import ReverseProcess
 from megatron_transfusion.diffusion.schedule import CosineSchedule
 from megatron_transfusion.inference.generate import Generator, SamplingConfig
-from data_prep.tokenizer import SpecialIds
 
 SCHEDULE = CosineSchedule.create(1000)
 X0 = torch.randn(8, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -93,7 +93,7 @@ def test_the_capped_step_is_the_last_one():
 
 def test_generation_samples_with_the_schedule_the_run_trained():
     cfg = load_config("tiny", ["diffusion.train_timesteps=200", "diffusion.image_first_max_timestep=100"])
-    special = SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+    special = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4)
     generator = Generator(torch.nn.Linear(1, 1), cfg, special, SamplingConfig(diffusion_steps=50))
     assert generator.reverse.schedule.train_timesteps == 200
     torch.testing.assert_close(generator.reverse.schedule.alphas_cumprod, CosineSchedule.create(200).alphas_cumprod)

@@ -9,7 +9,8 @@ import sentencepiece
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from data_prep.tokenizer import SPECIAL_TOKENS, SpecialIds, Tokenizer, train_bpe
+from data_prep.tokenizer import SPECIAL_TOKENS, Tokenizer, train_bpe
+from megatron_transfusion.batch import SpecialTokens
 
 TEXTS = sorted(topics.values())[:25]
 SAMPLES = [
@@ -28,7 +29,7 @@ def bpe(tmp_path_factory):
 def test_train_bpe_is_deterministic_with_specials_first(tmp_path, bpe):
     again = train_bpe(TEXTS, 600, tmp_path / "again.json")
     assert again.path.read_bytes() == bpe.path.read_bytes()
-    assert bpe.special == SpecialIds(pad=0, bos=1, eos=2, boi=3, eoi=4)
+    assert bpe.special == SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4)
     assert bpe.vocab_size == 600
     assert min(bpe.encode(TEXTS[0])) >= len(SPECIAL_TOKENS)
 
@@ -65,7 +66,7 @@ def test_sentencepiece_specials_reused_or_appended(tmp_path):
     n = sp.get_piece_size()
     # bos/eos by SentencePiece's own roles, <boi> is a control piece; <pad> (disabled in
     # the model) and <eoi> (a user-defined piece, matched in text) are appended in order.
-    assert tok.special == SpecialIds(pad=n, bos=sp.bos_id(), eos=sp.eos_id(),
+    assert tok.special == SpecialTokens(pad=n, bos=sp.bos_id(), eos=sp.eos_id(),
                                      boi=sp.piece_to_id("<boi>"), eoi=n + 1)  # fmt: skip
     assert tok.vocab_size == n + 2
     ids = tok.encode("x <boi> y <eoi> z")
@@ -88,7 +89,7 @@ def test_hf_file_lacking_specials_gets_them_appended(tmp_path):
     n = user.get_vocab_size()
 
     tok = Tokenizer.load(tmp_path / "tokenizer.json")
-    assert tok.special == SpecialIds(pad=n, bos=n + 1, eos=1, boi=n + 2, eoi=n + 3)
+    assert tok.special == SpecialTokens(pad=n, bos=n + 1, eos=1, boi=n + 2, eoi=n + 3)
     assert tok.vocab_size == n + 4
     text = "<|endoftext|> is text, so are <boi> and <eos>"
     ids = tok.encode(text)

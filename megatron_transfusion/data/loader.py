@@ -71,8 +71,7 @@ class MixedModalityLoader:
             if dataset.kind != stream:
                 raise UserError(f"'{dataset.directory}' holds {dataset.kind} data, not {stream}")
         special = _check_compatible(self.datasets, cfg)
-        self.bos, self.eos = special["bos"], special["eos"]
-        self.special = SpecialTokens(boi=special["boi"], eoi=special["eoi"], pad=special["pad"])
+        self.special = SpecialTokens(**special)
         rows = d.global_batch_tokens // d.seq_length
         if rows % (dp_size * d.micro_batch_size):
             raise ConfigError(
@@ -102,14 +101,14 @@ class MixedModalityLoader:
         if example.stream == TEXT:  # positions [start, stop) of BOS text EOS
             tokens, start, stop = sample["tokens"], example.start, example.start + example.length
             window = tokens[max(start - 1, 0) : stop - 1].tolist()
-            bos = [self.bos] if start == 0 else []
-            eos = [self.eos] if stop == len(tokens) + 2 else []
+            bos = [self.special.bos] if start == 0 else []
+            eos = [self.special.eos] if stop == len(tokens) + 2 else []
             return [TextSegment(bos + window + eos)]
         image = ImageSegment(torch.from_numpy(sample["latent"].astype(np.float32)), example.caption_first)
         caption = sample["caption"].tolist()
         if example.caption_first:
-            return [TextSegment([self.bos, *caption]), image, TextSegment([self.eos])]
-        return [TextSegment([self.bos]), image, TextSegment([*caption, self.eos])]
+            return [TextSegment([self.special.bos, *caption]), image, TextSegment([self.special.eos])]
+        return [TextSegment([self.special.bos]), image, TextSegment([*caption, self.special.eos])]
 
     def next_step(self) -> list[PackedBatch]:
         """This rank's micro-batches of the next global batch (rows strided over DP ranks)."""

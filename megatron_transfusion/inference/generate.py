@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 import torch
 from megatron.core import tensor_parallel
 
-from data_prep.tokenizer import SpecialIds
 from kernels.kv_cache import KVCache, KVCacheView
 from megatron_transfusion.batch import (
     Document,
@@ -82,7 +81,7 @@ class _Row:
 class Generator:
     """Generates for a batch of prompts with one (TP-sharded) model on this rank."""
 
-    def __init__(self, model, cfg: ExperimentConfig, tokens: SpecialIds, sampling: SamplingConfig,
+    def __init__(self, model, cfg: ExperimentConfig, special: SpecialTokens, sampling: SamplingConfig,
                  vocab_size: int | None = None):  # fmt: skip
         """``cfg``: the run's config: its model shapes, and the noise schedule it trained with.
         ``vocab_size``: the tokenizer's, when the model's vocabulary is larger (a preset's 32k
@@ -90,7 +89,7 @@ class Generator:
         never sampled (an early checkpoint's captions came out empty)."""
         self.model = model
         self.cfg = model_cfg = cfg.model
-        self.tokens = tokens
+        self.special = special
         self.vocab_size = vocab_size or model_cfg.vocab_size
         self.sampling = sampling
         schedule = CosineSchedule.from_config(cfg.diffusion)
@@ -99,7 +98,6 @@ class Generator:
         self.dtype = next(model.parameters()).dtype
         self.latent_shape = (model_cfg.latent_channels, model_cfg.latent_size, model_cfg.latent_size)
         self.patches = model_cfg.patches_per_image
-        self.special = SpecialTokens(boi=tokens.boi, eoi=tokens.eoi, pad=tokens.pad)
         self.guided = sampling.guidance_scale != 1.0
         self.stopped_at_context_limit: list[int] = []  # rows of the last generate() cut short
 
@@ -147,18 +145,18 @@ class Generator:
             if not active:
                 break
             if forced:
-                chosen = dict.fromkeys(active, self.tokens.boi)
+                chosen = dict.fromkeys(active, self.special.boi)
             else:
                 chosen = self._sample(logits, rows, active)
                 for i in active:
                     rows[i].new_tokens += 1
             forced = False
             for i in active:
-                if chosen[i] == self.tokens.eos:
-                    rows[i].append_token(self.tokens.eos)
+                if chosen[i] == self.special.eos:
+                    rows[i].append_token(self.special.eos)
                     rows[i].done = True
-            text = [i for i in active if chosen[i] not in (self.tokens.eos, self.tokens.boi)]
-            imaging = [i for i in active if chosen[i] == self.tokens.boi]
+            text = [i for i in active if chosen[i] not in (self.special.eos, self.special.boi)]
+            imaging = [i for i in active if chosen[i] == self.special.boi]
             if text:
                 for i in text:
                     rows[i].append_token(chosen[i])
@@ -192,7 +190,7 @@ class Generator:
         n = self.patches
         positions = torch.arange(n, device=self.device).expand(k, n).contiguous()
         image = torch.arange(k, device=self.device)[:, None].expand(k, n).contiguous()
-        return self._query(torch.full_like(positions, self.tokens.pad), positions, image)
+        return self._query(torch.full_like(positions, self.special.pad), positions, image)
 
     def _guide(self, conditional: torch.Tensor, unconditional: torch.Tensor) -> torch.Tensor:
         """ε = ε_uncond + g·(ε_cond − ε_uncond)."""
@@ -220,12 +218,12 @@ class Generator:
 
     def _sample(self, logits: torch.Tensor, rows: list[_Row], active: list[int]) -> dict[int, int]:
         scores = logits[active].clone()
-        banned = [self.tokens.pad, self.tokens.bos, self.tokens.eoi]  # never LM targets
+        banned = [self.special.pad, self.special.bos, self.special.eoi]  # never LM targets
         scores[:, banned] = -torch.inf
         scores[:, self.vocab_size :] = -torch.inf  # ids the tokenizer lacks, TP padding
         for k, i in enumerate(active):
             if rows[i].images >= self.sampling.max_images or self._room(rows[i]) < self.patches + 2:
-                scores[k, self.tokens.boi] = -torch.inf
+                scores[k, self.special.boi] = -torch.inf
         if self.sampling.temperature == 0:
             chosen = scores.argmax(-1)
         else:
@@ -304,10 +302,10 @@ class _CachedSession:
         n, k = g.patches, len(indices)
         starts = torch.tensor([g._length(rows[i]) for i in indices], device=g.device)  # BOI slot
         slots = starts[:, None] + 1 + torch.arange(n, device=g.device)
-        self._write_tokens(indices, [g.tokens.boi] * k, starts.tolist())
+        self._write_tokens(indices, [g.special.boi] * k, starts.tolist())
         rows_index = torch.tensor(indices, device=g.device)
         image = self._image_ids(k, n)
-        query = g._query(torch.full_like(slots, g.tokens.pad), slots, image - self.images_written)
+        query = g._query(torch.full_like(slots, g.special.pad), slots, image - self.images_written)
         prefixed = self.cache.view(rows_index, slots, torch.zeros_like(image), image,
                                    torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
 
@@ -334,8 +332,8 @@ class _CachedSession:
         n, k = g.patches, len(indices)
         first = torch.tensor([g._length(rows[i]) - n - 1 for i in indices], device=g.device)  # first patch
         slots = first[:, None] + torch.arange(n + 1, device=g.device)  # the patches, then EOI
-        tokens = torch.full_like(slots, g.tokens.pad)
-        tokens[:, -1] = g.tokens.eoi
+        tokens = torch.full_like(slots, g.special.pad)
+        tokens[:, -1] = g.special.eoi
         image = self._image_ids(k, n + 1)
         query_images = image - self.images_written
         image[:, -1] = query_images[:, -1] = -1
