@@ -145,7 +145,7 @@ def evaluate_main(argv=None) -> None:
 
     from data_prep.images import from_model_range
     from megatron_transfusion.config import config_from_tree
-    from megatron_transfusion.inference.cli import save_grid
+    from megatron_transfusion.inference.images import save_grid
     from megatron_transfusion.inference.load import load_image_vae, load_model, load_tokenizer
     from megatron_transfusion.parallel import destroy_distributed
     from megatron_transfusion.training.step import batch_losses, forward_backward

@@ -23,6 +23,7 @@ from PIL import Image
 from megatron_transfusion.batch import Document, ImageSegment, TextSegment
 from megatron_transfusion.console import run_cli
 from megatron_transfusion.diffusion.sampler import SPACINGS
+from megatron_transfusion.inference.images import save_grid
 
 IMAGE_TAG = re.compile(r"<image:([^>]*)>")
 
@@ -89,19 +90,6 @@ def render(document: Document, tokenizer, out: Path, stem: str, vae) -> tuple[st
         parts.append(f"<image:{name}>")
         images.append(pixels)
     return "".join(parts), images
-
-
-def save_grid(images: list[np.ndarray], path: Path, columns: int = 8) -> None:
-    """All images in one PNG, row-major, for a quick look."""
-    if not images:
-        return
-    h, w, _ = images[0].shape
-    rows = -(-len(images) // columns)
-    grid = np.full((rows * h, min(columns, len(images)) * w, 3), 255, dtype=np.uint8)
-    for i, image in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * h : (r + 1) * h, c * w : (c + 1) * w] = image
-    Image.fromarray(grid).save(path)
 
 
 def check_args(args) -> None:
