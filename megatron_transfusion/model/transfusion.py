@@ -2,9 +2,9 @@
 
 First pipeline stage: token embeddings, with image positions overwritten by the patch-in
 layer's vectors. Every stage: its share of the TransformerBlock under the Transfusion
-mask (built once per micro-batch from the PackedBatch, with the RoPE tables, into the
-layers' ``AttentionContext``). Last stage: the tensor-parallel
-LM head and the patch-out layer predicting each image's noise ε.
+mask (built once per micro-batch from the PackedBatch and handed to the layers, with the
+RoPE tables, as their ``AttentionContext``). Last stage: the tensor-parallel LM head and
+the patch-out layer predicting each image's noise ε.
 """
 
 from __future__ import annotations
