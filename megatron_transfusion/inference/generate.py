@@ -7,8 +7,8 @@ so earlier noise levels are never attended to. The clean latent then replaces th
 (written once more at t = 0), EOI is appended, and LM mode continues from EOI's logits.
 
 The unconditional branch is built the way training dropped captions: the image attends
-only to itself. In the cache it occupies a scratch row per row, so the conditional and
-unconditional predictions come from one forward.
+only to itself. In the cache it occupies a scratch row per row, beside the row it guides,
+and each diffusion step runs two forwards: the conditional and the unconditional prediction.
 
 ``use_cache=False`` recomputes every forward over the whole sequence with the training
 forward and mask: the reference the cached path is tested against. Each generate call
