@@ -109,6 +109,7 @@ from megatron_transfusion import platform
 from megatron_transfusion.batch import image_caption_length
 from megatron_transfusion.console import human_size, run_cli
 from megatron_transfusion.config import (
+    BatchGeometry,
     ConfigError,
     ExperimentConfig,
     ModelConfig,
@@ -256,6 +257,10 @@ class Layout:
         data = dataclasses.replace(cfg.data, micro_batch_size=self.micro_batch_size)
         return dataclasses.replace(cfg, parallel=parallel, data=data)
 
+    def geometry(self, cfg: ExperimentConfig) -> BatchGeometry:
+        """How ``cfg``'s global batch splits in this layout; ConfigError if it does not."""
+        return BatchGeometry.of(dataclasses.replace(cfg.data, micro_batch_size=self.micro_batch_size), self.dp)
+
     def describe(self) -> str:
         return (f"TP={self.tp}{'+SP' if self.sp else ''} PP={self.pp} VP={self.vp or '-'} DP={self.dp} "
                 f"mb={self.micro_batch_size} recompute={self.recompute} {self.engine} ZeRO-{self.zero_stage}")  # fmt: skip
@@ -265,6 +270,7 @@ def check_layout(cfg: ExperimentConfig, cluster: Cluster, layout: Layout) -> Non
     """Raise ConfigError, naming the field, if this project cannot run ``layout``."""
     # The config's own rules: heads/FFN/vocabulary over TP, layers over PP×VP, engine/ZeRO pairs.
     validate(layout.apply(cfg))
+    layout.geometry(cfg)  # the global batch splits over DP ranks × micro-batches
     if layout.tp > cluster.gpus_per_node or cluster.gpus_per_node % layout.tp:
         raise ConfigError(
             f"config field 'parallel.tensor_parallel': {layout.tp} must divide the "
@@ -275,12 +281,6 @@ def check_layout(cfg: ExperimentConfig, cluster: Cluster, layout: Layout) -> Non
             "config field 'parallel.sequence_parallel': runs with the megatron engine only here "
             "(its finalize_model_grads sums the norm-weight gradients over TP ranks; nothing "
             "does that under the deepspeed engine)"
-        )
-    rows = cfg.data.global_batch_tokens // cfg.data.seq_length
-    if rows % (layout.dp * layout.micro_batch_size):
-        raise ConfigError(
-            f"config field 'data.global_batch_tokens': {rows} sequences per step do not split "
-            f"into DP={layout.dp} ranks × micro-batches of {layout.micro_batch_size}"
         )
 
 
@@ -478,8 +478,7 @@ def stage_memory(cfg: ExperimentConfig, cluster: Cluster, layout: Layout, image_
     s, b, t = cfg.data.seq_length, layout.micro_batch_size, layout.tp
     h, f = m.hidden_size, m.ffn_size
     backend = attention_backend(m, cluster)
-    rows = cfg.data.global_batch_tokens // s
-    micro_batches = rows // (layout.dp * b)
+    micro_batches = layout.geometry(cfg).micro_batches
     rank = 0 if first else layout.pp - 1
     in_flight = _in_flight(layout, rank, micro_batches)
     layers = m.num_layers // layout.pp
@@ -590,7 +589,7 @@ def step_time(
         layout.dp,
     )
     backend = attention_backend(m, cluster)
-    micro_batches = cfg.data.global_batch_tokens // s // (d * b)
+    micro_batches = layout.geometry(cfg).micro_batches
     tokens = s * b  # per micro-batch
 
     matmul, attention, head = flops_per_token_parts(m, s)
@@ -861,9 +860,9 @@ def main(argv=None) -> None:
         cfg, cluster, gpus, args.margin, engines=(args.engine,) if args.engine else ENGINES
     )
     m = cfg.model
-    rows = cfg.data.global_batch_tokens // cfg.data.seq_length
     print(f"{cfg.run.name}: {human_size(model_costs(m).parameters.total)} parameters, {m.num_layers} layers "
-          f"× {m.hidden_size}, seq {cfg.data.seq_length}, global batch {rows} sequences; {gpus} × "
+          f"× {m.hidden_size}, seq {cfg.data.seq_length}, global batch {cfg.data.sequences_per_step} "
+          f"sequences; {gpus} × "
           f"{cluster.name} ({_gib(cluster.memory)} GiB, keep {args.margin:.0%} free)")  # fmt: skip
     if not ranked:
         raise SystemExit(f"no layout fits {gpus} × {cluster.name} with a {args.margin:.0%} margin")

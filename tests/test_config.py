@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from megatron_transfusion.config import ConfigError, PRESET_DIR, load_config
+from megatron_transfusion.config import PRESET_DIR, BatchGeometry, ConfigError, load_config
 
 
 def test_presets_load_and_keep_paper_defaults():
@@ -84,3 +84,13 @@ def test_cli_reports_one_line_without_traceback():
     assert result.stderr.strip().splitlines() == [
         "error: unknown config field 'model.hiden_size' (did you mean 'model.hidden_size'?)"
     ]
+
+
+def test_batch_geometry_splits_the_global_batch_or_names_the_field():
+    data = load_config("tiny", ["data.seq_length=256", "data.global_batch_tokens=6144",
+                                "data.micro_batch_size=2"]).data  # fmt: skip
+    geometry = BatchGeometry.of(data, dp_size=3)
+    assert (geometry.sequences, geometry.micro_batches) == (24, 4)
+    with pytest.raises(ConfigError, match="'data.global_batch_tokens': 24 sequences per step do not "
+                                          "split into 5 data-parallel ranks × micro-batches of 2"):
+        BatchGeometry.of(data, dp_size=5)

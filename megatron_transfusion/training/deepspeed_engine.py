@@ -42,7 +42,7 @@ from megatron_transfusion.checkpointing import (
     parameter_shards,
     save_sharded,
 )
-from megatron_transfusion.config import ExperimentConfig
+from megatron_transfusion.config import BatchGeometry, ExperimentConfig
 from megatron_transfusion.training.engine import Engine, StepResult
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
 from megatron_transfusion.training.step import LOSS_KEYS, GlobalBatch, MicroBatch
@@ -83,31 +83,20 @@ class MegatronMPU:
         return dist.get_rank(group=parallel_state.get_model_parallel_group())
 
 
-def micro_batches_per_step(cfg: ExperimentConfig, dp_size: int) -> int:
-    d = cfg.data
-    rows = d.global_batch_tokens // d.seq_length
-    if rows % (dp_size * d.micro_batch_size):
-        raise ValueError(
-            f"config field 'data.global_batch_tokens': {rows} sequences per step do not split "
-            f"into {dp_size} data-parallel ranks × micro-batches of {d.micro_batch_size}"
-        )
-    return rows // (dp_size * d.micro_batch_size)
-
-
 def deepspeed_config(
     cfg: ExperimentConfig,
     dtype: torch.dtype,
     zero_stage: int,
     offload_optimizer: bool,
-    dp_size: int,
+    geometry: BatchGeometry,
 ) -> dict:
     """The whole DeepSpeed config, derived from ours: nothing is read from a JSON file."""
     zero = {"stage": zero_stage}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": micro_batches_per_step(cfg, dp_size),
+        "train_micro_batch_size_per_gpu": geometry.micro_batch_size,
+        "gradient_accumulation_steps": geometry.micro_batches,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": zero,
         # With bf16, DeepSpeed keeps fp32 master weights; its overflow check is what skips
@@ -147,11 +136,9 @@ class DeepSpeedEngine(Engine):
         self.cfg = cfg
         self.model_chunks = model_chunks
         (model,) = model_chunks
-        dp_size = parallel_state.get_data_parallel_world_size()
-        self.num_micro_batches = micro_batches_per_step(cfg, dp_size)
-        config = deepspeed_config(
-            cfg, platform.current().dtype, zero_stage, offload_optimizer, dp_size
-        )
+        geometry = BatchGeometry.of(cfg.data, parallel_state.get_data_parallel_world_size())
+        self.num_micro_batches = geometry.micro_batches
+        config = deepspeed_config(cfg, platform.current().dtype, zero_stage, offload_optimizer, geometry)
         # Checkpoint keys and shapes, taken while every weight is whole (ZeRO-3 partitions
         # them in initialize).
         self._model_state = model_sharded_state_dict(model_chunks)["chunk0"]
