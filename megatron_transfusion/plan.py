@@ -276,12 +276,6 @@ def check_layout(cfg: ExperimentConfig, cluster: Cluster, layout: Layout) -> Non
             f"config field 'parallel.tensor_parallel': {layout.tp} must divide the "
             f"{cluster.gpus_per_node} GPUs of a {cluster.name} node (TP traffic stays on the node's links)"
         )
-    if layout.sp and layout.engine != "megatron":
-        raise ConfigError(
-            "config field 'parallel.sequence_parallel': runs with the megatron engine only here "
-            "(its finalize_model_grads sums the norm-weight gradients over TP ranks; nothing "
-            "does that under the deepspeed engine)"
-        )
 
 
 ENGINES = ("megatron", "deepspeed")

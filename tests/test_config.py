@@ -60,6 +60,14 @@ def test_yaml_file_path(tmp_path):
     (["optimizer.lr=0"], "config field 'optimizer.lr': must be positive"),
     (["optimizer.lr=-3e-4"], "config field 'optimizer.lr': must be positive"),
     (["run.train_steps=0"], "config field 'run.train_steps': must be ≥ 1"),
+    # What the DeepSpeed engine cannot run is refused here, and only here.
+    (["parallel.engine=deepspeed", "parallel.pipeline_parallel=2"],
+     "config field 'parallel.engine': deepspeed is only supported without pipeline parallelism"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=0"], "config field 'parallel.zero_stage': must be 1, 2 or 3"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=4"], "config field 'parallel.zero_stage': must be 1, 2 or 3"),
+    (["parallel.engine=deepspeed", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+     "config field 'parallel.sequence_parallel': needs parallel.engine=megatron"),
+    (["parallel.engine=deepspeed", "checkpoint.async_save=true"], "config field 'checkpoint.async_save'"),
 ])  # fmt: skip
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError) as info:

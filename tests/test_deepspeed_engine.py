@@ -16,10 +16,8 @@ import pytest
 import torch
 
 from megatron_transfusion.checkpointing import load_model
-from megatron_transfusion.config import load_config
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import seed_everything
-from megatron_transfusion.training.deepspeed_engine import DeepSpeedEngine
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
 from megatron_transfusion.training.step import batch_losses, forward_backward
 from tests.conftest import run_torchrun
@@ -201,15 +199,3 @@ def test_bf16_checkpoint_moves_between_engines(tmp_path, zero3_bf16_checkpoint, 
     Megatron engine. Losses within bf16's reach (measured 2.5e-5 apart at the second step)."""
     assert_resumes_the_same_run(tmp_path, *zero3_bf16_checkpoint, [*layout, "--bf16"], rel=1e-3)
 
-
-@pytest.mark.parametrize("zero", [1, 3])
-def test_pipeline_parallel_is_refused(zero):
-    cfg = load_config("tiny", ["parallel.pipeline_parallel=2"])
-    with pytest.raises(ValueError, match="use the megatron engine for PP > 1"):
-        DeepSpeedEngine(cfg, [torch.nn.Linear(2, 2)], zero)
-
-
-@pytest.mark.parametrize("zero", [0, 4])
-def test_unknown_zero_stage_is_refused(zero):
-    with pytest.raises(ValueError, match="ZeRO stage must be 1, 2 or 3"):
-        DeepSpeedEngine(load_config("tiny"), [torch.nn.Linear(2, 2)], zero)

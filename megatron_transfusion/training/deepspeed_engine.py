@@ -7,8 +7,9 @@ reduction, gradient clipping and the (partitioned) optimizer. Two things make th
 - DeepSpeed must be given an ``mpu`` that describes Megatron's groups. Without it DeepSpeed
   takes the whole world as data parallel, averages the two halves of every TP-split weight
   into each other and counts replicated gradients twice in the norm: silently wrong updates.
-- Pipeline parallelism is refused: DeepSpeed cannot combine ZeRO-2/3 with it and with
-  Megatron's schedules it is silently wrong by default; use the Megatron engine for PP > 1.
+- Pipeline parallelism is refused (config validation, like the other combinations this
+  engine cannot run): DeepSpeed cannot combine ZeRO-2/3 with it and with Megatron's
+  schedules it is silently wrong by default; use the Megatron engine for PP > 1.
 
 Checkpoints are not DeepSpeed's own files (which load only into the same TP and DP sizes)
 but the project's dist-checkpoint layout, through DeepSpeed's per-parameter accessors: they
@@ -117,28 +118,17 @@ class DeepSpeedEngine(Engine):
     them inside ``deepspeed.zero.GatheredParameters``.
     """
 
-    def __init__(
-        self,
-        cfg: ExperimentConfig,
-        model_chunks: list[torch.nn.Module],
-        zero_stage: int,
-        offload_optimizer: bool = False,
-    ):
-        if cfg.parallel.pipeline_parallel > 1 or len(model_chunks) != 1:
-            raise ValueError(
-                "the DeepSpeed engine does not support pipeline parallelism "
-                f"(parallel.pipeline_parallel={cfg.parallel.pipeline_parallel}): DeepSpeed cannot "
-                "combine ZeRO-2/3 with it and is silently wrong with Megatron's schedules; "
-                "use the megatron engine for PP > 1"
-            )
-        if zero_stage not in (1, 2, 3):
-            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {zero_stage}")
+    def __init__(self, cfg: ExperimentConfig, model_chunks: list[torch.nn.Module], offload_optimizer: bool = False):
+        """``cfg`` is a validated ``parallel.engine=deepspeed`` config (``config.validate``
+        refuses what this engine cannot run: PP > 1, sequence parallelism, ZeRO stages
+        other than 1-3, asynchronous saves)."""
         self.cfg = cfg
         self.model_chunks = model_chunks
         (model,) = model_chunks
         geometry = BatchGeometry.of(cfg.data, parallel_state.get_data_parallel_world_size())
         self.num_micro_batches = geometry.micro_batches
-        config = deepspeed_config(cfg, platform.current().dtype, zero_stage, offload_optimizer, geometry)
+        config = deepspeed_config(cfg, platform.current().dtype, cfg.parallel.zero_stage, offload_optimizer,
+                                  geometry)  # fmt: skip
         # Checkpoint keys and shapes, taken while every weight is whole (ZeRO-3 partitions
         # them in initialize).
         self._model_state = model_sharded_state_dict(model_chunks)["chunk0"]

@@ -74,7 +74,7 @@ def build_engine(cfg: ExperimentConfig, plat, chunks) -> Engine:
     if cfg.parallel.engine == "deepspeed":
         from megatron_transfusion.training.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, chunks, zero_stage=cfg.parallel.zero_stage)
+        return DeepSpeedEngine(cfg, chunks)
     from megatron_transfusion.training.megatron_engine import MegatronEngine
 
     return MegatronEngine(cfg, plat, chunks)
