@@ -87,12 +87,11 @@ class MegatronMPU:
 def deepspeed_config(
     cfg: ExperimentConfig,
     dtype: torch.dtype,
-    zero_stage: int,
     offload_optimizer: bool,
     geometry: BatchGeometry,
 ) -> dict:
     """The whole DeepSpeed config, derived from ours: nothing is read from a JSON file."""
-    zero = {"stage": zero_stage}
+    zero = {"stage": cfg.parallel.zero_stage}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -127,8 +126,7 @@ class DeepSpeedEngine(Engine):
         (model,) = model_chunks
         geometry = BatchGeometry.of(cfg.data, parallel_state.get_data_parallel_world_size())
         self.num_micro_batches = geometry.micro_batches
-        config = deepspeed_config(cfg, platform.current().dtype, cfg.parallel.zero_stage, offload_optimizer,
-                                  geometry)  # fmt: skip
+        config = deepspeed_config(cfg, platform.current().dtype, offload_optimizer, geometry)
         # Checkpoint keys and shapes, taken while every weight is whole (ZeRO-3 partitions
         # them in initialize).
         self._model_state = model_sharded_state_dict(model_chunks)["chunk0"]
