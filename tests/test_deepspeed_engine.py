@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megatron_transfusion.checkpointing import load_model
+from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import seed_everything
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
@@ -43,11 +44,11 @@ def reference(plat, dp: int, steps: tuple[int, ...]):
         grad_norm = torch.nn.utils.clip_grad_norm_(chunks[0].parameters(), cfg.optimizer.grad_clip)
         set_lr(optimizer, worker.lr(cfg, step))
         optimizer.step()
-        results.append({"losses": losses, "grad_norm": float(grad_norm)})
+        results.append({"losses": losses.as_dict(), "grad_norm": float(grad_norm)})
     with torch.no_grad():
         batch = one_batch(worker.micro_batches(cfg, worker.STEPS, 0, dp * worker.MICRO_BATCHES))
         evaluation = batch_losses(forward_backward(chunks, [batch], cfg.diffusion.loss_weight, forward_only=True))
-    return tensors(chunks[0]), results, evaluation
+    return tensors(chunks[0]), results, evaluation.as_dict()
 
 
 def trained_weights(plat, directory) -> dict[str, torch.Tensor]:
@@ -79,7 +80,7 @@ def run(tmp_path, scenario, zero, tp=1, offload=False, no_mpu=False, name="run")
 def assert_matches(ours: list[dict], theirs: list[dict]):
     for mine, ref in zip(ours, theirs, strict=True):
         assert not mine["skipped"]
-        for key in ("loss", "lm_loss", "diffusion_loss"):
+        for key in LossTerms.KEYS:
             assert mine["losses"][key] == pytest.approx(ref["losses"][key], abs=1e-5), key
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-5)
     assert ours[0]["grad_norm"] > 1.0, "the norm must be the one before clipping to 1.0"
@@ -173,7 +174,7 @@ def assert_resumes_the_same_run(tmp_path, checkpoint, uninterrupted, layout, rel
     assert [{g["step"] for g in c["optimizer"]["optimizer"]["param_groups"]} for c in commons] == [{2.0}, {2.0}]
     for mine, ref in zip(first, uninterrupted, strict=True):
         assert not mine["skipped"]
-        for key in ("loss", "lm_loss", "diffusion_loss"):
+        for key in LossTerms.KEYS:
             assert mine["losses"][key] == pytest.approx(ref["losses"][key], rel=rel), key
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=rel)
 

@@ -44,9 +44,10 @@ from megatron_transfusion.checkpointing import (
     save_sharded,
 )
 from megatron_transfusion.config import BatchGeometry, ExperimentConfig
+from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.training.engine import Engine, StepResult
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
-from megatron_transfusion.training.step import LOSS_KEYS, GlobalBatch, MicroBatch
+from megatron_transfusion.training.step import GlobalBatch, MicroBatch, make_forward_step
 
 LOAD_GROUP_BYTES = 2**30  # fp32 state + weights read at once per rank when loading
 
@@ -149,10 +150,8 @@ class DeepSpeedEngine(Engine):
             )
         set_lr(self.engine.optimizer, lr)
         self.engine.train()
-        global_batch = GlobalBatch.of(micro_batches)  # its M × DP undoes DeepSpeed's averages
         reports = []
-        for i, micro in enumerate(micro_batches):
-            total, report = self._forward(micro, global_batch)
+        for i, (total, report) in enumerate(self._losses(micro_batches)):
             reports.append(report)
             if i == len(micro_batches) - 1 and self._any_rank_not_finite(self._stack(reports)):
                 # DeepSpeed skips a step whose gradient norm is not finite on every rank
@@ -163,15 +162,20 @@ class DeepSpeedEngine(Engine):
             self.engine.step()  # updates only at the last micro-batch (the boundary)
         return self._result(self._global_losses(reports))
 
-    def _forward(self, micro: MicroBatch, global_batch: GlobalBatch):
-        labels, lm_mask = micro.batch.lm_targets()
-        output = self.engine(micro.batch, labels)
-        return global_batch.loss(micro, lm_mask, self.cfg.diffusion.loss_weight, output)
+    def _losses(self, micro_batches: list[MicroBatch]):
+        """Each micro-batch through the forward step that Megatron's schedules run, in turn:
+        (the loss to differentiate, its share of the global losses). GlobalBatch's
+        ``averaged_over`` (M × DP) undoes DeepSpeed's averages over both."""
+        forward_step = make_forward_step(GlobalBatch.of(micro_batches), self.cfg.diffusion.loss_weight)
+        batches = iter(micro_batches)
+        for _ in micro_batches:
+            output, loss = forward_step(batches, self.engine)
+            yield loss(output)
 
     @staticmethod
-    def _stack(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """[micro-batch, (loss, lm, diffusion)]: the shares of the global losses."""
-        return torch.stack([torch.stack([r[k] for k in LOSS_KEYS]) for r in reports]).float()
+    def _stack(reports: list[LossTerms[torch.Tensor]]) -> torch.Tensor:
+        """[micro-batch, (total, lm, diffusion)]: the shares of the global losses."""
+        return torch.stack([torch.stack(r.values()) for r in reports]).float()
 
     @staticmethod
     def _any_rank_not_finite(values: torch.Tensor) -> bool:
@@ -179,16 +183,15 @@ class DeepSpeedEngine(Engine):
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # the whole world: TP ranks included
         return bool(bad)
 
-    def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+    def evaluate(self, micro_batches: list[MicroBatch]) -> LossTerms[float]:
         self.engine.eval()
-        global_batch = GlobalBatch.of(micro_batches)
         with torch.no_grad():
-            reports = [self._forward(micro, global_batch)[1] for micro in micro_batches]
+            reports = [report for _, report in self._losses(micro_batches)]
         self.engine.train()
-        return dict(zip(LOSS_KEYS, self._global_losses(reports).tolist()))
+        return LossTerms(*self._global_losses(reports).tolist())
 
-    def _global_losses(self, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """[loss, lm, diffusion] of the global batch: every rank's shares of it, summed."""
+    def _global_losses(self, reports: list[LossTerms[torch.Tensor]]) -> torch.Tensor:
+        """[total, lm, diffusion] of the global batch: every rank's shares of it, summed."""
         losses = self._stack(reports).sum(dim=0)
         dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
         return losses
@@ -200,7 +203,7 @@ class DeepSpeedEngine(Engine):
         if seen.sum() != 1:
             raise RuntimeError("DeepSpeed applied the step on some ranks only")
         return StepResult(
-            losses=dict(zip(LOSS_KEYS, losses.tolist())),
+            losses=LossTerms(*losses.tolist()),
             grad_norm=float(self.engine.get_global_grad_norm()),
             skipped=not applied,
         )

@@ -180,7 +180,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
             all_tokens = sum(b.batch.tokens.numel() for b in micro_batches)
             tokens_per_second = cfg.data.global_batch_tokens / seconds
             flops = model_flops_per_token(cfg.model, cfg.data.seq_length, image_tokens / all_tokens)
-            last = {**result.losses, "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
+            last = {**result.losses.as_dict(), "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
                     "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second,
                     "mfu": mfu(tokens_per_second, flops, peak * dist.get_world_size()),
                     "skipped_steps": state["skipped_steps"],

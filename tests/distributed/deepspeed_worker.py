@@ -123,7 +123,7 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def gather_results(results) -> list:
     """Every rank's StepResults, so the test can check that they agree."""
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, [dataclasses.asdict(r) for r in results])
+    dist.all_gather_object(everyone, [{**dataclasses.asdict(r), "losses": r.losses.as_dict()} for r in results])
     return everyone
 
 
@@ -193,7 +193,7 @@ def main():
         out = train(cfg, engine, range(NAN_STEPS), POISONED)
     else:
         out = train(cfg, engine, range(STEPS))
-        out["evaluation"] = engine.evaluate(my_micro_batches(cfg, STEPS, poison_latents=False))
+        out["evaluation"] = engine.evaluate(my_micro_batches(cfg, STEPS, poison_latents=False)).as_dict()
     # ZeRO-3 leaves each rank a partition of every weight: gather them for the export.
     with deepspeed.zero.GatheredParameters(list(engine.model_chunks[0].parameters())):
         save_sharded(model_sharded_state_dict(engine.model_chunks), args.workdir / args.name)
