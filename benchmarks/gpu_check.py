@@ -194,7 +194,7 @@ def training(dry_run: bool) -> dict:
     from megatron_transfusion.config import load_config
     from megatron_transfusion.diffusion import CosineSchedule
     from megatron_transfusion.model import build_model
-    from megatron_transfusion.plan import predicted_memory
+    from megatron_transfusion.planning.ranking import predicted_memory
     from megatron_transfusion.synthetic import random_batch
     from megatron_transfusion.training.metrics import mfu, model_flops_per_token
     from megatron_transfusion.training.step import MicroBatch

@@ -30,7 +30,7 @@ from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_lo
 from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
-from megatron_transfusion.plan import predicted_memory
+from megatron_transfusion.planning.ranking import predicted_memory
 from megatron_transfusion.training import checkpoint
 from megatron_transfusion.training.engine import Engine
 from megatron_transfusion.training.metrics import MetricsLogger, mfu, model_flops_per_token
