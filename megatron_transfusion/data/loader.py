@@ -9,7 +9,7 @@ from megatron_transfusion.batch import (
     ImageSegment, PackedBatch, SpecialTokens, TextSegment, image_caption_length, pack_documents,
 )  # fmt: skip
 from megatron_transfusion.config import BatchGeometry, ConfigError, ExperimentConfig, UserError
-from megatron_transfusion.data.planner import IMAGE, TEXT, MixturePlanner, PlannedExample
+from megatron_transfusion.data.mixture import IMAGE, TEXT, MixturePlanner, PlannedExample
 from megatron_transfusion.data.source import PreparedDataset
 
 
