@@ -4,7 +4,7 @@
   sharded optimizer state); works for every TP/PP/DP layout, through the pipeline schedules.
 - ``DeepSpeedEngine``: DeepSpeed ZeRO stages 1–3 (and offload) for TP×DP layouts; DeepSpeed
   cannot combine ZeRO-2/3 with pipeline parallelism, and its pipeline support is fragile
-  with Megatron's schedules, so PP > 1 is refused there.
+  with Megatron's schedules, so config validation refuses PP > 1 with it.
 
 The trainer sees only ``train_step``, ``evaluate``, ``save`` and ``load``.
 """
