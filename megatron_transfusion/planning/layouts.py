@@ -56,7 +56,8 @@ class Layout:
 
     def geometry(self, cfg: ExperimentConfig) -> BatchGeometry:
         """How ``cfg``'s global batch splits in this layout; ConfigError if it does not."""
-        return BatchGeometry.of(dataclasses.replace(cfg.data, micro_batch_size=self.micro_batch_size), self.dp)
+        data = dataclasses.replace(cfg.data, micro_batch_size=self.micro_batch_size)
+        return BatchGeometry.of(data, self.dp)
 
     def describe(self) -> str:
         return (f"TP={self.tp}{'+SP' if self.sp else ''} PP={self.pp} VP={self.vp or '-'} DP={self.dp} "

@@ -118,7 +118,9 @@ class DeepSpeedEngine(Engine):
     them inside ``deepspeed.zero.GatheredParameters``.
     """
 
-    def __init__(self, cfg: ExperimentConfig, model_chunks: list[torch.nn.Module], offload_optimizer: bool = False):
+    def __init__(
+        self, cfg: ExperimentConfig, model_chunks: list[torch.nn.Module], offload_optimizer: bool = False
+    ):
         """``cfg`` is a validated ``parallel.engine=deepspeed`` config (``config.validate``
         refuses what this engine cannot run: PP > 1, sequence parallelism, ZeRO stages
         other than 1-3, asynchronous saves)."""

@@ -111,4 +111,5 @@ def forward_backward(
 
 def batch_losses(reports: list[LossTerms[torch.Tensor]]) -> LossTerms[float]:
     """This rank's micro-batches' shares added up: the global batch's losses when DP = 1."""
-    return LossTerms(*(float(torch.stack(shares).sum()) for shares in zip(*(r.values() for r in reports))))
+    per_term = zip(*(report.values() for report in reports))
+    return LossTerms(*(float(torch.stack(shares).sum()) for shares in per_term))
