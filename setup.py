@@ -46,7 +46,7 @@ setup(
     entry_points={
         "console_scripts": [
             "mtf-config=megatron_transfusion.cli:config_main",
-            "mtf-plan=megatron_transfusion.plan:main",
+            "mtf-plan=megatron_transfusion.planning.cli:main",
             "mtf-overfit=megatron_transfusion.cli:overfit_main",
             "mtf-train=megatron_transfusion.cli:train_main",
             "mtf-checkpoint=checkpoints.tools:main",

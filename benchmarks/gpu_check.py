@@ -194,7 +194,7 @@ def training(dry_run: bool) -> dict:
     from megatron_transfusion.config import load_config
     from megatron_transfusion.diffusion import CosineSchedule
     from megatron_transfusion.model import build_model
-    from megatron_transfusion.plan import predicted_memory
+    from megatron_transfusion.planning.ranking import predicted_memory
     from megatron_transfusion.synthetic import random_batch
     from megatron_transfusion.training.metrics import mfu, model_flops_per_token
     from megatron_transfusion.training.step import MicroBatch
@@ -226,7 +226,7 @@ def training(dry_run: bool) -> dict:
     timed, seconds = steps(2 if dry_run else 8)
     rate = len(timed) * d.global_batch_tokens / seconds
     peak = plat.peak_flops()
-    losses = [r.losses["loss"] for r in warm_up + timed]
+    losses = [r.losses.total for r in warm_up + timed]
     flops = model_flops_per_token(cfg.model, d.seq_length, image_fraction)
     results = {
         "config": preset,

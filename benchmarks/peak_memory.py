@@ -162,7 +162,9 @@ def run(cases: dict[str, list[str]], timeout: int = 600) -> dict[str, dict]:
 
 def predicted(result: dict) -> list:
     """The planner's Memory for each rank of a measured case (ranks 0/1 = first/last stage)."""
-    from megatron_transfusion.plan import CLUSTERS, Layout, stage_memory
+    from megatron_transfusion.planning.cluster import CLUSTERS
+    from megatron_transfusion.planning.layouts import Layout
+    from megatron_transfusion.planning.memory import stage_memory
 
     cfg = load_config(None, result["overrides"])
     ranks = len(result["peak"])

@@ -24,7 +24,9 @@ from __future__ import annotations
 import math
 
 from megatron_transfusion.config import load_config
-from megatron_transfusion.plan import CLUSTERS, Layout, predict
+from megatron_transfusion.planning.cluster import CLUSTERS
+from megatron_transfusion.planning.layouts import Layout
+from megatron_transfusion.planning.ranking import predict
 
 H100 = CLUSTERS["h100-80gb"]
 GPT3_175B = ["model.num_layers=96", "model.hidden_size=12288", "model.num_attention_heads=96",

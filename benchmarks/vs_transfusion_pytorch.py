@@ -261,7 +261,7 @@ class ProjectWorker:
         self.params = sum(p.numel() for chunk in model for p in chunk.parameters())
 
     def step(self) -> float:
-        return self.engine.train_step(self.micro, 1e-4).losses["loss"]
+        return self.engine.train_step(self.micro, 1e-4).losses.total
 
 
 # --------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ plus ``manifest.json`` (provenance, counts, a SHA-256 per shard file) and ``leng
 (tokens per sample, which the loader plans packing from without reading samples).
 
 Text documents are stored whole, however long: the loader cuts them to the training
-sequence length (``megatron_transfusion.data.planner``), so one sharding serves every
+sequence length (``megatron_transfusion.data.mixture``), so one sharding serves every
 ``data.seq_length``. A job in which every record was rejected (a wrong ``--text-column``,
 say) fails with the most common reason instead of writing an empty dataset.
 

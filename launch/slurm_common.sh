@@ -144,7 +144,7 @@ mtf_pretrain() {
     mtf_log "command: ${launch[*]}"
     if ((dry_run)); then
         # The layout planner's prediction for exactly this layout; it fails if it does not fit.
-        "$MTF_PYTHON" -m megatron_transfusion.plan --check --cluster "$MTF_CLUSTER" --gpus "$world" \
+        "$MTF_PYTHON" -m megatron_transfusion.planning.cli --check --cluster "$MTF_CLUSTER" --gpus "$world" \
             --config "$config" "${overrides[@]}" | sed 's/^/[mtf plan] /'
         return 0
     fi

@@ -40,16 +40,17 @@ def overfit_main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    from megatron_transfusion.loss import LossTerms
     from megatron_transfusion.smoke import overfit
 
     def log(step, report):
         if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {report['loss']:.4f}  lm {report['lm_loss']:.4f}  "
-                  f"diffusion {report['diffusion_loss']:.4f}", flush=True)  # fmt: skip
+            print(f"step {step:4d}  loss {report.total:.4f}  lm {report.lm:.4f}  "
+                  f"diffusion {report.diffusion:.4f}", flush=True)  # fmt: skip
 
     history = overfit(cfg, args.steps, args.lr, log)
-    first, last = history[0], history[-1]
-    fell = {k: 1 - last[k] / first[k] for k in ("lm_loss", "diffusion_loss")}
+    first, last = history[0].as_dict(), history[-1].as_dict()
+    fell = {k: 1 - last[k] / first[k] for k in LossTerms.KEYS[1:]}  # lm_loss, diffusion_loss
     print("fall: " + ", ".join(f"{k} {v:.1%}" for k, v in fell.items()))
     if min(fell.values()) <= 0.9:
         raise SystemExit("overfit failed: a loss fell by 90% or less")

@@ -137,6 +137,37 @@ class DataConfig:
     cache_dir: str | None = None  # where remote datasets are mirrored
     verify_shards: bool = True  # check every shard's SHA-256 against the manifest at start
 
+    @property
+    def sequences_per_step(self) -> int:
+        return self.global_batch_tokens // self.seq_length
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """How one global batch splits: its sequences strided over the data-parallel ranks,
+    each rank's share cut into micro-batches. The loader, the engines and the layout
+    planner all take it from here."""
+
+    sequences: int  # per global step
+    dp_size: int
+    micro_batch_size: int
+
+    @classmethod
+    def of(cls, data: DataConfig, dp_size: int) -> BatchGeometry:
+        """Raises ConfigError if the sequences do not split evenly."""
+        sequences = data.sequences_per_step
+        if sequences % (dp_size * data.micro_batch_size):
+            raise ConfigError(
+                f"config field 'data.global_batch_tokens': {sequences} sequences per step do not split "
+                f"into {dp_size} data-parallel ranks × micro-batches of {data.micro_batch_size}"
+            )
+        return cls(sequences, dp_size, data.micro_batch_size)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches per rank and step."""
+        return self.sequences // (self.dp_size * self.micro_batch_size)
+
 
 @dataclass
 class OptimizerConfig:

@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar, Generic, TypeVar
 
 import torch
 
+T = TypeVar("T")
+U = TypeVar("U")
+
 
 @dataclass(frozen=True)
-class TransfusionLoss:
-    total: torch.Tensor
-    lm: torch.Tensor  # next-token cross entropy summed over trained text positions / num_tokens
-    diffusion: torch.Tensor  # per-image MSE between ε̂ and ε summed over images / num_images
+class LossTerms(Generic[T]):
+    """L and its two parts: tensors where they are computed, floats once reported. Logs,
+    metrics files and evaluation reports name them by ``KEYS`` (``as_dict``)."""
+
+    total: T
+    lm: T  # next-token cross entropy summed over trained text positions / num_tokens
+    diffusion: T  # per-image MSE between ε̂ and ε summed over images / num_images
+
+    KEYS: ClassVar[tuple[str, str, str]] = ("loss", "lm_loss", "diffusion_loss")
+
+    def values(self) -> tuple[T, T, T]:
+        return self.total, self.lm, self.diffusion
+
+    def as_dict(self) -> dict[str, T]:
+        return dict(zip(self.KEYS, self.values()))
+
+    def map(self, fn: Callable[[T], U]) -> LossTerms[U]:
+        return LossTerms(*(fn(value) for value in self.values()))
 
 
 def transfusion_loss(
@@ -23,7 +42,7 @@ def transfusion_loss(
     num_tokens: int | None = None,
     num_images: int | None = None,
     image_weights: torch.Tensor | None = None,
-) -> TransfusionLoss:
+) -> LossTerms[torch.Tensor]:
     """``token_losses`` [b, s] is per-position cross entropy; ``lm_mask`` selects the
     positions that are trained (``PackedBatch.lm_targets``).
 
@@ -43,4 +62,4 @@ def transfusion_loss(
     if image_weights is not None:
         per_image = per_image * image_weights
     diffusion = per_image.sum() / max(num_images, 1)
-    return TransfusionLoss(lm + diffusion_weight * diffusion, lm, diffusion)
+    return LossTerms(lm + diffusion_weight * diffusion, lm, diffusion)

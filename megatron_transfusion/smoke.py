@@ -9,14 +9,15 @@ import torch
 from megatron_transfusion import platform
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.data import MixedModalityLoader
-from megatron_transfusion.diffusion import CosineSchedule, noise_images
+from megatron_transfusion.diffusion import CosineSchedule
+from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.synthetic import random_batch
 from megatron_transfusion.training.step import MicroBatch, batch_losses, forward_backward
 
 
-def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[dict[str, float]]:
+def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[LossTerms[float]]:
     """Train on one batch whose noise and timesteps are drawn once, so both the LM
     and the diffusion loss can be driven towards zero. Returns the per-step reports."""
     plat = platform.activate()
@@ -30,9 +31,7 @@ def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[dict
         else:
             batch = random_batch(generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length)
         schedule = CosineSchedule.from_config(cfg.diffusion)
-        noised, noise = noise_images(batch, schedule, cfg.diffusion, generator)
-        device = plat.device()
-        micro_batches = [MicroBatch(noised.to(device), noise.to(device))]
+        micro_batches = [MicroBatch.draw(batch, schedule, cfg.diffusion, generator, plat.device())]
         o = cfg.optimizer
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)

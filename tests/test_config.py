@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from megatron_transfusion.config import ConfigError, PRESET_DIR, load_config
+from megatron_transfusion.config import PRESET_DIR, BatchGeometry, ConfigError, load_config
 
 
 def test_presets_load_and_keep_paper_defaults():
@@ -60,6 +60,14 @@ def test_yaml_file_path(tmp_path):
     (["optimizer.lr=0"], "config field 'optimizer.lr': must be positive"),
     (["optimizer.lr=-3e-4"], "config field 'optimizer.lr': must be positive"),
     (["run.train_steps=0"], "config field 'run.train_steps': must be ≥ 1"),
+    # What the DeepSpeed engine cannot run is refused here, and only here.
+    (["parallel.engine=deepspeed", "parallel.pipeline_parallel=2"],
+     "config field 'parallel.engine': deepspeed is only supported without pipeline parallelism"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=0"], "config field 'parallel.zero_stage': must be 1, 2 or 3"),
+    (["parallel.engine=deepspeed", "parallel.zero_stage=4"], "config field 'parallel.zero_stage': must be 1, 2 or 3"),
+    (["parallel.engine=deepspeed", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+     "config field 'parallel.sequence_parallel': needs parallel.engine=megatron"),
+    (["parallel.engine=deepspeed", "checkpoint.async_save=true"], "config field 'checkpoint.async_save'"),
 ])  # fmt: skip
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError) as info:
@@ -84,3 +92,13 @@ def test_cli_reports_one_line_without_traceback():
     assert result.stderr.strip().splitlines() == [
         "error: unknown config field 'model.hiden_size' (did you mean 'model.hidden_size'?)"
     ]
+
+
+def test_batch_geometry_splits_the_global_batch_or_names_the_field():
+    data = load_config("tiny", ["data.seq_length=256", "data.global_batch_tokens=6144",
+                                "data.micro_batch_size=2"]).data  # fmt: skip
+    geometry = BatchGeometry.of(data, dp_size=3)
+    assert (geometry.sequences, geometry.micro_batches) == (24, 4)
+    with pytest.raises(ConfigError, match="'data.global_batch_tokens': 24 sequences per step do not "
+                                          "split into 5 data-parallel ranks × micro-batches of 2"):
+        BatchGeometry.of(data, dp_size=5)

@@ -10,7 +10,7 @@ from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment,
 from megatron_transfusion.config import DiffusionConfig
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
 from megatron_transfusion.diffusion.schedule import loss_weights, sample_timesteps
-from megatron_transfusion.loss import transfusion_loss
+from megatron_transfusion.loss import LossTerms, transfusion_loss
 from megatron_transfusion.training.step import GlobalBatch, MicroBatch, batch_losses
 
 SPECIAL = SpecialTokens(pad=0, bos=3, eos=4, boi=1, eoi=2)
@@ -160,8 +160,9 @@ def test_micro_batch_shares_add_up_to_the_global_batch_means(megatron_world):
     lm, diffusion = token_losses.mean(), torch.stack(per_image).mean()
     expected = lm + weight * diffusion
     assert trained.item() == pytest.approx(expected.item(), rel=1e-6)
-    for key, value in (("loss", expected), ("lm_loss", lm), ("diffusion_loss", diffusion)):
-        assert batch_losses(list(reports))[key] == pytest.approx(value.item(), rel=1e-6), key
+    summed = batch_losses(list(reports))
+    for name, ours, value in zip(LossTerms.KEYS, summed.values(), (expected, lm, diffusion)):
+        assert ours == pytest.approx(value.item(), rel=1e-6), name
     for ours, theirs in zip(torch.autograd.grad(trained, inputs, materialize_grads=True),
                             torch.autograd.grad(expected, inputs, materialize_grads=True)):  # fmt: skip
         torch.testing.assert_close(ours, theirs)
@@ -173,7 +174,7 @@ def test_global_batch_without_images_or_text_tokens(megatron_world):
     (text, output), _ = uneven_micro_batches()
     total, report = GlobalBatch.of([text]).loss(text, text.batch.lm_targets()[1], 5.0, output)
     total.backward()
-    assert float(report["diffusion_loss"]) == 0.0 and float(report["lm_loss"]) > 0
+    assert float(report.diffusion) == 0.0 and float(report.lm) > 0
     assert output.predicted_noise.shape[0] == 0 and output.predicted_noise.grad is not None
 
     images = pack_documents([[[ImageSegment(torch.ones(1, 1, 2))]]], 8, 2, (1, 1, 2), SPECIAL)
@@ -181,8 +182,8 @@ def test_global_batch_without_images_or_text_tokens(megatron_world):
     lm_mask = images.lm_targets()[1]
     output = SimpleNamespace(token_losses=torch.ones(1, 8), predicted_noise=torch.ones(1, 1, 1, 2))
     _, report = GlobalBatch.of([micro]).loss(micro, lm_mask, 5.0, output)
-    assert not lm_mask.any() and float(report["lm_loss"]) == 0.0
-    assert float(report["diffusion_loss"]) == 1.0
+    assert not lm_mask.any() and float(report.lm) == 0.0
+    assert float(report.diffusion) == 1.0
 
 
 def test_min_snr_weights_by_hand():

@@ -10,6 +10,7 @@ import json
 
 import pytest
 
+from megatron_transfusion.loss import LossTerms
 from tests.conftest import run_torchrun
 
 WORKER = "tests/distributed/equivalence_worker.py"
@@ -27,7 +28,7 @@ def test_layout_matches_single_process(workdir, layout, nproc):
     run_torchrun(WORKER, nproc, "--layout", layout, "--workdir", str(workdir))
     reference = json.loads((workdir / "loss_reference.json").read_text())
     ours = json.loads((workdir / f"loss_{layout}.json").read_text())
-    for key in ("loss", "lm_loss", "diffusion_loss"):
+    for key in LossTerms.KEYS:
         assert ours[key] == pytest.approx(reference[key], abs=1e-5), key
     compare = json.loads((workdir / f"compare_{layout}.json").read_text())
     assert max(compare["grad_max"].values()) > 1e-2, "the step must move the weights"

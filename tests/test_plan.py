@@ -6,18 +6,13 @@ import pytest
 
 from benchmarks import peak_memory
 from megatron_transfusion.config import ConfigError, load_config
-from megatron_transfusion.plan import (
-    CLUSTERS,
-    Layout,
-    check,
-    check_layout,
-    enumerate_layouts,
-    main,
-    plan,
-    predict,
-    stage_memory,
-    step_time,
-)
+from megatron_transfusion.planning.cli import main
+from megatron_transfusion.planning.cluster import CLUSTERS
+from megatron_transfusion.planning.layouts import Layout, check_layout, enumerate_layouts
+from megatron_transfusion.planning.memory import stage_memory
+from megatron_transfusion.planning.ranking import plan, predict
+from megatron_transfusion.planning.report import check
+from megatron_transfusion.planning.timing import step_time
 from megatron_transfusion.training.metrics import model_flops_per_token
 
 CPU = CLUSTERS["cpu"]

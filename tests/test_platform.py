@@ -137,7 +137,9 @@ def test_cpu_peak_is_the_fastest_gemm_not_the_average(monkeypatch):
 def test_planner_prediction_for_the_running_layout():
     """What the trainer logs beside its measured memory: the planner's own figure."""
     from megatron_transfusion.config import load_config
-    from megatron_transfusion.plan import CLUSTERS, Layout, predict, predicted_memory
+    from megatron_transfusion.planning.cluster import CLUSTERS
+    from megatron_transfusion.planning.layouts import Layout
+    from megatron_transfusion.planning.ranking import predict, predicted_memory
 
     cfg = load_config("transfusion-0.16b")
     on_gpu = predict(cfg, CLUSTERS["h100-80gb"], Layout.of_config(cfg, 8)).memory.total

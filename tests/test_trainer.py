@@ -80,7 +80,7 @@ def test_metrics_carry_mfu_and_memory_beside_the_plan(data_root, uninterrupted_r
     over the run, and the layout planner's prediction for this layout (2 ranks) beside it."""
     from megatron_transfusion import platform
     from megatron_transfusion.config import load_config
-    from megatron_transfusion.plan import predicted_memory
+    from megatron_transfusion.planning.ranking import predicted_memory
 
     metrics = uninterrupted_run / "tiny" / "logs" / "metrics.jsonl"
     records = [json.loads(line) for line in metrics.read_text().splitlines()]

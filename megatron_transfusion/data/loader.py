@@ -8,8 +8,8 @@ import torch
 from megatron_transfusion.batch import (
     ImageSegment, PackedBatch, SpecialTokens, TextSegment, image_caption_length, pack_documents,
 )  # fmt: skip
-from megatron_transfusion.config import ConfigError, ExperimentConfig, UserError
-from megatron_transfusion.data.planner import IMAGE, TEXT, MixturePlanner, PlannedExample
+from megatron_transfusion.config import BatchGeometry, ConfigError, ExperimentConfig, UserError
+from megatron_transfusion.data.mixture import IMAGE, TEXT, MixturePlanner, PlannedExample
 from megatron_transfusion.data.source import PreparedDataset
 
 
@@ -72,13 +72,8 @@ class MixedModalityLoader:
                 raise UserError(f"'{dataset.directory}' holds {dataset.kind} data, not {stream}")
         special = _check_compatible(self.datasets, cfg)
         self.special = SpecialTokens(**special)
-        rows = d.global_batch_tokens // d.seq_length
-        if rows % (dp_size * d.micro_batch_size):
-            raise ConfigError(
-                f"config field 'data.global_batch_tokens': {rows} sequences per step do not split "
-                f"into {dp_size} data-parallel ranks × micro-batches of {d.micro_batch_size}"
-            )
-        self.global_rows, self.dp_rank, self.dp_size = rows, dp_rank, dp_size
+        self.global_rows = BatchGeometry.of(d, dp_size).sequences
+        self.dp_rank, self.dp_size = dp_rank, dp_size
         self._last: tuple = (None, None, None)  # (stream, index, sample) last read
         self.cfg = cfg
         self.planner = MixturePlanner(

@@ -47,9 +47,9 @@ def heldout_losses(evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: i
         for batch in loader.next_step():
             micro.append(MicroBatch.draw(batch, schedule, cfg.diffusion, generator, device))
     losses = evaluate(micro)
-    report = {f"heldout_{k}": v for k, v in losses.items()}
+    report = {f"heldout_{k}": v for k, v in losses.as_dict().items()}
     if e.text_data:
-        report["heldout_perplexity"] = math.exp(losses["lm_loss"])
+        report["heldout_perplexity"] = math.exp(losses.lm)
     return report
 
 

@@ -7,8 +7,9 @@ reduction, gradient clipping and the (partitioned) optimizer. Two things make th
 - DeepSpeed must be given an ``mpu`` that describes Megatron's groups. Without it DeepSpeed
   takes the whole world as data parallel, averages the two halves of every TP-split weight
   into each other and counts replicated gradients twice in the norm: silently wrong updates.
-- Pipeline parallelism is refused: DeepSpeed cannot combine ZeRO-2/3 with it and with
-  Megatron's schedules it is silently wrong by default; use the Megatron engine for PP > 1.
+- Pipeline parallelism is refused (config validation, like the other combinations this
+  engine cannot run): DeepSpeed cannot combine ZeRO-2/3 with it and with Megatron's
+  schedules it is silently wrong by default; use the Megatron engine for PP > 1.
 
 Checkpoints are not DeepSpeed's own files (which load only into the same TP and DP sizes)
 but the project's dist-checkpoint layout, through DeepSpeed's per-parameter accessors: they
@@ -42,10 +43,11 @@ from megatron_transfusion.checkpointing import (
     parameter_shards,
     save_sharded,
 )
-from megatron_transfusion.config import ExperimentConfig
+from megatron_transfusion.config import BatchGeometry, ExperimentConfig
+from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.training.engine import Engine, StepResult
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
-from megatron_transfusion.training.step import LOSS_KEYS, GlobalBatch, MicroBatch
+from megatron_transfusion.training.step import GlobalBatch, MicroBatch, make_forward_step
 
 LOAD_GROUP_BYTES = 2**30  # fp32 state + weights read at once per rank when loading
 
@@ -83,31 +85,19 @@ class MegatronMPU:
         return dist.get_rank(group=parallel_state.get_model_parallel_group())
 
 
-def micro_batches_per_step(cfg: ExperimentConfig, dp_size: int) -> int:
-    d = cfg.data
-    rows = d.global_batch_tokens // d.seq_length
-    if rows % (dp_size * d.micro_batch_size):
-        raise ValueError(
-            f"config field 'data.global_batch_tokens': {rows} sequences per step do not split "
-            f"into {dp_size} data-parallel ranks × micro-batches of {d.micro_batch_size}"
-        )
-    return rows // (dp_size * d.micro_batch_size)
-
-
 def deepspeed_config(
     cfg: ExperimentConfig,
     dtype: torch.dtype,
-    zero_stage: int,
     offload_optimizer: bool,
-    dp_size: int,
+    geometry: BatchGeometry,
 ) -> dict:
     """The whole DeepSpeed config, derived from ours: nothing is read from a JSON file."""
-    zero = {"stage": zero_stage}
+    zero = {"stage": cfg.parallel.zero_stage}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
-        "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
-        "gradient_accumulation_steps": micro_batches_per_step(cfg, dp_size),
+        "train_micro_batch_size_per_gpu": geometry.micro_batch_size,
+        "gradient_accumulation_steps": geometry.micro_batches,
         "gradient_clipping": cfg.optimizer.grad_clip,
         "zero_optimization": zero,
         # With bf16, DeepSpeed keeps fp32 master weights; its overflow check is what skips
@@ -129,29 +119,17 @@ class DeepSpeedEngine(Engine):
     """
 
     def __init__(
-        self,
-        cfg: ExperimentConfig,
-        model_chunks: list[torch.nn.Module],
-        zero_stage: int,
-        offload_optimizer: bool = False,
+        self, cfg: ExperimentConfig, model_chunks: list[torch.nn.Module], offload_optimizer: bool = False
     ):
-        if cfg.parallel.pipeline_parallel > 1 or len(model_chunks) != 1:
-            raise ValueError(
-                "the DeepSpeed engine does not support pipeline parallelism "
-                f"(parallel.pipeline_parallel={cfg.parallel.pipeline_parallel}): DeepSpeed cannot "
-                "combine ZeRO-2/3 with it and is silently wrong with Megatron's schedules; "
-                "use the megatron engine for PP > 1"
-            )
-        if zero_stage not in (1, 2, 3):
-            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {zero_stage}")
+        """``cfg`` is a validated ``parallel.engine=deepspeed`` config (``config.validate``
+        refuses what this engine cannot run: PP > 1, sequence parallelism, ZeRO stages
+        other than 1-3, asynchronous saves)."""
         self.cfg = cfg
         self.model_chunks = model_chunks
         (model,) = model_chunks
-        dp_size = parallel_state.get_data_parallel_world_size()
-        self.num_micro_batches = micro_batches_per_step(cfg, dp_size)
-        config = deepspeed_config(
-            cfg, platform.current().dtype, zero_stage, offload_optimizer, dp_size
-        )
+        geometry = BatchGeometry.of(cfg.data, parallel_state.get_data_parallel_world_size())
+        self.num_micro_batches = geometry.micro_batches
+        config = deepspeed_config(cfg, platform.current().dtype, offload_optimizer, geometry)
         # Checkpoint keys and shapes, taken while every weight is whole (ZeRO-3 partitions
         # them in initialize).
         self._model_state = model_sharded_state_dict(model_chunks)["chunk0"]
@@ -174,10 +152,8 @@ class DeepSpeedEngine(Engine):
             )
         set_lr(self.engine.optimizer, lr)
         self.engine.train()
-        global_batch = GlobalBatch.of(micro_batches)  # its M × DP undoes DeepSpeed's averages
         reports = []
-        for i, micro in enumerate(micro_batches):
-            total, report = self._forward(micro, global_batch)
+        for i, (total, report) in enumerate(self._losses(micro_batches)):
             reports.append(report)
             if i == len(micro_batches) - 1 and self._any_rank_not_finite(self._stack(reports)):
                 # DeepSpeed skips a step whose gradient norm is not finite on every rank
@@ -188,15 +164,20 @@ class DeepSpeedEngine(Engine):
             self.engine.step()  # updates only at the last micro-batch (the boundary)
         return self._result(self._global_losses(reports))
 
-    def _forward(self, micro: MicroBatch, global_batch: GlobalBatch):
-        labels, lm_mask = micro.batch.lm_targets()
-        output = self.engine(micro.batch, labels)
-        return global_batch.loss(micro, lm_mask, self.cfg.diffusion.loss_weight, output)
+    def _losses(self, micro_batches: list[MicroBatch]):
+        """Each micro-batch through the forward step that Megatron's schedules run, in turn:
+        (the loss to differentiate, its share of the global losses). GlobalBatch's
+        ``averaged_over`` (M × DP) undoes DeepSpeed's averages over both."""
+        forward_step = make_forward_step(GlobalBatch.of(micro_batches), self.cfg.diffusion.loss_weight)
+        batches = iter(micro_batches)
+        for _ in micro_batches:
+            output, loss = forward_step(batches, self.engine)
+            yield loss(output)
 
     @staticmethod
-    def _stack(reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """[micro-batch, (loss, lm, diffusion)]: the shares of the global losses."""
-        return torch.stack([torch.stack([r[k] for k in LOSS_KEYS]) for r in reports]).float()
+    def _stack(reports: list[LossTerms[torch.Tensor]]) -> torch.Tensor:
+        """[micro-batch, (total, lm, diffusion)]: the shares of the global losses."""
+        return torch.stack([torch.stack(r.values()) for r in reports]).float()
 
     @staticmethod
     def _any_rank_not_finite(values: torch.Tensor) -> bool:
@@ -204,16 +185,15 @@ class DeepSpeedEngine(Engine):
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # the whole world: TP ranks included
         return bool(bad)
 
-    def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+    def evaluate(self, micro_batches: list[MicroBatch]) -> LossTerms[float]:
         self.engine.eval()
-        global_batch = GlobalBatch.of(micro_batches)
         with torch.no_grad():
-            reports = [self._forward(micro, global_batch)[1] for micro in micro_batches]
+            reports = [report for _, report in self._losses(micro_batches)]
         self.engine.train()
-        return dict(zip(LOSS_KEYS, self._global_losses(reports).tolist()))
+        return LossTerms(*self._global_losses(reports).tolist())
 
-    def _global_losses(self, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """[loss, lm, diffusion] of the global batch: every rank's shares of it, summed."""
+    def _global_losses(self, reports: list[LossTerms[torch.Tensor]]) -> torch.Tensor:
+        """[total, lm, diffusion] of the global batch: every rank's shares of it, summed."""
         losses = self._stack(reports).sum(dim=0)
         dist.all_reduce(losses, group=parallel_state.get_data_parallel_group())
         return losses
@@ -225,7 +205,7 @@ class DeepSpeedEngine(Engine):
         if seen.sum() != 1:
             raise RuntimeError("DeepSpeed applied the step on some ranks only")
         return StepResult(
-            losses=dict(zip(LOSS_KEYS, losses.tolist())),
+            losses=LossTerms(*losses.tolist()),
             grad_norm=float(self.engine.get_global_grad_norm()),
             skipped=not applied,
         )

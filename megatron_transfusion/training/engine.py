@@ -4,7 +4,7 @@
   sharded optimizer state); works for every TP/PP/DP layout, through the pipeline schedules.
 - ``DeepSpeedEngine``: DeepSpeed ZeRO stages 1–3 (and offload) for TP×DP layouts; DeepSpeed
   cannot combine ZeRO-2/3 with pipeline parallelism, and its pipeline support is fragile
-  with Megatron's schedules, so PP > 1 is refused there.
+  with Megatron's schedules, so config validation refuses PP > 1 with it.
 
 The trainer sees only ``train_step``, ``evaluate``, ``save`` and ``load``.
 """
@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.training.step import MicroBatch
 
 
@@ -24,7 +25,7 @@ from megatron_transfusion.training.step import MicroBatch
 class StepResult:
     """Outcome of one optimizer step, identical on every rank."""
 
-    losses: dict[str, float]  # the global batch's loss, lm_loss, diffusion_loss (see GlobalBatch)
+    losses: LossTerms[float]  # the global batch's (see GlobalBatch)
     grad_norm: float  # global L2 norm before clipping (inf/nan if not finite)
     skipped: bool  # the update was skipped because loss or gradients were not finite
 
@@ -40,9 +41,9 @@ class Engine(ABC):
         If the loss or the gradient norm is not finite on any rank, no rank updates."""
 
     @abstractmethod
-    def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
-        """Forward only: loss, lm_loss and diffusion_loss of every rank's micro-batches
-        taken as one batch, identical on every rank. Nothing is updated."""
+    def evaluate(self, micro_batches: list[MicroBatch]) -> LossTerms[float]:
+        """Forward only: the losses of every rank's micro-batches taken as one batch,
+        identical on every rank. Nothing is updated."""
 
     @abstractmethod
     def save(self, directory: Path, background: bool = False):

@@ -39,10 +39,11 @@ from megatron_transfusion.checkpointing import (
     save_sharded,
 )
 from megatron_transfusion.config import ExperimentConfig
+from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.platform import Platform
 from megatron_transfusion.training.engine import Engine, StepResult
 from megatron_transfusion.training.optimizer import no_decay_parameter_ids
-from megatron_transfusion.training.step import LOSS_KEYS, MicroBatch, batch_losses, forward_backward
+from megatron_transfusion.training.step import MicroBatch, batch_losses, forward_backward
 
 
 class MegatronEngine(Engine):
@@ -88,12 +89,12 @@ class MegatronEngine(Engine):
         for group in self.optimizer.param_groups:
             group["weight_decay"] = o.weight_decay * group.get("wd_mult", 1.0)
 
-    def _global_losses(self, reports: list[dict[str, torch.Tensor]]) -> torch.Tensor:
-        """[loss, lm, diffusion] of the global batch, on every rank: the micro-batches'
+    def _global_losses(self, reports: list[LossTerms[torch.Tensor]]) -> torch.Tensor:
+        """[total, lm, diffusion] of the global batch, on every rank: the micro-batches'
         shares summed over DP ranks."""
-        values = torch.zeros(len(LOSS_KEYS), dtype=torch.float64)
+        values = torch.zeros(len(LossTerms.KEYS), dtype=torch.float64)
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            values = torch.tensor(list(batch_losses(reports).values()), dtype=torch.float64)
+            values = torch.tensor(batch_losses(reports).values(), dtype=torch.float64)
             dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
         dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
                        group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
@@ -112,13 +113,13 @@ class MegatronEngine(Engine):
         skipped = not (math.isfinite(grad_norm) and bool(torch.isfinite(losses).all()))
         if not skipped:
             self.optimizer.step()  # clips to the configured norm, then updates
-        return StepResult(dict(zip(LOSS_KEYS, losses.tolist())), grad_norm, skipped)
+        return StepResult(LossTerms(*losses.tolist()), grad_norm, skipped)
 
-    def evaluate(self, micro_batches: list[MicroBatch]) -> dict[str, float]:
+    def evaluate(self, micro_batches: list[MicroBatch]) -> LossTerms[float]:
         with torch.no_grad():
             reports = forward_backward(self.model_chunks, micro_batches, self.cfg.diffusion.loss_weight,
                                        forward_only=True)  # fmt: skip
-        return dict(zip(LOSS_KEYS, self._global_losses(reports).tolist()))
+        return LossTerms(*self._global_losses(reports).tolist())
 
     def _sharded_state(self, is_loading: bool) -> dict:
         model_state = model_sharded_state_dict([c.module for c in self.model_chunks])

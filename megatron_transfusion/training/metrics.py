@@ -30,6 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.tensorboard import SummaryWriter
 
 from megatron_transfusion.config import ModelConfig
+from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.model.patch import build_patch_layers
 
 
@@ -75,13 +76,14 @@ def _si(x: float) -> str:
 
 def format_line(step: int, values: dict[str, float]) -> str:
     """nanoGPT-style console line from the keys it knows; others go to the files only:
-    loss, lm_loss, diffusion_loss, lr, grad_norm, tokens_per_second, mfu (a fraction),
+    the loss terms (``LossTerms.KEYS``), lr, grad_norm, tokens_per_second, mfu (a fraction),
     memory_gib with predicted_memory_gib (the layout planner's figure) beside it."""
     parts = [f"step {step}"]
-    if "loss" in values:
+    total, lm, diffusion = LossTerms.KEYS
+    if total in values:
         details = [f"{label} {values[key]:.3f}" for key, label in
-                   (("lm_loss", "lm"), ("diffusion_loss", "diff")) if key in values]  # fmt: skip
-        parts.append(f"loss {values['loss']:.3f}" + (f" ({', '.join(details)})" if details else ""))
+                   ((lm, "lm"), (diffusion, "diff")) if key in values]  # fmt: skip
+        parts.append(f"loss {values[total]:.3f}" + (f" ({', '.join(details)})" if details else ""))
     if "lr" in values:
         parts.append(f"lr {values['lr']:.1e}")
     if "grad_norm" in values:

@@ -19,9 +19,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron_transfusion.batch import PackedBatch
 from megatron_transfusion.config import DiffusionConfig
 from megatron_transfusion.diffusion.schedule import CosineSchedule, loss_weights, noise_images
-from megatron_transfusion.loss import transfusion_loss
-
-LOSS_KEYS = ("loss", "lm_loss", "diffusion_loss")
+from megatron_transfusion.loss import LossTerms, transfusion_loss
 
 
 @dataclass(frozen=True)
@@ -73,9 +71,7 @@ class GlobalBatch:
                                 diffusion_weight, self.num_tokens, self.num_images,
                                 micro.image_weights)  # fmt: skip
         # Megatron's schedule divides the returned loss in place: report detached copies.
-        shares = [loss.total, loss.lm, loss.diffusion]
-        report = {key: value.detach().clone() for key, value in zip(LOSS_KEYS, shares)}
-        return loss.total * self.averaged_over, report
+        return loss.total * self.averaged_over, loss.map(lambda value: value.detach().clone())
 
 
 def make_forward_step(global_batch: GlobalBatch, diffusion_weight: float):
@@ -93,7 +89,7 @@ def forward_backward(
     micro_batches: list[MicroBatch],
     diffusion_weight: float,
     forward_only: bool = False,
-) -> list[dict[str, torch.Tensor]]:
+) -> list[LossTerms[torch.Tensor]]:
     """Run all micro-batches of this rank; gradients accumulate in the parameters.
 
     Returns the per-micro-batch shares of the global losses (on the last pipeline stage;
@@ -113,6 +109,7 @@ def forward_backward(
     )
 
 
-def batch_losses(reports: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def batch_losses(reports: list[LossTerms[torch.Tensor]]) -> LossTerms[float]:
     """This rank's micro-batches' shares added up: the global batch's losses when DP = 1."""
-    return {key: float(torch.stack([r[key] for r in reports]).sum()) for key in LOSS_KEYS}
+    per_term = zip(*(report.values() for report in reports))
+    return LossTerms(*(float(torch.stack(shares).sum()) for shares in per_term))

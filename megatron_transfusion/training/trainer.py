@@ -30,7 +30,7 @@ from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_lo
 from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
-from megatron_transfusion.plan import predicted_memory
+from megatron_transfusion.planning.ranking import predicted_memory
 from megatron_transfusion.training import checkpoint
 from megatron_transfusion.training.engine import Engine
 from megatron_transfusion.training.metrics import MetricsLogger, mfu, model_flops_per_token
@@ -74,7 +74,7 @@ def build_engine(cfg: ExperimentConfig, plat, chunks) -> Engine:
     if cfg.parallel.engine == "deepspeed":
         from megatron_transfusion.training.deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, chunks, zero_stage=cfg.parallel.zero_stage)
+        return DeepSpeedEngine(cfg, chunks)
     from megatron_transfusion.training.megatron_engine import MegatronEngine
 
     return MegatronEngine(cfg, plat, chunks)
@@ -180,7 +180,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
             all_tokens = sum(b.batch.tokens.numel() for b in micro_batches)
             tokens_per_second = cfg.data.global_batch_tokens / seconds
             flops = model_flops_per_token(cfg.model, cfg.data.seq_length, image_tokens / all_tokens)
-            last = {**result.losses, "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
+            last = {**result.losses.as_dict(), "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
                     "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second,
                     "mfu": mfu(tokens_per_second, flops, peak * dist.get_world_size()),
                     "skipped_steps": state["skipped_steps"],

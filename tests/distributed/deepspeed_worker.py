@@ -55,12 +55,13 @@ POISONED = {1: "latent", 2: "loss"}
 SEED = 1234
 
 
-def config(tp: int = 1, dp: int = 1, pp: int = 1):
+def config(tp: int = 1, dp: int = 1, pp: int = 1, engine: str = "megatron", zero: int = 1):
     """``dp``: the data-parallel size whose MICRO_BATCHES per rank make the global batch."""
     tokens = 96 * 2 * MICRO_BATCHES * dp  # seq_length × micro_batch_size × micro-batches × DP
     # ε: see tests/distributed/engine_worker.py (the reference sums in another order, so a
     # gradient element near 0 differs by rounding, which Adam's ~sign(g) step would amplify).
     return load_config("tiny", OVERRIDES + [
+        f"parallel.engine={engine}", f"parallel.zero_stage={zero}",
         f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
         f"data.global_batch_tokens={tokens}", "optimizer.warmup_steps=2", "run.train_steps=4",
         "optimizer.eps=1e-5",
@@ -122,7 +123,7 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def gather_results(results) -> list:
     """Every rank's StepResults, so the test can check that they agree."""
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, [dataclasses.asdict(r) for r in results])
+    dist.all_gather_object(everyone, [{**dataclasses.asdict(r), "losses": r.losses.as_dict()} for r in results])
     return everyone
 
 
@@ -145,7 +146,7 @@ def new_engine(cfg, plat, args, seed: int = SEED):
     seed_everything(seed)
     if args.engine == "megatron":
         return MegatronEngine(cfg, plat, build_model(cfg, plat))
-    return deepspeed_engine.DeepSpeedEngine(cfg, build_model(cfg, plat), args.zero, args.offload)
+    return deepspeed_engine.DeepSpeedEngine(cfg, build_model(cfg, plat), args.offload)
 
 
 def main():
@@ -168,7 +169,7 @@ def main():
     plat = platform.activate()
     # The global batch of the train scenario at DP=2 in every resume layout.
     dp = 2 if args.scenario == "resume" else int(os.environ["WORLD_SIZE"]) // args.tp
-    cfg = config(args.tp, dp, args.pp)
+    cfg = config(args.tp, dp, args.pp, args.engine, args.zero)
     init_distributed(cfg.parallel, plat)
     # The negative control: DeepSpeed without Megatron's groups.
     without_mpu = mock.patch.object(deepspeed_engine, "MegatronMPU", lambda: None)
@@ -192,7 +193,7 @@ def main():
         out = train(cfg, engine, range(NAN_STEPS), POISONED)
     else:
         out = train(cfg, engine, range(STEPS))
-        out["evaluation"] = engine.evaluate(my_micro_batches(cfg, STEPS, poison_latents=False))
+        out["evaluation"] = engine.evaluate(my_micro_batches(cfg, STEPS, poison_latents=False)).as_dict()
     # ZeRO-3 leaves each rank a partition of every weight: gather them for the export.
     with deepspeed.zero.GatheredParameters(list(engine.model_chunks[0].parameters())):
         save_sharded(model_sharded_state_dict(engine.model_chunks), args.workdir / args.name)

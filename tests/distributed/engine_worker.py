@@ -66,7 +66,7 @@ def main():
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)))
             set_lr(optimizer, lr_at(step, cfg.optimizer, STEPS))
             optimizer.step()
-            losses.append(report["loss"])
+            losses.append(report.total)
         with torch.no_grad():
             batch = [one_batch(global_micro_batches(cfg, STEPS))]
             evaluation = batch_losses(forward_backward(chunks, batch, cfg.diffusion.loss_weight, forward_only=True))
@@ -79,12 +79,12 @@ def main():
             mine = global_micro_batches(cfg, step)[rank::dp]
             result = engine.train_step(mine, lr_at(step, cfg.optimizer, STEPS))
             assert not result.skipped
-            losses.append(result.losses["loss"])
+            losses.append(result.losses.total)
             grad_norms.append(result.grad_norm)
         evaluation = engine.evaluate(global_micro_batches(cfg, STEPS)[rank::dp])
     save_sharded(model_sharded_state_dict(chunks), args.workdir / f"engine_w_{args.layout}")
     if dist.get_rank() == 0:
-        record = {"losses": losses, "grad_norms": grad_norms, "evaluation": evaluation}
+        record = {"losses": losses, "grad_norms": grad_norms, "evaluation": evaluation.as_dict()}
         (args.workdir / f"engine_loss_{args.layout}.json").write_text(json.dumps(record))
     if args.layout == "reference":
         return destroy_distributed()

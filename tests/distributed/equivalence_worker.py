@@ -82,7 +82,7 @@ def train_step(cfg, chunks, reference: bool):
             for p in chunk.parameters():
                 if p.grad is not None:
                     p -= p.grad
-    return batch_losses(reports) if reports else None
+    return batch_losses(reports).as_dict() if reports else None
 
 
 def full_state(cfg, plat, directory: Path) -> dict:
