@@ -1,11 +1,8 @@
 """Sharded model state through Megatron dist-checkpointing (torch_dist format), which
 reshards between TP/PP layouts on load; reading checkpoints safely; their manifests.
 
-Megatron's torch_dist writer forks one process per file bucket and waits on a queue with
-no timeout, so a child that dies leaves the save hanging forever (seen on loaded CPU
-machines). Here the buckets are written in the calling process, and the results travel
-through a plain queue instead of a spawned multiprocessing Manager: a save either
-finishes or raises, and no helper process is started.
+Saves write every file in the calling process (``compat.megatron_core``: Megatron's own
+writer forks a process per file and can hang forever when one dies).
 
 Loading never runs code from the checkpoint. The torch_dist format holds pickles: the
 global ``.metadata`` (torch's reader calls plain ``pickle.load`` on it), ``common.pt``
@@ -30,58 +27,27 @@ import hashlib
 import json
 import os
 import pickle
-import queue
 import struct
 import sys
 import threading
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
+from megatron_transfusion.compat.megatron_core import in_process_checkpoint_writer, torch_dist_loading_through
 from megatron_transfusion.config import UserError
 
 
 class CheckpointError(UserError):
     """A checkpoint file is missing, damaged, or holds something other than checkpoint data."""
-
-
-class _InProcessWriter(FileSystemWriterAsync):
-    @staticmethod
-    def write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets, global_results_queue):
-        results, done = queue.Queue(), queue.Queue()  # the interfaces the bucket writer reports to
-        outcome: dict | Exception = {}
-        for index, bucket in enumerate(write_buckets):
-            done.put(index)
-            FileSystemWriterAsync.write_preloaded_data(
-                transform_list, index, bucket, results, done, True, use_msc=use_msc
-            )
-            index, written = results.get()
-            if isinstance(written, Exception):
-                outcome = written
-                break
-            outcome[index] = written
-        global_results_queue.put(outcome)
-
-
-class _StagingWriter(_InProcessWriter):
-    """For background writes: host copies of everything to write. Megatron's ``.to("cpu")``
-    is a no-op for CPU tensors, which training would then overwrite under the write."""
-
-    @staticmethod
-    def preload_tensors(write_buckets, non_blocking=True):
-        return [(file_name, key, (data, [(item, t.detach().to("cpu", copy=True)) for item, t in tensors]))
-                for file_name, key, (data, tensors) in write_buckets]  # fmt: skip
 
 
 def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bool = False):
@@ -93,10 +59,7 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bo
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    with (
-        mock.patch.object(torch_strategy, "FileSystemWriterAsync", _StagingWriter if background else _InProcessWriter),
-        mock.patch.object(filesystem_async, "_get_write_results_queue", queue.Queue),
-    ):
+    with in_process_checkpoint_writer(copy_to_host=background):
         request = dist_checkpointing.save(sharded_state_dict, str(directory), async_sharded_save=background)
     return BackgroundWrite(request) if background else None
 
@@ -230,11 +193,7 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path, part: bool = F
     cannot select a reader that unpickles freely."""
     directory = Path(directory)
     metadata = read_metadata(directory)
-    with (
-        mock.patch.object(torch_strategy, "_get_filesystem_reader",
-                          lambda path, cache_metadata=False: _DataOnlyReader(path, metadata)),
-        mock.patch.object(torch_strategy, "MCoreLoadPlanner", _data_only_planner(directory)),
-    ):  # fmt: skip
+    with torch_dist_loading_through(lambda path: _DataOnlyReader(path, metadata), _data_only_planner(directory)):
         try:
             return dist_checkpointing.load(sharded_state_dict, str(directory),
                                            sharded_strategy=torch_strategy.TorchDistLoadShardedStrategy(),
