@@ -32,8 +32,7 @@ from deepspeed.utils import (
 )
 from megatron.core import parallel_state
 
-from megatron_transfusion import platform
-from megatron_transfusion.checkpointing import (
+from checkpoints.sharded import (
     load_sharded,
     loaded_optimizer_state,
     model_sharded_state_dict,
@@ -42,6 +41,7 @@ from megatron_transfusion.checkpointing import (
     parameter_shards,
     save_sharded,
 )
+from megatron_transfusion import platform
 from megatron_transfusion.compat.deepspeed import relink_optimizer_state
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.training.engine import Engine, StepResult

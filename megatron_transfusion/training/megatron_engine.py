@@ -3,7 +3,7 @@
 The distributed optimizer runs only where there is something to shard (data-parallel size
 > 1): on one replica it would copy whole buffers each step for nothing, so the plain
 optimizer does the same update there. Both write the same checkpoint layout
-(``checkpointing.optimizer_sharded_state``), so a run moves freely between them.
+(``checkpoints.sharded.optimizer_sharded_state``), so a run moves freely between them.
 
 Gradients accumulate in Megatron's contiguous buffers across micro-batches and are
 reduced (all-reduce, or reduce-scatter for the distributed optimizer) once per step,
@@ -29,7 +29,7 @@ from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
-from megatron_transfusion.checkpointing import (
+from checkpoints.sharded import (
     load_sharded,
     loaded_optimizer_state,
     model_sharded_state_dict,
