@@ -49,7 +49,7 @@ setup(
             "mtf-plan=megatron_transfusion.planning.cli:main",
             "mtf-overfit=megatron_transfusion.cli:overfit_main",
             "mtf-train=megatron_transfusion.cli:train_main",
-            "mtf-checkpoint=checkpoints.tools:main",
+            "mtf-checkpoint=checkpoints.cli:main",
             "mtf-prepare-data=data_prep.shard:main",
             "mtf-prepare-builtin=data_prep.prepare_builtin:main",
             "mtf-train-vae=data_prep.vae:train_vae_main",

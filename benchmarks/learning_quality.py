@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from checkpoints import layout
 from data_prep.shapes import Scene, make_split, pair_scenes, parse_caption, render, score_samples, single_scenes
 
 IMAGE_SIZE = 32
@@ -228,7 +229,7 @@ def main(argv=None) -> None:
 
     run_name = "model"
     train_log = out / "train.log"
-    last_checkpoint = out / run_name / "checkpoints" / f"step_{args.steps:08d}"
+    last_checkpoint = layout.step_dir(layout.checkpoints_dir(out / run_name), args.steps)
     if not (args.reuse and last_checkpoint.exists()):
         interval = max(args.steps // 8, 1) if args.curve else args.steps
         timings["train"] = _run([
@@ -245,8 +246,8 @@ def main(argv=None) -> None:
     if args.curve:
         curve_cases = test_cases(tests, max(args.per_kind // 4, 4), args.seed)
         results["curve"] = {}
-        for step_dir in sorted((out / run_name / "checkpoints").glob("step_*"))[:-1]:
-            results["curve"][step_dir.name] = evaluate(step_dir, out / "eval" / step_dir.name, curve_cases, args)
+        for checkpoint in layout.complete_checkpoints(layout.checkpoints_dir(out / run_name))[:-1]:
+            results["curve"][checkpoint.name] = evaluate(checkpoint, out / "eval" / checkpoint.name, curve_cases, args)
     if args.sweep_sampler:
         results["sampler_sweep"] = sweep_sampler(out / run_name, out / "eval" / "sweep", cases, args.guidance)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -30,10 +30,11 @@ red heart;grinning face"}
 read -r run_dir samples < <("$VENV/bin/python" - "$CONFIG" "$@" <<'PY'
 import sys
 from pathlib import Path
+from checkpoints import layout
 from megatron_transfusion.config import load_config
 cfg = load_config(sys.argv[1], sys.argv[2:])
 run_dir = Path(cfg.run.output_root) / cfg.run.name
-latest = Path(cfg.checkpoint.directory or run_dir / "checkpoints") / "latest"
+latest = layout.latest_file(Path(cfg.checkpoint.directory or layout.checkpoints_dir(run_dir)))
 print(run_dir, run_dir / "samples" / latest.read_text().strip())
 PY
 )

@@ -1,7 +1,7 @@
 """How every console command ends: a user mistake is one ``error:`` line and exit 2.
 
 Below every entry point (``cli``, ``planning.cli``, ``inference.cli``, ``evaluation.evaluate``,
-``checkpoints.tools``), so that none of them imports another to share it.
+``checkpoints.cli``), so that none of them imports another to share it.
 """
 
 from __future__ import annotations

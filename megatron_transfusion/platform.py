@@ -7,19 +7,17 @@ calls they make. It also knows what MFU and memory are measured against: a GPU's
 datasheet peak (a CPU's is measured), and the allocator's (GPU) or the process's (CPU)
 peak memory. The stand-ins are scoped: only ``megatron.*`` modules see them (each
 gets a ``torch`` proxy whose ``cuda`` attribute is replaced), so torch itself,
-torch.compile and every other library keep the real ``torch.cuda``.
+torch.compile and every other library keep the real ``torch.cuda``. Handing them to
+Megatron patches its and torch's internals; those patches live in ``compat``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.abc
-import importlib.machinery
 import math
 import os
 import re
-import sys
 import time
 import types
 from dataclasses import dataclass
@@ -27,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from megatron_transfusion.compat import megatron_core
+from megatron_transfusion.compat import torch as torch_compat
 from megatron_transfusion.config import ConfigError
 
 # Dense tensor-core peaks (without 2:4 sparsity) from NVIDIA's datasheets, FLOP/s per GPU,
@@ -237,63 +237,6 @@ def _make_torch_proxy() -> types.ModuleType:
 _TORCH_PROXY: types.ModuleType | None = None
 
 
-def _patch_megatron_module(module: types.ModuleType) -> None:
-    if getattr(module, "torch", None) is torch:
-        module.torch = _TORCH_PROXY
-    if module.__name__ == "megatron.core.tensor_parallel.random":
-        # These go through torch.cuda's lazy-init machinery, which a proxy cannot reach.
-        module._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
-        module._set_cuda_rng_state = lambda state, *a, **k: torch.set_rng_state(state)
-
-
-def _called_from_megatron(depth: int = 2) -> bool:
-    return sys._getframe(depth).f_globals.get("__name__", "").startswith("megatron.")
-
-
-def _install_tensor_method_views() -> None:
-    """Tensor methods cannot be given per module, so for megatron's callers only:
-    ``t.type()`` answers with the CUDA type name its optimizers check for, and
-    ``t.cuda()`` (used when gathering optimizer state) leaves the tensor on the CPU."""
-    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
-
-    @functools.wraps(original_type)
-    def type_view(self, *args, **kwargs):
-        name = original_type(self, *args, **kwargs)
-        if args or kwargs or not _called_from_megatron():
-            return name
-        return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
-
-    @functools.wraps(original_cuda)
-    def cuda_view(self, *args, **kwargs):
-        return self if _called_from_megatron() else original_cuda(self, *args, **kwargs)
-
-    torch.Tensor.type, torch.Tensor.cuda = type_view, cuda_view
-
-
-class _PatchingLoader(importlib.abc.Loader):
-    def __init__(self, inner):
-        self.inner = inner
-
-    def create_module(self, spec):
-        return self.inner.create_module(spec)
-
-    def exec_module(self, module):
-        self.inner.exec_module(module)
-        _patch_megatron_module(module)
-
-
-class _MegatronImportHook(importlib.abc.MetaPathFinder):
-    """Patches megatron modules that are imported after activation."""
-
-    def find_spec(self, fullname, path, target=None):
-        if not fullname.startswith("megatron."):
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
-        if spec is not None and spec.loader is not None:
-            spec.loader = _PatchingLoader(spec.loader)
-        return spec
-
-
 def install_cpu_stand_ins() -> None:
     """Give megatron.* modules CPU stand-ins for torch.cuda; idempotent; CPU only."""
     global _TORCH_PROXY
@@ -304,12 +247,10 @@ def install_cpu_stand_ins() -> None:
         )
     if _TORCH_PROXY is not None:
         return
-    _TORCH_PROXY = _make_torch_proxy()
-    _install_tensor_method_views()
-    sys.meta_path.insert(0, _MegatronImportHook())
-    for name, module in list(sys.modules.items()):
-        if name.startswith("megatron.") and module is not None:
-            _patch_megatron_module(module)
+    proxy = _make_torch_proxy()
+    torch_compat.cuda_tensor_views_for_megatron()
+    megatron_core.give_megatron_torch(proxy)
+    _TORCH_PROXY = proxy
 
 
 def cpu_stand_ins_installed() -> bool:

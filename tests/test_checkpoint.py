@@ -7,8 +7,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_transfusion.training import checkpoint
+from checkpoints import layout
+from checkpoints.sharded import model_sharded_state_dict, save_sharded
+from checkpoints.train_state import begin_checkpoint, load_checkpoint
 from megatron_transfusion.training.engine import Engine
+from tests.distributed.equivalence_worker import load_model_shards
 
 
 class FileEngine(Engine):
@@ -39,7 +42,7 @@ class FileEngine(Engine):
 
 def save(engine, directory, step, keep_last=2):
     rng = {"noise": torch.tensor([step])}
-    return checkpoint.save_checkpoint(directory, step, engine, {"loader": {"rows": step}}, rng, keep_last)
+    return begin_checkpoint(directory, step, engine, {"loader": {"rows": step}}, rng, keep_last).publish()
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(megatron_world, tmp_path):
@@ -50,10 +53,10 @@ def test_crash_during_save_keeps_the_previous_checkpoint(megatron_world, tmp_pat
     engine.crash = True
     with pytest.raises(RuntimeError, match="killed while saving"):
         save(engine, tmp_path, 4)
-    assert checkpoint.latest_checkpoint(tmp_path).name == "step_00000002"
+    assert layout.latest_checkpoint(tmp_path).name == "step_00000002"
     assert not (tmp_path / "step_00000004").exists()
     fresh = FileEngine()
-    state, rng = checkpoint.load_checkpoint(checkpoint.resolve_resume(tmp_path, "auto"), fresh)
+    state, rng = load_checkpoint(layout.resolve_resume(tmp_path, "auto"), fresh)
     assert torch.equal(fresh.value, torch.tensor([1.0, 2.0, 3.0]))
     assert state == {"step": 2, "loader": {"rows": 2}} and int(rng["noise"]) == 2
     # The next save succeeds and clears the debris; only keep_last checkpoints remain.
@@ -64,13 +67,13 @@ def test_crash_during_save_keeps_the_previous_checkpoint(megatron_world, tmp_pat
 
 
 def test_resume_choices(megatron_world, tmp_path):
-    assert checkpoint.resolve_resume(tmp_path, "auto") is None  # nothing saved yet: fresh start
-    assert checkpoint.resolve_resume(tmp_path, "none") is None
+    assert layout.resolve_resume(tmp_path, "auto") is None  # nothing saved yet: fresh start
+    assert layout.resolve_resume(tmp_path, "none") is None
     with pytest.raises(FileNotFoundError, match="missing or incomplete"):
-        checkpoint.resolve_resume(tmp_path, str(tmp_path / "step_00000099"))
+        layout.resolve_resume(tmp_path, str(tmp_path / "step_00000099"))
     (tmp_path / "latest").write_text("step_00000005")
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        checkpoint.resolve_resume(tmp_path, "auto")
+        layout.resolve_resume(tmp_path, "auto")
 
 
 def test_checkpoint_files_load_without_pickle_and_are_in_the_manifest(megatron_world, tmp_path):
@@ -85,7 +88,6 @@ def test_checkpoint_files_load_without_pickle_and_are_in_the_manifest(megatron_w
 def test_background_write_keeps_the_state_of_the_save_step(megatron_world, tmp_path):
     """Files written by the thread hold the weights at save time, though training
     updates the live tensors in place meanwhile."""
-    from megatron_transfusion.checkpointing import load_model, model_sharded_state_dict, save_sharded
     from megatron_transfusion.config import load_config
     from megatron_transfusion.model import build_model
     from megatron_transfusion.parallel import seed_everything
@@ -100,7 +102,7 @@ def test_background_write_keeps_the_state_of_the_save_step(megatron_world, tmp_p
             parameter.add_(1.0)
     write.finish()
     assert write.done()
-    load_model([model], tmp_path / "ckpt")
+    load_model_shards([model], tmp_path / "ckpt")
     for key, value in model.state_dict().items():
         if key in saved:
             assert torch.equal(value, saved[key]), key

@@ -15,7 +15,6 @@ import math
 import pytest
 import torch
 
-from megatron_transfusion.checkpointing import load_model
 from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import seed_everything
@@ -23,7 +22,7 @@ from megatron_transfusion.training.optimizer import build_adamw, set_lr
 from megatron_transfusion.training.step import batch_losses, forward_backward
 from tests.conftest import run_torchrun
 from tests.distributed import deepspeed_worker as worker
-from tests.distributed.equivalence_worker import one_batch
+from tests.distributed.equivalence_worker import load_model_shards, one_batch
 
 WORKER = "tests/distributed/deepspeed_worker.py"
 
@@ -53,7 +52,7 @@ def reference(plat, dp: int, steps: tuple[int, ...]):
 
 def trained_weights(plat, directory) -> dict[str, torch.Tensor]:
     (model,) = build_model(worker.config(), plat)
-    load_model([model], directory)
+    load_model_shards([model], directory)
     return tensors(model)
 
 

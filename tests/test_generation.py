@@ -12,16 +12,17 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from checkpoints.layout import find_checkpoint
+from checkpoints.sharded import load_model_weights
 from data_prep.vae import ConvVAE, VAEConfig, save_vae
 from kernels.attention import dense_mask
 from kernels.kv_cache import KVCache
 from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
-from megatron_transfusion.checkpointing import load_trained_model
 from megatron_transfusion.config import load_config
 from megatron_transfusion.diffusion.sampler import ReverseProcess
 from megatron_transfusion.diffusion.schedule import CosineSchedule
 from megatron_transfusion.inference.generate import Generator, SamplingConfig, _top_p
-from megatron_transfusion.inference.load import find_checkpoint, load_image_vae, load_tokenizer
+from megatron_transfusion.inference.load import load_image_vae, load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import seed_everything
 from tests.conftest import ROOT
@@ -53,7 +54,7 @@ def model_and_cfg(trained_run, megatron_world):
     cfg = load_config(str(trained_run / "config.yaml"), ["model.attention_backend=sdpa"])
     seed_everything(0)
     (model,) = build_model(cfg, megatron_world)
-    load_trained_model([model], find_checkpoint(trained_run))
+    load_model_weights([model], find_checkpoint(trained_run))
     return model.eval(), cfg
 
 
@@ -217,7 +218,7 @@ def test_tp2_and_consolidated_generation_equal_tp1(trained_run, tmp_path):
     checkpoint = find_checkpoint(trained_run)
     texts, latents = run_worker(1, checkpoint, tmp_path / "tp1.safetensors")
     exported = tmp_path / "model.safetensors"
-    subprocess.run([sys.executable, "-c", "from checkpoints.tools import main; main()", "export",
+    subprocess.run([sys.executable, "-c", "from checkpoints.cli import main; main()", "export",
                     str(checkpoint), "--out", str(exported)], check=True, cwd=ROOT, capture_output=True,
                    env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
     for nproc, source in [(2, checkpoint), (1, exported)]:

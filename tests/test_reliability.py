@@ -25,14 +25,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from megatron_transfusion.checkpointing import (
-    CheckpointError,
-    load_trained_model,
-    read_metadata,
-    save_export,
-    verify_checkpoint,
-    write_manifest,
-)
+from checkpoints import CheckpointError
+from checkpoints.export import save_export
+from checkpoints.publish import verify_checkpoint, write_manifest
+from checkpoints.sharded import load_model_weights, read_metadata
 from megatron_transfusion.config import ConfigError, UserError, load_config
 from tests.conftest import ROOT
 from tests.test_loader import config as loader_config
@@ -40,7 +36,7 @@ from tests.test_loader import prepare
 from tests.test_trainer import TRAIN, overrides, run
 
 GENERATE = "from megatron_transfusion.inference.cli import generate_main; generate_main()"
-CHECKPOINT_TOOL = "from checkpoints.tools import main; main()"
+CHECKPOINT_TOOL = "from checkpoints.cli import main; main()"
 STEP = "step_00000002"
 
 
@@ -134,7 +130,7 @@ def test_a_planted_pickle_never_runs(megatron_world, run_copy, tmp_path, planted
     cfg = load_config(str(run_copy / "tiny" / "config.yaml"), ["model.attention_backend=sdpa"])
     (model,) = build_model(cfg, megatron_world)
     with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file '{step / planted}'")) as info:
-        load_trained_model([model], step)
+        load_model_weights([model], step)
     assert "nothing in it was run" in str(info.value)
     assert not marker.exists()
 
@@ -215,7 +211,7 @@ def test_a_checkpoint_from_before_manifests_loads_with_a_warning(megatron_world,
     assert f"warning: '{step}' has no manifest.json" in capsys.readouterr().err
     cfg = load_config(str(run_copy / "tiny" / "config.yaml"), ["model.attention_backend=sdpa"])
     (model,) = build_model(cfg, megatron_world)
-    load_trained_model([model], step)
+    load_model_weights([model], step)
 
 
 def mutations(data: bytes, rng: random.Random):
@@ -249,7 +245,7 @@ def test_fuzzed_checkpoint_files_are_clean_errors(megatron_world, trained_run, t
             assert str(step / name) in str(info.value) or name == "manifest.json", (name, kind, info.value)
             if name in ("engine/.metadata", "engine/common.pt") or name.endswith(".distcp"):
                 try:
-                    load_trained_model([model], step)
+                    load_model_weights([model], step)
                 except CheckpointError as e:
                     assert str(step / name) in str(e), (name, kind, e)
 
@@ -597,7 +593,7 @@ def exported_file(path):
 
 @pytest.mark.parametrize("where", ["tensor data", "header"])
 def test_a_flipped_byte_in_an_export_is_refused_unless_told_not_to_verify(tmp_path, capsys, where):
-    from checkpoints.tools import inspect
+    from checkpoints.contents import inspect
     from megatron_transfusion.inference.cli import generate_main
 
     path = exported_file(tmp_path / "model.safetensors")
@@ -615,7 +611,7 @@ def test_a_flipped_byte_in_an_export_is_refused_unless_told_not_to_verify(tmp_pa
 
 
 def test_an_export_without_a_sha256_loads_with_a_warning(tmp_path, capsys):
-    from checkpoints.tools import inspect
+    from checkpoints.contents import inspect
 
     path = tmp_path / "old.safetensors"
     save_file({"weight": torch.zeros(2, 3)}, path, metadata={"step": "7", "config": "{}"})
@@ -677,7 +673,7 @@ def test_generation_cut_at_the_context_limit_says_so(trained_run, data_root, tmp
 
 
 def test_inspect_reads_an_export_and_names_a_missing_path(tmp_path):
-    from checkpoints.tools import inspect
+    from checkpoints.contents import inspect
 
     report = inspect(exported_file(tmp_path / "model.safetensors"))
     assert report["trainer"] == {"step": 7, "exported": True} and report["tensors"] == {"weight": [2, 3]}

@@ -98,13 +98,13 @@ def test_checkpoint_tools_inspect_and_export(uninterrupted_run, tmp_path):
     from safetensors import safe_open
 
     step8 = uninterrupted_run / "tiny" / "checkpoints" / "step_00000008"
-    result = subprocess.run([sys.executable, "-m", "checkpoints.tools", "inspect", str(step8)],
+    result = subprocess.run([sys.executable, "-m", "checkpoints.cli", "inspect", str(step8)],
                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert '"step": 8' in result.stdout and '"ranks": 2' in result.stdout
     assert "decoder.layers.mlp.linear_fc1.weight" in result.stdout  # layers stacked on a layer axis
     out = tmp_path / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "checkpoints.tools", "export", str(step8), "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "checkpoints.cli", "export", str(step8), "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     with safe_open(out, "pt") as f:
@@ -208,9 +208,9 @@ def test_trainer_with_deepspeed_zero2_trains_and_resumes(data_root, tmp_path):
     # Its checkpoints are the project's layout: the model exports and loads for generation
     # like any other run's.
     step6, out = tmp_path / "tiny" / "checkpoints" / "step_00000006", tmp_path / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "checkpoints.tools", "export", str(step6), "--out", str(out)],
+    result = subprocess.run([sys.executable, "-m", "checkpoints.cli", "export", str(step6), "--out", str(out)],
                             cwd=ROOT, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0 and out.exists(), result.stderr[-3000:]
-    load = f"from megatron_transfusion.inference.load import load_model; print(load_model('{step6}').step)"
+    load = f"from megatron_transfusion.inference.load import load_for_inference; print(load_for_inference('{step6}').step)"
     result = subprocess.run([sys.executable, "-c", load], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.split()[-1] == "6", result.stderr[-3000:]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from checkpoints import layout
 from megatron_transfusion import platform
 from megatron_transfusion.batch import ImageSegment, TextSegment
 from megatron_transfusion.console import run_cli
@@ -146,12 +147,12 @@ def evaluate_main(argv=None) -> None:
     from data_prep.images import from_model_range
     from megatron_transfusion.config import config_from_tree
     from megatron_transfusion.inference.images import save_grid
-    from megatron_transfusion.inference.load import load_image_vae, load_model, load_tokenizer
+    from megatron_transfusion.inference.load import load_for_inference, load_image_vae, load_tokenizer
     from megatron_transfusion.parallel import destroy_distributed
     from megatron_transfusion.training.step import batch_losses, forward_backward
 
-    loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
-                        verify=not args.no_verify)  # fmt: skip
+    loaded = load_for_inference(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
+                               verify=not args.no_verify)  # fmt: skip
     try:
         cfg = config_from_tree(loaded.cfg.to_dict(), args.overrides)
         e = cfg.eval
@@ -195,7 +196,7 @@ def evaluate_main(argv=None) -> None:
 def _default_out(loaded) -> Path:
     if loaded.source.suffix == ".safetensors":
         return loaded.source.with_name(f"{loaded.source.stem}_eval.json")
-    return loaded.source.parent.parent / "eval" / f"step_{loaded.step:08d}.json"
+    return loaded.source.parent.parent / "eval" / f"{layout.step_name(loaded.step)}.json"
 
 
 if __name__ == "__main__":

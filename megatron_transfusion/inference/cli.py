@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from checkpoints import layout
 from megatron_transfusion.batch import Document, ImageSegment, TextSegment
 from megatron_transfusion.console import run_cli
 from megatron_transfusion.diffusion.sampler import SPACINGS
@@ -141,12 +142,12 @@ def generate_main(argv=None) -> None:
     from tqdm import tqdm
 
     from megatron_transfusion.inference.generate import Generator, SamplingConfig
-    from megatron_transfusion.inference.load import load_image_vae, load_model, load_tokenizer
+    from megatron_transfusion.inference.load import load_for_inference, load_image_vae, load_tokenizer
     from megatron_transfusion.parallel import destroy_distributed
 
     prompts = read_prompts(args)
-    loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
-                        verify=not args.no_verify)  # fmt: skip
+    loaded = load_for_inference(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
+                               verify=not args.no_verify)  # fmt: skip
     try:
         cfg = loaded.cfg
         tokenizer = load_tokenizer(cfg, args.tokenizer)
@@ -199,7 +200,7 @@ def generate_main(argv=None) -> None:
 def _default_out(loaded) -> Path:
     if loaded.source.suffix == ".safetensors":
         return loaded.source.parent / f"{loaded.source.stem}_samples"
-    return loaded.source.parent.parent / "samples" / f"step_{loaded.step:08d}"
+    return loaded.source.parent.parent / "samples" / layout.step_name(loaded.step)
 
 
 if __name__ == "__main__":

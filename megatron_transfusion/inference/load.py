@@ -14,20 +14,16 @@ from pathlib import Path
 
 import yaml
 
+from checkpoints import layout
+from checkpoints.export import read_export_metadata
+from checkpoints.publish import verify_checkpoint
+from checkpoints.sharded import load_model_weights
 from data_prep.tokenizer import Tokenizer
 from data_prep.vae import LatentEncoder, load_vae
 from megatron_transfusion import platform
-from megatron_transfusion.checkpointing import (
-    CheckpointError, load_trained_model, run_config_path, verify_checkpoint, verify_export,
-)  # fmt: skip
 from megatron_transfusion.config import ExperimentConfig, config_from_tree, load_config
 from megatron_transfusion.model import TransfusionModel, build_model
 from megatron_transfusion.parallel import init_distributed
-
-CHECKPOINT_KINDS = (
-    "a consolidated .safetensors file (mtf-checkpoint export), a checkpoint directory "
-    "(<run>/checkpoints/step_N), a checkpoints directory with 'latest', or a run directory"
-)
 
 
 @dataclass
@@ -36,21 +32,6 @@ class LoadedModel:
     cfg: ExperimentConfig
     step: int
     source: Path
-
-
-def find_checkpoint(path: str | Path) -> Path:
-    """The checkpoint a user path names; FileNotFoundError saying what was expected."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such checkpoint: {path}")
-    if path.is_file() and path.suffix == ".safetensors":
-        return path
-    for candidate in (path, path / "checkpoints"):
-        if (candidate / "latest").is_file():
-            candidate = candidate / (candidate / "latest").read_text().strip()
-        if (candidate / "trainer.json").is_file():
-            return candidate
-    raise FileNotFoundError(f"'{path}' is not a checkpoint: expected {CHECKPOINT_KINDS}")
 
 
 def _inference_overrides(tensor_parallel: int) -> list[str]:
@@ -64,29 +45,13 @@ def _inference_overrides(tensor_parallel: int) -> list[str]:
             "model.attention_backend=sdpa", "model.fuse_elementwise=false"]  # fmt: skip
 
 
-def export_metadata(path: Path, verify: bool = True) -> dict[str, str]:
-    """The metadata of a consolidated file; CheckpointError if it is not a whole safetensors
-    file or, with ``verify``, does not match the SHA-256 it holds."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}): it is truncated or "
-                              "damaged; export the checkpoint again") from None  # fmt: skip
-    if verify:
-        verify_export(path, metadata)
-    return metadata
-
-
-def load_model(path: str | Path, tensor_parallel: int = 1, verify: bool = True) -> LoadedModel:
+def load_for_inference(path: str | Path, tensor_parallel: int = 1, verify: bool = True) -> LoadedModel:
     """Initialise the parallel state (TP over the launched ranks) and load the model.
     ``verify``: check a checkpoint directory's files against its manifest, or an exported
     file against its SHA-256, first."""
-    checkpoint = find_checkpoint(path)
+    checkpoint = layout.find_checkpoint(path)
     if checkpoint.suffix == ".safetensors":
-        metadata = export_metadata(checkpoint, verify)
+        metadata = read_export_metadata(checkpoint, verify)
         if "config" not in metadata:
             raise ValueError(f"'{checkpoint}' has no config in its metadata: not written by mtf-checkpoint export")
         if tensor_parallel != 1:
@@ -95,13 +60,13 @@ def load_model(path: str | Path, tensor_parallel: int = 1, verify: bool = True) 
         cfg = config_from_tree(yaml.safe_load(metadata["config"]), _inference_overrides(1))
         step = int(metadata.get("step", -1))
     else:
-        cfg = load_config(str(run_config_path(checkpoint)), _inference_overrides(tensor_parallel))
+        cfg = load_config(str(layout.run_config_path(checkpoint)), _inference_overrides(tensor_parallel))
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
     if checkpoint.suffix != ".safetensors":
         if verify:
             verify_checkpoint(checkpoint)
-        step = json.loads((checkpoint / "trainer.json").read_text())["step"]
+        step = layout.read_trainer_state(checkpoint)["step"]
     (model,) = build_model(cfg, plat)
     if checkpoint.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -113,7 +78,7 @@ def load_model(path: str | Path, tensor_parallel: int = 1, verify: bool = True) 
             raise ValueError(f"'{checkpoint}' does not match the model of its config: missing {missing[:5]}, "
                              f"unexpected {unexpected[:5]}")  # fmt: skip
     else:
-        load_trained_model([model], checkpoint)
+        load_model_weights([model], checkpoint)
     return LoadedModel(model.eval(), cfg, step, checkpoint)
 
 

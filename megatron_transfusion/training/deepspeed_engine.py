@@ -33,8 +33,7 @@ from deepspeed.utils import (
 )
 from megatron.core import parallel_state
 
-from megatron_transfusion import platform
-from megatron_transfusion.checkpointing import (
+from checkpoints.sharded import (
     load_sharded,
     loaded_optimizer_state,
     model_sharded_state_dict,
@@ -43,6 +42,8 @@ from megatron_transfusion.checkpointing import (
     parameter_shards,
     save_sharded,
 )
+from megatron_transfusion import platform
+from megatron_transfusion.compat.deepspeed import relink_optimizer_state
 from megatron_transfusion.config import BatchGeometry, ExperimentConfig
 from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.training.engine import Engine, StepResult
@@ -224,9 +225,7 @@ class DeepSpeedEngine(Engine):
             if not inner.state[flat]:
                 inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
                                      "exp_avg_sq": torch.zeros_like(flat)}  # fmt: skip
-        if hasattr(zero, "_hp_optimizer_states_linked"):  # ZeRO-1/2; ZeRO-3 reads the state directly
-            zero._hp_optimizer_states_linked = False
-            zero._lazy_init_hp_params_optimizer_state()
+        relink_optimizer_state(zero)
 
     def _load_groups(self) -> list[list[int]]:
         groups, size = [[]], 0

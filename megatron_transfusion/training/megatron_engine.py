@@ -3,7 +3,7 @@
 The distributed optimizer runs only where there is something to shard (data-parallel size
 > 1): on one replica it would copy whole buffers each step for nothing, so the plain
 optimizer does the same update there. Both write the same checkpoint layout
-(``checkpointing.optimizer_sharded_state``), so a run moves freely between them.
+(``checkpoints.sharded.optimizer_sharded_state``), so a run moves freely between them.
 
 Gradients accumulate in Megatron's contiguous buffers across micro-batches and are
 reduced (all-reduce, or reduce-scatter for the distributed optimizer) once per step,
@@ -29,7 +29,7 @@ from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 
-from megatron_transfusion.checkpointing import (
+from checkpoints.sharded import (
     load_sharded,
     loaded_optimizer_state,
     model_sharded_state_dict,
@@ -38,6 +38,7 @@ from megatron_transfusion.checkpointing import (
     parameter_shards,
     save_sharded,
 )
+from megatron_transfusion.compat.megatron_core import load_distributed_optimizer_state
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.platform import Platform
@@ -141,7 +142,7 @@ class MegatronEngine(Engine):
         for i, chunk in enumerate(self.model_chunks):
             chunk.module.load_state_dict(state["model"][f"chunk{i}"])
         if self.distributed_optimizer:
-            self._load_optimizer(state["optimizer"])
+            load_distributed_optimizer_state(self.optimizer, state["optimizer"], self._distributed_optimizers())
         else:
             self._load_plain_optimizer(state["optimizer"])
 
@@ -200,29 +201,3 @@ class MegatronEngine(Engine):
 
     def _distributed_optimizers(self) -> list[DistributedOptimizer]:
         return [o for o in self._optimizers() if isinstance(o, DistributedOptimizer)]
-
-    def _load_optimizer(self, optimizer_state: dict) -> None:
-        """Without Apex/TE the distributed optimizer wraps torch AdamW, which keeps a `step`
-        tensor per parameter. Megatron saves one common step and (0.16.1) then (a) tries to
-        copy a per-parameter step that the fully reshardable format never stored, and (b)
-        hands every parameter the same step tensor, which torch increments once per
-        parameter per update. Keep each parameter's step through (a), un-share it for (b)."""
-        optimizers = self._distributed_optimizers()
-        for opt in optimizers:
-            set_states = opt._set_main_param_and_optimizer_states
-
-            def keep_step(model_param, tensors, opt=opt, set_states=set_states):
-                group, order = opt.model_param_group_index_map[model_param]
-                current = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
-                return set_states(model_param, {**tensors, **({"step": current["step"]} if "step" in current else {})})
-
-            opt._set_main_param_and_optimizer_states = keep_step
-        try:
-            self.optimizer.load_state_dict(optimizer_state)
-        finally:
-            for opt in optimizers:
-                del opt._set_main_param_and_optimizer_states
-        for opt in optimizers:
-            for param_state in opt.optimizer.state.values():
-                if "step" in param_state:
-                    param_state["step"] = param_state["step"].clone()

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import parallel_state, tensor_parallel
 
+from checkpoints import layout, train_state
 from megatron_transfusion import platform
 from megatron_transfusion.config import EXIT_PREEMPTED, ExperimentConfig
 from megatron_transfusion.data import MixedModalityLoader
@@ -31,7 +32,6 @@ from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.planning.ranking import predicted_memory
-from megatron_transfusion.training import checkpoint
 from megatron_transfusion.training.engine import Engine
 from megatron_transfusion.training.metrics import MetricsLogger, mfu, model_flops_per_token
 from megatron_transfusion.training.schedule import lr_at
@@ -118,10 +118,10 @@ def train(cfg: ExperimentConfig, resume: str | None = "auto", verify: bool = Tru
 def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dict:
     rank0 = dist.get_rank() == 0
     run_dir = Path(cfg.run.output_root) / cfg.run.name
-    ckpt_dir = Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else run_dir / "checkpoints"
+    ckpt_dir = Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else layout.checkpoints_dir(run_dir)
     if rank0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        layout.run_config_file(run_dir).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.run.seed)
     memory_start = plat.peak_memory()  # logged: what model, engine and data add to it
     engine = build_engine(cfg, plat, build_model(cfg, plat))
@@ -133,9 +133,9 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     schedule = CosineSchedule.from_config(cfg.diffusion)
     state = {"skipped_steps": 0, "consecutive_skips": 0, "tokens": 0}
     step = 0
-    found = checkpoint.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)
+    found = layout.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)
     if found is not None:
-        saved, rng = checkpoint.load_checkpoint(found, engine, verify)
+        saved, rng = train_state.load_checkpoint(found, engine, verify)
         step = saved.pop("step")
         loader.load_state_dict(saved.pop("loader"))
         state.update(saved)
@@ -152,15 +152,15 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     device = plat.device()
     last: dict = {}
 
-    pending: checkpoint.PendingCheckpoint | None = None  # an async save still being written
+    pending: train_state.PendingCheckpoint | None = None  # an async save still being written
 
     def save(publish_now: bool) -> None:
         nonlocal pending
         if pending is not None:  # one save in flight at a time
             pending.publish()
         trainer_state = {**state, "loader": loader.state_dict()}
-        pending = checkpoint.begin_checkpoint(ckpt_dir, step, engine, trainer_state, _rng_state(noise_generator),
-                                              cfg.checkpoint.keep_last, cfg.checkpoint.async_save)  # fmt: skip
+        pending = train_state.begin_checkpoint(ckpt_dir, step, engine, trainer_state, _rng_state(noise_generator),
+                                               cfg.checkpoint.keep_last, cfg.checkpoint.async_save)  # fmt: skip
         if publish_now or not cfg.checkpoint.async_save:
             pending.publish()
             pending = None

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from checkpoints.sharded import model_sharded_state_dict, save_sharded
 from megatron_transfusion import platform
-from megatron_transfusion.checkpointing import model_sharded_state_dict, save_sharded
 from megatron_transfusion.config import load_config
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
 from megatron_transfusion.loss import transfusion_loss

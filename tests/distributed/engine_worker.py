@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from checkpoints.sharded import model_sharded_state_dict, save_sharded
 from megatron_transfusion import platform
-from megatron_transfusion.checkpointing import load_model, model_sharded_state_dict, save_sharded
 from megatron_transfusion.config import load_config
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
@@ -24,7 +24,7 @@ from megatron_transfusion.training.megatron_engine import MegatronEngine
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
 from megatron_transfusion.training.schedule import lr_at
 from megatron_transfusion.training.step import batch_losses, forward_backward
-from tests.distributed.equivalence_worker import OVERRIDES, full_state, micro_batches, one_batch
+from tests.distributed.equivalence_worker import OVERRIDES, full_state, load_model_shards, micro_batches, one_batch
 
 STEPS = 3
 LAYOUTS = {"reference": [], "dp2": [], "dp2_zero0": ["parallel.zero_stage=0"],
@@ -71,7 +71,7 @@ def main():
             batch = [one_batch(global_micro_batches(cfg, STEPS))]
             evaluation = batch_losses(forward_backward(chunks, batch, cfg.diffusion.loss_weight, forward_only=True))
     else:
-        load_model(chunks, args.workdir / "engine_w0")
+        load_model_shards(chunks, args.workdir / "engine_w0")
         engine = MegatronEngine(cfg, plat, chunks)
         dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
         losses, grad_norms = [], []

@@ -21,9 +21,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from checkpoints.sharded import load_sharded, model_sharded_state_dict, save_sharded
 from megatron_transfusion import platform
 from megatron_transfusion.batch import PackedBatch, TextSegment, pack_documents
-from megatron_transfusion.checkpointing import load_model, model_sharded_state_dict, save_sharded
 from megatron_transfusion.config import load_config
 from megatron_transfusion.diffusion import CosineSchedule, noise_images
 from megatron_transfusion.model import build_model
@@ -85,9 +85,16 @@ def train_step(cfg, chunks, reference: bool):
     return batch_losses(reports).as_dict() if reports else None
 
 
+def load_model_shards(chunks, directory: Path) -> None:
+    """Fill model chunks, in any layout, from a save of ``model_sharded_state_dict``."""
+    state = load_sharded(model_sharded_state_dict(chunks), directory)
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state[f"chunk{i}"])
+
+
 def full_state(cfg, plat, directory: Path) -> dict:
     (model,) = build_model(cfg, plat)
-    load_model([model], directory)
+    load_model_shards([model], directory)
     return {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
 
 
@@ -109,7 +116,7 @@ def main():
     if args.layout == "reference":
         save_sharded(model_sharded_state_dict(chunks), args.workdir / "w0")
     else:
-        load_model(chunks, args.workdir / "w0")
+        load_model_shards(chunks, args.workdir / "w0")
     report = train_step(cfg, chunks, reference=args.layout == "reference")
     save_sharded(model_sharded_state_dict(chunks), args.workdir / f"w1_{args.layout}")
     if report is not None and parallel_state.get_tensor_model_parallel_rank() == 0:

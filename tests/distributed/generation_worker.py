@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from megatron_transfusion.batch import ImageSegment, TextSegment
 from megatron_transfusion.inference.generate import Generator, SamplingConfig
-from megatron_transfusion.inference.load import load_model, load_tokenizer
+from megatron_transfusion.inference.load import load_for_inference, load_tokenizer
 from megatron_transfusion.parallel import destroy_distributed
 
 
@@ -30,7 +30,7 @@ def main():
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     args = parser.parse_args()
-    loaded = load_model(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)))
+    loaded = load_for_inference(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)))
     cfg = loaded.cfg
     special = load_tokenizer(cfg).special
     sampling = SamplingConfig(max_new_tokens=3, diffusion_steps=4, guidance_scale=3.0, temperature=0.7, top_p=0.9)

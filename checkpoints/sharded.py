@@ -1,11 +1,8 @@
-"""Sharded model state through Megatron dist-checkpointing (torch_dist format), which
-reshards between TP/PP layouts on load; reading checkpoints safely; their manifests.
+"""Sharded model and optimizer state through Megatron dist-checkpointing (torch_dist
+format), which reshards between TP/PP layouts on load, read without running code from it.
 
-Megatron's torch_dist writer forks one process per file bucket and waits on a queue with
-no timeout, so a child that dies leaves the save hanging forever (seen on loaded CPU
-machines). Here the buckets are written in the calling process, and the results travel
-through a plain queue instead of a spawned multiprocessing Manager: a save either
-finishes or raises, and no helper process is started.
+Saves write every file in the calling process (``compat.megatron_core``: Megatron's own
+writer forks a process per file and can hang forever when one dies).
 
 Loading never runs code from the checkpoint. The torch_dist format holds pickles: the
 global ``.metadata`` (torch's reader calls plain ``pickle.load`` on it), ``common.pt``
@@ -16,72 +13,26 @@ rewriting their writers and resharding readers); what changes is how its pickles
 ``.metadata`` by an unpickler that admits only the dataclasses torch's checkpoint writer
 stores (``_METADATA_GLOBALS``), ``common.pt`` and byte items by torch's weights-only
 unpickler (tensors, containers, numbers, strings). Tensor data torch already reads that way.
-
-The manifest (``manifest.json``: every file's size and SHA-256) is integrity, not
-authenticity: it catches a flipped byte, a truncated or a deleted file before anything is
-trained on or sampled from, but whoever can edit the files can edit it too. An exported
-``.safetensors`` carries the same check inside itself (``save_export``), so it travels with
-the one file.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 import pickle
-import queue
-import struct
-import sys
 import threading
 from pathlib import Path
-from unittest import mock
 
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
-from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from megatron_transfusion.config import UserError
-
-
-class CheckpointError(UserError):
-    """A checkpoint file is missing, damaged, or holds something other than checkpoint data."""
-
-
-class _InProcessWriter(FileSystemWriterAsync):
-    @staticmethod
-    def write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets, global_results_queue):
-        results, done = queue.Queue(), queue.Queue()  # the interfaces the bucket writer reports to
-        outcome: dict | Exception = {}
-        for index, bucket in enumerate(write_buckets):
-            done.put(index)
-            FileSystemWriterAsync.write_preloaded_data(
-                transform_list, index, bucket, results, done, True, use_msc=use_msc
-            )
-            index, written = results.get()
-            if isinstance(written, Exception):
-                outcome = written
-                break
-            outcome[index] = written
-        global_results_queue.put(outcome)
-
-
-class _StagingWriter(_InProcessWriter):
-    """For background writes: host copies of everything to write. Megatron's ``.to("cpu")``
-    is a no-op for CPU tensors, which training would then overwrite under the write."""
-
-    @staticmethod
-    def preload_tensors(write_buckets, non_blocking=True):
-        return [(file_name, key, (data, [(item, t.detach().to("cpu", copy=True)) for item, t in tensors]))
-                for file_name, key, (data, tensors) in write_buckets]  # fmt: skip
+from checkpoints import DAMAGED_UNVERIFIED, CheckpointError, layout
+from megatron_transfusion.compat.megatron_core import in_process_checkpoint_writer, torch_dist_loading_through
 
 
 def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bool = False):
@@ -93,10 +44,7 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bo
     if dist.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-    with (
-        mock.patch.object(torch_strategy, "FileSystemWriterAsync", _StagingWriter if background else _InProcessWriter),
-        mock.patch.object(filesystem_async, "_get_write_results_queue", queue.Queue),
-    ):
+    with in_process_checkpoint_writer(copy_to_host=background):
         request = dist_checkpointing.save(sharded_state_dict, str(directory), async_sharded_save=background)
     return BackgroundWrite(request) if background else None
 
@@ -230,11 +178,7 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path, part: bool = F
     cannot select a reader that unpickles freely."""
     directory = Path(directory)
     metadata = read_metadata(directory)
-    with (
-        mock.patch.object(torch_strategy, "_get_filesystem_reader",
-                          lambda path, cache_metadata=False: _DataOnlyReader(path, metadata)),
-        mock.patch.object(torch_strategy, "MCoreLoadPlanner", _data_only_planner(directory)),
-    ):  # fmt: skip
+    with torch_dist_loading_through(lambda path: _DataOnlyReader(path, metadata), _data_only_planner(directory)):
         try:
             return dist_checkpointing.load(sharded_state_dict, str(directory),
                                            sharded_strategy=torch_strategy.TorchDistLoadShardedStrategy(),
@@ -245,7 +189,7 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path, part: bool = F
                 raise ours[0] from None
             short = _short_files(directory, metadata)
             if short:  # unverified (--no-verify): torch's reader stops at the end with a bare EOFError
-                raise CheckpointError(f"checkpoint file {short[0]}; {_DAMAGED_UNVERIFIED}") from None
+                raise CheckpointError(f"checkpoint file {short[0]}; {DAMAGED_UNVERIFIED}") from None
             raise
 
 
@@ -329,148 +273,8 @@ def loaded_optimizer_state(loaded: dict) -> tuple[list[dict[str, torch.Tensor]],
     return [param_state[i] for i in range(len(param_state))], int(steps.pop())
 
 
-def load_model(chunks, directory: str | Path) -> None:
-    state = load_sharded(model_sharded_state_dict(chunks), directory)
-    for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state[f"chunk{i}"])
-
-
-def run_config_path(checkpoint: str | Path) -> Path:
-    """runs/<name>/checkpoints/step_N -> runs/<name>/config.yaml (the trainer writes it)."""
-    path = Path(checkpoint).resolve().parent.parent / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"no config.yaml next to the checkpoints of '{checkpoint}' (expected {path})")
-    return path
-
-
-def load_trained_model(chunks, checkpoint: str | Path) -> None:
+def load_model_weights(chunks, checkpoint: str | Path) -> None:
     """Fill model chunks, in any layout, from a training checkpoint's engine state."""
-    state = load_sharded({"model": model_sharded_state_dict(chunks)}, Path(checkpoint) / "engine")
+    state = load_sharded({"model": model_sharded_state_dict(chunks)}, layout.engine_dir(Path(checkpoint)))
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state["model"][f"chunk{i}"])
-
-
-# ---- The manifest -----------------------------------------------------------------------
-
-MANIFEST = "manifest.json"
-_DAMAGED_UNVERIFIED = "restore it or use an earlier checkpoint"
-_DAMAGED = f"{_DAMAGED_UNVERIFIED}, or pass --no-verify to load it anyway"
-
-
-def _digest(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
-
-
-def _rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def _digests(directory: Path, names: list[str]) -> dict[str, dict | None]:
-    """Size and SHA-256 of each file (None: absent). Collective where a process group is
-    up: the ranks split the files, so a large checkpoint hashes in 1/world of the time."""
-    rank, world = _rank_world()
-    mine = {name: _digest(directory / name) if (directory / name).is_file() else None for name in names[rank::world]}
-    if world == 1:
-        return mine
-    parts: list = [None] * world
-    dist.all_gather_object(parts, mine)
-    return {name: digest for part in parts for name, digest in part.items()}
-
-
-def write_manifest(checkpoint: Path) -> None:
-    """Collective where a process group is up: record the size and SHA-256 of every file
-    under ``checkpoint`` in its ``manifest.json`` (rank 0 writes it)."""
-    rank, world = _rank_world()
-    names = [sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*") if p.is_file() and p.name != MANIFEST)]
-    if world > 1:
-        dist.broadcast_object_list(names, src=0)  # rank 0's listing: all ranks split the same files
-    files = _digests(checkpoint, names[0])
-    if rank == 0:
-        (checkpoint / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
-
-
-def verify_checkpoint(checkpoint: Path) -> None:
-    """Collective where a process group is up. Every file of ``checkpoint`` against its
-    manifest; CheckpointError naming the first that is missing, truncated or changed.
-    A checkpoint from before manifests is loaded with a warning: refusing it would stop
-    runs that resume across this change."""
-    path = checkpoint / MANIFEST
-    if not path.exists():
-        if _rank_world()[0] == 0:
-            print(f"warning: '{checkpoint}' has no {MANIFEST} (written before checkpoints had one): its files "
-                  "are not verified", file=sys.stderr, flush=True)  # fmt: skip
-        return
-    try:
-        files = {str(name): {"bytes": int(entry["bytes"]), "sha256": str(entry["sha256"])}
-                 for name, entry in json.loads(path.read_text())["files"].items()}  # fmt: skip
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"'{path}' is damaged ({type(e).__name__}: {e}); {_DAMAGED}") from None
-    names = sorted(files)
-    for name in names:
-        if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CheckpointError(f"'{path}' lists '{name}', which is outside the checkpoint; {_DAMAGED}")
-    found = _digests(checkpoint, names)
-    for name in names:
-        file, expected, actual = checkpoint / name, files[name], found[name]
-        if actual is None:
-            raise CheckpointError(f"checkpoint file '{file}' is missing; {_DAMAGED}")
-        if actual["bytes"] != expected["bytes"]:
-            raise CheckpointError(f"checkpoint file '{file}' has {actual['bytes']} bytes, {MANIFEST} says "
-                                  f"{expected['bytes']}: it is truncated or damaged; {_DAMAGED}")  # fmt: skip
-        if actual["sha256"] != expected["sha256"]:
-            raise CheckpointError(f"checkpoint file '{file}' does not match its SHA-256 in {MANIFEST}: it is "
-                                  f"damaged; {_DAMAGED}")  # fmt: skip
-
-
-# ---- Exported files ---------------------------------------------------------------------
-
-EXPORT_DIGEST = "sha256"  # the metadata field of an exported .safetensors that holds its SHA-256
-_UNSET_DIGEST = "0" * 64
-
-
-def _read_header(f) -> tuple[bytes, bytes]:
-    """A safetensors file's 8-byte header length and its JSON header; ``f`` is left at the data."""
-    prefix = f.read(8)
-    return prefix, f.read(struct.unpack("<Q", prefix)[0])
-
-
-def _export_digest(path: Path, stored: str) -> str:
-    """SHA-256 of a safetensors file read with ``stored`` (its digest field's value) as zeros:
-    every byte but the digest's own, header (step, config, shapes) and tensor data alike."""
-    with open(path, "rb") as f:
-        prefix, header = _read_header(f)
-        if header.count(stored.encode()) != 1:
-            raise CheckpointError(f"'{path}' has a damaged header (its {EXPORT_DIGEST} field); export the "
-                                  "checkpoint again, or pass --no-verify to load it anyway")  # fmt: skip
-        digest = hashlib.sha256(prefix + header.replace(stored.encode(), _UNSET_DIGEST.encode()))
-        return hashlib.file_digest(f, lambda: digest).hexdigest()  # the tensor data, from here on
-
-
-def save_export(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
-    """Write one safetensors file with its SHA-256 in its metadata (``EXPORT_DIGEST``), under a
-    temporary name until complete: the digest goes in place of zeros, so no offset moves."""
-    from safetensors.torch import save_file
-
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    save_file(tensors, tmp, metadata={**metadata, EXPORT_DIGEST: _UNSET_DIGEST})
-    digest = _export_digest(tmp, _UNSET_DIGEST)
-    with open(tmp, "r+b") as f:
-        prefix, header = _read_header(f)
-        f.seek(len(prefix) + header.index(_UNSET_DIGEST.encode()))
-        f.write(digest.encode())
-    os.replace(tmp, out)
-
-
-def verify_export(path: Path, metadata: dict[str, str]) -> None:
-    """An exported file against the SHA-256 in its ``metadata``; one exported before files had
-    it loads with a warning, as a checkpoint without a manifest does."""
-    stored = metadata.get(EXPORT_DIGEST)
-    if stored is None:
-        if _rank_world()[0] == 0:
-            print(f"warning: '{path}' has no {EXPORT_DIGEST} in its metadata (exported before exports had "
-                  "one): it is not verified", file=sys.stderr, flush=True)  # fmt: skip
-        return
-    if _export_digest(path, stored) != stored:
-        raise CheckpointError(f"'{path}' does not match the SHA-256 in its metadata: it is damaged; export the "
-                              "checkpoint again, or pass --no-verify to load it anyway")  # fmt: skip

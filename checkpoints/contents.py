@@ -1,0 +1,36 @@
+"""What a checkpoint or an exported file holds: step, counters, ranks and tensor shapes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from checkpoints import layout
+from checkpoints.export import read_export_metadata
+from checkpoints.publish import verify_checkpoint
+from checkpoints.sharded import read_metadata
+
+
+def inspect(path: Path, verify: bool = True) -> dict:
+    """Step, counters and tensor shapes of a checkpoint (any path mtf-generate takes)."""
+    checkpoint = layout.find_checkpoint(path)
+    if checkpoint.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        step = read_export_metadata(checkpoint, verify).get("step", "")  # refuses a truncated or damaged file
+        with safe_open(str(checkpoint), "pt") as f:
+            tensors = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
+        return {"trainer": {"step": int(step) if step.isdigit() else step, "exported": True}, "ranks": 1,
+                "tensors": tensors}  # fmt: skip
+    if verify:
+        verify_checkpoint(checkpoint)
+    metadata = read_metadata(layout.engine_dir(checkpoint))
+    tensors = {
+        key: list(item.size)
+        for key, item in metadata.state_dict_metadata.items()
+        if hasattr(item, "size")
+    }
+    return {
+        "trainer": layout.read_trainer_state(checkpoint),
+        "ranks": layout.saved_ranks(checkpoint),
+        "tensors": tensors,
+    }
