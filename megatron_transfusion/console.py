@@ -1,6 +1,6 @@
 """How every console command ends: a user mistake is one ``error:`` line and exit 2.
 
-Below every entry point (``cli``, ``planning.cli``, ``inference.cli``, ``evaluation.evaluate``,
+Below every entry point (``cli``, ``planning.cli``, ``inference.cli``, ``evaluation.cli``,
 ``checkpoints.cli``), so that none of them imports another to share it.
 """
 

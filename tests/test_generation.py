@@ -273,7 +273,7 @@ def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path):
     (during,) = [json.loads(line) for line in (trained_run / "logs" / "eval.jsonl").read_text().splitlines()]
     assert during["step"] == 2
     out = tmp_path / "eval.json"
-    code = "from megatron_transfusion.evaluation.evaluate import evaluate_main; evaluate_main()"
+    code = "from megatron_transfusion.evaluation.cli import main; main()"
     result = subprocess.run([sys.executable, "-c", code, str(trained_run), "eval.images=3", "eval.diffusion_steps=2",
                              "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # fmt: skip

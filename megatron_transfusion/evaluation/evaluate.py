@@ -3,25 +3,19 @@ constant-caption baseline) and image generation (caption match, FID, CLIP score)
 
 The trainer calls ``heldout_losses`` (every layout and engine) and ``caption_metrics``
 (PP=1) every ``eval.interval`` steps; ``mtf-evaluate`` runs everything on a checkpoint
-and writes JSON plus tensorboard scalars.
+(``evaluation.cli``) and writes JSON plus tensorboard scalars.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import os
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from checkpoints import layout
 from megatron_transfusion import platform
 from megatron_transfusion.batch import ImageSegment, TextSegment
-from megatron_transfusion.console import run_cli
 from megatron_transfusion.config import ExperimentConfig
 from megatron_transfusion.evaluation.captions import bleu4, cider_d, tokenize
 from megatron_transfusion.inference.generate import Generator, SamplingConfig
@@ -123,81 +117,3 @@ def image_metrics(model, cfg: ExperimentConfig, tokenizer, vae, batch_size: int 
     else:
         skipped["clip_score"] = "skipped: set eval.clip_model to a local Hugging Face CLIP directory"
     return metrics, {"skipped": skipped, "images": generated}
-
-
-@run_cli(also=(ValueError,))
-def evaluate_main(argv=None) -> None:
-    """Evaluate a checkpoint on held-out data; ``eval.*`` overrides choose what and how much."""
-    parser = argparse.ArgumentParser(prog="mtf-evaluate", description=evaluate_main.__doc__)
-    parser.add_argument("checkpoint", help="run dir, checkpoints dir, step_N dir, or an exported .safetensors")
-    parser.add_argument("overrides", nargs="*", help="eval.* settings, e.g. eval.captions=200 eval.images=64")
-    parser.add_argument("--out", help="results JSON (default: <run>/eval/step_N.json)")
-    parser.add_argument("--tokenizer", help="default: the one the training data was made with")
-    parser.add_argument("--vae", help="default: the one the training latents were made with")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="load the checkpoint without checking its files against its manifest "
-                             "(an exported file: against its SHA-256)")
-    args = parser.parse_args(argv)
-    bad = [o for o in args.overrides if not o.startswith("eval.")]
-    if bad:
-        raise ValueError(f"only eval.* settings can be overridden here, got {bad}")
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    from data_prep.images import from_model_range
-    from megatron_transfusion.config import config_from_tree
-    from megatron_transfusion.inference.images import save_grid
-    from megatron_transfusion.inference.load import load_for_inference, load_image_vae, load_tokenizer
-    from megatron_transfusion.parallel import destroy_distributed
-    from megatron_transfusion.training.step import batch_losses, forward_backward
-
-    loaded = load_for_inference(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
-                               verify=not args.no_verify)  # fmt: skip
-    try:
-        cfg = config_from_tree(loaded.cfg.to_dict(), args.overrides)
-        e = cfg.eval
-        if not (e.text_data or e.image_caption_data):
-            raise ValueError("no held-out data: set eval.text_data and/or eval.image_caption_data")
-        tokenizer = load_tokenizer(cfg, args.tokenizer)
-        model = loaded.model
-
-        def evaluate(micro_batches):
-            with torch.no_grad():
-                return batch_losses(forward_backward([model], micro_batches, cfg.diffusion.loss_weight,
-                                                     forward_only=True))  # fmt: skip
-
-        metrics, details = heldout_losses(evaluate, cfg), {}
-        if e.captions and e.image_caption_data:
-            scores, details["captions"] = caption_metrics(model, cfg, tokenizer)
-            metrics.update(scores)
-        images = None
-        if e.images and e.image_caption_data:
-            scores, extra = image_metrics(model, cfg, tokenizer, load_image_vae(cfg, args.vae))
-            metrics.update(scores)
-            details["skipped"], images = extra["skipped"], extra["images"]
-        if int(os.environ.get("RANK", 0)) == 0:
-            out = Path(args.out) if args.out else _default_out(loaded)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            result = {"checkpoint": str(loaded.source), "step": loaded.step, "metrics": metrics, **details}
-            out.write_text(json.dumps(result, indent=1))
-            if images is not None:  # guided samples above their unconditional twins
-                rows = [from_model_range(images[k]) for k in ("guided", "unconditional")]
-                save_grid([*rows[0], *rows[1]], out.with_suffix(".png"), columns=len(rows[0]))
-            if loaded.source.suffix != ".safetensors":
-                with SummaryWriter(log_dir=str(loaded.source.parent.parent / "tensorboard")) as writer:
-                    for key, value in metrics.items():
-                        writer.add_scalar(f"eval/{key}", value, loaded.step)
-            print(json.dumps(metrics, indent=1))
-            print(f"wrote {out}")
-    finally:
-        destroy_distributed()
-
-
-def _default_out(loaded) -> Path:
-    if loaded.source.suffix == ".safetensors":
-        return loaded.source.with_name(f"{loaded.source.stem}_eval.json")
-    return loaded.source.parent.parent / "eval" / f"{layout.step_name(loaded.step)}.json"
-
-
-if __name__ == "__main__":
-    evaluate_main()
