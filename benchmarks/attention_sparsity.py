@@ -47,16 +47,25 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     blocks = args.seq // args.block
     causal_blocks = blocks * (blocks + 1) // 2
-    print(f"seq {args.seq}, block {args.block}: {blocks * blocks} blocks dense, {causal_blocks} causal")
+    print(
+        f"seq {args.seq}, block {args.block}: {blocks * blocks} blocks dense, {causal_blocks} causal"
+    )
     for images in (1, 2, 4):
         rows = [paper_like_row(generator, cfg, args.seq, images) for _ in range(args.rows)]
         batch = pack_documents(rows, args.seq, cfg.patches_per_image, (8, 32, 32), SPECIAL)
         mask = block_mask(batch, args.block)
-        computed = int((mask.kv_num_blocks + (mask.full_kv_num_blocks if mask.full_kv_num_blocks is not None else 0)).sum())
+        computed = int(
+            (
+                mask.kv_num_blocks
+                + (mask.full_kv_num_blocks if mask.full_kv_num_blocks is not None else 0)
+            ).sum()
+        )
         per_row = computed / args.rows
-        print(f"{images} image(s)/row: {per_row:7.1f} blocks computed per row | skipped "
-              f"{1 - per_row / (blocks * blocks):6.1%} of dense, {1 - per_row / causal_blocks:6.1%} "
-              f"of causal | attention FLOPs ×{per_row / (blocks * blocks):.3f} of dense")  # fmt: skip
+        print(
+            f"{images} image(s)/row: {per_row:7.1f} blocks computed per row | skipped "
+            f"{1 - per_row / (blocks * blocks):6.1%} of dense, {1 - per_row / causal_blocks:6.1%} "
+            f"of causal | attention FLOPs ×{per_row / (blocks * blocks):.3f} of dense"
+        )
 
 
 if __name__ == "__main__":

@@ -66,11 +66,16 @@ def shapes(dry_run: bool) -> tuple[str, list[str]]:
     """The preset and overrides a part runs: the paper's 0.16B at seq 4,096, or tiny (CPU)."""
     common = ["data.text_data=null", "data.image_caption_data=null", "eval.interval=0"]
     if dry_run:
-        return "tiny", common + ["data.seq_length=256", "data.micro_batch_size=2",
-                                 "data.global_batch_tokens=1024"]  # fmt: skip
+        return "tiny", common + [
+            "data.seq_length=256",
+            "data.micro_batch_size=2",
+            "data.global_batch_tokens=1024",
+        ]
     # 8 rows of 4,096 tokens per step in micro-batches of 2: ~0.3 s of work at 30% MFU.
-    return "transfusion-0.16b", common + ["data.micro_batch_size=2",
-                                          "data.global_batch_tokens=32768"]  # fmt: skip
+    return "transfusion-0.16b", common + [
+        "data.micro_batch_size=2",
+        "data.global_batch_tokens=32768",
+    ]
 
 
 def _world(cfg):
@@ -161,9 +166,14 @@ def attention(dry_run: bool) -> dict:
     fp32 = [t.detach().float().requires_grad_() for t in (q, k, v)]
     reference = [t.detach() for t in run("sdpa", fp32)]
     tolerance = TOLERANCE[str(plat.dtype)]
-    results = {"seq_length": seq, "rows": batch.tokens.shape[0], "images": batch.num_images,
-               "dtype": str(plat.dtype), "reference": "dense SDPA in fp32",
-               "tolerance": {"atol": tolerance, "rtol": tolerance}}  # fmt: skip
+    results = {
+        "seq_length": seq,
+        "rows": batch.tokens.shape[0],
+        "images": batch.num_images,
+        "dtype": str(plat.dtype),
+        "reference": "dense SDPA in fp32",
+        "tolerance": {"atol": tolerance, "rtol": tolerance},
+    }
     wrong = []
     for backend in ("sdpa", "flex", "flash"):
         # torch has no FlexAttention backward on CPU: the dry run checks its forward only.
@@ -171,8 +181,10 @@ def attention(dry_run: bool) -> dict:
         outputs = [t.detach().float() for t in run(backend, [q, k, v], backward)]  # compiles once
         names = ["out", "dq", "dk", "dv"][: len(outputs)]
         pairs = list(zip(names, outputs, reference))
-        outside = {n: float((~torch.isclose(a, e, atol=tolerance, rtol=tolerance)).float().mean())
-                   for n, a, e in pairs}  # fmt: skip
+        outside = {
+            n: float((~torch.isclose(a, e, atol=tolerance, rtol=tolerance)).float().mean())
+            for n, a, e in pairs
+        }
         timed = functools.partial(lambda *a: run(*a)[-1], backend, [q, k, v], backward)
         results[backend] = {
             "max_abs_error": {n: float((a - e).abs().max()) for n, a, e in pairs},
@@ -209,8 +221,10 @@ def training(dry_run: bool) -> dict:
     generator = torch.Generator().manual_seed(0)
     schedule = CosineSchedule.from_config(cfg.diffusion)
     rows = d.global_batch_tokens // d.seq_length
-    batches = [random_batch(generator, cfg.model, d.micro_batch_size, d.seq_length)
-               for _ in range(rows // d.micro_batch_size)]  # fmt: skip
+    batches = [
+        random_batch(generator, cfg.model, d.micro_batch_size, d.seq_length)
+        for _ in range(rows // d.micro_batch_size)
+    ]
     micro = [MicroBatch.draw(b, schedule, cfg.diffusion, generator, plat.device()) for b in batches]
     image_fraction = sum(int((b.image_ids >= 0).sum()) for b in batches) / (rows * d.seq_length)
     parameter = next(engine.model_chunks[0].parameters())
@@ -333,9 +347,14 @@ def _run(cmd: list[str], env: dict, limit: float) -> tuple[str, int | None]:
     """(output, exit status or None if it ran past ``limit`` seconds); on a timeout the whole
     process group goes (a part's pytest, compile workers), not just the process."""
     process = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
-    )  # fmt: skip
+    )
     try:
         return process.communicate(timeout=limit)[0], process.returncode
     except subprocess.TimeoutExpired:

@@ -36,7 +36,15 @@ import numpy as np
 from PIL import Image
 
 from checkpoints import layout
-from data_prep.shapes import Scene, make_split, pair_scenes, parse_caption, render, score_samples, single_scenes
+from data_prep.shapes import (
+    Scene,
+    make_split,
+    pair_scenes,
+    parse_caption,
+    render,
+    score_samples,
+    single_scenes,
+)
 
 IMAGE_SIZE = 32
 HELD_OUT_FRACTION = 1 / 6
@@ -46,8 +54,12 @@ VENV_BIN = Path(sys.executable).parent
 # the demo does not move the benchmark: a quarter of the tokens from the built-in text stream
 # (the model stays a language model while it learns the images), and the learning rate the
 # results in benchmarks/README.md were measured with.
-TRAIN_SETTINGS = ("data.text_token_fraction=0.25", "optimizer.lr=1e-3", "optimizer.min_lr=1e-4",
-                  "diffusion.loss_weighting=min_snr")  # fmt: skip
+TRAIN_SETTINGS = (
+    "data.text_token_fraction=0.25",
+    "optimizer.lr=1e-3",
+    "optimizer.min_lr=1e-4",
+    "diffusion.loss_weighting=min_snr",
+)
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -57,7 +69,10 @@ def _run(command: list[str], log: Path) -> float:
         result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT)
     if result.returncode:
         tail = log.read_text().splitlines()[-15:]
-        raise SystemExit(f"{' '.join(command[:3])} ... failed ({result.returncode}); see {log}:\n" + "\n".join(tail))
+        raise SystemExit(
+            f"{' '.join(command[:3])} ... failed ({result.returncode}); see {log}:\n"
+            + "\n".join(tail)
+        )
     return time.perf_counter() - started
 
 
@@ -69,10 +84,14 @@ def _tool(name: str) -> str:
 # The data set
 
 
-def make_inputs(out: Path, train_samples: int, pair_fraction: float, seed: int,
-                split_seed: int = SPLIT_SEED) -> dict[str, list[Scene]]:  # fmt: skip
+def make_inputs(
+    out: Path, train_samples: int, pair_fraction: float, seed: int, split_seed: int = SPLIT_SEED
+) -> dict[str, list[Scene]]:
     """Training tar (seen combinations only) and the test scenes of each kind."""
-    singles, pairs = (make_split(scenes, HELD_OUT_FRACTION, split_seed) for scenes in (single_scenes(), pair_scenes()))
+    singles, pairs = (
+        make_split(scenes, HELD_OUT_FRACTION, split_seed)
+        for scenes in (single_scenes(), pair_scenes())
+    )
     rng = random.Random(seed)
     (out / "train").mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "train" / "shapes-000000.tar", "w") as tar:
@@ -80,7 +99,10 @@ def make_inputs(out: Path, train_samples: int, pair_fraction: float, seed: int,
             scene = rng.choice(pairs.seen if rng.random() < pair_fraction else singles.seen)
             png = io.BytesIO()
             Image.fromarray(render(scene, IMAGE_SIZE, rng)).save(png, format="PNG")
-            for suffix, data in ((".png", png.getvalue()), (".txt", scene.caption(rng.random() < 0.5).encode())):
+            for suffix, data in (
+                (".png", png.getvalue()),
+                (".txt", scene.caption(rng.random() < 0.5).encode()),
+            ):
                 info = tarfile.TarInfo(f"{i:07d}{suffix}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -110,11 +132,15 @@ def _accuracy(rows: list[dict[str, bool]]) -> dict[str, float]:
     return {key: float(np.mean([r[key] for r in rows])) for key in rows[0]} if rows else {}
 
 
-def score_generated(samples_dir: Path, cases: list[tuple[str, Scene]]) -> dict[str, dict[str, float]]:
+def score_generated(
+    samples_dir: Path, cases: list[tuple[str, Scene]]
+) -> dict[str, dict[str, float]]:
     """Per-kind accuracies of mtf-generate's images, scored by ``shapes.score_samples``."""
     scored = score_samples(samples_dir)
     if [prompt for prompt, _ in scored] != [scene.caption() for _, scene in cases]:
-        raise SystemExit(f"{samples_dir}: {len(scored)} scored samples do not match the {len(cases)} prompts")
+        raise SystemExit(
+            f"{samples_dir}: {len(scored)} scored samples do not match the {len(cases)} prompts"
+        )
     by_kind = defaultdict(list)
     for (kind, _), (_, result) in zip(cases, scored, strict=True):
         by_kind[kind].append(result)
@@ -122,7 +148,9 @@ def score_generated(samples_dir: Path, cases: list[tuple[str, Scene]]) -> dict[s
 
 
 def score_captions(samples_dir: Path, cases: list[tuple[str, Scene]]) -> dict[str, float]:
-    records = [json.loads(line) for line in (samples_dir / "samples.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (samples_dir / "samples.jsonl").read_text().splitlines()
+    ]
     by_kind = defaultdict(list)
     for (kind, scene), record in zip(cases, records, strict=True):
         by_kind[kind].append(parse_caption(record["output"]) == scene)  # only what was generated
@@ -133,15 +161,40 @@ def score_captions(samples_dir: Path, cases: list[tuple[str, Scene]]) -> dict[st
 # The pipeline
 
 
-def text_to_image(run_or_step: Path, out: Path, flat: list[tuple[str, Scene]], sampler: str, steps: int,
-                  spacing: str, guidance: float) -> tuple[dict, float]:  # fmt: skip
+def text_to_image(
+    run_or_step: Path,
+    out: Path,
+    flat: list[tuple[str, Scene]],
+    sampler: str,
+    steps: int,
+    spacing: str,
+    guidance: float,
+) -> tuple[dict, float]:
     """Draw every test caption with mtf-generate; per-kind accuracies and the seconds it took."""
     out.mkdir(parents=True, exist_ok=True)
     prompts = out / "prompts.txt"
     prompts.write_text("".join(scene.caption() + "\n" for _, scene in flat))
-    seconds = _run([_tool("mtf-generate"), str(run_or_step), "--prompts-file", str(prompts), "--out", str(out),
-                    "--batch-size", "48", "--steps", str(steps), "--sampler", sampler, "--spacing", spacing,
-                    "--guidance", str(guidance)], out / "generate.log")  # fmt: skip
+    seconds = _run(
+        [
+            _tool("mtf-generate"),
+            str(run_or_step),
+            "--prompts-file",
+            str(prompts),
+            "--out",
+            str(out),
+            "--batch-size",
+            "48",
+            "--steps",
+            str(steps),
+            "--sampler",
+            sampler,
+            "--spacing",
+            spacing,
+            "--guidance",
+            str(guidance),
+        ],
+        out / "generate.log",
+    )
     return score_generated(out, flat), seconds
 
 
@@ -149,8 +202,15 @@ def evaluate(run_or_step: Path, out: Path, cases: dict[str, list[Scene]], args) 
     """Text -> image and image -> text on every test case, through mtf-generate."""
     out.mkdir(parents=True, exist_ok=True)
     flat = [(kind, scene) for kind, scenes in cases.items() for scene in scenes]
-    t2i, seconds = text_to_image(run_or_step, out / "t2i", flat, args.sampler, args.diffusion_steps,
-                                 args.spacing, args.guidance)  # fmt: skip
+    t2i, seconds = text_to_image(
+        run_or_step,
+        out / "t2i",
+        flat,
+        args.sampler,
+        args.diffusion_steps,
+        args.spacing,
+        args.guidance,
+    )
 
     images = out / "caption_inputs"
     images.mkdir(exist_ok=True)
@@ -161,9 +221,23 @@ def evaluate(run_or_step: Path, out: Path, cases: dict[str, list[Scene]], args) 
         Image.fromarray(render(scene, IMAGE_SIZE, rng)).save(path)
         caption_prompts.append(f"<image:{path.resolve()}>\n")
     (out / "caption_prompts.txt").write_text("".join(caption_prompts))
-    seconds += _run([_tool("mtf-generate"), str(run_or_step), "--mode", "text", "--prompts-file",
-                     str(out / "caption_prompts.txt"), "--out", str(out / "i2t"), "--max-new-tokens", "24",
-                     "--batch-size", "48"], out / "i2t.log")  # fmt: skip
+    seconds += _run(
+        [
+            _tool("mtf-generate"),
+            str(run_or_step),
+            "--mode",
+            "text",
+            "--prompts-file",
+            str(out / "caption_prompts.txt"),
+            "--out",
+            str(out / "i2t"),
+            "--max-new-tokens",
+            "24",
+            "--batch-size",
+            "48",
+        ],
+        out / "i2t.log",
+    )
     return {
         "text_to_image": t2i,
         "image_to_text": score_captions(out / "i2t", flat),
@@ -171,17 +245,33 @@ def evaluate(run_or_step: Path, out: Path, cases: dict[str, list[Scene]], args) 
     }
 
 
-def sweep_sampler(run: Path, out: Path, cases: dict[str, list[Scene]], guidance: float) -> list[dict]:
+def sweep_sampler(
+    run: Path, out: Path, cases: dict[str, list[Scene]], guidance: float
+) -> list[dict]:
     """The sampler's choices on the same weights: all-attributes-right per kind, and seconds."""
     from megatron_transfusion.diffusion.sampler import SPACINGS
 
     flat = [(kind, scene) for kind, scenes in cases.items() for scene in scenes]
     rows = []
     for sampler, steps, spacing in itertools.product(("ddpm", "ddim"), (25, 100, 250), SPACINGS):
-        scores, seconds = text_to_image(run, out / f"{sampler}{steps}_{spacing}", flat, sampler, steps, spacing, guidance)
-        rows.append({"sampler": sampler, "steps": steps, "spacing": spacing, "seconds": seconds,
-                     **{kind: scores[kind]["all"] for kind in scores}})  # fmt: skip
-        print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()), flush=True)
+        scores, seconds = text_to_image(
+            run, out / f"{sampler}{steps}_{spacing}", flat, sampler, steps, spacing, guidance
+        )
+        rows.append(
+            {
+                "sampler": sampler,
+                "steps": steps,
+                "spacing": spacing,
+                "seconds": seconds,
+                **{kind: scores[kind]["all"] for kind in scores},
+            }
+        )
+        print(
+            " ".join(
+                f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in rows[-1].items()
+            ),
+            flush=True,
+        )
     return rows
 
 
@@ -189,41 +279,88 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--train-samples", type=int, default=8000)
-    parser.add_argument("--pair-fraction", type=float, default=0.5, help="share of two-object scenes")
-    parser.add_argument("--vae-steps", type=int, default=1800,
-                        help="VAE training steps (~3 min on 2 idle cores): a step budget, so that a busy "
-                             "machine does not train a weaker VAE")
+    parser.add_argument(
+        "--pair-fraction", type=float, default=0.5, help="share of two-object scenes"
+    )
+    parser.add_argument(
+        "--vae-steps",
+        type=int,
+        default=1800,
+        help="VAE training steps (~3 min on 2 idle cores): a step budget, so that a busy "
+        "machine does not train a weaker VAE",
+    )
     parser.add_argument("--steps", type=int, default=4000, help="training steps")
     parser.add_argument("--per-kind", type=int, default=48, help="test cases of each kind")
     parser.add_argument("--diffusion-steps", type=int, default=100)
     parser.add_argument("--sampler", default="ddpm")
     parser.add_argument("--spacing", default="leading")
     parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--sweep-sampler", action="store_true",
-                        help="also score text -> image for DDPM/DDIM x 25/100/250 steps x each spacing")
+    parser.add_argument(
+        "--sweep-sampler",
+        action="store_true",
+        help="also score text -> image for DDPM/DDIM x 25/100/250 steps x each spacing",
+    )
     parser.add_argument("--curve", action="store_true", help="also score every saved checkpoint")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split-seed", type=int, default=SPLIT_SEED,
-                        help="which combinations are held out: another seed checks a change on data it was not tuned on")
-    parser.add_argument("--reuse", action="store_true", help="keep finished stages (data, VAE, shards, training)")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=SPLIT_SEED,
+        help="which combinations are held out: another seed checks a change on data it was not tuned on",
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep finished stages (data, VAE, shards, training)"
+    )
     parser.add_argument("overrides", nargs="*", help="training config overrides")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     timings = {}
 
-    tests = make_inputs(out / "inputs", args.train_samples, args.pair_fraction, args.seed, args.split_seed)
-    timings["prepare_builtin"] = _run([_tool("mtf-prepare-builtin"), "--out", "data/builtin"], out / "builtin.log")
+    tests = make_inputs(
+        out / "inputs", args.train_samples, args.pair_fraction, args.seed, args.split_seed
+    )
+    timings["prepare_builtin"] = _run(
+        [_tool("mtf-prepare-builtin"), "--out", "data/builtin"], out / "builtin.log"
+    )
     vae = out / "vae"
     if not (args.reuse and (vae / "config.json").exists()):
-        timings["vae"] = _run([_tool("mtf-train-vae"), "--inputs", str(out / "inputs" / "train"), "--image-size",
-                               str(IMAGE_SIZE), "--steps", str(args.vae_steps), "--out", str(vae)], out / "vae.log")  # fmt: skip
+        timings["vae"] = _run(
+            [
+                _tool("mtf-train-vae"),
+                "--inputs",
+                str(out / "inputs" / "train"),
+                "--image-size",
+                str(IMAGE_SIZE),
+                "--steps",
+                str(args.vae_steps),
+                "--out",
+                str(vae),
+            ],
+            out / "vae.log",
+        )
     shards = out / "shards"
     if not (args.reuse and (shards / "manifest.json").exists()):
         started = time.perf_counter()
-        _run([_tool("mtf-prepare-data"), "shard", "--kind", "image_caption", "--inputs", str(out / "inputs" / "train"),
-              "--out", str(shards), "--tokenizer", "data/builtin/tokenizer.json", "--vae", str(vae),
-              "--image-size", str(IMAGE_SIZE)], out / "shard.log")  # fmt: skip
+        _run(
+            [
+                _tool("mtf-prepare-data"),
+                "shard",
+                "--kind",
+                "image_caption",
+                "--inputs",
+                str(out / "inputs" / "train"),
+                "--out",
+                str(shards),
+                "--tokenizer",
+                "data/builtin/tokenizer.json",
+                "--vae",
+                str(vae),
+                "--image-size",
+                str(IMAGE_SIZE),
+            ],
+            out / "shard.log",
+        )
         _run([_tool("mtf-prepare-data"), "merge", "--out", str(shards)], out / "merge.log")
         timings["shard"] = time.perf_counter() - started
 
@@ -232,13 +369,32 @@ def main(argv=None) -> None:
     last_checkpoint = layout.step_dir(layout.checkpoints_dir(out / run_name), args.steps)
     if not (args.reuse and last_checkpoint.exists()):
         interval = max(args.steps // 8, 1) if args.curve else args.steps
-        timings["train"] = _run([
-            sys.executable, "-m", "megatron_transfusion.launch", "--standalone", "--nproc_per_node", "1",
-            "-m", "megatron_transfusion.train", "--config", "tiny", "--resume", "none",
-            f"data.image_caption_data={shards}", f"run.output_root={out}", f"run.name={run_name}",
-            f"run.train_steps={args.steps}", "eval.interval=0", f"checkpoint.interval={interval}",
-            "checkpoint.keep_last=8", *TRAIN_SETTINGS, *args.overrides,
-        ], train_log)  # fmt: skip
+        timings["train"] = _run(
+            [
+                sys.executable,
+                "-m",
+                "megatron_transfusion.launch",
+                "--standalone",
+                "--nproc_per_node",
+                "1",
+                "-m",
+                "megatron_transfusion.train",
+                "--config",
+                "tiny",
+                "--resume",
+                "none",
+                f"data.image_caption_data={shards}",
+                f"run.output_root={out}",
+                f"run.name={run_name}",
+                f"run.train_steps={args.steps}",
+                "eval.interval=0",
+                f"checkpoint.interval={interval}",
+                "checkpoint.keep_last=8",
+                *TRAIN_SETTINGS,
+                *args.overrides,
+            ],
+            train_log,
+        )
 
     cases = test_cases(tests, args.per_kind, args.seed)
     results = {"config": vars(args), "timings_seconds": timings}
@@ -247,29 +403,52 @@ def main(argv=None) -> None:
         curve_cases = test_cases(tests, max(args.per_kind // 4, 4), args.seed)
         results["curve"] = {}
         for checkpoint in layout.complete_checkpoints(layout.checkpoints_dir(out / run_name))[:-1]:
-            results["curve"][checkpoint.name] = evaluate(checkpoint, out / "eval" / checkpoint.name, curve_cases, args)
+            results["curve"][checkpoint.name] = evaluate(
+                checkpoint, out / "eval" / checkpoint.name, curve_cases, args
+            )
     if args.sweep_sampler:
-        results["sampler_sweep"] = sweep_sampler(out / run_name, out / "eval" / "sweep", cases, args.guidance)
+        results["sampler_sweep"] = sweep_sampler(
+            out / run_name, out / "eval" / "sweep", cases, args.guidance
+        )
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_results(results)
 
 
 def print_results(results: dict) -> None:
     final = results["final"]
-    print(f"{'text -> image':<16}" + "".join(f"{k:>10}" for k in ("colour", "shape", "size", "position", "all")))
+    print(
+        f"{'text -> image':<16}"
+        + "".join(f"{k:>10}" for k in ("colour", "shape", "size", "position", "all"))
+    )
     for kind in ("seen", "held_out"):
         row = final["text_to_image"][kind]
-        print(f"{kind:<16}" + "".join(f"{row[k]:>10.0%}" for k in ("colour", "shape", "size", "position", "all")))
-    print(f"{'two objects':<16}" + "".join(f"{k:>10}" for k in ("colours", "shapes", "relation", "all")))
+        print(
+            f"{kind:<16}"
+            + "".join(f"{row[k]:>10.0%}" for k in ("colour", "shape", "size", "position", "all"))
+        )
+    print(
+        f"{'two objects':<16}"
+        + "".join(f"{k:>10}" for k in ("colours", "shapes", "relation", "all"))
+    )
     for kind in ("pairs_seen", "pairs_held_out"):
         row = final["text_to_image"][kind]
-        print(f"{kind:<16}" + "".join(f"{row[k]:>10.0%}" for k in ("colours", "shapes", "relation", "all")))
-    print("image -> text exact: " + ", ".join(f"{k} {v:.0%}" for k, v in final["image_to_text"].items()))
+        print(
+            f"{kind:<16}"
+            + "".join(f"{row[k]:>10.0%}" for k in ("colours", "shapes", "relation", "all"))
+        )
+    print(
+        "image -> text exact: "
+        + ", ".join(f"{k} {v:.0%}" for k, v in final["image_to_text"].items())
+    )
     for step, r in results.get("curve", {}).items():
         t2i = r["text_to_image"]
-        print(f"{step}: all-correct seen {t2i['seen']['all']:.0%} held-out {t2i['held_out']['all']:.0%} "
-              f"pairs {t2i['pairs_held_out']['all']:.0%}; captions held-out {r['image_to_text']['held_out']:.0%}")  # fmt: skip
-    print("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items()))
+        print(
+            f"{step}: all-correct seen {t2i['seen']['all']:.0%} held-out {t2i['held_out']['all']:.0%} "
+            f"pairs {t2i['pairs_held_out']['all']:.0%}; captions held-out {r['image_to_text']['held_out']:.0%}"
+        )
+    print(
+        "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items())
+    )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,14 @@ def main() -> None:
     from data_prep.prepare_builtin import prepare_builtin
 
     paths = prepare_builtin(args.data)
-    cfg = load_config(args.config, [f"data.text_data={paths['text_train']}",
-                                    f"data.image_caption_data={paths['images_train']}", *args.overrides])  # fmt: skip
+    cfg = load_config(
+        args.config,
+        [
+            f"data.text_data={paths['text_train']}",
+            f"data.image_caption_data={paths['images_train']}",
+            *args.overrides,
+        ],
+    )
     from megatron_transfusion.data import MixedModalityLoader
     from megatron_transfusion.diffusion import CosineSchedule, noise_images
     from megatron_transfusion.model import build_model
@@ -45,14 +51,19 @@ def main() -> None:
     load_seconds = time.perf_counter() - start
     tokens = args.steps * cfg.data.global_batch_tokens
     rows = sum(b.tokens.shape[0] for step in steps for b in step)
-    samples = sum(int(b.document_ids.max(dim=1).values.add(1).sum()) for step in steps for b in step)
+    samples = sum(
+        int(b.document_ids.max(dim=1).values.add(1).sum()) for step in steps for b in step
+    )
 
     (model,) = build_model(cfg, plat)
     import torch
 
     generator = torch.Generator().manual_seed(0)
     schedule = CosineSchedule.from_config(cfg.diffusion)
-    prepared = [[MicroBatch(*noise_images(b, schedule, cfg.diffusion, generator)) for b in step] for step in steps]
+    prepared = [
+        [MicroBatch(*noise_images(b, schedule, cfg.diffusion, generator)) for b in step]
+        for step in steps
+    ]
     forward_backward([model], prepared[0], cfg.diffusion.loss_weight)  # warm-up
     start = time.perf_counter()
     for micro_batches in prepared[1:]:
@@ -62,8 +73,10 @@ def main() -> None:
 
     load_rate = tokens / load_seconds
     train_rate = (args.steps - 1) * cfg.data.global_batch_tokens / train_seconds
-    print(f"loader : {load_rate:12,.0f} tokens/s  {samples / load_seconds:9,.0f} samples/s  "
-          f"({rows} sequences of {cfg.data.seq_length})")
+    print(
+        f"loader : {load_rate:12,.0f} tokens/s  {samples / load_seconds:9,.0f} samples/s  "
+        f"({rows} sequences of {cfg.data.seq_length})"
+    )
     print(f"trainer: {train_rate:12,.0f} tokens/s  (forward+backward, {cfg.run.name})")
     print(f"ratio loader/trainer: {load_rate / train_rate:.1f}x")
 

@@ -54,34 +54,67 @@ NPROC = 2  # one run of two processes (torchrun over gloo) measures every case
 # A small model with every part of the real one: 4 layers of width 256 (SwiGLU 768), an
 # 8k vocabulary, rows of 256 tokens holding text and 16-patch images; one micro-batch of
 # 2 rows per step and rank (4 micro-batches for the pipeline).
-BASE = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4", "model.vocab_size=8192",
-        "model.max_sequence_length=1024", "model.latent_size=4", "model.patch_size=1",
-        "model.patch_layer=linear", "model.timestep_frequency_dim=64", "data.seq_length=256",
-        "data.micro_batch_size=2", "data.global_batch_tokens=1024"]  # fmt: skip
+BASE = [
+    "model.num_layers=4",
+    "model.hidden_size=256",
+    "model.num_attention_heads=4",
+    "model.vocab_size=8192",
+    "model.max_sequence_length=1024",
+    "model.latent_size=4",
+    "model.patch_size=1",
+    "model.patch_layer=linear",
+    "model.timestep_frequency_dim=64",
+    "data.seq_length=256",
+    "data.micro_batch_size=2",
+    "data.global_batch_tokens=1024",
+]
 CASES = {
     "DP=2 ZeRO-0": ["parallel.zero_stage=0"],
     "DP=2 ZeRO-1": [],
-    "full recompute, 1024 tokens": ["data.seq_length=1024", "data.micro_batch_size=1",
-                                    "data.global_batch_tokens=2048", "parallel.recompute=full"],
-    "width 384, GQA, selective": ["model.hidden_size=384", "model.num_attention_heads=6",
-                                  "model.num_query_groups=2", "parallel.recompute=selective"],
-    "U-Net patch layers": ["model.latent_size=8", "model.patch_size=2", "model.patch_layer=unet",
-                           "model.unet_channels=[32, 64]"],
+    "full recompute, 1024 tokens": [
+        "data.seq_length=1024",
+        "data.micro_batch_size=1",
+        "data.global_batch_tokens=2048",
+        "parallel.recompute=full",
+    ],
+    "width 384, GQA, selective": [
+        "model.hidden_size=384",
+        "model.num_attention_heads=6",
+        "model.num_query_groups=2",
+        "parallel.recompute=selective",
+    ],
+    "U-Net patch layers": [
+        "model.latent_size=8",
+        "model.patch_size=2",
+        "model.patch_layer=unet",
+        "model.unet_channels=[32, 64]",
+    ],
     "TP=2": ["parallel.tensor_parallel=2", "data.global_batch_tokens=512"],
-    "TP=2 + SP": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true", "data.global_batch_tokens=512"],
+    "TP=2 + SP": [
+        "parallel.tensor_parallel=2",
+        "parallel.sequence_parallel=true",
+        "data.global_batch_tokens=512",
+    ],
     "PP=2, 4 micro-batches": ["parallel.pipeline_parallel=2", "data.global_batch_tokens=2048"],
-}  # fmt: skip
+}
 # Run first, unmeasured: one-time costs (modules imported while building an engine, thread
 # pools, ~15 MiB set up by the first convolutions, ~5-12 MiB of scratch kept after the first
 # 1024-token rows) then fall before every case's baseline.
-WARM_UP = BASE + CASES["U-Net patch layers"] + CASES["full recompute, 1024 tokens"] + ["model.num_layers=1"]
+WARM_UP = (
+    BASE
+    + CASES["U-Net patch layers"]
+    + CASES["full recompute, 1024 tokens"]
+    + ["model.num_layers=1"]
+)
 
 
 def resident_bytes() -> dict[str, int]:
     """Current and peak resident set size of this process, in bytes."""
     status = Path("/proc/self/status").read_text()
-    return {key: 1024 * int(re.search(rf"{key}:\s+(\d+) kB", status).group(1))
-            for key in ("VmRSS", "VmHWM")}  # fmt: skip
+    return {
+        key: 1024 * int(re.search(rf"{key}:\s+(\d+) kB", status).group(1))
+        for key in ("VmRSS", "VmHWM")
+    }
 
 
 def reset_peak() -> None:
@@ -101,9 +134,17 @@ def measure(overrides: list[str], plat) -> dict:
         cfg.run.seed + parallel_state.get_data_parallel_rank()
     )
     schedule = CosineSchedule.from_config(cfg.diffusion)
-    micro = [MicroBatch(*noise_images(random_batch(generator, cfg.model, d.micro_batch_size, d.seq_length),
-                                      schedule, cfg.diffusion, generator))
-             for _ in range(count)]  # fmt: skip
+    micro = [
+        MicroBatch(
+            *noise_images(
+                random_batch(generator, cfg.model, d.micro_batch_size, d.seq_length),
+                schedule,
+                cfg.diffusion,
+                generator,
+            )
+        )
+        for _ in range(count)
+    ]
     image_tokens = sum(int((m.batch.image_ids >= 0).sum()) for m in micro)
     gc.collect()
     baseline = resident_bytes()["VmRSS"]
@@ -118,11 +159,22 @@ def measure(overrides: list[str], plat) -> dict:
     gc.collect()
     parallel_state.destroy_model_parallel()
     results = [None] * dist.get_world_size()
-    dist.all_gather_object(results, {"state": state, "peak": peak, "image_tokens": image_tokens,
-                                     "tokens": count * d.micro_batch_size * d.seq_length})  # fmt: skip
+    dist.all_gather_object(
+        results,
+        {
+            "state": state,
+            "peak": peak,
+            "image_tokens": image_tokens,
+            "tokens": count * d.micro_batch_size * d.seq_length,
+        },
+    )
     tokens = sum(r["tokens"] for r in results)
-    return {"overrides": overrides, "image_token_fraction": sum(r["image_tokens"] for r in results) / tokens,
-            "state": [r["state"] for r in results], "peak": [r["peak"] for r in results]}  # fmt: skip
+    return {
+        "overrides": overrides,
+        "image_token_fraction": sum(r["image_tokens"] for r in results) / tokens,
+        "state": [r["state"] for r in results],
+        "peak": [r["peak"] for r in results],
+    }
 
 
 def worker(argv: list[str]) -> None:
@@ -146,9 +198,21 @@ def run(cases: dict[str, list[str]], timeout: int = 600) -> dict[str, dict]:
     """Measure ``cases`` (name -> overrides of BASE) in one torchrun of NPROC processes."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={NPROC}", "--standalone",
-               str(Path(__file__).resolve()), "--worker", "--out", str(out), "--warm-up", json.dumps(WARM_UP),
-               "--cases", json.dumps([BASE + overrides for overrides in cases.values()])]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={NPROC}",
+            "--standalone",
+            str(Path(__file__).resolve()),
+            "--worker",
+            "--out",
+            str(out),
+            "--warm-up",
+            json.dumps(WARM_UP),
+            "--cases",
+            json.dumps([BASE + overrides for overrides in cases.values()]),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
         done = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False
@@ -174,8 +238,10 @@ def predicted(result: dict) -> list:
         if layout.pp == 1
         else [(r == 0, r == ranks - 1) for r in range(ranks)]
     )
-    return [stage_memory(cfg, CLUSTERS["cpu"], layout, result["image_token_fraction"], first, last)
-            for first, last in stages]  # fmt: skip
+    return [
+        stage_memory(cfg, CLUSTERS["cpu"], layout, result["image_token_fraction"], first, last)
+        for first, last in stages
+    ]
 
 
 def main() -> None:
@@ -183,14 +249,18 @@ def main() -> None:
         ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD = 64 KiB, fixed
         return worker(sys.argv[2:])
     mib = 2**20
-    print(f"{'case':30s} {'rank':>4} | {'state MiB':>9} {'predicted':>9} {'error':>7} | "
-          f"{'peak MiB':>9} {'predicted':>9} {'error':>7}")  # fmt: skip
+    print(
+        f"{'case':30s} {'rank':>4} | {'state MiB':>9} {'predicted':>9} {'error':>7} | "
+        f"{'peak MiB':>9} {'predicted':>9} {'error':>7}"
+    )
     for name, result in run(CASES).items():
         for rank, memory in enumerate(predicted(result)):
             state, peak = result["state"][rank], result["peak"][rank]
-            print(f"{name:30s} {rank:>4} | {state / mib:9.1f} {memory.state / mib:9.1f} "
-                  f"{memory.state / state - 1:+7.1%} | {peak / mib:9.1f} {memory.total / mib:9.1f} "
-                  f"{memory.total / peak - 1:+7.1%}")  # fmt: skip
+            print(
+                f"{name:30s} {rank:>4} | {state / mib:9.1f} {memory.state / mib:9.1f} "
+                f"{memory.state / state - 1:+7.1%} | {peak / mib:9.1f} {memory.total / mib:9.1f} "
+                f"{memory.total / peak - 1:+7.1%}"
+            )
 
 
 if __name__ == "__main__":

@@ -29,12 +29,27 @@ from megatron_transfusion.planning.layouts import Layout
 from megatron_transfusion.planning.ranking import predict
 
 H100 = CLUSTERS["h100-80gb"]
-GPT3_175B = ["model.num_layers=96", "model.hidden_size=12288", "model.num_attention_heads=96",
-             "model.ffn_hidden_size=32768", "model.vocab_size=51200", "model.max_sequence_length=2048",
-             "data.seq_length=2048", f"data.global_batch_tokens={1152 * 2048}"]  # fmt: skip
-LLAMA3_8B = ["model.num_layers=32", "model.hidden_size=4096", "model.num_attention_heads=32",
-             "model.num_query_groups=8", "model.ffn_hidden_size=14336", "model.vocab_size=128256",
-             "model.max_sequence_length=8192", "data.seq_length=8192", f"data.global_batch_tokens={8 * 8192}"]  # fmt: skip
+GPT3_175B = [
+    "model.num_layers=96",
+    "model.hidden_size=12288",
+    "model.num_attention_heads=96",
+    "model.ffn_hidden_size=32768",
+    "model.vocab_size=51200",
+    "model.max_sequence_length=2048",
+    "data.seq_length=2048",
+    f"data.global_batch_tokens={1152 * 2048}",
+]
+LLAMA3_8B = [
+    "model.num_layers=32",
+    "model.hidden_size=4096",
+    "model.num_attention_heads=32",
+    "model.num_query_groups=8",
+    "model.ffn_hidden_size=14336",
+    "model.vocab_size=128256",
+    "model.max_sequence_length=8192",
+    "data.seq_length=8192",
+    f"data.global_batch_tokens={8 * 8192}",
+]
 NO_IMAGES = ["model.patch_layer=linear", "data.text_token_fraction=1.0"]
 
 
@@ -42,8 +57,10 @@ def megatron_gpt3(gpus: int):
     """Best prediction over virtual-pipeline sizes for TP=4, PP=8 on ``gpus`` H100s."""
     cfg = load_config(None, GPT3_175B + NO_IMAGES)
     layers_per_stage = cfg.model.num_layers // 8
-    options = [Layout(4, 8, gpus // 32, vp, 1, "none", "megatron", 1)
-               for vp in [None] + [v for v in range(2, layers_per_stage + 1) if layers_per_stage % v == 0]]  # fmt: skip
+    options = [
+        Layout(4, 8, gpus // 32, vp, 1, "none", "megatron", 1)
+        for vp in [None] + [v for v in range(2, layers_per_stage + 1) if layers_per_stage % v == 0]
+    ]
     return max((predict(cfg, H100, layout, 0.0) for layout in options), key=lambda p: p.mfu)
 
 
@@ -68,21 +85,37 @@ def main() -> None:
     rows = []
     for gpus, published in ((96, 0.47), (4608, 0.42)):
         p = megatron_gpt3(gpus)
-        rows.append((f"(a) Megatron-Core GPT-3 175B, {gpus} GPUs, {p.layout.describe()}", "MFU",
-                     published, p.mfu, p))  # fmt: skip
+        rows.append(
+            (
+                f"(a) Megatron-Core GPT-3 175B, {gpus} GPUs, {p.layout.describe()}",
+                "MFU",
+                published,
+                p.mfu,
+                p,
+            )
+        )
     p = torchtitan_llama3()
-    rows.append((f"(b) torchtitan Llama-3 8B, 8 GPUs, {p.layout.describe()}", "tokens/s/GPU",
-                 5762.0, p.tokens_per_second_per_gpu, p))  # fmt: skip
+    rows.append(
+        (
+            f"(b) torchtitan Llama-3 8B, 8 GPUs, {p.layout.describe()}",
+            "tokens/s/GPU",
+            5762.0,
+            p.tokens_per_second_per_gpu,
+            p,
+        )
+    )
     for name, unit, published, predicted, p in rows:
         error = predicted / published - 1
         shown = (lambda x: f"{x:.1%}") if unit == "MFU" else (lambda x: f"{x:,.0f}")
         implied = implied_efficiency(p, predicted / published)
         implied = f"{implied:.2f}" if implied <= 1 else "none (communication alone is longer)"
-        print(f"{name}\n    {unit}: published {shown(published)}, predicted {shown(predicted)}, "
-              f"error {error:+.1%} | MFU {p.mfu:.1%}, step {p.time.total:.2f} s (compute {p.time.compute:.2f}, "
-              f"bubble {p.time.bubble:.2f}, TP {p.time.tensor_parallel:.2f}, PP p2p {p.time.pipeline_p2p:.2f}, "
-              f"DP {p.time.data_parallel:.2f}) | efficiency that would match: "
-              f"{implied}")  # fmt: skip
+        print(
+            f"{name}\n    {unit}: published {shown(published)}, predicted {shown(predicted)}, "
+            f"error {error:+.1%} | MFU {p.mfu:.1%}, step {p.time.total:.2f} s (compute {p.time.compute:.2f}, "
+            f"bubble {p.time.bubble:.2f}, TP {p.time.tensor_parallel:.2f}, PP p2p {p.time.pipeline_p2p:.2f}, "
+            f"DP {p.time.data_parallel:.2f}) | efficiency that would match: "
+            f"{implied}"
+        )
     drop_published = 0.42 / 0.47
     drop_predicted = rows[1][3] / rows[0][3]
     print(

@@ -62,8 +62,14 @@ NO_SLURM = 3  # exit code when no local Slurm can run here (as launch/local_slur
 # step instead of 512 (the paper's 2M tokens), which would take hours a step.
 # run.seed=12 orders the data so that row 1 is the first window of the 4,095-token document
 # (BOS + 4,095 tokens) and row 3, after the resume, its last window (its last token and EOS).
-OVERRIDES = (f"model.num_layers={LAYERS}", "data.global_batch_tokens=4096",
-             f"run.train_steps={STEPS}", "run.log_interval=1", "eval.interval=0", "run.seed=12")  # fmt: skip
+OVERRIDES = (
+    f"model.num_layers={LAYERS}",
+    "data.global_batch_tokens=4096",
+    f"run.train_steps={STEPS}",
+    "run.log_interval=1",
+    "eval.interval=0",
+    "run.seed=12",
+)
 
 
 def make_inputs(out: Path, seed: int = 0) -> dict:
@@ -100,7 +106,10 @@ def make_inputs(out: Path, seed: int = 0) -> dict:
     with open(out / "text" / "text-000000.jsonl", "w", encoding="utf-8") as f:
         for text in documents:
             f.write(json.dumps({"text": text}) + "\n")
-    return {"caption": captions[0], "document_tokens": [len(tokenizer.encode(d)) for d in documents]}
+    return {
+        "caption": captions[0],
+        "document_tokens": [len(tokenizer.encode(d)) for d in documents],
+    }
 
 
 def _prefix_of_length(text: str, tokens: int, tokenizer) -> str:
@@ -152,7 +161,10 @@ def _trainer_peak_rss(run_name: str) -> dict[int, int]:
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            if b"megatron_transfusion.train" not in cmdline or f"run.name={run_name}".encode() not in cmdline:
+            if (
+                b"megatron_transfusion.train" not in cmdline
+                or f"run.name={run_name}".encode() not in cmdline
+            ):
                 continue
             if b"torch.distributed.run" in cmdline:
                 continue
@@ -181,17 +193,31 @@ def train_preempt_resume(env: dict, out: Path, data: dict[str, Path], timeout: f
     from submission, the job's final state and the trainer's peak RSS."""
     log = out / "train.log"
     log.unlink(missing_ok=True)
-    overrides = [f"data.text_data={data['text']}", f"data.image_caption_data={data['img']}",
-                 f"run.output_root={out}", *OVERRIDES]  # fmt: skip
+    overrides = [
+        f"data.text_data={data['text']}",
+        f"data.image_caption_data={data['img']}",
+        f"run.output_root={out}",
+        *OVERRIDES,
+    ]
     # The script's allocation is 4 nodes × 8 GPUs: one CPU node here, one trainer process.
     submitted = time.perf_counter()
-    job = _slurm(env, "sbatch", "--parsable", "--nodes=1", "--gpus-per-node=0", f"--output={log}",
-                 "launch/pretrain_0.16b.sh", *overrides)  # fmt: skip
+    job = _slurm(
+        env,
+        "sbatch",
+        "--parsable",
+        "--nodes=1",
+        "--gpus-per-node=0",
+        f"--output={log}",
+        "launch/pretrain_0.16b.sh",
+        *overrides,
+    )
     run_name = f"transfusion-0.16B-{job}"
     events: dict[str, float] = {}
     peaks: dict[int, int] = {}
     signalled = False
-    while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
+    while subprocess.run(
+        ["squeue", "-h", "-j", job], env=env, capture_output=True, text=True
+    ).stdout.strip():
         elapsed = time.perf_counter() - submitted
         if elapsed > timeout:
             subprocess.run(["scancel", job], env=env)
@@ -203,18 +229,26 @@ def train_preempt_resume(env: dict, out: Path, data: dict[str, Path], timeout: f
         if "step_1_logged" in events and not signalled:
             _slurm(env, "scancel", "--signal=USR1", "--batch", job)
             events["stop_signal_sent"], signalled = elapsed, True
-        peaks.update({pid: max(rss, peaks.get(pid, 0)) for pid, rss in _trainer_peak_rss(run_name).items()})
+        peaks.update(
+            {pid: max(rss, peaks.get(pid, 0)) for pid, rss in _trainer_peak_rss(run_name).items()}
+        )
         time.sleep(0.2)
     events["job_done"] = time.perf_counter() - submitted
     info = _job(env, job)
     text = log.read_text()
     if (info["JobState"], info["ExitCode"], info["Restarts"]) != ("COMPLETED", "0:0", "1"):
-        raise SystemExit(f"job {job}: {info['JobState']} exit {info['ExitCode']} after {info['Restarts']} "
-                         f"restarts, expected COMPLETED 0:0 after 1; see {log}:\n{text[-3000:]}")  # fmt: skip
+        raise SystemExit(
+            f"job {job}: {info['JobState']} exit {info['ExitCode']} after {info['Restarts']} "
+            f"restarts, expected COMPLETED 0:0 after 1; see {log}:\n{text[-3000:]}"
+        )
     saved = re.search(r"stop requested: saved step (\d+)", text)
-    return {"job": job, "run_dir": str(out / run_name), "events_seconds": events,
-            "stop_saved_step": int(saved.group(1)) if saved else None,
-            "trainer_peak_rss_gib": [rss / 2**30 for rss in peaks.values()]}  # fmt: skip
+    return {
+        "job": job,
+        "run_dir": str(out / run_name),
+        "events_seconds": events,
+        "stop_saved_step": int(saved.group(1)) if saved else None,
+        "trainer_peak_rss_gib": [rss / 2**30 for rss in peaks.values()],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,16 +256,29 @@ def train_preempt_resume(env: dict, out: Path, data: dict[str, Path], timeout: f
 
 def plan_line() -> dict:
     """``mtf-plan``'s prediction for the same config and layout on ``cpu``, one process."""
-    command = [_tool("mtf-plan"), "--check", "--cluster", "cpu", "--gpus", "1", "--config", PRESET,
-               *OVERRIDES]  # fmt: skip
+    command = [
+        _tool("mtf-plan"),
+        "--check",
+        "--cluster",
+        "cpu",
+        "--gpus",
+        "1",
+        "--config",
+        PRESET,
+        *OVERRIDES,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     lines = result.stdout.splitlines()
     if len(lines) < 3:
         raise SystemExit(f"{' '.join(command)} failed: {result.stderr.strip()}")
     memory, step = lines[1], lines[2]  # plan:, memory/GPU:, step:, ok: or error:
-    return {"command": " ".join(["mtf-plan", *command[1:]]), "memory": memory, "step": step,
-            "memory_gib": float(re.match(r"memory/GPU: ([\d.]+)", memory).group(1)),
-            "step_seconds": float(re.match(r"step: ([\d.]+) s", step).group(1))}  # fmt: skip
+    return {
+        "command": " ".join(["mtf-plan", *command[1:]]),
+        "memory": memory,
+        "step": step,
+        "memory_gib": float(re.match(r"memory/GPU: ([\d.]+)", memory).group(1)),
+        "step_seconds": float(re.match(r"step: ([\d.]+) s", step).group(1)),
+    }
 
 
 def planned_rows(data: dict[str, Path]) -> list[list[dict]]:
@@ -240,25 +287,48 @@ def planned_rows(data: dict[str, Path]) -> list[list[dict]]:
     from megatron_transfusion.config import load_config
     from megatron_transfusion.data import MixedModalityLoader
 
-    cfg = load_config(PRESET, [*OVERRIDES, f"data.text_data={data['text']}",
-                               f"data.image_caption_data={data['img']}"])  # fmt: skip
+    cfg = load_config(
+        PRESET,
+        [*OVERRIDES, f"data.text_data={data['text']}", f"data.image_caption_data={data['img']}"],
+    )
     planner = MixedModalityLoader(cfg).planner
-    return [[{"stream": e.stream, "index": e.index, "start": e.start, "length": e.length}
-             for e in planner.next_row()] for _ in range(STEPS)]  # fmt: skip
+    return [
+        [
+            {"stream": e.stream, "index": e.index, "start": e.start, "length": e.length}
+            for e in planner.next_row()
+        ]
+        for _ in range(STEPS)
+    ]
 
 
 def steps(run_dir: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-    keys = ("step", "loss", "lm_loss", "diffusion_loss", "mfu", "memory_gib", "predicted_memory_gib")
+    records = [
+        json.loads(line) for line in (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    keys = (
+        "step",
+        "loss",
+        "lm_loss",
+        "diffusion_loss",
+        "mfu",
+        "memory_gib",
+        "predicted_memory_gib",
+    )
     return [{"seconds": 4096 / r["tokens_per_second"], **{k: r[k] for k in keys}} for r in records]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/rehearsal")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(),
-                        help="OMP_NUM_THREADS of the trainer and generation (default: every core)")
-    parser.add_argument("--job-timeout", type=float, default=900, help="seconds before the job is cancelled")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=os.cpu_count(),
+        help="OMP_NUM_THREADS of the trainer and generation (default: every core)",
+    )
+    parser.add_argument(
+        "--job-timeout", type=float, default=900, help="seconds before the job is cancelled"
+    )
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -278,9 +348,26 @@ def main(argv=None) -> None:
     for name, kind, extra in (("text", "text", []), ("img", "image_caption", ["--vae", vae])):
         t = time.perf_counter()
         source = out / "inputs" / ("text" if kind == "text" else "images")
-        _run([_tool("mtf-prepare-data"), "shard", "--kind", kind, "--inputs", str(source), "--out",
-              str(data[name]), "--tokenizer", tokenizer, *extra], out / f"shard_{name}.log")  # fmt: skip
-        _run([_tool("mtf-prepare-data"), "merge", "--out", str(data[name])], out / f"merge_{name}.log")
+        _run(
+            [
+                _tool("mtf-prepare-data"),
+                "shard",
+                "--kind",
+                kind,
+                "--inputs",
+                str(source),
+                "--out",
+                str(data[name]),
+                "--tokenizer",
+                tokenizer,
+                *extra,
+            ],
+            out / f"shard_{name}.log",
+        )
+        _run(
+            [_tool("mtf-prepare-data"), "merge", "--out", str(data[name])],
+            out / f"merge_{name}.log",
+        )
         timings[f"shard_{name}"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -292,24 +379,62 @@ def main(argv=None) -> None:
         timings["train_preempt_resume"] = time.perf_counter() - t
     finally:
         if not was_running:
-            subprocess.run(["bash", str(ROOT / "launch" / "local_slurm.sh"), "stop"], capture_output=True, timeout=120)
+            subprocess.run(
+                ["bash", str(ROOT / "launch" / "local_slurm.sh"), "stop"],
+                capture_output=True,
+                timeout=120,
+            )
     run_dir = Path(job["run_dir"])
 
     generated = out / "generated"
     t = time.perf_counter()
-    _run([_tool("mtf-generate"), str(run_dir), "--prompt", inputs["caption"], "--steps", str(DIFFUSION_STEPS),
-          "--out", str(generated / "image")], out / "generate_image.log")  # fmt: skip
+    _run(
+        [
+            _tool("mtf-generate"),
+            str(run_dir),
+            "--prompt",
+            inputs["caption"],
+            "--steps",
+            str(DIFFUSION_STEPS),
+            "--out",
+            str(generated / "image"),
+        ],
+        out / "generate_image.log",
+    )
     timings["generate_image"] = time.perf_counter() - t
     t = time.perf_counter()
-    _run([_tool("mtf-generate"), str(run_dir), "--mode", "text", "--prompt", f"<image:{out / 'inputs' / 'caption_me.png'}>",
-          "--max-new-tokens", str(CAPTION_TOKENS), "--out", str(generated / "caption")], out / "generate_caption.log")  # fmt: skip
+    _run(
+        [
+            _tool("mtf-generate"),
+            str(run_dir),
+            "--mode",
+            "text",
+            "--prompt",
+            f"<image:{out / 'inputs' / 'caption_me.png'}>",
+            "--max-new-tokens",
+            str(CAPTION_TOKENS),
+            "--out",
+            str(generated / "caption"),
+        ],
+        out / "generate_caption.log",
+    )
     timings["generate_caption"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
-    results = {"threads": args.threads, "overrides": list(OVERRIDES), "inputs": inputs, "timings_seconds": timings,
-               "job": job, "steps": steps(run_dir), "rows": planned_rows(data), "plan": plan_line(),
-               "image": [str(p) for p in sorted((generated / "image").glob("sample_*.png"))],
-               "caption": json.loads((generated / "caption" / "samples.jsonl").read_text().splitlines()[0])["output"]}  # fmt: skip
+    results = {
+        "threads": args.threads,
+        "overrides": list(OVERRIDES),
+        "inputs": inputs,
+        "timings_seconds": timings,
+        "job": job,
+        "steps": steps(run_dir),
+        "rows": planned_rows(data),
+        "plan": plan_line(),
+        "image": [str(p) for p in sorted((generated / "image").glob("sample_*.png"))],
+        "caption": json.loads(
+            (generated / "caption" / "samples.jsonl").read_text().splitlines()[0]
+        )["output"],
+    }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps({k: results[k] for k in ("timings_seconds", "steps", "plan")}, indent=2))
     print(f"trainer peak RSS (GiB): {job['trainer_peak_rss_gib']}; caption: {results['caption']!r}")

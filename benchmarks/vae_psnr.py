@@ -26,18 +26,30 @@ def main(argv=None) -> None:
 
     train, held_out = load_image_set(args.images)
     config = VAEConfig(base_channels=args.base_channels, blocks_per_stage=args.blocks_per_stage)
-    model, history = train_vae(train, config, max_seconds=args.minutes * 60, seed=args.seed,
-                               batch_size=args.batch_size, lr=args.lr)  # fmt: skip
+    model, history = train_vae(
+        train,
+        config,
+        max_seconds=args.minutes * 60,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+    )
     steps, seconds = len(history), history[-1]["seconds"]
     params = sum(p.numel() for p in model.parameters())
     vae_db = psnr(reconstruct(model, held_out), held_out)
     base_db = psnr(bilinear_baseline(held_out, config.downsample), held_out)
-    print(f"{len(train)} train / {len(held_out)} held-out images; {config}; "
-          f"{params / 1e6:.2f}M parameters; {torch.get_num_threads()} threads")  # fmt: skip
-    print(f"{steps} steps of {args.batch_size} in {seconds:.0f}s = "
-          f"{steps * args.batch_size / seconds:.0f} img/s; final loss {history[-1]['recon']:.5f}")
-    print(f"held-out PSNR: VAE {vae_db:.2f} dB, bilinear {base_db:.2f} dB, "
-          f"difference {vae_db - base_db:+.2f} dB, ratio {vae_db / base_db:.3f}")
+    print(
+        f"{len(train)} train / {len(held_out)} held-out images; {config}; "
+        f"{params / 1e6:.2f}M parameters; {torch.get_num_threads()} threads"
+    )
+    print(
+        f"{steps} steps of {args.batch_size} in {seconds:.0f}s = "
+        f"{steps * args.batch_size / seconds:.0f} img/s; final loss {history[-1]['recon']:.5f}"
+    )
+    print(
+        f"held-out PSNR: VAE {vae_db:.2f} dB, bilinear {base_db:.2f} dB, "
+        f"difference {vae_db - base_db:+.2f} dB, ratio {vae_db / base_db:.3f}"
+    )
 
 
 if __name__ == "__main__":

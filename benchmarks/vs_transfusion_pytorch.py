@@ -70,7 +70,9 @@ def make_rows(images: int, text_overhead_per_image: int = 0, text_overhead_per_r
     The overheads shorten the last text chunk for layouts that spend extra tokens."""
     s = SHAPE
     patches = (s["latent"] // s["patch"]) ** 2
-    text = s["seq"] - images * (patches + 2) - images * text_overhead_per_image - text_overhead_per_row
+    text = (
+        s["seq"] - images * (patches + 2) - images * text_overhead_per_image - text_overhead_per_row
+    )
     assert text >= images + 1, "too many images for the sequence"
     generator = torch.Generator().manual_seed(0)
     rows = []
@@ -80,7 +82,12 @@ def make_rows(images: int, text_overhead_per_image: int = 0, text_overhead_per_r
         for i, n in enumerate(chunks):
             row.append(("text", torch.randint(FIRST_TEXT, s["vocab"], (n,), generator=generator)))
             if i < images:
-                row.append(("image", torch.randn(s["channels"], s["latent"], s["latent"], generator=generator)))
+                row.append(
+                    (
+                        "image",
+                        torch.randn(s["channels"], s["latent"], s["latent"], generator=generator),
+                    )
+                )
         rows.append(row)
     return rows
 
@@ -119,7 +126,9 @@ def lean_mask(document: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
     s = document.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool).tril()
     same_image = (image[q] >= 0) & (image[q] == image[k])
-    return ((document[q] == document[k]) & (causal | same_image) | torch.eye(s, dtype=torch.bool))[:, None]
+    return ((document[q] == document[k]) & (causal | same_image) | torch.eye(s, dtype=torch.bool))[
+        :, None
+    ]
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -141,7 +150,11 @@ class LeanBlock(nn.Module):
     def forward(self, x, cos, sin, mask):
         b, s, d = x.shape
         q, k, v = self.qkv(self.attn_norm(x)).view(b, s, 3, self.heads, d // self.heads).unbind(2)
-        q, k, v = rope(q, cos, sin).transpose(1, 2), rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        q, k, v = (
+            rope(q, cos, sin).transpose(1, 2),
+            rope(k, cos, sin).transpose(1, 2),
+            v.transpose(1, 2),
+        )
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         x = x + self.proj(out.transpose(1, 2).reshape(b, s, d))
         gate, up = self.fc1(self.mlp_norm(x)).chunk(2, dim=-1)
@@ -155,7 +168,9 @@ class LeanTransfusion(nn.Module):
         patch_dim = channels * patch * patch
         ffn = 256 * math.ceil(int(8 * dim / 3) / 256)
         self.embed = nn.Embedding(vocab, dim)
-        self.time = nn.Sequential(nn.Linear(256, patch_dim), nn.SiLU(), nn.Linear(patch_dim, patch_dim))
+        self.time = nn.Sequential(
+            nn.Linear(256, patch_dim), nn.SiLU(), nn.Linear(patch_dim, patch_dim)
+        )
         self.patch_in, self.patch_out = nn.Linear(patch_dim, dim), nn.Linear(dim, patch_dim)
         self.blocks = nn.ModuleList(LeanBlock(dim, heads, ffn) for _ in range(depth))
         self.norm = nn.RMSNorm(dim, eps=1e-5)
@@ -192,7 +207,9 @@ class LeanWorker:
     def __init__(self, images: int):
         torch.manual_seed(0)
         self.model = LeanTransfusion(**SHAPE, max_seq=SHAPE["seq"])
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1
+        )
         tokens, positions, documents, image_ids, latents = lean_tables(make_rows(images))
         generator = torch.Generator().manual_seed(1)
         noise = torch.randn(latents.shape, generator=generator)
@@ -220,7 +237,12 @@ class LeanWorker:
 class ProjectWorker:
     def __init__(self, images: int, *extra_overrides: str):
         from megatron_transfusion import platform
-        from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
+        from megatron_transfusion.batch import (
+            ImageSegment,
+            SpecialTokens,
+            TextSegment,
+            pack_documents,
+        )
         from megatron_transfusion.config import ModelConfig, load_config
         from megatron_transfusion.diffusion import CosineSchedule, noise_images
         from megatron_transfusion.model import build_model
@@ -230,15 +252,23 @@ class ProjectWorker:
 
         s = SHAPE
         overrides = [
-            "data.text_data=null", "data.image_caption_data=null",
-            f"model.hidden_size={s['dim']}", f"model.num_layers={s['depth']}",
-            f"model.num_attention_heads={s['heads']}", f"model.vocab_size={s['vocab']}",
-            f"model.max_sequence_length={s['seq']}", f"model.latent_channels={s['channels']}",
-            f"model.latent_size={s['latent']}", f"model.patch_size={s['patch']}",
-            "model.patch_layer=linear", "model.timestep_frequency_dim=256", "model.attention_backend=sdpa",
-            f"data.seq_length={s['seq']}", f"data.micro_batch_size={s['rows']}",
+            "data.text_data=null",
+            "data.image_caption_data=null",
+            f"model.hidden_size={s['dim']}",
+            f"model.num_layers={s['depth']}",
+            f"model.num_attention_heads={s['heads']}",
+            f"model.vocab_size={s['vocab']}",
+            f"model.max_sequence_length={s['seq']}",
+            f"model.latent_channels={s['channels']}",
+            f"model.latent_size={s['latent']}",
+            f"model.patch_size={s['patch']}",
+            "model.patch_layer=linear",
+            "model.timestep_frequency_dim=256",
+            "model.attention_backend=sdpa",
+            f"data.seq_length={s['seq']}",
+            f"data.micro_batch_size={s['rows']}",
             f"data.global_batch_tokens={s['rows'] * s['seq']}",
-        ]  # fmt: skip
+        ]
         # Compiled elementwise work: the default of every preset but tiny, whose sizes these
         # replace (a tree from before the switch, in a before/after run, has no such field).
         if "fuse_elementwise" in {f.name for f in dataclasses.fields(ModelConfig)}:
@@ -249,11 +279,20 @@ class ProjectWorker:
         seed_everything(0)
         model = build_model(cfg, plat)
         self.engine = MegatronEngine(cfg, plat, model)
-        special = SpecialTokens(pad=PAD, bos=FIRST_TEXT, eos=FIRST_TEXT + 1, boi=BOI, eoi=EOI)  # no BOS/EOS written
-        documents = [[[TextSegment(v.tolist()) if kind == "text" else ImageSegment(v) for kind, v in row]]
-                     for row in make_rows(images)]  # fmt: skip
-        batch = pack_documents(documents, s["seq"], cfg.model.patches_per_image,
-                               (s["channels"], s["latent"], s["latent"]), special)  # fmt: skip
+        special = SpecialTokens(
+            pad=PAD, bos=FIRST_TEXT, eos=FIRST_TEXT + 1, boi=BOI, eoi=EOI
+        )  # no BOS/EOS written
+        documents = [
+            [[TextSegment(v.tolist()) if kind == "text" else ImageSegment(v) for kind, v in row]]
+            for row in make_rows(images)
+        ]
+        batch = pack_documents(
+            documents,
+            s["seq"],
+            cfg.model.patches_per_image,
+            (s["channels"], s["latent"], s["latent"]),
+            special,
+        )
         generator = torch.Generator().manual_seed(1)
         schedule = CosineSchedule.from_config(cfg.diffusion)
         self.micro = [MicroBatch(*noise_images(batch, schedule, cfg.diffusion, generator))]
@@ -280,16 +319,26 @@ class ReferenceWorker:
         torch.manual_seed(0)
         grid, patch_dim = s["latent"] // s["patch"], s["channels"] * s["patch"] ** 2
         self.model = Transfusion(
-            num_text_tokens=s["vocab"], dim_latent=patch_dim, modality_default_shape=(grid, grid),
-            transformer=dict(dim=s["dim"], depth=s["depth"], dim_head=s["dim"] // s["heads"], heads=s["heads"]),
-        )  # fmt: skip
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+            num_text_tokens=s["vocab"],
+            dim_latent=patch_dim,
+            modality_default_shape=(grid, grid),
+            transformer=dict(
+                dim=s["dim"], depth=s["depth"], dim_head=s["dim"] // s["heads"], heads=s["heads"]
+            ),
+        )
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1
+        )
         rows = make_rows(images, self.IMAGE_OVERHEAD - 2, self.ROW_OVERHEAD)
         k = s["patch"]
 
         def patches(latent):  # [C, H, W] -> [H/k, W/k, C·k·k], this project's patch order
             c = latent.shape[0]
-            return latent.reshape(c, grid, k, grid, k).permute(1, 3, 0, 2, 4).reshape(grid, grid, c * k * k)
+            return (
+                latent.reshape(c, grid, k, grid, k)
+                .permute(1, 3, 0, 2, 4)
+                .reshape(grid, grid, c * k * k)
+            )
 
         self.samples = [[v if kind == "text" else patches(v) for kind, v in row] for row in rows]
         self.positions = s["rows"] * (s["seq"] - 1)  # it trains on all but the last position
@@ -341,17 +390,35 @@ def serve(kind: str, images: int, warmup: int, threads: int | None) -> None:
         loss = worker.step()
     source = sys.modules.get("megatron_transfusion")  # which tree a project worker runs
     out = sys.__stdout__
-    out.write(json.dumps({"params": worker.params, "positions": worker.positions, "loss": loss,
-                          "threads": torch.get_num_threads(), "torch": torch.__version__,
-                          "source": str(Path(source.__file__).parent.parent) if source else ""}) + "\n")  # fmt: skip
+    out.write(
+        json.dumps(
+            {
+                "params": worker.params,
+                "positions": worker.positions,
+                "loss": loss,
+                "threads": torch.get_num_threads(),
+                "torch": torch.__version__,
+                "source": str(Path(source.__file__).parent.parent) if source else "",
+            }
+        )
+        + "\n"
+    )
     out.flush()
     for line in sys.stdin:
         steps = int(line)
         start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             loss = worker.step()
-        out.write(json.dumps({"seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu,
-                              "loss": loss}) + "\n")  # fmt: skip
+        out.write(
+            json.dumps(
+                {
+                    "seconds": time.perf_counter() - start,
+                    "cpu_seconds": time.process_time() - cpu,
+                    "loss": loss,
+                }
+            )
+            + "\n"
+        )
         out.flush()
 
 
@@ -367,29 +434,59 @@ def reference_python(venv: Path) -> Path:
     if not marker.exists():
         print(f"installing transfusion-pytorch=={REFERENCE_VERSION} into {venv} ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", f"transfusion-pytorch=={REFERENCE_VERSION}",
-                        f"torch=={torch.__version__.split('+')[0]}"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                f"transfusion-pytorch=={REFERENCE_VERSION}",
+                f"torch=={torch.__version__.split('+')[0]}",
+            ],
+            check=True,
+        )
         marker.touch()
     return python
 
 
 class Worker:
-    def __init__(self, kind: str, python: Path, images: int, warmup: int, threads: int | None, env: dict):
+    def __init__(
+        self, kind: str, python: Path, images: int, warmup: int, threads: int | None, env: dict
+    ):
         self.kind = kind
         # project~DIR: this project's code from the source tree DIR (the same script and venv)
         kind, _, tree = kind.partition("~")
         if tree:
             env = {**env, "PYTHONPATH": str(Path(tree).resolve())}
-        command = [str(python), str(Path(__file__).resolve()), "--worker", kind, "--images", str(images),
-                   "--warmup", str(warmup), *(["--threads", str(threads)] if threads else [])]  # fmt: skip
-        self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+        command = [
+            str(python),
+            str(Path(__file__).resolve()),
+            "--worker",
+            kind,
+            "--images",
+            str(images),
+            "--warmup",
+            str(warmup),
+            *(["--threads", str(threads)] if threads else []),
+        ]
+        self.process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
         self.info = self._read()
 
     def _read(self) -> dict:
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"worker {self.kind} died (run it alone with --worker {self.kind} to see why)")
+            raise RuntimeError(
+                f"worker {self.kind} died (run it alone with --worker {self.kind} to see why)"
+            )
         return json.loads(line)
 
     def time(self, steps: int) -> dict:
@@ -409,9 +506,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--images", type=int, default=1, help="images per row")
     parser.add_argument("--threads", type=int, help="torch threads per worker (default: torch's)")
-    parser.add_argument("--workers", default="project,lean,transfusion-pytorch",
-                        help="comma-separated; project@a.b=c: a project worker with config overrides; "
-                             "project~DIR: the project's code from source tree DIR (before/after)")
+    parser.add_argument(
+        "--workers",
+        default="project,lean,transfusion-pytorch",
+        help="comma-separated; project@a.b=c: a project worker with config overrides; "
+        "project~DIR: the project's code from source tree DIR (before/after)",
+    )
     parser.add_argument("--venv", type=Path, default=ROOT / ".bench-venv")
     parser.add_argument("--profile", metavar="WORKER", help="profile one worker's step instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -429,15 +529,20 @@ def main() -> None:
     if "transfusion-pytorch" in kinds:
         pythons["transfusion-pytorch"] = reference_python(args.venv)
     s = SHAPE
-    print(f"shape: width {s['dim']}, {s['depth']} layers, {s['heads']} heads, {s['rows']} rows × {s['seq']} "
-          f"tokens, {args.images} image(s)/row of {(s['latent'] // s['patch']) ** 2} patches, vocab {s['vocab']}")
+    print(
+        f"shape: width {s['dim']}, {s['depth']} layers, {s['heads']} heads, {s['rows']} rows × {s['seq']} "
+        f"tokens, {args.images} image(s)/row of {(s['latent'] // s['patch']) ** 2} patches, vocab {s['vocab']}"
+    )
     workers = {}
     for kind in kinds:  # started one at a time: each warms up alone
         workers[kind] = Worker(kind, pythons[kind], args.images, args.warmup, args.threads, env)
         i = workers[kind].info
-        print(f"{kind:20s} {i['params'] / 1e6:6.1f}M params, {i['positions']} positions/step, "
-              f"torch {i['torch']}, {i['threads']} threads, loss after warm-up {i['loss']:.3f}"
-              + (f", code from {i['source']}" if i["source"] else ""), flush=True)  # fmt: skip
+        print(
+            f"{kind:20s} {i['params'] / 1e6:6.1f}M params, {i['positions']} positions/step, "
+            f"torch {i['torch']}, {i['threads']} threads, loss after warm-up {i['loss']:.3f}"
+            + (f", code from {i['source']}" if i["source"] else ""),
+            flush=True,
+        )
     rates = {kind: [] for kind in kinds}  # tokens per wall-clock second
     cpu_rates = {kind: [] for kind in kinds}  # tokens per CPU second of the worker
     for repeat in range(args.repeats):
@@ -447,15 +552,21 @@ def main() -> None:
             result = worker.time(args.steps)
             rates[kind].append(args.steps * worker.info["positions"] / result["seconds"])
             cpu_rates[kind].append(args.steps * worker.info["positions"] / result["cpu_seconds"])
-        print(f"repeat {repeat + 1}: " + " | ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items()) + " tokens/s",
-              flush=True)  # fmt: skip
+        print(
+            f"repeat {repeat + 1}: "
+            + " | ".join(f"{k} {v[-1]:,.0f}" for k, v in rates.items())
+            + " tokens/s",
+            flush=True,
+        )
     for worker in workers.values():
         worker.close()
     print("medians (tokens/s wall clock; tokens per CPU-second of the worker):")
     for kind in kinds:
         rate = statistics.median(rates[kind])
-        print(f"  {kind:20s} {rate:8,.0f} tokens/s ({workers[kind].info['positions'] / rate:.2f} s/step) | "
-              f"{statistics.median(cpu_rates[kind]):8,.0f} tokens/CPU-s")  # fmt: skip
+        print(
+            f"  {kind:20s} {rate:8,.0f} tokens/s ({workers[kind].info['positions'] / rate:.2f} s/step) | "
+            f"{statistics.median(cpu_rates[kind]):8,.0f} tokens/CPU-s"
+        )
 
     def ratio(a: str, b: str, goal: float) -> None:
         # Per repeat the two ran back to back: the median of those paired ratios is less
@@ -463,14 +574,17 @@ def main() -> None:
         for label, r in (("wall", rates), ("CPU", cpu_rates)):
             paired = statistics.median(x / y for x, y in zip(r[a], r[b]))
             of_medians = statistics.median(r[a]) / statistics.median(r[b])
-            print(f"{a} / {b} ({label}): {of_medians:.3f}x of medians, {paired:.3f}x median of paired "
-                  f"repeats  (goal >= {goal})")  # fmt: skip
+            print(
+                f"{a} / {b} ({label}): {of_medians:.3f}x of medians, {paired:.3f}x median of paired "
+                f"repeats  (goal >= {goal})"
+            )
 
     for kind in kinds:
         if kind.startswith("project") and "transfusion-pytorch" in kinds:
             ratio(kind, "transfusion-pytorch", 3)
         if kind.startswith("project") and "lean" in kinds:
             ratio(kind, "lean", 0.9)
+
 
 if __name__ == "__main__":
     main()

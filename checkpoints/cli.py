@@ -25,19 +25,29 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="mtf-checkpoint", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     inspect_cmd = commands.add_parser("inspect", help="step, counters, data state, tensor shapes")
-    export_cmd = commands.add_parser("export", help="one consolidated safetensors file of the model")
+    export_cmd = commands.add_parser(
+        "export", help="one consolidated safetensors file of the model"
+    )
     export_cmd.add_argument("--out", type=Path, required=True)
     for command in (inspect_cmd, export_cmd):
-        command.add_argument("checkpoint", type=Path, help="run dir, checkpoints dir, step_N dir (inspect: "
-                                                           "or an exported .safetensors)")  # fmt: skip
-        command.add_argument("--no-verify", action="store_true",
-                             help="skip checking the checkpoint's files against its manifest "
-                                  "(an exported file: against its SHA-256)")
+        command.add_argument(
+            "checkpoint",
+            type=Path,
+            help="run dir, checkpoints dir, step_N dir (inspect: or an exported .safetensors)",
+        )
+        command.add_argument(
+            "--no-verify",
+            action="store_true",
+            help="skip checking the checkpoint's files against its manifest "
+            "(an exported file: against its SHA-256)",
+        )
     args = parser.parse_args(argv)
     if args.command == "inspect":
         report = inspect(args.checkpoint, verify=not args.no_verify)
         trainer = report.pop("trainer")
-        print(json.dumps({"step": trainer.pop("step"), "ranks": report["ranks"], **trainer}, indent=1))
+        print(
+            json.dumps({"step": trainer.pop("step"), "ranks": report["ranks"], **trainer}, indent=1)
+        )
         for key, shape in sorted(report["tensors"].items()):
             print(f"{key:80s} {shape}")
     else:

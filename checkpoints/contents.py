@@ -16,11 +16,16 @@ def inspect(path: Path, verify: bool = True) -> dict:
     if checkpoint.suffix == ".safetensors":
         from safetensors import safe_open
 
-        step = read_export_metadata(checkpoint, verify).get("step", "")  # refuses a truncated or damaged file
+        step = read_export_metadata(checkpoint, verify).get(
+            "step", ""
+        )  # refuses a truncated or damaged file
         with safe_open(str(checkpoint), "pt") as f:
             tensors = {key: list(f.get_slice(key).get_shape()) for key in f.keys()}
-        return {"trainer": {"step": int(step) if step.isdigit() else step, "exported": True}, "ranks": 1,
-                "tensors": tensors}  # fmt: skip
+        return {
+            "trainer": {"step": int(step) if step.isdigit() else step, "exported": True},
+            "ranks": 1,
+            "tensors": tensors,
+        }
     if verify:
         verify_checkpoint(checkpoint)
     metadata = read_metadata(layout.engine_dir(checkpoint))

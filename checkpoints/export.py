@@ -37,8 +37,10 @@ def _export_digest(path: Path, stored: str) -> str:
     with open(path, "rb") as f:
         prefix, header = _read_header(f)
         if header.count(stored.encode()) != 1:
-            raise CheckpointError(f"'{path}' has a damaged header (its {EXPORT_DIGEST} field); export the "
-                                  "checkpoint again, or pass --no-verify to load it anyway")  # fmt: skip
+            raise CheckpointError(
+                f"'{path}' has a damaged header (its {EXPORT_DIGEST} field); export the "
+                "checkpoint again, or pass --no-verify to load it anyway"
+            )
         digest = hashlib.sha256(prefix + header.replace(stored.encode(), _UNSET_DIGEST.encode()))
         return hashlib.file_digest(f, lambda: digest).hexdigest()  # the tensor data, from here on
 
@@ -64,12 +66,18 @@ def verify_export(path: Path, metadata: dict[str, str]) -> None:
     stored = metadata.get(EXPORT_DIGEST)
     if stored is None:
         if rank_world()[0] == 0:
-            print(f"warning: '{path}' has no {EXPORT_DIGEST} in its metadata (exported before exports had "
-                  "one): it is not verified", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"warning: '{path}' has no {EXPORT_DIGEST} in its metadata (exported before exports had "
+                "one): it is not verified",
+                file=sys.stderr,
+                flush=True,
+            )
         return
     if _export_digest(path, stored) != stored:
-        raise CheckpointError(f"'{path}' does not match the SHA-256 in its metadata: it is damaged; export the "
-                              "checkpoint again, or pass --no-verify to load it anyway")  # fmt: skip
+        raise CheckpointError(
+            f"'{path}' does not match the SHA-256 in its metadata: it is damaged; export the "
+            "checkpoint again, or pass --no-verify to load it anyway"
+        )
 
 
 def read_export_metadata(path: Path, verify: bool = True) -> dict[str, str]:
@@ -81,8 +89,10 @@ def read_export_metadata(path: Path, verify: bool = True) -> dict[str, str]:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata() or {}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"'{path}' is not a readable safetensors file ({e}): it is truncated or "
-                              "damaged; export the checkpoint again") from None  # fmt: skip
+        raise CheckpointError(
+            f"'{path}' is not a readable safetensors file ({e}): it is truncated or "
+            "damaged; export the checkpoint again"
+        ) from None
     if verify:
         verify_export(path, metadata)
     return metadata
@@ -97,14 +107,22 @@ def export_checkpoint(path: Path, out: Path, verify: bool = True) -> Path:
     if verify:
         verify_checkpoint(checkpoint)
     config_path = layout.run_config_path(checkpoint)
-    cfg = load_config(str(config_path), ["parallel.tensor_parallel=1", "parallel.pipeline_parallel=1",
-                                         "parallel.virtual_pipeline=null"])  # fmt: skip
+    cfg = load_config(
+        str(config_path),
+        [
+            "parallel.tensor_parallel=1",
+            "parallel.pipeline_parallel=1",
+            "parallel.virtual_pipeline=null",
+        ],
+    )
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
     try:
         (model,) = build_model(cfg, plat)
         load_model_weights([model], checkpoint)
-        tensors = {k: v.contiguous() for k, v in model.state_dict().items() if hasattr(v, "contiguous")}
+        tensors = {
+            k: v.contiguous() for k, v in model.state_dict().items() if hasattr(v, "contiguous")
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         step = layout.read_trainer_state(checkpoint)["step"]
         save_export(tensors, out, {"step": str(step), "config": yaml.safe_dump(cfg.to_dict())})

@@ -47,7 +47,9 @@ def run_config_path(checkpoint: str | Path) -> Path:
     """runs/<name>/checkpoints/step_N -> runs/<name>/config.yaml (the trainer writes it)."""
     path = run_config_file(Path(checkpoint).resolve().parent.parent)
     if not path.exists():
-        raise FileNotFoundError(f"no {RUN_CONFIG} next to the checkpoints of '{checkpoint}' (expected {path})")
+        raise FileNotFoundError(
+            f"no {RUN_CONFIG} next to the checkpoints of '{checkpoint}' (expected {path})"
+        )
     return path
 
 
@@ -95,7 +97,9 @@ def resolve_resume(directory: Path, resume: str | None) -> Path | None:
         return latest_checkpoint(directory)
     path = Path(resume)
     if not (path / TRAINER_STATE).exists():
-        raise FileNotFoundError(f"checkpoint '{path}' is missing or incomplete (no {TRAINER_STATE})")
+        raise FileNotFoundError(
+            f"checkpoint '{path}' is missing or incomplete (no {TRAINER_STATE})"
+        )
     return path
 
 

@@ -31,14 +31,20 @@ def rank_world() -> tuple[int, int]:
 
 def _digest(path: Path) -> dict:
     with open(path, "rb") as f:
-        return {"bytes": os.fstat(f.fileno()).st_size, "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        return {
+            "bytes": os.fstat(f.fileno()).st_size,
+            "sha256": hashlib.file_digest(f, "sha256").hexdigest(),
+        }
 
 
 def _digests(directory: Path, names: list[str]) -> dict[str, dict | None]:
     """Size and SHA-256 of each file (None: absent). Collective where a process group is
     up: the ranks split the files, so a large checkpoint hashes in 1/world of the time."""
     rank, world = rank_world()
-    mine = {name: _digest(directory / name) if (directory / name).is_file() else None for name in names[rank::world]}
+    mine = {
+        name: _digest(directory / name) if (directory / name).is_file() else None
+        for name in names[rank::world]
+    }
     if world == 1:
         return mine
     parts: list = [None] * world
@@ -50,8 +56,13 @@ def write_manifest(checkpoint: Path) -> None:
     """Collective where a process group is up: record the size and SHA-256 of every file
     under ``checkpoint`` in its ``manifest.json`` (rank 0 writes it)."""
     rank, world = rank_world()
-    names = [sorted(str(p.relative_to(checkpoint)) for p in checkpoint.rglob("*")
-                    if p.is_file() and p.name != layout.MANIFEST)]  # fmt: skip
+    names = [
+        sorted(
+            str(p.relative_to(checkpoint))
+            for p in checkpoint.rglob("*")
+            if p.is_file() and p.name != layout.MANIFEST
+        )
+    ]
     if world > 1:
         dist.broadcast_object_list(names, src=0)  # rank 0's listing: all ranks split the same files
     files = _digests(checkpoint, names[0])
@@ -67,29 +78,41 @@ def verify_checkpoint(checkpoint: Path) -> None:
     path = layout.manifest_file(checkpoint)
     if not path.exists():
         if rank_world()[0] == 0:
-            print(f"warning: '{checkpoint}' has no {layout.MANIFEST} (written before checkpoints had one): its files "
-                  "are not verified", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"warning: '{checkpoint}' has no {layout.MANIFEST} (written before checkpoints had one): its files "
+                "are not verified",
+                file=sys.stderr,
+                flush=True,
+            )
         return
     try:
-        files = {str(name): {"bytes": int(entry["bytes"]), "sha256": str(entry["sha256"])}
-                 for name, entry in json.loads(path.read_text())["files"].items()}  # fmt: skip
+        files = {
+            str(name): {"bytes": int(entry["bytes"]), "sha256": str(entry["sha256"])}
+            for name, entry in json.loads(path.read_text())["files"].items()
+        }
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise CheckpointError(f"'{path}' is damaged ({type(e).__name__}: {e}); {DAMAGED}") from None
     names = sorted(files)
     for name in names:
         if Path(name).is_absolute() or ".." in Path(name).parts:
-            raise CheckpointError(f"'{path}' lists '{name}', which is outside the checkpoint; {DAMAGED}")
+            raise CheckpointError(
+                f"'{path}' lists '{name}', which is outside the checkpoint; {DAMAGED}"
+            )
     found = _digests(checkpoint, names)
     for name in names:
         file, expected, actual = checkpoint / name, files[name], found[name]
         if actual is None:
             raise CheckpointError(f"checkpoint file '{file}' is missing; {DAMAGED}")
         if actual["bytes"] != expected["bytes"]:
-            raise CheckpointError(f"checkpoint file '{file}' has {actual['bytes']} bytes, {layout.MANIFEST} says "
-                                  f"{expected['bytes']}: it is truncated or damaged; {DAMAGED}")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint file '{file}' has {actual['bytes']} bytes, {layout.MANIFEST} says "
+                f"{expected['bytes']}: it is truncated or damaged; {DAMAGED}"
+            )
         if actual["sha256"] != expected["sha256"]:
-            raise CheckpointError(f"checkpoint file '{file}' does not match its SHA-256 in {layout.MANIFEST}: it is "
-                                  f"damaged; {DAMAGED}")  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint file '{file}' does not match its SHA-256 in {layout.MANIFEST}: it is "
+                f"damaged; {DAMAGED}"
+            )
 
 
 def publish_checkpoint(staging: Path, final: Path, keep_last: int) -> None:

@@ -32,7 +32,10 @@ from torch.distributed.checkpoint import CheckpointException, FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from checkpoints import DAMAGED_UNVERIFIED, CheckpointError, layout
-from megatron_transfusion.compat.megatron_core import in_process_checkpoint_writer, torch_dist_loading_through
+from megatron_transfusion.compat.megatron_core import (
+    in_process_checkpoint_writer,
+    torch_dist_loading_through,
+)
 
 
 def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bool = False):
@@ -45,7 +48,9 @@ def save_sharded(sharded_state_dict: dict, directory: str | Path, background: bo
         directory.mkdir(parents=True, exist_ok=True)
     dist.barrier()
     with in_process_checkpoint_writer(copy_to_host=background):
-        request = dist_checkpointing.save(sharded_state_dict, str(directory), async_sharded_save=background)
+        request = dist_checkpointing.save(
+            sharded_state_dict, str(directory), async_sharded_save=background
+        )
     return BackgroundWrite(request) if background else None
 
 
@@ -59,7 +64,9 @@ class BackgroundWrite:
         if request.async_fn is not None:  # None: nothing to write on this rank
             args = list(request.async_fn_args)
             args[1] = request.preload_fn()  # the host copies, before training moves on
-            self._thread = threading.Thread(target=self._write, args=(request.async_fn, args), daemon=True)
+            self._thread = threading.Thread(
+                target=self._write, args=(request.async_fn, args), daemon=True
+            )
             self._thread.start()
 
     def _write(self, write, args) -> None:
@@ -86,21 +93,36 @@ class BackgroundWrite:
 # torch's dtypes; anything else makes the file unreadable rather than run.
 _METADATA_GLOBALS = {
     "torch.distributed.checkpoint.metadata": {
-        "Metadata", "StorageMeta", "MetadataIndex", "ChunkStorageMetadata", "TensorProperties",
-        "TensorStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"},
+        "Metadata",
+        "StorageMeta",
+        "MetadataIndex",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "_MEM_FORMAT_ENCODING",
+    },
     "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
-    "torch.distributed.checkpoint.planner": {"SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
-                                             "BytesIOWriteData"},
+    "torch.distributed.checkpoint.planner": {
+        "SavePlan",
+        "WriteItem",
+        "WriteItemType",
+        "TensorWriteData",
+        "BytesIOWriteData",
+    },
     "torch.serialization": {"_get_layout"},  # a lookup of torch's layouts by name
-    "torch": {"Size"} | {name for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+    "torch": {"Size"}
+    | {name for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
     "collections": {"OrderedDict"},
-}  # fmt: skip
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if name not in _METADATA_GLOBALS.get(module, ()):
-            raise pickle.UnpicklingError(f"it refers to {module}.{name}, which checkpoint metadata never does")
+            raise pickle.UnpicklingError(
+                f"it refers to {module}.{name}, which checkpoint metadata never does"
+            )
         return super().find_class(module, name)
 
 
@@ -120,10 +142,14 @@ def read_metadata(directory: str | Path) -> Metadata:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint file '{path}' is missing") from None
     except Exception as e:  # truncated, garbage, or a pickle that would call something
-        raise CheckpointError(f"checkpoint file '{path}' is not checkpoint metadata ({_reason(e)}); "
-                              "nothing in it was run") from None  # fmt: skip
+        raise CheckpointError(
+            f"checkpoint file '{path}' is not checkpoint metadata ({_reason(e)}); "
+            "nothing in it was run"
+        ) from None
     if not isinstance(metadata, Metadata):
-        raise CheckpointError(f"checkpoint file '{path}' holds a {type(metadata).__name__}, not checkpoint metadata")
+        raise CheckpointError(
+            f"checkpoint file '{path}' holds a {type(metadata).__name__}, not checkpoint metadata"
+        )
     return metadata
 
 
@@ -132,7 +158,9 @@ def _load_data(source, where: str):
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise CheckpointError(f"{where} cannot be read as data ({_reason(e)}); nothing in it was run") from None
+        raise CheckpointError(
+            f"{where} cannot be read as data ({_reason(e)}); nothing in it was run"
+        ) from None
 
 
 class _DataOnlyReader(FileSystemReader):
@@ -178,17 +206,29 @@ def load_sharded(sharded_state_dict: dict, directory: str | Path, part: bool = F
     cannot select a reader that unpickles freely."""
     directory = Path(directory)
     metadata = read_metadata(directory)
-    with torch_dist_loading_through(lambda path: _DataOnlyReader(path, metadata), _data_only_planner(directory)):
+    with torch_dist_loading_through(
+        lambda path: _DataOnlyReader(path, metadata), _data_only_planner(directory)
+    ):
         try:
-            return dist_checkpointing.load(sharded_state_dict, str(directory),
-                                           sharded_strategy=torch_strategy.TorchDistLoadShardedStrategy(),
-                                           common_strategy=_DataOnlyCommonLoad(), validate_access_integrity=not part)  # fmt: skip
+            return dist_checkpointing.load(
+                sharded_state_dict,
+                str(directory),
+                sharded_strategy=torch_strategy.TorchDistLoadShardedStrategy(),
+                common_strategy=_DataOnlyCommonLoad(),
+                validate_access_integrity=not part,
+            )
         except CheckpointException as e:  # torch gathers every rank's failure into one
-            ours = [failure for failure, _ in e.failures.values() if isinstance(failure, CheckpointError)]
+            ours = [
+                failure
+                for failure, _ in e.failures.values()
+                if isinstance(failure, CheckpointError)
+            ]
             if ours:
                 raise ours[0] from None
             short = _short_files(directory, metadata)
-            if short:  # unverified (--no-verify): torch's reader stops at the end with a bare EOFError
+            if (
+                short
+            ):  # unverified (--no-verify): torch's reader stops at the end with a bare EOFError
                 raise CheckpointError(f"checkpoint file {short[0]}; {DAMAGED_UNVERIFIED}") from None
             raise
 
@@ -205,7 +245,9 @@ def _short_files(directory: Path, metadata: Metadata) -> list[str]:
         if not path.is_file():
             short.append(f"'{path}' is missing")
         elif (size := path.stat().st_size) < end:
-            short.append(f"'{path}' has {size} bytes, '.metadata' places data up to byte {end}: it is truncated")
+            short.append(
+                f"'{path}' has {size} bytes, '.metadata' places data up to byte {end}: it is truncated"
+            )
     return short
 
 
@@ -214,14 +256,21 @@ def model_sharded_state_dict(chunks) -> dict:
     return {f"chunk{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
 
 
-def parameter_shards(model_state: dict, params) -> list[tuple[str, ShardedTensor | ShardedTensorFactory]]:
+def parameter_shards(
+    model_state: dict, params
+) -> list[tuple[str, ShardedTensor | ShardedTensorFactory]]:
     """(key in ``model_state``, its sharded entry) of every parameter in ``params``, in order.
     Megatron's sharded state dicts hold the parameters themselves as data (keep_vars)."""
-    by_param = {id(shard.data): (key, shard) for key, shard in model_state.items()
-                if isinstance(shard, (ShardedTensor, ShardedTensorFactory))}  # fmt: skip
+    by_param = {
+        id(shard.data): (key, shard)
+        for key, shard in model_state.items()
+        if isinstance(shard, (ShardedTensor, ShardedTensorFactory))
+    }
     missing = [tuple(p.shape) for p in params if id(p) not in by_param]
     if missing:
-        raise ValueError(f"parameters of shapes {missing[:3]} are missing from the model's sharded state dict")
+        raise ValueError(
+            f"parameters of shapes {missing[:3]} are missing from the model's sharded state dict"
+        )
     return [by_param[id(p)] for p in params]
 
 
@@ -233,21 +282,35 @@ def parameter_shards(model_state: dict, params) -> list[tuple[str, ShardedTensor
 # go through the two functions below, so every engine resumes every other's checkpoints,
 # in any TP/PP/DP layout.
 OPTIMIZER_STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")
-_MEGATRON_GROUP_IDENTITY = {"wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False, "is_decoupled_lr": False}
+_MEGATRON_GROUP_IDENTITY = {
+    "wd_mult": 1.0,
+    "lr_mult": 1.0,
+    "is_expert_parallel": False,
+    "is_decoupled_lr": False,
+}
 
 
-def optimizer_sharded_state(shards: list, states: list[dict[str, torch.Tensor]],
-                            param_groups: list[dict], step: int) -> dict:  # fmt: skip
+def optimizer_sharded_state(
+    shards: list, states: list[dict[str, torch.Tensor]], param_groups: list[dict], step: int
+) -> dict:
     """``states[i]``: "param", "exp_avg", "exp_avg_sq" of the parameter whose sharded entry
     is ``shards[i]``, whole on this rank (empty tensors of its shape when loading)."""
-    groups = [{**_MEGATRON_GROUP_IDENTITY, **{k: v for k, v in g.items() if k != "params"}, "step": float(step)}
-              for g in param_groups]  # fmt: skip
+    groups = [
+        {
+            **_MEGATRON_GROUP_IDENTITY,
+            **{k: v for k, v in g.items() if k != "params"},
+            "step": float(step),
+        }
+        for g in param_groups
+    ]
     return {
         "optimizer": {"param_groups": groups},
         "param_state_sharding_type": "fully_reshardable",
         "param_state": {
-            i: {k: make_sharded_optimizer_tensor(shard, state[k], prefix=f"optimizer.state.{k}")
-                for k in OPTIMIZER_STATE_KEYS}  # fmt: skip
+            i: {
+                k: make_sharded_optimizer_tensor(shard, state[k], prefix=f"optimizer.state.{k}")
+                for k in OPTIMIZER_STATE_KEYS
+            }
             for i, (shard, state) in enumerate(zip(shards, states, strict=True))
         },
     }
@@ -256,25 +319,34 @@ def optimizer_sharded_state(shards: list, states: list[dict[str, torch.Tensor]],
 def optimizer_load_request(shards: list, shapes: list[tuple[int, ...]]) -> dict:
     """What a load asks for: ``optimizer_sharded_state`` with empty tensors of each parameter's
     shape to fill (the param groups and step come from the checkpoint)."""
-    states = [{k: torch.empty(shape, dtype=torch.float32) for k in OPTIMIZER_STATE_KEYS} for shape in shapes]
+    states = [
+        {k: torch.empty(shape, dtype=torch.float32) for k in OPTIMIZER_STATE_KEYS}
+        for shape in shapes
+    ]
     return optimizer_sharded_state(shards, states, [], 0)
 
 
 def loaded_optimizer_state(loaded: dict) -> tuple[list[dict[str, torch.Tensor]], int]:
     """The per-parameter tensors (in the order they were requested) and Adam's step."""
     if loaded.get("param_state_sharding_type") != "fully_reshardable":
-        raise ValueError("the checkpoint's optimizer state is not in the fully_reshardable layout "
-                         f"(found {loaded.get('param_state_sharding_type')!r}); it was written by an "
-                         "older version of this project")  # fmt: skip
+        raise ValueError(
+            "the checkpoint's optimizer state is not in the fully_reshardable layout "
+            f"(found {loaded.get('param_state_sharding_type')!r}); it was written by an "
+            "older version of this project"
+        )
     steps = {g["step"] for g in loaded["optimizer"]["param_groups"]}
     if len(steps) != 1:
-        raise ValueError(f"the checkpoint's optimizer param groups disagree on Adam's step: {sorted(steps)}")
+        raise ValueError(
+            f"the checkpoint's optimizer param groups disagree on Adam's step: {sorted(steps)}"
+        )
     param_state = loaded["param_state"]
     return [param_state[i] for i in range(len(param_state))], int(steps.pop())
 
 
 def load_model_weights(chunks, checkpoint: str | Path) -> None:
     """Fill model chunks, in any layout, from a training checkpoint's engine state."""
-    state = load_sharded({"model": model_sharded_state_dict(chunks)}, layout.engine_dir(Path(checkpoint)))
+    state = load_sharded(
+        {"model": model_sharded_state_dict(chunks)}, layout.engine_dir(Path(checkpoint))
+    )
     for i, chunk in enumerate(chunks):
         chunk.load_state_dict(state["model"][f"chunk{i}"])

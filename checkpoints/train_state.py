@@ -24,7 +24,12 @@ class PendingCheckpoint:
     """A checkpoint whose files may still be in flight; ``publish()`` completes it."""
 
     def __init__(self, directory: Path, step: int, trainer_state: dict, keep_last: int, write):
-        self.directory, self.step, self.trainer_state, self.keep_last = directory, step, trainer_state, keep_last
+        self.directory, self.step, self.trainer_state, self.keep_last = (
+            directory,
+            step,
+            trainer_state,
+            keep_last,
+        )
         self.write = write  # the engine's BackgroundWrite, or None once written
 
     def ready(self) -> bool:
@@ -38,7 +43,10 @@ class PendingCheckpoint:
         Returns the published checkpoint directory."""
         if self.write is not None:
             self.write.finish()
-        staging, final = layout.staging_dir(self.directory, self.step), layout.step_dir(self.directory, self.step)
+        staging, final = (
+            layout.staging_dir(self.directory, self.step),
+            layout.step_dir(self.directory, self.step),
+        )
         if dist.get_rank() == 0:
             layout.write_trainer_state(staging, self.step, self.trainer_state)
         dist.barrier()  # every rank's files are on disk
@@ -46,9 +54,15 @@ class PendingCheckpoint:
         return final
 
 
-def begin_checkpoint(directory: Path, step: int, engine: Engine, trainer_state: dict,
-                     rng_state: dict[str, torch.Tensor], keep_last: int,
-                     background: bool = False) -> PendingCheckpoint:  # fmt: skip
+def begin_checkpoint(
+    directory: Path,
+    step: int,
+    engine: Engine,
+    trainer_state: dict,
+    rng_state: dict[str, torch.Tensor],
+    keep_last: int,
+    background: bool = False,
+) -> PendingCheckpoint:
     """Collective. Everything is captured now; with ``background`` the engine's files are
     written by a thread while training goes on, and nothing is published before
     ``publish()``, so a crash meanwhile leaves the previous checkpoint in place."""
@@ -63,7 +77,9 @@ def begin_checkpoint(directory: Path, step: int, engine: Engine, trainer_state: 
     return PendingCheckpoint(directory, step, trainer_state, keep_last, write)
 
 
-def load_checkpoint(path: Path, engine: Engine, verify: bool = True) -> tuple[dict, dict[str, torch.Tensor] | None]:
+def load_checkpoint(
+    path: Path, engine: Engine, verify: bool = True
+) -> tuple[dict, dict[str, torch.Tensor] | None]:
     """Collective. Returns (trainer state, this rank's RNG state or None if the checkpoint
     was written by a different number of ranks). ``verify``: check every file against the
     manifest first."""

@@ -113,10 +113,14 @@ def shapes_scenes() -> dict[str, dict[str, list[shapes.Scene]]]:
     """{split: {"single": scenes, "pair": scenes}}: the held-out split's scenes are new
     combinations of attribute values that the train split's scenes show."""
     kinds = {"single": shapes.single_scenes(), "pair": shapes.pair_scenes()}
-    parts = {kind: shapes.make_split(scenes, SHAPES_HELD_OUT_FRACTION, SHAPES_SPLIT_SEED)
-             for kind, scenes in kinds.items()}  # fmt: skip
-    return {"train": {kind: list(split.seen) for kind, split in parts.items()},
-            "heldout": {kind: list(split.held_out) for kind, split in parts.items()}}  # fmt: skip
+    parts = {
+        kind: shapes.make_split(scenes, SHAPES_HELD_OUT_FRACTION, SHAPES_SPLIT_SEED)
+        for kind, scenes in kinds.items()
+    }
+    return {
+        "train": {kind: list(split.seen) for kind, split in parts.items()},
+        "heldout": {kind: list(split.held_out) for kind, split in parts.items()},
+    }
 
 
 def builtin_shapes(split: str, size: int = 32) -> tuple[np.ndarray, list[str]]:
@@ -176,15 +180,22 @@ def train_builtin_tokenizer(path: str | Path, vocab_size: int = 4096) -> Tokeniz
     return train_bpe(texts + captions, vocab_size, path)
 
 
-def train_builtin_vae(out: str | Path, minutes: float | None = 3.0, steps: int | None = None,
-                      seed: int = 0) -> dict[str, dict[str, float]]:  # fmt: skip
+def train_builtin_vae(
+    out: str | Path, minutes: float | None = 3.0, steps: int | None = None, seed: int = 0
+) -> dict[str, dict[str, float]]:
     """Train the built-in VAE (``VAEConfig()``) on the train split's images for ``minutes``
     and/or ``steps`` and save it to ``out``: every emoji and as many shapes scenes (the first
     ones; the rest only repeat the same 150 scenes, and would crowd the emoji out). Returns the
     held-out PSNR per part: {"emoji": {"vae": dB, "bilinear": dB, "images": n}, "shapes": ...}."""
     from data_prep.vae import (
-        VAEConfig, bilinear_baseline, psnr, reconstruct, save_vae, scaling_factor, train_vae,
-    )  # fmt: skip
+        VAEConfig,
+        bilinear_baseline,
+        psnr,
+        reconstruct,
+        save_vae,
+        scaling_factor,
+        train_vae,
+    )
 
     parts = builtin_image_captions("train")
     emoji = parts["emoji"][0]
@@ -197,9 +208,11 @@ def train_builtin_vae(out: str | Path, minutes: float | None = 3.0, steps: int |
         "training": {"steps": len(history), "images": len(train), "seconds": history[-1]["seconds"]}
     }
     for part, (held, _) in builtin_image_captions("heldout").items():
-        report[part] = {"vae": psnr(reconstruct(model, held), held),
-                        "bilinear": psnr(bilinear_baseline(held, config.downsample), held),
-                        "images": len(held)}  # fmt: skip
+        report[part] = {
+            "vae": psnr(reconstruct(model, held), held),
+            "bilinear": psnr(bilinear_baseline(held, config.downsample), held),
+            "images": len(held),
+        }
     return report
 
 
@@ -216,10 +229,17 @@ def split_heldout(items: Iterable) -> dict[str, list]:
 def export_stamp() -> str:
     """What ``export_builtin_inputs`` writes, in one line: a prepared copy made with another
     stamp is stale. Bump ``EXPORT_VERSION`` when the export changes in a way this misses."""
-    return json.dumps({"version": EXPORT_VERSION, "emoji": len(load_builtin_images()[0]),
-                       "shapes": SHAPES_SAMPLES, "pair_fraction": SHAPES_PAIR_FRACTION,
-                       "held_out_fraction": SHAPES_HELD_OUT_FRACTION,
-                       "split_seed": SHAPES_SPLIT_SEED, "render_seed": SHAPES_RENDER_SEED})  # fmt: skip
+    return json.dumps(
+        {
+            "version": EXPORT_VERSION,
+            "emoji": len(load_builtin_images()[0]),
+            "shapes": SHAPES_SAMPLES,
+            "pair_fraction": SHAPES_PAIR_FRACTION,
+            "held_out_fraction": SHAPES_HELD_OUT_FRACTION,
+            "split_seed": SHAPES_SPLIT_SEED,
+            "render_seed": SHAPES_RENDER_SEED,
+        }
+    )
 
 
 def _tar_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -271,8 +291,10 @@ def export_builtin_inputs(directory: str | Path) -> dict[str, list[Path]]:
     for split in SPLITS:
         shape_images, shape_captions = builtin_shapes(split)
         samples = [(f"{i:09d}", images[i], captions[i]) for i in rows[split]]
-        samples += [(f"shapes{shapes_done + n:06d}", image, caption) for n, (image, caption)
-                    in enumerate(zip(shape_images, shape_captions, strict=True))]  # fmt: skip
+        samples += [
+            (f"shapes{shapes_done + n:06d}", image, caption)
+            for n, (image, caption) in enumerate(zip(shape_images, shape_captions, strict=True))
+        ]
         shapes_done += len(shape_images)
         paths[f"images_{split}"] = _write_tars(directory / "images" / split, samples)
         paths[f"text_{split}"] = _write_jsonl(directory / "text" / split, docs[split])
@@ -316,11 +338,15 @@ def main(argv: list[str] | None = None) -> None:
         minutes = 3.0 if args.minutes is None and args.steps is None else args.minutes
         report = train_builtin_vae(args.out, minutes, args.steps, args.seed)
         t = report.pop("training")
-        print(f"{t['steps']} steps in {t['seconds']:.0f}s on {t['images']} images; "
-              f"saved to {args.out}")
+        print(
+            f"{t['steps']} steps in {t['seconds']:.0f}s on {t['images']} images; "
+            f"saved to {args.out}"
+        )
         for part, r in report.items():
-            print(f"held-out {part} ({r['images']} images): PSNR VAE {r['vae']:.2f} dB, "
-                  f"bilinear baseline {r['bilinear']:.2f} dB")  # fmt: skip
+            print(
+                f"held-out {part} ({r['images']} images): PSNR VAE {r['vae']:.2f} dB, "
+                f"bilinear baseline {r['bilinear']:.2f} dB"
+            )
 
 
 if __name__ == "__main__":

@@ -17,8 +17,11 @@ import shutil
 from pathlib import Path
 
 from data_prep.builtin import (
-    export_builtin_inputs, export_stamp, train_builtin_tokenizer, train_builtin_vae,
-)  # fmt: skip
+    export_builtin_inputs,
+    export_stamp,
+    train_builtin_tokenizer,
+    train_builtin_vae,
+)
 from data_prep.readers import Columns
 from data_prep.shard import ShardJob, merge, run_shard_job
 
@@ -61,9 +64,15 @@ def prepare_builtin(
             if _made_with_others(target, kind, made_with):
                 shutil.rmtree(target)
             if not (target / "manifest.json").exists():
-                job = ShardJob(kind=kind, inputs=[str(inputs / folder / split)], out=str(target),
-                               tokenizer=str(tokenizer), vae=str(vae), image_size=IMAGE_SIZE,
-                               columns=Columns())  # fmt: skip
+                job = ShardJob(
+                    kind=kind,
+                    inputs=[str(inputs / folder / split)],
+                    out=str(target),
+                    tokenizer=str(tokenizer),
+                    vae=str(vae),
+                    image_size=IMAGE_SIZE,
+                    columns=Columns(),
+                )
                 run_shard_job(job)
                 merge(target)
             datasets[f"{folder}_{split}"] = target
@@ -74,8 +83,10 @@ def _fingerprints(tokenizer: Path, vae: Path) -> dict[str, str]:
     from data_prep.tokenizer import Tokenizer
     from data_prep.vae import load_vae
 
-    return {"tokenizer": Tokenizer.load(tokenizer).fingerprint()["sha256"],
-            "vae": load_vae(vae).fingerprint()["sha256"]}  # fmt: skip
+    return {
+        "tokenizer": Tokenizer.load(tokenizer).fingerprint()["sha256"],
+        "vae": load_vae(vae).fingerprint()["sha256"],
+    }
 
 
 def _made_with_others(target: Path, kind: str, made_with: dict[str, str]) -> bool:
@@ -89,10 +100,16 @@ def _made_with_others(target: Path, kind: str, made_with: dict[str, str]) -> boo
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="mtf-prepare-builtin", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="mtf-prepare-builtin", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--out", default="data/builtin")
-    parser.add_argument("--train-vae-minutes", type=float, default=None,
-                        help="train a fresh VAE for this long instead of using the committed one")
+    parser.add_argument(
+        "--train-vae-minutes",
+        type=float,
+        default=None,
+        help="train a fresh VAE for this long instead of using the committed one",
+    )
     args = parser.parse_args(argv)
     for name, path in prepare_builtin(args.out, args.train_vae_minutes).items():
         print(f"{name}: {path}")

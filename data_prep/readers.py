@@ -68,8 +68,9 @@ def _has_images(folder: Path) -> bool:
     return any(p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file() for p in folder.iterdir())
 
 
-def expand_inputs(inputs: list[str], suffixes: tuple[str, ...],
-                  image_folders: bool = False) -> list[Path]:  # fmt: skip
+def expand_inputs(
+    inputs: list[str], suffixes: tuple[str, ...], image_folders: bool = False
+) -> list[Path]:
     """Files named directly or found under directories, sorted so that every task of a
     job array sees the same list. With ``image_folders``, every directory (the named one or
     one below it) with image files directly inside is one more input: a folder of images."""
@@ -78,9 +79,7 @@ def expand_inputs(inputs: list[str], suffixes: tuple[str, ...],
         path = Path(item)
         if path.is_dir():
             for p in [path, *path.rglob("*")]:
-                if p.is_file() and p.suffix in suffixes:
-                    units.append(p)
-                elif image_folders and p.is_dir() and _has_images(p):
+                if p.is_file() and p.suffix in suffixes or image_folders and p.is_dir() and _has_images(p):
                     units.append(p)
         elif path.is_file():
             if path.suffix not in suffixes:
@@ -106,7 +105,10 @@ def _json(data: bytes | str, key: str):
     integer of more than 4,300 digits)."""
     try:
         return json.loads(data)
-    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+    except (
+        ValueError,
+        RecursionError,
+    ) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         return Rejected(key, "bad_json", str(e))
 
 
@@ -146,8 +148,9 @@ def _caption_from_json(data: bytes, key: str, field: str) -> str | Rejected:
     return record if isinstance(record, Rejected) else _field(record, key, field)
 
 
-def _sample(key: str, parts: dict[str, bytes], columns: Columns,
-            captions: bool) -> ImageRecord | Rejected:  # fmt: skip
+def _sample(
+    key: str, parts: dict[str, bytes], columns: Columns, captions: bool
+) -> ImageRecord | Rejected:
     """One webdataset-style sample (extension -> bytes): its image, and with ``captions`` a
     caption from ``KEY.txt`` or the ``columns.caption`` field of ``KEY.json``."""
     image = next((parts[e] for e in IMAGE_EXTENSIONS if e in parts), None)
@@ -217,15 +220,19 @@ def _parquet_rows(path: Path, wanted: list[str]) -> Iterator[tuple[int, dict] | 
         return
     missing = [c for c in wanted if c not in names]
     if missing:
-        raise ValueError(f"parquet file '{path}' has no column(s) {missing} (columns: {names}); "
-                         "set the column names in the job's options")  # fmt: skip
+        raise ValueError(
+            f"parquet file '{path}' has no column(s) {missing} (columns: {names}); "
+            "set the column names in the job's options"
+        )
     row = 0
     try:
         for batch in table.iter_batches(columns=wanted, batch_size=1024):
             try:
                 records = batch.to_pylist()
             except UnicodeDecodeError:  # a string column holds bytes that are not UTF-8: whose?
-                records = [_parquet_row(batch, i, f"{path.name}/{row + i}") for i in range(batch.num_rows)]
+                records = [
+                    _parquet_row(batch, i, f"{path.name}/{row + i}") for i in range(batch.num_rows)
+                ]
             for record in records:
                 yield record if isinstance(record, Rejected) else (row, record)
                 row += 1
@@ -277,7 +284,11 @@ def read_jsonl(path: Path, columns: Columns) -> Iterator[TextRecord | Rejected]:
                 yield text
                 continue
             value = _json(text, key)
-            yield value if isinstance(value, Rejected) else _text_record(key, _field(value, key, columns.text))
+            yield (
+                value
+                if isinstance(value, Rejected)
+                else _text_record(key, _field(value, key, columns.text))
+            )
 
 
 def _text_record(key: str, value: str | Rejected) -> TextRecord | Rejected:
@@ -314,8 +325,9 @@ def default_min_image_size(size: int) -> int:
     return max(1, size // 2)
 
 
-def decode_images(records: ImageRecords, size: int, min_size: int | None = None
-                  ) -> Iterator[tuple[ImageRecord, np.ndarray] | Rejected]:  # fmt: skip
+def decode_images(
+    records: ImageRecords, size: int, min_size: int | None = None
+) -> Iterator[tuple[ImageRecord, np.ndarray] | Rejected]:
     """Each record with its image decoded, centre-cropped and resized to uint8 [size, size, 3]
     (what the VAE sees, when training it and when sharding); an undecodable image, or one
     whose shorter side is under ``min_size`` (default ``default_min_image_size``), is Rejected."""
@@ -331,8 +343,10 @@ def decode_images(records: ImageRecords, size: int, min_size: int | None = None
             continue
         if min(decoded.size) < min_size:
             width, height = decoded.size
-            yield Rejected(record.key, "image_too_small",
-                           f"{width}×{height} px; the shorter side must be ≥ {min_size} px "
-                           "(--min-image-size)")  # fmt: skip
+            yield Rejected(
+                record.key,
+                "image_too_small",
+                f"{width}×{height} px; the shorter side must be ≥ {min_size} px (--min-image-size)",
+            )
             continue
         yield record, center_crop_resize(decoded, size)

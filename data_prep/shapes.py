@@ -26,7 +26,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (215, 45, 40), "green": (40, 160, 60), "blue": (45, 85, 215), "yellow": (235, 195, 35)}
+COLOURS = {
+    "red": (215, 45, 40),
+    "green": (40, 160, 60),
+    "blue": (45, 85, 215),
+    "yellow": (235, 195, 35),
+}
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.28, "large": 0.44}  # side of the object's box, as a fraction of the image
 POSITIONS = {"left": 0.25, "center": 0.5, "right": 0.75}  # centre x, as a fraction of the image
@@ -88,7 +93,9 @@ def parse_caption(text: str) -> Scene | None:
 # Drawing
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill
+) -> None:
     x0, y0, x1, y1 = box
     if shape == "circle":
         draw.ellipse(box, fill=fill)
@@ -125,7 +132,10 @@ def render(scene: Scene, size: int, rng: random.Random) -> np.ndarray:
 
 
 def single_scenes() -> list[Scene]:
-    return [Scene((Thing(c, s, z, p),)) for c, s, z, p in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS)]
+    return [
+        Scene((Thing(c, s, z, p),))
+        for c, s, z, p in itertools.product(COLOURS, SHAPES, SIZES, POSITIONS)
+    ]
 
 
 def pair_scenes() -> list[Scene]:
@@ -151,7 +161,9 @@ def make_split(scenes: list[Scene], held_out_fraction: float, seed: int) -> Spli
         known = set().union(*(_value_pairs(s) for s in seen))
         if all(_value_pairs(scenes[i]) <= known for i in held):
             return Split(tuple(seen), tuple(scenes[i] for i in sorted(held)))
-    raise ValueError(f"no split of {len(scenes)} scenes holds out {count} with every attribute pair seen")
+    raise ValueError(
+        f"no split of {len(scenes)} scenes holds out {count} with every attribute pair seen"
+    )
 
 
 def _value_pairs(scene: Scene) -> set[tuple]:
@@ -257,7 +269,8 @@ def score_image(image: np.ndarray, scene: Scene) -> dict[str, bool]:
         left, right = (by_colour.get(t.colour) for t in scene.things)
         result = {
             "colours": left is not None and right is not None,
-            "shapes": left is not None and right is not None
+            "shapes": left is not None
+            and right is not None
             and (left.shape, right.shape) == (scene.things[0].shape, scene.things[1].shape),
             "relation": left is not None and right is not None and left.centre_x < right.centre_x,
         }
@@ -285,8 +298,9 @@ def score_samples(directory: str | Path) -> list[tuple[str, dict[str, bool]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m data_prep.shapes",
-                                     description=__doc__.split("\n\n")[0])  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m data_prep.shapes", description=__doc__.split("\n\n")[0]
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     score = sub.add_parser("score", help="score mtf-generate's images of shapes captions")
     score.add_argument("samples", help="a folder with samples.jsonl and sample_NNNN_0.png")

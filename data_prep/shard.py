@@ -34,9 +34,15 @@ import torch
 from tqdm import tqdm
 
 from data_prep.readers import (
-    IMAGE_SUFFIXES, TEXT_SUFFIXES, Columns, Rejected, decode_images, default_min_image_size,
-    expand_inputs, read_unit,
-)  # fmt: skip
+    IMAGE_SUFFIXES,
+    TEXT_SUFFIXES,
+    Columns,
+    Rejected,
+    decode_images,
+    default_min_image_size,
+    expand_inputs,
+    read_unit,
+)
 
 log = logging.getLogger("data_prep.shard")
 FORMAT_VERSION = 1
@@ -84,8 +90,10 @@ class _Encoders:
 
             self.vae = load_vae(job.vae)
             if job.image_size % self.vae.downsample:
-                raise ValueError(f"--image-size {job.image_size} is not a multiple of the VAE's "
-                                 f"downsampling factor {self.vae.downsample}")  # fmt: skip
+                raise ValueError(
+                    f"--image-size {job.image_size} is not a multiple of the VAE's "
+                    f"downsampling factor {self.vae.downsample}"
+                )
 
     def provenance(self, job: ShardJob) -> dict:
         settings = {
@@ -145,7 +153,9 @@ class _UnitWriter:
         np.save(directory / "lengths.npy", np.asarray(self.lengths, dtype=np.int32))
 
 
-def _process_text(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected):
+def _process_text(
+    path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected
+):
     for record in read_unit(path, "text", job.columns):
         stats["read"] += 1
         if isinstance(record, Rejected):
@@ -159,7 +169,9 @@ def _process_text(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, s
         stats["written"] += 1
 
 
-def _process_images(path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected):
+def _process_images(
+    path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected
+):
     from data_prep.images import to_model_range
 
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
@@ -209,8 +221,17 @@ def _process_unit(index: int, path: Path, job: ShardJob, enc: _Encoders) -> Coun
         def rejected(item: Rejected):
             stats[f"rejected_{item.reason}"] += 1
             log.warning("skipped %s: %s %s", item.key, item.reason, item.detail)
-            rejected_file.write(json.dumps({"key": item.key, "reason": item.reason,
-                                            "detail": item.detail, "input": str(path)}) + "\n")  # fmt: skip
+            rejected_file.write(
+                json.dumps(
+                    {
+                        "key": item.key,
+                        "reason": item.reason,
+                        "detail": item.detail,
+                        "input": str(path),
+                    }
+                )
+                + "\n"
+            )
 
         process = _process_text if job.kind == "text" else _process_images
         process(path, job, enc, writer, stats, rejected)
@@ -255,9 +276,11 @@ def run_shard_job(job: ShardJob) -> Counter:
         totals["units_done"] += 1
     if totals["units_done"] and not totals["written"]:
         done = [Path(job.out) / _unit_name(i) / "rejected.jsonl" for i in mine]
-        raise AllRejected(f"every record of {_unit_count(totals['units_done'])} was rejected: "
-                          f"{_top_rejection(done)}; fix the options, shard into a new "
-                          "--out")  # fmt: skip
+        raise AllRejected(
+            f"every record of {_unit_count(totals['units_done'])} was rejected: "
+            f"{_top_rejection(done)}; fix the options, shard into a new "
+            "--out"
+        )
     return totals
 
 
@@ -300,16 +323,20 @@ def merge(out: str | Path) -> dict:
             totals.update(stats)
             rejected.write((out / n / "rejected.jsonl").read_text())
     shard_files = sorted(
-        info["basename"] for shard in index["shards"] for key in ("raw_data", "zip_data")
+        info["basename"]
+        for shard in index["shards"]
+        for key in ("raw_data", "zip_data")
         if (info := shard.get(key))
-    )  # fmt: skip
+    )
     manifest = {
         **plan["settings"],
         "num_samples": int(len(lengths)),
         "num_tokens": int(lengths.sum()),
         "counts": dict(totals),
         "inputs": plan["units"],
-        "files": {name: sha256_file(out / name) for name in shard_files + ["index.json", "lengths.npy"]},
+        "files": {
+            name: sha256_file(out / name) for name in shard_files + ["index.json", "lengths.npy"]
+        },
     }
     tmp = out / ".manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -334,16 +361,21 @@ def main(argv=None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     shard = commands.add_parser("shard", help="tokenize / VAE-encode inputs into MDS units")
     shard.add_argument("--kind", required=True, choices=["text", "image_caption"])
-    shard.add_argument("--inputs", nargs="+", required=True,
-                       help="files or directories; for image_caption also folders of images "
-                            "(KEY.png + KEY.txt)")
+    shard.add_argument(
+        "--inputs",
+        nargs="+",
+        required=True,
+        help="files or directories; for image_caption also folders of images (KEY.png + KEY.txt)",
+    )
     shard.add_argument("--out", required=True)
     shard.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
     shard.add_argument("--vae", help="VAE directory (this project's or diffusers AutoencoderKL)")
     shard.add_argument("--image-size", type=int, default=256)
-    shard.add_argument("--min-image-size", type=int,
-                       help="reject images whose shorter side is smaller "
-                            "(default: half of --image-size)")
+    shard.add_argument(
+        "--min-image-size",
+        type=int,
+        help="reject images whose shorter side is smaller (default: half of --image-size)",
+    )
     shard.add_argument("--max-caption-tokens", type=int, default=128)
     shard.add_argument("--batch-size", type=int, default=64)
     shard.add_argument("--image-column", default="image")
@@ -359,16 +391,25 @@ def main(argv=None) -> None:
     try:
         if args.command == "merge":
             manifest = merge(args.out)
-            print(f"merged {manifest['num_samples']} samples, {manifest['num_tokens']} tokens "
-                  f"into {args.out}: {_summary(Counter(manifest['counts']))}")  # fmt: skip
+            print(
+                f"merged {manifest['num_samples']} samples, {manifest['num_tokens']} tokens "
+                f"into {args.out}: {_summary(Counter(manifest['counts']))}"
+            )
             return
         job = ShardJob(
-            kind=args.kind, inputs=args.inputs, out=args.out, tokenizer=args.tokenizer,
-            vae=args.vae, image_size=args.image_size, min_image_size=args.min_image_size,
-            max_caption_tokens=args.max_caption_tokens, batch_size=args.batch_size,
+            kind=args.kind,
+            inputs=args.inputs,
+            out=args.out,
+            tokenizer=args.tokenizer,
+            vae=args.vae,
+            image_size=args.image_size,
+            min_image_size=args.min_image_size,
+            max_caption_tokens=args.max_caption_tokens,
+            batch_size=args.batch_size,
             columns=Columns(args.image_column, args.caption_column, args.text_column),
-            shard_index=args.shard_index, num_shards=args.num_shards,
-        )  # fmt: skip
+            shard_index=args.shard_index,
+            num_shards=args.num_shards,
+        )
         print(f"task {job.shard_index}/{job.num_shards}: {_summary(run_shard_job(job))}")
     except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -27,8 +27,13 @@ from tqdm import tqdm
 
 from data_prep.images import from_model_range, to_model_range
 from data_prep.readers import (
-    IMAGE_SUFFIXES, Columns, Rejected, decode_images, expand_inputs, read_unit,
-)  # fmt: skip
+    IMAGE_SUFFIXES,
+    Columns,
+    Rejected,
+    decode_images,
+    expand_inputs,
+    read_unit,
+)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 DIFFUSERS_WEIGHTS_GLOB = "diffusion_pytorch_model*.safetensors"  # one file, or shards
@@ -86,8 +91,11 @@ class ConvVAE(nn.Module):
 
         up: list[nn.Module] = [nn.Conv2d(c, w[-1], 3, padding=1)]
         for c_in, c_out in itertools.pairwise(w[::-1]):
-            up += [*(ResBlock(c_in) for _ in range(n)), nn.Upsample(scale_factor=2, mode="nearest"),
-                   nn.Conv2d(c_in, c_out, 3, padding=1)]  # fmt: skip
+            up += [
+                *(ResBlock(c_in) for _ in range(n)),
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+            ]
         up += [nn.GroupNorm(8, w[0]), nn.SiLU(), nn.Conv2d(w[0], 3, 3, padding=1)]
         self.decoder = nn.Sequential(*up)
 
@@ -164,8 +172,14 @@ def train_vae(
         loss.backward()
         optimizer.step()
 
-        record = {"step": step, "loss": loss.item(), "recon": recon.item(), "kl": kl.item(),
-                  "lr": step_lr, "seconds": time.perf_counter() - start}  # fmt: skip
+        record = {
+            "step": step,
+            "loss": loss.item(),
+            "recon": recon.item(),
+            "kl": kl.item(),
+            "lr": step_lr,
+            "seconds": time.perf_counter() - start,
+        }
         history.append(record)
         if log is not None and step % log_every == 0:
             log(record)
@@ -194,8 +208,12 @@ def scaling_factor(model: ConvVAE, images: np.ndarray, batch_size: int = 256) ->
 @torch.no_grad()
 def reconstruct(model: ConvVAE, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """uint8 images -> uint8 reconstructions through the posterior mean."""
-    return np.concatenate([from_model_range(model.decode(model.encode(x)[0]))
-                           for x in _model_range_batches(model, images, batch_size)])  # fmt: skip
+    return np.concatenate(
+        [
+            from_model_range(model.decode(model.encode(x)[0]))
+            for x in _model_range_batches(model, images, batch_size)
+        ]
+    )
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
@@ -219,8 +237,9 @@ def bilinear_baseline(images: np.ndarray, factor: int = 8) -> np.ndarray:
 # Saving and loading
 
 
-def save_vae(model: ConvVAE, config: VAEConfig, scaling_factor: float,
-             directory: str | Path) -> Path:  # fmt: skip
+def save_vae(
+    model: ConvVAE, config: VAEConfig, scaling_factor: float, directory: str | Path
+) -> Path:
     """Write ``config.json`` + ``model.safetensors`` into ``directory`` (created if needed)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -238,8 +257,17 @@ class LatentEncoder:
     diffusers VAEs that define one (SD3/Flux style).
     """
 
-    def __init__(self, model: nn.Module, kind: str, path: Path, sha256: str, latent_channels: int,
-                 downsample: int, scaling_factor: float, shift_factor: float = 0.0):  # fmt: skip
+    def __init__(
+        self,
+        model: nn.Module,
+        kind: str,
+        path: Path,
+        sha256: str,
+        latent_channels: int,
+        downsample: int,
+        scaling_factor: float,
+        shift_factor: float = 0.0,
+    ):
         self.model = model.eval().requires_grad_(False)
         self.kind, self.path, self.sha256 = kind, path, sha256
         self.latent_channels, self.downsample = latent_channels, downsample
@@ -251,8 +279,9 @@ class LatentEncoder:
         """[n, 3, H, W] in [-1, 1] -> scaled posterior mean [n, C, H/d, W/d]: deterministic."""
         d = self.downsample
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[2] % d or images.shape[3] % d:
-            raise ValueError(f"expected images [n, 3, H, W] with H, W divisible by {d}, "
-                             f"got {list(images.shape)}")  # fmt: skip
+            raise ValueError(
+                f"expected images [n, 3, H, W] with H, W divisible by {d}, got {list(images.shape)}"
+            )
         mean = self._mean(images.to(self.device, torch.float32))
         return (mean - self.shift_factor) * self.scaling_factor
 
@@ -264,10 +293,15 @@ class LatentEncoder:
 
     def fingerprint(self) -> dict:
         """What produced a set of latents: stored with the shards so mixing VAEs is detectable."""
-        return {"kind": self.kind, "path": str(self.path), "sha256": self.sha256,
-                "latent_channels": self.latent_channels, "downsample": self.downsample,
-                "scaling_factor": self.scaling_factor,
-                "shift_factor": self.shift_factor}  # fmt: skip
+        return {
+            "kind": self.kind,
+            "path": str(self.path),
+            "sha256": self.sha256,
+            "latent_channels": self.latent_channels,
+            "downsample": self.downsample,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+        }
 
     def _mean(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.encode(images)[0]
@@ -284,8 +318,11 @@ class _DiffusersEncoder(LatentEncoder):
         return self.model.decode(latents).sample
 
 
-def load_vae(path: str | Path, expected_latent_channels: int | None = None,
-             device: str | torch.device = "cpu") -> LatentEncoder:  # fmt: skip
+def load_vae(
+    path: str | Path,
+    expected_latent_channels: int | None = None,
+    device: str | torch.device = "cpu",
+) -> LatentEncoder:
     """Load a VAE saved by ``save_vae`` or a diffusers ``AutoencoderKL`` directory."""
     path = Path(path).expanduser().resolve()
     if not (path / CONFIG_FILE).is_file():
@@ -313,10 +350,19 @@ def load_vae(path: str | Path, expected_latent_channels: int | None = None,
         weights = _weight_files(path, WEIGHTS_FILE)
         model = ConvVAE(config)
         model.load_state_dict(load_file(weights[0]))
-        return LatentEncoder(model.to(device), "conv_vae", path, _sha256(weights),
-                             config.latent_channels, config.downsample, factor)  # fmt: skip
-    raise ValueError(f"{path} is neither a save_vae directory ({CONFIG_FILE} kind 'conv_vae') "
-                     f"nor a diffusers one (_class_name 'AutoencoderKL')")  # fmt: skip
+        return LatentEncoder(
+            model.to(device),
+            "conv_vae",
+            path,
+            _sha256(weights),
+            config.latent_channels,
+            config.downsample,
+            factor,
+        )
+    raise ValueError(
+        f"{path} is neither a save_vae directory ({CONFIG_FILE} kind 'conv_vae') "
+        f"nor a diffusers one (_class_name 'AutoencoderKL')"
+    )
 
 
 def _load_diffusers(path: Path, device: torch.device) -> LatentEncoder:
@@ -325,13 +371,25 @@ def _load_diffusers(path: Path, device: torch.device) -> LatentEncoder:
         from diffusers import AutoencoderKL
     except ImportError:
         raise ImportError(f"{path} is a diffusers AutoencoderKL: `pip install diffusers`") from None
-    model = AutoencoderKL.from_pretrained(path, use_safetensors=True, local_files_only=True,
-                                          torch_dtype=torch.float32, low_cpu_mem_usage=False)
+    model = AutoencoderKL.from_pretrained(
+        path,
+        use_safetensors=True,
+        local_files_only=True,
+        torch_dtype=torch.float32,
+        low_cpu_mem_usage=False,
+    )
     c = model.config
     downsample = 2 ** (len(c.block_out_channels) - 1)  # every block but the last halves H and W
-    return _DiffusersEncoder(model.to(device), "diffusers_autoencoder_kl", path,
-                             _sha256(weights), c.latent_channels, downsample,
-                             float(c.scaling_factor), float(c.get("shift_factor") or 0.0))  # fmt: skip
+    return _DiffusersEncoder(
+        model.to(device),
+        "diffusers_autoencoder_kl",
+        path,
+        _sha256(weights),
+        c.latent_channels,
+        downsample,
+        float(c.scaling_factor),
+        float(c.get("shift_factor") or 0.0),
+    )
 
 
 def _weight_files(path: Path, pattern: str) -> list[Path]:
@@ -361,8 +419,10 @@ def load_image_set(npz: str | Path, holdout: float = 0.05) -> tuple[np.ndarray, 
             raise ValueError(f"{npz} has no 'images' array")
         images = data["images"]
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3 or len(images) < 2:
-        raise ValueError(f"{npz}: 'images' must be uint8 [N >= 2, H, W, 3], "
-                         f"got {images.dtype} {list(images.shape)}")  # fmt: skip
+        raise ValueError(
+            f"{npz}: 'images' must be uint8 [N >= 2, H, W, 3], "
+            f"got {images.dtype} {list(images.shape)}"
+        )
     n_eval = max(1, round(len(images) * holdout))
     return images[:-n_eval], images[-n_eval:]
 
@@ -370,15 +430,17 @@ def load_image_set(npz: str | Path, holdout: float = 0.05) -> tuple[np.ndarray, 
 def is_held_out(keys: list[str], fraction: float) -> np.ndarray:
     """Hold out the samples whose key hashes below ``fraction`` (at least the lowest one): the
     split follows the keys alone, not file order, so a re-run or re-ordered inputs agree."""
-    hashes = np.array([int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
-                       for key in keys])  # fmt: skip
+    hashes = np.array(
+        [int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64 for key in keys]
+    )
     held = hashes < fraction
     held[np.argmin(hashes)] = True
     return held
 
 
-def read_image_set(inputs: list[str], size: int, columns: Columns = Columns(), holdout: float = 0.05
-                   ) -> tuple[np.ndarray, np.ndarray, list[Rejected]]:  # fmt: skip
+def read_image_set(
+    inputs: list[str], size: int, columns: Columns = Columns(), holdout: float = 0.05
+) -> tuple[np.ndarray, np.ndarray, list[Rejected]]:
     """Decode every image of the inputs the sharding job reads (tars, Parquet, image folders;
     the same decoding, centre crop and resize) into memory as uint8 [N, size, size, 3]:
     returns (train, held_out, rejected samples). Captions are not read."""
@@ -394,12 +456,16 @@ def read_image_set(inputs: list[str], size: int, columns: Columns = Columns(), h
                     keys.append(item[0].key)
                     images.append(item[1])
     if len(images) < 2:
-        raise ValueError(f"{len(images)} usable images in {', '.join(inputs)} (need 2 or more); "
-                         f"{rejections(rejected)}")  # fmt: skip
+        raise ValueError(
+            f"{len(images)} usable images in {', '.join(inputs)} (need 2 or more); "
+            f"{rejections(rejected)}"
+        )
     held = is_held_out(keys, holdout)
     if held.all():
-        raise ValueError(f"all {len(images)} images fall in the held-out fraction {holdout}; "
-                         "lower --holdout or add images")  # fmt: skip
+        raise ValueError(
+            f"all {len(images)} images fall in the held-out fraction {holdout}; "
+            "lower --holdout or add images"
+        )
     train = np.stack([image for image, h in zip(images, held) if not h])
     return train, np.stack([image for image, h in zip(images, held) if h]), rejected
 
@@ -416,23 +482,39 @@ def rejections(rejected: list[Rejected]) -> str:
 def train_vae_main(argv=None) -> None:
     """Train the VAE on the user's images, report held-out PSNR against bilinear, save it."""
     parser = argparse.ArgumentParser(
-        prog="mtf-train-vae", description="Train this project's image VAE (ConvVAE) and save it "
+        prog="mtf-train-vae",
+        description="Train this project's image VAE (ConvVAE) and save it "
         "for mtf-prepare-data. All images are decoded once into memory as uint8 (size x size x 3 "
         "bytes each: 10,000 images at 256 px take 2 GB), which suits up to ~100,000 images.",
-    )  # fmt: skip
+    )
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--inputs", nargs="+", metavar="PATH",
-                        help="tars, Parquet files, folders of images, or directories holding them "
-                             "(what mtf-prepare-data shard reads)")  # fmt: skip
-    source.add_argument("--images", metavar="NPZ", help="or: an npz with 'images' uint8 "
-                        "[N, H, W, 3] (the last 5%% held out, as for the built-in VAE)")  # fmt: skip
-    parser.add_argument("--image-size", type=int, default=256,
-                        help="--inputs: centre-crop and resize to this, as the shard job does "
-                             "(default 256)")
+    source.add_argument(
+        "--inputs",
+        nargs="+",
+        metavar="PATH",
+        help="tars, Parquet files, folders of images, or directories holding them "
+        "(what mtf-prepare-data shard reads)",
+    )
+    source.add_argument(
+        "--images",
+        metavar="NPZ",
+        help="or: an npz with 'images' uint8 "
+        "[N, H, W, 3] (the last 5%% held out, as for the built-in VAE)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=256,
+        help="--inputs: centre-crop and resize to this, as the shard job does (default 256)",
+    )
     parser.add_argument("--image-column", default="image", help="Parquet image-bytes column")
-    parser.add_argument("--holdout", type=float, default=0.05,
-                        help="--inputs: fraction held out for PSNR, chosen by a hash of each "
-                             "sample's key (default 0.05)")
+    parser.add_argument(
+        "--holdout",
+        type=float,
+        default=0.05,
+        help="--inputs: fraction held out for PSNR, chosen by a hash of each "
+        "sample's key (default 0.05)",
+    )
     parser.add_argument("--out", required=True, help="output directory for save_vae")
     parser.add_argument("--minutes", type=float, help="wall-time budget")
     parser.add_argument("--steps", type=int, help="step budget (deterministic given --seed)")
@@ -441,8 +523,12 @@ def train_vae_main(argv=None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--base-channels", type=int, default=VAEConfig.base_channels)
     parser.add_argument("--latent-channels", type=int, default=VAEConfig.latent_channels)
-    parser.add_argument("--downsample", type=int, default=VAEConfig.downsample,
-                        help="spatial reduction, a power of two")
+    parser.add_argument(
+        "--downsample",
+        type=int,
+        default=VAEConfig.downsample,
+        help="spatial reduction, a power of two",
+    )
     args = parser.parse_args(argv)
     if args.minutes is None and args.steps is None:
         parser.error("give --minutes and/or --steps")
@@ -451,16 +537,22 @@ def train_vae_main(argv=None) -> None:
     if not 0 < args.holdout < 1:
         parser.error(f"--holdout must be in (0, 1), got {args.holdout}")
     try:
-        config = VAEConfig(latent_channels=args.latent_channels, base_channels=args.base_channels,
-                           downsample=args.downsample)  # fmt: skip
+        config = VAEConfig(
+            latent_channels=args.latent_channels,
+            base_channels=args.base_channels,
+            downsample=args.downsample,
+        )
         if args.images:
             (train, held_out), rejected = load_image_set(args.images), []
         else:
             train, held_out, rejected = read_image_set(
-                args.inputs, args.image_size, Columns(image=args.image_column), args.holdout)
+                args.inputs, args.image_size, Columns(image=args.image_column), args.holdout
+            )
         if train.shape[1] % config.downsample or train.shape[2] % config.downsample:
-            raise ValueError(f"image size {train.shape[1]}x{train.shape[2]} is not a multiple "
-                             f"of --downsample {config.downsample}")  # fmt: skip
+            raise ValueError(
+                f"image size {train.shape[1]}x{train.shape[2]} is not a multiple "
+                f"of --downsample {config.downsample}"
+            )
     except (OSError, ValueError) as e:
         parser.error(str(e))
     size = "x".join(map(str, train.shape[1:3]))
@@ -469,22 +561,36 @@ def train_vae_main(argv=None) -> None:
         print(rejections(rejected))
 
     max_seconds = None if args.minutes is None else args.minutes * 60
-    bar = tqdm(total=1.0, desc="training", bar_format="{desc}: {percentage:3.0f}%|{bar}| "
-               "{elapsed}<{remaining}{postfix}")  # fmt: skip
+    bar = tqdm(
+        total=1.0,
+        desc="training",
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining}{postfix}",
+    )
 
     def log(r):
-        done = max((r["step"] + 1) / (args.steps or math.inf),
-                   r["seconds"] / (max_seconds or math.inf))  # as train_vae measures progress
+        done = max(
+            (r["step"] + 1) / (args.steps or math.inf), r["seconds"] / (max_seconds or math.inf)
+        )  # as train_vae measures progress
         bar.set_postfix_str(f"step {r['step']}, loss {r['loss']:.5f}", refresh=False)
         bar.update(min(done, 1.0) - bar.n)
         if r["step"] % 100 == 0:
-            bar.write(f"step {r['step']:6d}  {r['seconds']:6.0f}s  loss {r['loss']:.5f}  "
-                      f"kl {r['kl']:.3f}  lr {r['lr']:.2e}")  # fmt: skip
+            bar.write(
+                f"step {r['step']:6d}  {r['seconds']:6.0f}s  loss {r['loss']:.5f}  "
+                f"kl {r['kl']:.3f}  lr {r['lr']:.2e}"
+            )
 
     with bar:
-        model, history = train_vae(train, config, steps=args.steps, max_seconds=max_seconds,
-                                   batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                                   log=log, log_every=1)  # fmt: skip
+        model, history = train_vae(
+            train,
+            config,
+            steps=args.steps,
+            max_seconds=max_seconds,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            log=log,
+            log_every=1,
+        )
     steps, seconds = len(history), history[-1]["seconds"]
     print(f"{steps} steps in {seconds:.0f}s, {steps * args.batch_size / seconds:.0f} img/s")
     vae_db = psnr(reconstruct(model, held_out), held_out)

@@ -80,9 +80,14 @@ def dense_mask(batch: PackedBatch) -> torch.Tensor:
 def block_mask(batch: PackedBatch, block_size: int = 128) -> BlockMask:
     b, s = batch.tokens.shape
     return create_block_mask(
-        transfusion_mask_mod(batch), b, None, s, s, device=batch.tokens.device,
+        transfusion_mask_mod(batch),
+        b,
+        None,
+        s,
+        s,
+        device=batch.tokens.device,
         BLOCK_SIZE=block_size,
-    )  # fmt: skip
+    )
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,11 @@ class VarlenRuns:
             offsets = [0]
             for n in lengths:
                 offsets.append(offsets[-1] + n)
-            return (torch.tensor(index, dtype=torch.long, device=device),
-                    torch.tensor(offsets, dtype=torch.int32, device=device), max(lengths, default=0))  # fmt: skip
+            return (
+                torch.tensor(index, dtype=torch.long, device=device),
+                torch.tensor(offsets, dtype=torch.int32, device=device),
+                max(lengths, default=0),
+            )
 
         queries, cu_queries, max_queries = pack([(q0, q1) for q0, q1, _, _ in runs])
         keys, cu_keys, max_keys = pack([(k0, k1) for _, _, k0, k1 in runs])
@@ -143,9 +151,14 @@ def attention_runs(batch: PackedBatch) -> AttentionRuns:
     ends = torch.where(last_in_row, s, starts.roll(-1))
     causal, full, alone = [], [], []
     for row, start, end, doc, img, first, iso in zip(
-        rows.tolist(), starts.tolist(), ends.tolist(), document[rows, starts].tolist(),
-        image[rows, starts].tolist(), document_start[rows, starts].tolist(), isolated[rows, starts].tolist(),
-    ):  # fmt: skip
+        rows.tolist(),
+        starts.tolist(),
+        ends.tolist(),
+        document[rows, starts].tolist(),
+        image[rows, starts].tolist(),
+        document_start[rows, starts].tolist(),
+        isolated[rows, starts].tolist(),
+    ):
         q0, q1 = row * s + start, row * s + end
         if doc < 0:  # padding
             alone.extend(range(q0, q1))
@@ -154,8 +167,11 @@ def attention_runs(batch: PackedBatch) -> AttentionRuns:
         else:  # an image: its document up to its last patch, or only itself
             full.append((q0, q1, q0 if iso else row * s + first, q1))
     device = batch.tokens.device
-    return AttentionRuns(VarlenRuns.from_intervals(causal, device), VarlenRuns.from_intervals(full, device),
-                         torch.tensor(alone, dtype=torch.long, device=device))  # fmt: skip
+    return AttentionRuns(
+        VarlenRuns.from_intervals(causal, device),
+        VarlenRuns.from_intervals(full, device),
+        torch.tensor(alone, dtype=torch.long, device=device),
+    )
 
 
 @dataclass(frozen=True)
@@ -168,7 +184,9 @@ class TransfusionMask:
     runs: AttentionRuns | None = None  # flash
 
 
-def build_attention_mask(batch: PackedBatch, backend: str, block_size: int = 128) -> TransfusionMask:
+def build_attention_mask(
+    batch: PackedBatch, backend: str, block_size: int = 128
+) -> TransfusionMask:
     if backend == "sdpa":
         return TransfusionMask(backend, dense=dense_mask(batch))
     if backend == "flex":
@@ -189,9 +207,12 @@ def flex_kernel(compiled: bool):
 
 
 def attend(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: TransfusionMask,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    mask: TransfusionMask,
     scale: float | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """Attention over [b, heads, s, d] tensors; keys may have fewer (grouped) heads."""
     gqa = key.shape[1] != query.shape[1]
     if mask.backend == "sdpa":
@@ -228,8 +249,9 @@ def varlen_sdpa(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale=None, causal=Fa
     for q0, q1, k0, k1 in bounds:
         mask = causal_lower_right(q1 - q0, k1 - k0) if causal else None
         qr, kr, vr = (t.transpose(0, 1) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, scale=softmax_scale,
-                                           enable_gqa=kr.shape[0] != qr.shape[0])  # fmt: skip
+        o = F.scaled_dot_product_attention(
+            qr, kr, vr, attn_mask=mask, scale=softmax_scale, enable_gqa=kr.shape[0] != qr.shape[0]
+        )
         out.append(o.transpose(0, 1))
     return torch.cat(out) if out else q.new_zeros(0, q.shape[1], v.shape[2])
 
@@ -242,17 +264,32 @@ def _varlen_kernel(tensor: torch.Tensor):
     return varlen_sdpa
 
 
-def split_attention(query, key, value, runs: AttentionRuns, scale: float | None = None) -> torch.Tensor:
+def split_attention(
+    query, key, value, runs: AttentionRuns, scale: float | None = None
+) -> torch.Tensor:
     """The ``flash`` backend: [b, heads, s, d] in and out, computed run by run."""
     b, heads, s, _ = query.shape
-    q, k, v = (t.permute(0, 2, 1, 3).reshape(b * s, t.shape[1], t.shape[3]) for t in (query, key, value))
+    q, k, v = (
+        t.permute(0, 2, 1, 3).reshape(b * s, t.shape[1], t.shape[3]) for t in (query, key, value)
+    )
     kernel = _varlen_kernel(q)
     out = q.new_zeros(b * s, heads, value.shape[3])
     for r, causal in ((runs.causal, True), (runs.full, False)):
         if r.queries.numel():
-            o = kernel(q[r.queries], k[r.keys], v[r.keys], r.cu_queries, r.cu_keys, r.max_queries,
-                       r.max_keys, softmax_scale=scale, causal=causal)  # fmt: skip
+            o = kernel(
+                q[r.queries],
+                k[r.keys],
+                v[r.keys],
+                r.cu_queries,
+                r.cu_keys,
+                r.max_queries,
+                r.max_keys,
+                softmax_scale=scale,
+                causal=causal,
+            )
             out = out.index_copy(0, r.queries, o)
     if runs.alone.numel():  # softmax over one key: the value itself
-        out = out.index_copy(0, runs.alone, v[runs.alone].repeat_interleave(heads // v.shape[1], dim=1))
+        out = out.index_copy(
+            0, runs.alone, v[runs.alone].repeat_interleave(heads // v.shape[1], dim=1)
+        )
     return out.reshape(b, s, heads, -1).permute(0, 2, 1, 3)

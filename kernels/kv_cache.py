@@ -24,8 +24,14 @@ class KVCache:
         self.isolated = torch.zeros((rows, capacity), dtype=torch.bool, device=device)
         self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # [rows, capacity, heads, d]
 
-    def view(self, rows: torch.Tensor, slots: torch.Tensor, document: torch.Tensor,
-             image: torch.Tensor, isolated: torch.Tensor) -> KVCacheView:  # fmt: skip
+    def view(
+        self,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        document: torch.Tensor,
+        image: torch.Tensor,
+        isolated: torch.Tensor,
+    ) -> KVCacheView:
         """Record what ``slots`` [len(rows), q] of ``rows`` will hold and return the view
         through which the model's layers write their keys/values there, with the mask of
         queries at those slots (attending to slots 0..max(slots) of their rows)."""
@@ -46,8 +52,14 @@ class KVCacheView:
     """One forward's window into the cache: which rows, which slots it writes, and the
     mask of its queries over the keys they see."""
 
-    def __init__(self, cache: KVCache, rows: torch.Tensor, slots: torch.Tensor, keys: int,
-                 mask: TransfusionMask):  # fmt: skip
+    def __init__(
+        self,
+        cache: KVCache,
+        rows: torch.Tensor,
+        slots: torch.Tensor,
+        keys: int,
+        mask: TransfusionMask,
+    ):
         self.cache, self.rows, self.slots, self.keys, self.mask = cache, rows, slots, keys, mask
 
     def update(self, layer: int, key: torch.Tensor, value: torch.Tensor):
@@ -56,11 +68,15 @@ class KVCacheView:
         cache = self.cache
         if layer not in cache.layers:
             shape = (cache.document.shape[0], cache.capacity, *key.shape[2:])
-            cache.layers[layer] = tuple(torch.zeros(shape, dtype=key.dtype, device=key.device) for _ in "kv")
+            cache.layers[layer] = tuple(
+                torch.zeros(shape, dtype=key.dtype, device=key.device) for _ in "kv"
+            )
         stored_keys, stored_values = cache.layers[layer]
         r = self.rows[:, None]
         stored_keys[r, self.slots] = key.transpose(0, 1)
         stored_values[r, self.slots] = value.transpose(0, 1)
         window = slice(0, self.keys)
-        return (stored_keys[self.rows, window].transpose(0, 1),
-                stored_values[self.rows, window].transpose(0, 1))  # fmt: skip
+        return (
+            stored_keys[self.rows, window].transpose(0, 1),
+            stored_values[self.rows, window].transpose(0, 1),
+        )

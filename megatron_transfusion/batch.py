@@ -62,7 +62,9 @@ class PackedBatch:
         is_text = (self.image_ids < 0) & (self.document_ids >= 0)
         mask = torch.zeros_like(is_text)
         mask[:, :-1] = (
-            is_text[:, :-1] & is_text[:, 1:] & (self.document_ids[:, :-1] == self.document_ids[:, 1:])
+            is_text[:, :-1]
+            & is_text[:, 1:]
+            & (self.document_ids[:, :-1] == self.document_ids[:, 1:])
         )
         return labels, mask
 
@@ -71,8 +73,10 @@ class PackedBatch:
         shape = self.tokens.shape
         for name in ("positions", "document_ids", "image_ids"):
             if getattr(self, name).shape != shape:
-                raise ValueError(f"PackedBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
-                                 f"expected {tuple(shape)} like tokens")  # fmt: skip
+                raise ValueError(
+                    f"PackedBatch.{name} has shape {tuple(getattr(self, name).shape)}, "
+                    f"expected {tuple(shape)} like tokens"
+                )
         n = self.num_images
         for name in ("timesteps", "caption_first", "unconditional"):
             if getattr(self, name).shape != (n,):
@@ -156,8 +160,10 @@ def pack_documents(
                     image = None
                 else:
                     if tuple(segment.latent.shape) != tuple(latent_shape):
-                        raise ValueError(f"row {r}: image latent has shape "
-                                         f"{tuple(segment.latent.shape)}, expected {latent_shape}")
+                        raise ValueError(
+                            f"row {r}: image latent has shape "
+                            f"{tuple(segment.latent.shape)}, expected {latent_shape}"
+                        )
                     ids = [special.boi] + [special.pad] * patches_per_image + [special.eoi]
                     image = len(latents)
                     latents.append(segment.latent)

@@ -27,9 +27,11 @@ def config_main(argv=None) -> None:
 
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     c = count_parameters(cfg.model)
-    print(f"# parameters: language model {human_size(c.language_model)} (embedding {human_size(c.embedding)}, "
-          f"transformer {human_size(c.transformer)}, head {human_size(c.lm_head)}) + "
-          f"{cfg.model.patch_layer} patch layers {human_size(c.patch_layers)} = {human_size(c.total)}")  # fmt: skip
+    print(
+        f"# parameters: language model {human_size(c.language_model)} (embedding {human_size(c.embedding)}, "
+        f"transformer {human_size(c.transformer)}, head {human_size(c.lm_head)}) + "
+        f"{cfg.model.patch_layer} patch layers {human_size(c.patch_layers)} = {human_size(c.total)}"
+    )
 
 
 @run_cli
@@ -45,8 +47,11 @@ def overfit_main(argv=None) -> None:
 
     def log(step, report):
         if step % 10 == 0 or step == args.steps - 1:
-            print(f"step {step:4d}  loss {report.total:.4f}  lm {report.lm:.4f}  "
-                  f"diffusion {report.diffusion:.4f}", flush=True)  # fmt: skip
+            print(
+                f"step {step:4d}  loss {report.total:.4f}  lm {report.lm:.4f}  "
+                f"diffusion {report.diffusion:.4f}",
+                flush=True,
+            )
 
     history = overfit(cfg, args.steps, args.lr, log)
     first, last = history[0].as_dict(), history[-1].as_dict()
@@ -60,10 +65,16 @@ def overfit_main(argv=None) -> None:
 def train_main(argv=None) -> None:
     """Pretrain; under torchrun/srun every rank runs this."""
     parser = _config_parser("Pretrain a Transfusion model.")
-    parser.add_argument("--resume", default="auto",
-                        help="auto (latest checkpoint of the run, if any), none, or a checkpoint path")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="resume without checking the checkpoint's files against its manifest")
+    parser.add_argument(
+        "--resume",
+        default="auto",
+        help="auto (latest checkpoint of the run, if any), none, or a checkpoint path",
+    )
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="resume without checking the checkpoint's files against its manifest",
+    )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)
     from megatron_transfusion.training.trainer import TrainingError, train

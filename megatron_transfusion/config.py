@@ -121,7 +121,9 @@ class ParallelConfig:
     # "selective" only the core attention (the s×s scores), Megatron's cheap default.
     recompute: Literal["none", "selective", "full"] = "none"
     engine: Literal["megatron", "deepspeed"] = "megatron"  # who reduces grads and shards state
-    zero_stage: int = 1  # megatron: 0 (plain) or 1 (distributed optimizer where DP > 1); deepspeed: 1-3
+    zero_stage: int = (
+        1  # megatron: 0 (plain) or 1 (distributed optimizer where DP > 1); deepspeed: 1-3
+    )
 
 
 @dataclass
@@ -377,8 +379,16 @@ def _require(ok: bool, field_name: str, message: str) -> None:
 
 def validate(config: ExperimentConfig) -> None:
     m, p, d, dif = config.model, config.parallel, config.data, config.diffusion
-    for name in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                 "latent_channels", "latent_size", "patch_size", "max_sequence_length"):  # fmt: skip
+    for name in (
+        "num_layers",
+        "hidden_size",
+        "num_attention_heads",
+        "vocab_size",
+        "latent_channels",
+        "latent_size",
+        "patch_size",
+        "max_sequence_length",
+    ):
         _require(getattr(m, name) > 0, f"model.{name}", "must be positive")
     for name in ("tensor_parallel", "pipeline_parallel"):
         _require(getattr(p, name) > 0, f"parallel.{name}", "must be positive")
@@ -422,36 +432,65 @@ def validate(config: ExperimentConfig) -> None:
         f"(parallel.pipeline_parallel × parallel.virtual_pipeline)",
     )
     if p.sequence_parallel:
-        _require(p.tensor_parallel > 1, "parallel.sequence_parallel", "needs parallel.tensor_parallel > 1")
-        _require(d.seq_length % p.tensor_parallel == 0, "parallel.sequence_parallel",
-                 f"data.seq_length={d.seq_length} must be divisible by parallel.tensor_parallel="
-                 f"{p.tensor_parallel} (each TP rank holds an equal slice of the sequence)")  # fmt: skip
+        _require(
+            p.tensor_parallel > 1,
+            "parallel.sequence_parallel",
+            "needs parallel.tensor_parallel > 1",
+        )
+        _require(
+            d.seq_length % p.tensor_parallel == 0,
+            "parallel.sequence_parallel",
+            f"data.seq_length={d.seq_length} must be divisible by parallel.tensor_parallel="
+            f"{p.tensor_parallel} (each TP rank holds an equal slice of the sequence)",
+        )
     if p.engine == "megatron":
-        _require(p.zero_stage in (0, 1), "parallel.zero_stage",
-                 f"{p.zero_stage} needs parallel.engine=deepspeed (megatron shards only optimizer "
-                 "state: stage 1)")  # fmt: skip
+        _require(
+            p.zero_stage in (0, 1),
+            "parallel.zero_stage",
+            f"{p.zero_stage} needs parallel.engine=deepspeed (megatron shards only optimizer "
+            "state: stage 1)",
+        )
     else:
-        _require(p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3 with deepspeed")
-        _require(not config.checkpoint.async_save, "checkpoint.async_save",
-                 "the deepspeed engine saves synchronously; set it to false")  # fmt: skip
-        _require(not p.sequence_parallel, "parallel.sequence_parallel",
-                 "needs parallel.engine=megatron (DeepSpeed does not sum the sequence-split norm "
-                 "gradients over TP ranks)")  # fmt: skip
-        _require(p.pipeline_parallel == 1, "parallel.engine",
-                 "deepspeed is only supported without pipeline parallelism (ZeRO-2/3 cannot be "
-                 "combined with it); use parallel.engine=megatron for PP > 1")  # fmt: skip
+        _require(
+            p.zero_stage in (1, 2, 3), "parallel.zero_stage", "must be 1, 2 or 3 with deepspeed"
+        )
+        _require(
+            not config.checkpoint.async_save,
+            "checkpoint.async_save",
+            "the deepspeed engine saves synchronously; set it to false",
+        )
+        _require(
+            not p.sequence_parallel,
+            "parallel.sequence_parallel",
+            "needs parallel.engine=megatron (DeepSpeed does not sum the sequence-split norm "
+            "gradients over TP ranks)",
+        )
+        _require(
+            p.pipeline_parallel == 1,
+            "parallel.engine",
+            "deepspeed is only supported without pipeline parallelism (ZeRO-2/3 cannot be "
+            "combined with it); use parallel.engine=megatron for PP > 1",
+        )
     if p.virtual_pipeline is not None:
         _require(p.virtual_pipeline >= 1, "parallel.virtual_pipeline", "must be ≥ 1 or null")
-        _require(p.pipeline_parallel > 1, "parallel.virtual_pipeline", "needs pipeline_parallel > 1")
+        _require(
+            p.pipeline_parallel > 1, "parallel.virtual_pipeline", "needs pipeline_parallel > 1"
+        )
     e = config.eval
     for name in ("interval", "captions", "images"):
         _require(getattr(e, name) >= 0, f"eval.{name}", "must be ≥ 0")
     if e.interval:
-        _require(bool(e.text_data or e.image_caption_data), "eval.interval",
-                 "needs held-out data: set eval.text_data and/or eval.image_caption_data")  # fmt: skip
-        _require(e.captions == 0 or p.pipeline_parallel == 1, "eval.captions",
-                 "captioning during training needs parallel.pipeline_parallel=1 (generation is not "
-                 "pipelined); use mtf-evaluate on a checkpoint instead")  # fmt: skip
+        _require(
+            bool(e.text_data or e.image_caption_data),
+            "eval.interval",
+            "needs held-out data: set eval.text_data and/or eval.image_caption_data",
+        )
+        _require(
+            e.captions == 0 or p.pipeline_parallel == 1,
+            "eval.captions",
+            "captioning during training needs parallel.pipeline_parallel=1 (generation is not "
+            "pipelined); use mtf-evaluate on a checkpoint instead",
+        )
     _require(
         m.patch_size in (1, 2, 4, 8), "model.patch_size", f"{m.patch_size} is not one of 1, 2, 4, 8"
     )
@@ -470,9 +509,7 @@ def validate(config: ExperimentConfig) -> None:
         )
         _require(all(c > 0 for c in m.unet_channels), "model.unet_channels", "must be positive")
         _require(m.unet_blocks_per_level >= 1, "model.unet_blocks_per_level", "must be ≥ 1")
-    _require(
-        m.timestep_frequency_dim % 2 == 0, "model.timestep_frequency_dim", "must be even"
-    )
+    _require(m.timestep_frequency_dim % 2 == 0, "model.timestep_frequency_dim", "must be even")
     _require(
         d.seq_length <= m.max_sequence_length,
         "data.seq_length",
@@ -508,7 +545,9 @@ def validate(config: ExperimentConfig) -> None:
     _require(0 <= o.beta1 < 1 and 0 <= o.beta2 < 1, "optimizer.beta1", "betas must lie in [0, 1)")
     _require(o.grad_clip > 0, "optimizer.grad_clip", "must be positive")
     _require(config.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be ≥ 1")
-    _require(config.checkpoint.interval >= 1, "checkpoint.interval", "must be ≥ 1 (steps between saves)")
+    _require(
+        config.checkpoint.interval >= 1, "checkpoint.interval", "must be ≥ 1 (steps between saves)"
+    )
     r = config.run
     _require(r.train_steps >= 1, "run.train_steps", "must be ≥ 1")
     _require(r.log_interval >= 1, "run.log_interval", "must be ≥ 1 (steps between log lines)")

@@ -47,8 +47,12 @@ def _first_to_say(line: str) -> bool:
     if not directory:
         return True
     try:
-        os.close(os.open(os.path.join(directory, hashlib.sha256(line.encode()).hexdigest()),
-                         os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # fmt: skip
+        os.close(
+            os.open(
+                os.path.join(directory, hashlib.sha256(line.encode()).hexdigest()),
+                os.O_CREAT | os.O_EXCL | os.O_WRONLY,
+            )
+        )
     except FileExistsError:
         return False
     except OSError:  # no such directory (a launcher that has gone): say it

@@ -33,7 +33,10 @@ from megatron_transfusion.config import EXIT_PREEMPTED, EXIT_USER_ERROR
 
 ERRORS_ENV = "MTF_LAUNCH_ERRORS"  # a directory: one file per error line a worker has printed
 _REPORTED = (EXIT_USER_ERROR, EXIT_PREEMPTED)  # the workers said why they stopped
-_TORCHRUN_LOGGERS = ("torch.distributed.elastic.multiprocessing.api", "torch.distributed.elastic.agent.server.api")
+_TORCHRUN_LOGGERS = (
+    "torch.distributed.elastic.multiprocessing.api",
+    "torch.distributed.elastic.agent.server.api",
+)
 
 
 class _QuietEndings(logging.Filter):
@@ -44,7 +47,9 @@ class _QuietEndings(logging.Filter):
         message = str(record.msg)
         if message.startswith(("Sending process %s closing signal", "Received %s death signal")):
             return False
-        return not (message.startswith("failed (exitcode:") and record.args and record.args[0] in _REPORTED)
+        return not (
+            message.startswith("failed (exitcode:") and record.args and record.args[0] in _REPORTED
+        )
 
 
 def _reported_exit(failures) -> int | None:
@@ -71,7 +76,10 @@ def main(argv: list[str] | None = None) -> None:
                 raise
             raise SystemExit(code) from None
         except SignalException as e:
-            print(f"stopped by {e.sigval.name} (torchrun passed it on to the workers)", file=sys.stderr)
+            print(
+                f"stopped by {e.sigval.name} (torchrun passed it on to the workers)",
+                file=sys.stderr,
+            )
             raise SystemExit(128 + e.sigval) from None
         except KeyboardInterrupt:  # before torchrun handles signals itself (rendezvous)
             print("interrupted", file=sys.stderr)

@@ -21,8 +21,9 @@ def init_distributed(parallel: ParallelConfig, platform: Platform) -> None:
         if "RANK" in os.environ:  # launched by torchrun / srun: env:// rendezvous
             dist.init_process_group(backend=platform.dist_backend)
         else:  # a plain `python` run: a world of one, no port to race for
-            dist.init_process_group(backend=platform.dist_backend, store=dist.HashStore(),
-                                    rank=0, world_size=1)  # fmt: skip
+            dist.init_process_group(
+                backend=platform.dist_backend, store=dist.HashStore(), rank=0, world_size=1
+            )
     model_parallel = parallel.tensor_parallel * parallel.pipeline_parallel
     world = dist.get_world_size()
     if world % model_parallel:

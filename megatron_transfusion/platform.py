@@ -91,9 +91,11 @@ def datasheet_peak(name: str, dtype: torch.dtype) -> float:
     for pattern, peaks in DATASHEET_PEAKS:
         if re.search(pattern, name) and dtype in peaks:
             return peaks[dtype]
-    raise ConfigError(f"config field 'run.peak_flops': no datasheet peak is known for '{name}' "
-                      f"in {dtype}; set it to the GPU's dense FLOP/s in that dtype, for "
-                      "MFU")  # fmt: skip
+    raise ConfigError(
+        f"config field 'run.peak_flops': no datasheet peak is known for '{name}' "
+        f"in {dtype}; set it to the GPU's dense FLOP/s in that dtype, for "
+        "MFU"
+    )
 
 
 def measure_matmul_peak(seconds: float = 1.0, size: int = 2048, dtype=torch.float32) -> float:
@@ -198,9 +200,22 @@ def _make_cuda_stand_in(real_cuda) -> types.ModuleType:
 
 
 _FACTORIES = (
-    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
-    "empty_like", "zeros_like", "ones_like", "full_like", "as_tensor", "linspace",
-)  # fmt: skip
+    "empty",
+    "zeros",
+    "ones",
+    "full",
+    "tensor",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "empty_like",
+    "zeros_like",
+    "ones_like",
+    "full_like",
+    "as_tensor",
+    "linspace",
+)
 
 
 def _cpu_device(device):

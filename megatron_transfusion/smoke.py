@@ -29,16 +29,22 @@ def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[Loss
         if cfg.data.text_data or cfg.data.image_caption_data:
             batch = MixedModalityLoader(cfg).next_step()[0]
         else:
-            batch = random_batch(generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length)
+            batch = random_batch(
+                generator, cfg.model, cfg.data.micro_batch_size, cfg.data.seq_length
+            )
         schedule = CosineSchedule.from_config(cfg.diffusion)
         micro_batches = [MicroBatch.draw(batch, schedule, cfg.diffusion, generator, plat.device())]
         o = cfg.optimizer
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0)
+        optimizer = torch.optim.AdamW(
+            params, lr=lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0
+        )
         history = []
         for step in range(steps):
             optimizer.zero_grad(set_to_none=True)
-            report = batch_losses(forward_backward([model], micro_batches, cfg.diffusion.loss_weight))
+            report = batch_losses(
+                forward_backward([model], micro_batches, cfg.diffusion.loss_weight)
+            )
             torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
             optimizer.step()
             history.append(report)

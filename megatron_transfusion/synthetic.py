@@ -9,8 +9,12 @@ from __future__ import annotations
 import torch
 
 from megatron_transfusion.batch import (
-    ImageSegment, PackedBatch, SpecialTokens, TextSegment, pack_documents,
-)  # fmt: skip
+    ImageSegment,
+    PackedBatch,
+    SpecialTokens,
+    TextSegment,
+    pack_documents,
+)
 from megatron_transfusion.config import ModelConfig
 
 # Random documents are not wrapped in BOS/EOS and nothing reads those ids from a
@@ -39,14 +43,21 @@ def random_documents(generator: torch.Generator, cfg: ModelConfig, budget: int) 
         if kind == 0:
             doc, length = [_text(generator, cfg.vocab_size, 3 * n)], 3 * n
         elif kind == 1:
-            doc, length = [_text(generator, cfg.vocab_size, n), _image(generator, cfg, True)], n + image_len
+            doc, length = (
+                [_text(generator, cfg.vocab_size, n), _image(generator, cfg, True)],
+                n + image_len,
+            )
         elif kind == 2:
             doc = [_image(generator, cfg, False), _text(generator, cfg.vocab_size, n)]
             length = n + image_len
         else:
-            doc = [_text(generator, cfg.vocab_size, n), _image(generator, cfg, True),
-                   _text(generator, cfg.vocab_size, n), _image(generator, cfg, True),
-                   _text(generator, cfg.vocab_size, 2)]  # fmt: skip
+            doc = [
+                _text(generator, cfg.vocab_size, n),
+                _image(generator, cfg, True),
+                _text(generator, cfg.vocab_size, n),
+                _image(generator, cfg, True),
+                _text(generator, cfg.vocab_size, 2),
+            ]
             length = 2 * n + 2 + 2 * image_len
         if used + length > budget:
             return documents
@@ -54,7 +65,9 @@ def random_documents(generator: torch.Generator, cfg: ModelConfig, budget: int) 
         used += length
 
 
-def random_batch(generator: torch.Generator, cfg: ModelConfig, batch_size: int, seq_length: int) -> PackedBatch:
+def random_batch(
+    generator: torch.Generator, cfg: ModelConfig, batch_size: int, seq_length: int
+) -> PackedBatch:
     rows = [random_documents(generator, cfg, seq_length) for _ in range(batch_size)]
     shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
     return pack_documents(rows, seq_length, cfg.patches_per_image, shape, SPECIAL)

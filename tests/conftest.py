@@ -24,8 +24,15 @@ def megatron_world():
 
 def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 300):
     """Launch ``script`` under torchrun over gloo; fail the test with its output on error."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-           "--standalone", str(ROOT / script), *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        str(ROOT / script),
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     if result.returncode != 0:

@@ -48,8 +48,10 @@ def write_inputs(root: Path, n_images: int = 60, n_docs: int = 12, corrupt: bool
                 add_member(tar, "latin1.png", png_bytes(images[1]))
                 add_member(tar, "latin1.txt", "caf\xe9".encode("latin-1"))
     rows = list(range(2 * third, n_images))
-    table = {"picture": [{"bytes": png_bytes(images[i]), "path": None} for i in rows],
-             "alt": [captions[i] for i in rows]}  # fmt: skip
+    table = {
+        "picture": [{"bytes": png_bytes(images[i]), "path": None} for i in rows],
+        "alt": [captions[i] for i in rows],
+    }
     if corrupt:
         table["picture"].append({"bytes": png_bytes(images[2]), "path": None})
         table["alt"].append("   ")

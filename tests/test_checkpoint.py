@@ -42,7 +42,9 @@ class FileEngine(Engine):
 
 def save(engine, directory, step, keep_last=2):
     rng = {"noise": torch.tensor([step])}
-    return begin_checkpoint(directory, step, engine, {"loader": {"rows": step}}, rng, keep_last).publish()
+    return begin_checkpoint(
+        directory, step, engine, {"loader": {"rows": step}}, rng, keep_last
+    ).publish()
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(megatron_world, tmp_path):
@@ -63,7 +65,11 @@ def test_crash_during_save_keeps_the_previous_checkpoint(megatron_world, tmp_pat
     engine.crash = False
     for step in (4, 6, 8):
         save(engine, tmp_path, step)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000006", "step_00000008"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "step_00000006",
+        "step_00000008",
+    ]
 
 
 def test_resume_choices(megatron_world, tmp_path):
@@ -81,8 +87,15 @@ def test_checkpoint_files_load_without_pickle_and_are_in_the_manifest(megatron_w
     path = save(engine, tmp_path, 1)
     assert json.loads((path / "trainer.json").read_text())["step"] == 1
     files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-    assert files == ["engine/part1.safetensors", "manifest.json", "rng/rank_00000.safetensors", "trainer.json"]
-    assert sorted(json.loads((path / "manifest.json").read_text())["files"]) == [f for f in files if f != "manifest.json"]
+    assert files == [
+        "engine/part1.safetensors",
+        "manifest.json",
+        "rng/rank_00000.safetensors",
+        "trainer.json",
+    ]
+    assert sorted(json.loads((path / "manifest.json").read_text())["files"]) == [
+        f for f in files if f != "manifest.json"
+    ]
 
 
 def test_background_write_keeps_the_state_of_the_save_step(megatron_world, tmp_path):
@@ -92,7 +105,9 @@ def test_background_write_keeps_the_state_of_the_save_step(megatron_world, tmp_p
     from megatron_transfusion.model import build_model
     from megatron_transfusion.parallel import seed_everything
 
-    cfg = load_config("tiny", ["data.text_data=null", "data.image_caption_data=null", "eval.interval=0"])
+    cfg = load_config(
+        "tiny", ["data.text_data=null", "data.image_caption_data=null", "eval.interval=0"]
+    )
     seed_everything(0)
     (model,) = build_model(cfg, megatron_world)
     saved = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}

@@ -35,26 +35,34 @@ def test_every_patch_is_listed_with_its_reason():
 def test_each_compat_module_is_written_for_the_version_setup_py_pins():
     pins = dict(re.findall(r'"([a-z-]+)==([0-9.]+)"', (ROOT / "setup.py").read_text()))
     for distribution, module in MODULES.items():
-        assert module.WRITTEN_FOR == pins[distribution], distribution
+        assert pins[distribution] == module.WRITTEN_FOR, distribution
         assert compat.installed_version(distribution) == module.WRITTEN_FOR  # this environment
 
 
 def test_no_production_code_patches_with_mock():
-    offenders = [str(path.relative_to(ROOT)) for folder in ("megatron_transfusion", "kernels", "data_prep", "checkpoints")
-                 for path in (ROOT / folder).rglob("*.py") if "unittest" in path.read_text()]  # fmt: skip
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("megatron_transfusion", "kernels", "data_prep", "checkpoints")
+        for path in (ROOT / folder).rglob("*.py")
+        if "unittest" in path.read_text()
+    ]
     assert offenders == []
 
 
 @pytest.mark.parametrize("distribution", sorted(MODULES))
 def test_a_patch_refuses_another_version_in_one_line(monkeypatch, distribution):
     module = MODULES[distribution]
-    monkeypatch.setattr(compat, "installed_version", lambda name: "9.9.9" if name == distribution else "")
+    monkeypatch.setattr(
+        compat, "installed_version", lambda name: "9.9.9" if name == distribution else ""
+    )
     patch = next(p for p in compat.PATCHES if p.distribution == distribution)
     with pytest.raises(UserError) as info:
         getattr(module, patch.name.split(".")[1])()  # refused before its arguments are looked at
     (line,) = str(info.value).splitlines()
-    assert line == (f"{module.__name__} patches the internals of {distribution} {module.WRITTEN_FOR}, but "
-                    f"{distribution} 9.9.9 is installed: install {distribution}=={module.WRITTEN_FOR} (pinned in setup.py)")
+    assert line == (
+        f"{module.__name__} patches the internals of {distribution} {module.WRITTEN_FOR}, but "
+        f"{distribution} 9.9.9 is installed: install {distribution}=={module.WRITTEN_FOR} (pinned in setup.py)"
+    )
 
 
 def test_replaced_restores_the_attribute_even_after_an_error():

@@ -8,22 +8,48 @@ from megatron_transfusion.config import PRESET_DIR, BatchGeometry, ConfigError, 
 
 def test_presets_load_and_keep_paper_defaults():
     names = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
-    assert names == ["tiny", "transfusion-0.16b", "transfusion-0.37b", "transfusion-0.76b",
-                     "transfusion-1.4b", "transfusion-7b"]  # fmt: skip
+    assert names == [
+        "tiny",
+        "transfusion-0.16b",
+        "transfusion-0.37b",
+        "transfusion-0.76b",
+        "transfusion-1.4b",
+        "transfusion-7b",
+    ]
     cfg = load_config("transfusion-7b")
-    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (32, 4096, 32)
+    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads) == (
+        32,
+        4096,
+        32,
+    )
     assert cfg.data.global_batch_tokens == 4 * 2**20 and cfg.data.seq_length == 4096
     o = cfg.optimizer
-    assert (o.lr, o.min_lr, o.warmup_steps, o.beta1, o.beta2, o.eps, o.weight_decay, o.grad_clip) == (
-        3e-4, 1.5e-5, 4000, 0.9, 0.95, 1e-8, 0.1, 1.0)  # fmt: skip
+    assert (
+        o.lr,
+        o.min_lr,
+        o.warmup_steps,
+        o.beta1,
+        o.beta2,
+        o.eps,
+        o.weight_decay,
+        o.grad_clip,
+    ) == (3e-4, 1.5e-5, 4000, 0.9, 0.95, 1e-8, 0.1, 1.0)
     d = cfg.diffusion
     assert (d.train_timesteps, d.loss_weight, d.image_first_max_timestep) == (1000, 5.0, 500)
     assert cfg.data.caption_first_probability == 0.8
 
 
 def test_overrides_are_typed():
-    cfg = load_config("tiny", ["model.num_layers=8", "optimizer.lr=1e-3", "model.unet_channels=[32]",
-                               "parallel.virtual_pipeline=null", "optimizer.beta2=0"])  # fmt: skip
+    cfg = load_config(
+        "tiny",
+        [
+            "model.num_layers=8",
+            "optimizer.lr=1e-3",
+            "model.unet_channels=[32]",
+            "parallel.virtual_pipeline=null",
+            "optimizer.beta2=0",
+        ],
+    )
     assert cfg.model.num_layers == 8 and cfg.optimizer.lr == 1e-3
     assert cfg.model.unet_channels == [32] and cfg.parallel.virtual_pipeline is None
     assert isinstance(cfg.optimizer.beta2, float) and cfg.optimizer.beta2 == 0.0
@@ -35,40 +61,84 @@ def test_yaml_file_path(tmp_path):
     assert load_config(str(path)).model.num_layers == 2
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["model.hiden_size=64"], "unknown config field 'model.hiden_size' (did you mean 'model.hidden_size'?)"),
-    (["modle.hidden_size=64"], "unknown config field 'modle'"),
-    (["model.num_layers=two"], "config field 'model.num_layers': expected int, got 'two'"),
-    (["model.num_layers=2.5"], "config field 'model.num_layers': expected int"),
-    (["optimizer.lr=fast"], "config field 'optimizer.lr': expected float, got 'fast'"),
-    (["model.latent_size=true"], "config field 'model.latent_size': expected int, got True"),
-    (["model.patch_layer=conv"], "config field 'model.patch_layer': 'conv' is not one of 'linear', 'unet'"),
-    (["model.hidden_size=130"], "config field 'model.hidden_size': 130 is not divisible by model.num_attention_heads=4"),
-    (["parallel.tensor_parallel=3"], "config field 'parallel.tensor_parallel'"),
-    (["model.num_layers=3", "parallel.pipeline_parallel=2"], "config field 'model.num_layers': 3 layers cannot be split"),
-    (["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=4"], "config field 'model.num_layers'"),
-    (["model.patch_size=3"], "config field 'model.patch_size': 3 is not one of 1, 2, 4, 8"),
-    (["model.patch_layer=unet", "model.patch_size=2", "model.latent_size=8"], "config field 'model.unet_channels'"),
-    (["data.seq_length=10"], "config field 'data.seq_length'"),
-    (["data.global_batch_tokens=1000"], "config field 'data.global_batch_tokens'"),
-    (["diffusion.image_first_max_timestep=1000"], "config field 'diffusion.image_first_max_timestep'"),
-    (["model.num_layers"], "expected the form section.field=value"),
-    (["parallel.sequence_parallel=true"], "config field 'parallel.sequence_parallel': needs parallel.tensor_parallel > 1"),
-    (["checkpoint.interval=0"], "config field 'checkpoint.interval': must be ≥ 1"),
-    (["checkpoint.interval=-100"], "config field 'checkpoint.interval': must be ≥ 1"),
-    (["run.log_interval=-10"], "config field 'run.log_interval': must be ≥ 1"),
-    (["optimizer.lr=0"], "config field 'optimizer.lr': must be positive"),
-    (["optimizer.lr=-3e-4"], "config field 'optimizer.lr': must be positive"),
-    (["run.train_steps=0"], "config field 'run.train_steps': must be ≥ 1"),
-    # What the DeepSpeed engine cannot run is refused here, and only here.
-    (["parallel.engine=deepspeed", "parallel.pipeline_parallel=2"],
-     "config field 'parallel.engine': deepspeed is only supported without pipeline parallelism"),
-    (["parallel.engine=deepspeed", "parallel.zero_stage=0"], "config field 'parallel.zero_stage': must be 1, 2 or 3"),
-    (["parallel.engine=deepspeed", "parallel.zero_stage=4"], "config field 'parallel.zero_stage': must be 1, 2 or 3"),
-    (["parallel.engine=deepspeed", "parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
-     "config field 'parallel.sequence_parallel': needs parallel.engine=megatron"),
-    (["parallel.engine=deepspeed", "checkpoint.async_save=true"], "config field 'checkpoint.async_save'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["model.hiden_size=64"],
+            "unknown config field 'model.hiden_size' (did you mean 'model.hidden_size'?)",
+        ),
+        (["modle.hidden_size=64"], "unknown config field 'modle'"),
+        (["model.num_layers=two"], "config field 'model.num_layers': expected int, got 'two'"),
+        (["model.num_layers=2.5"], "config field 'model.num_layers': expected int"),
+        (["optimizer.lr=fast"], "config field 'optimizer.lr': expected float, got 'fast'"),
+        (["model.latent_size=true"], "config field 'model.latent_size': expected int, got True"),
+        (
+            ["model.patch_layer=conv"],
+            "config field 'model.patch_layer': 'conv' is not one of 'linear', 'unet'",
+        ),
+        (
+            ["model.hidden_size=130"],
+            "config field 'model.hidden_size': 130 is not divisible by model.num_attention_heads=4",
+        ),
+        (["parallel.tensor_parallel=3"], "config field 'parallel.tensor_parallel'"),
+        (
+            ["model.num_layers=3", "parallel.pipeline_parallel=2"],
+            "config field 'model.num_layers': 3 layers cannot be split",
+        ),
+        (
+            ["parallel.pipeline_parallel=2", "parallel.virtual_pipeline=4"],
+            "config field 'model.num_layers'",
+        ),
+        (["model.patch_size=3"], "config field 'model.patch_size': 3 is not one of 1, 2, 4, 8"),
+        (
+            ["model.patch_layer=unet", "model.patch_size=2", "model.latent_size=8"],
+            "config field 'model.unet_channels'",
+        ),
+        (["data.seq_length=10"], "config field 'data.seq_length'"),
+        (["data.global_batch_tokens=1000"], "config field 'data.global_batch_tokens'"),
+        (
+            ["diffusion.image_first_max_timestep=1000"],
+            "config field 'diffusion.image_first_max_timestep'",
+        ),
+        (["model.num_layers"], "expected the form section.field=value"),
+        (
+            ["parallel.sequence_parallel=true"],
+            "config field 'parallel.sequence_parallel': needs parallel.tensor_parallel > 1",
+        ),
+        (["checkpoint.interval=0"], "config field 'checkpoint.interval': must be ≥ 1"),
+        (["checkpoint.interval=-100"], "config field 'checkpoint.interval': must be ≥ 1"),
+        (["run.log_interval=-10"], "config field 'run.log_interval': must be ≥ 1"),
+        (["optimizer.lr=0"], "config field 'optimizer.lr': must be positive"),
+        (["optimizer.lr=-3e-4"], "config field 'optimizer.lr': must be positive"),
+        (["run.train_steps=0"], "config field 'run.train_steps': must be ≥ 1"),
+        # What the DeepSpeed engine cannot run is refused here, and only here.
+        (
+            ["parallel.engine=deepspeed", "parallel.pipeline_parallel=2"],
+            "config field 'parallel.engine': deepspeed is only supported without pipeline parallelism",
+        ),
+        (
+            ["parallel.engine=deepspeed", "parallel.zero_stage=0"],
+            "config field 'parallel.zero_stage': must be 1, 2 or 3",
+        ),
+        (
+            ["parallel.engine=deepspeed", "parallel.zero_stage=4"],
+            "config field 'parallel.zero_stage': must be 1, 2 or 3",
+        ),
+        (
+            [
+                "parallel.engine=deepspeed",
+                "parallel.tensor_parallel=2",
+                "parallel.sequence_parallel=true",
+            ],
+            "config field 'parallel.sequence_parallel': needs parallel.engine=megatron",
+        ),
+        (
+            ["parallel.engine=deepspeed", "checkpoint.async_save=true"],
+            "config field 'checkpoint.async_save'",
+        ),
+    ],
+)
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config("tiny", overrides)
@@ -84,10 +154,17 @@ def test_unknown_preset_and_missing_file():
 
 def test_cli_reports_one_line_without_traceback():
     result = subprocess.run(
-        [sys.executable, "-c", "from megatron_transfusion.cli import config_main; config_main()",
-         "--config", "tiny", "model.hiden_size=64"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-c",
+            "from megatron_transfusion.cli import config_main; config_main()",
+            "--config",
+            "tiny",
+            "model.hiden_size=64",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "error: unknown config field 'model.hiden_size' (did you mean 'model.hidden_size'?)"
@@ -95,10 +172,14 @@ def test_cli_reports_one_line_without_traceback():
 
 
 def test_batch_geometry_splits_the_global_batch_or_names_the_field():
-    data = load_config("tiny", ["data.seq_length=256", "data.global_batch_tokens=6144",
-                                "data.micro_batch_size=2"]).data  # fmt: skip
+    data = load_config(
+        "tiny", ["data.seq_length=256", "data.global_batch_tokens=6144", "data.micro_batch_size=2"]
+    ).data
     geometry = BatchGeometry.of(data, dp_size=3)
     assert (geometry.sequences, geometry.micro_batches) == (24, 4)
-    with pytest.raises(ConfigError, match="'data.global_batch_tokens': 24 sequences per step do not "
-                                          "split into 5 data-parallel ranks × micro-batches of 2"):
+    with pytest.raises(
+        ConfigError,
+        match="'data.global_batch_tokens': 24 sequences per step do not "
+        "split into 5 data-parallel ranks × micro-batches of 2",
+    ):
         BatchGeometry.of(data, dp_size=5)

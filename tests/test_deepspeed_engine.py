@@ -46,7 +46,9 @@ def reference(plat, dp: int, steps: tuple[int, ...]):
         results.append({"losses": losses.as_dict(), "grad_norm": float(grad_norm)})
     with torch.no_grad():
         batch = one_batch(worker.micro_batches(cfg, worker.STEPS, 0, dp * worker.MICRO_BATCHES))
-        evaluation = batch_losses(forward_backward(chunks, [batch], cfg.diffusion.loss_weight, forward_only=True))
+        evaluation = batch_losses(
+            forward_backward(chunks, [batch], cfg.diffusion.loss_weight, forward_only=True)
+        )
     return tensors(chunks[0]), results, evaluation.as_dict()
 
 
@@ -66,8 +68,18 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def run(tmp_path, scenario, zero, tp=1, offload=False, no_mpu=False, name="run"):
-    args = ["--scenario", scenario, "--zero", str(zero), "--tp", str(tp), "--name", name,
-            "--workdir", str(tmp_path)]  # fmt: skip
+    args = [
+        "--scenario",
+        scenario,
+        "--zero",
+        str(zero),
+        "--tp",
+        str(tp),
+        "--name",
+        name,
+        "--workdir",
+        str(tmp_path),
+    ]
     args += ["--offload"] * offload + ["--no-mpu"] * no_mpu
     run_torchrun(WORKER, 2, *args)
     out = json.loads((tmp_path / f"{name}.json").read_text())
@@ -90,7 +102,9 @@ def assert_matches(ours: list[dict], theirs: list[dict]):
 )  # ZeRO-3 is compared with the reference in the NaN test
 def test_zero_matches_plain_adamw(tmp_path, megatron_world, zero, tp, offload):
     out, results = run(tmp_path, "train", zero, tp, offload)
-    weights, expected, evaluation = reference(megatron_world, dp=2 // tp, steps=tuple(range(worker.STEPS)))
+    weights, expected, evaluation = reference(
+        megatron_world, dp=2 // tp, steps=tuple(range(worker.STEPS))
+    )
     assert_matches(results, expected)
     assert out["evaluation"] == pytest.approx(evaluation, abs=1e-5)
     assert max_diff(trained_weights(megatron_world, tmp_path / "run"), weights) < 1e-5
@@ -139,8 +153,19 @@ def zero2_checkpoint(tmp_path_factory):
 def zero3_bf16_checkpoint(tmp_path_factory):
     """The same with ZeRO-3 and bf16 weights (fp32 masters), the 7B preset's engine."""
     workdir = tmp_path_factory.mktemp("zero3-bf16")
-    run_torchrun(WORKER, 2, "--scenario", "checkpoint", "--zero", "3", "--bf16", "--name", "run",
-                 "--workdir", str(workdir))  # fmt: skip
+    run_torchrun(
+        WORKER,
+        2,
+        "--scenario",
+        "checkpoint",
+        "--zero",
+        "3",
+        "--bf16",
+        "--name",
+        "run",
+        "--workdir",
+        str(workdir),
+    )
     out = json.loads((workdir / "run.json").read_text())
     assert out["same_weights"] and out["resumed"] == out["ranks"]  # a bitwise resume in bf16 too
     return workdir / "run_ckpt", out["ranks"][0]
@@ -158,19 +183,40 @@ def assert_resumes_the_same_run(tmp_path, checkpoint, uninterrupted, layout, rel
     """Load ``checkpoint`` in ``layout``, save it again at once: every tensor (weights, fp32
     masters, Adam moments) and Adam's step are bitwise the same; training on gives the
     uninterrupted run's losses within ``rel``."""
-    run_torchrun(WORKER, 2, "--scenario", "resume", *layout, "--load", str(checkpoint), "--name", "run",
-                 "--workdir", str(tmp_path))  # fmt: skip
+    run_torchrun(
+        WORKER,
+        2,
+        "--scenario",
+        "resume",
+        *layout,
+        "--load",
+        str(checkpoint),
+        "--name",
+        "run",
+        "--workdir",
+        str(tmp_path),
+    )
     out = json.loads((tmp_path / "run.json").read_text())
     first, *others = out["ranks"]
     assert all(o == first for o in others)
     saved, resaved = all_tensors(checkpoint), all_tensors(tmp_path / "run_resaved")
     tensors = [k for k in saved if isinstance(saved[k], torch.Tensor)]
-    assert {k.split(".")[2] for k in tensors if k.startswith("optimizer.")} == {"param", "exp_avg", "exp_avg_sq"}
+    assert {k.split(".")[2] for k in tensors if k.startswith("optimizer.")} == {
+        "param",
+        "exp_avg",
+        "exp_avg_sq",
+    }
     assert sum(not k.startswith("optimizer.") for k in tensors) > 10  # the model's weights
     for key in tensors:
         assert torch.equal(saved[key], resaved[key]), key
-    commons = [torch.load(d / "common.pt", weights_only=True) for d in (checkpoint, tmp_path / "run_resaved")]
-    assert [{g["step"] for g in c["optimizer"]["optimizer"]["param_groups"]} for c in commons] == [{2.0}, {2.0}]
+    commons = [
+        torch.load(d / "common.pt", weights_only=True)
+        for d in (checkpoint, tmp_path / "run_resaved")
+    ]
+    assert [{g["step"] for g in c["optimizer"]["optimizer"]["param_groups"]} for c in commons] == [
+        {2.0},
+        {2.0},
+    ]
     for mine, ref in zip(first, uninterrupted, strict=True):
         assert not mine["skipped"]
         for key in LossTerms.KEYS:
@@ -178,24 +224,38 @@ def assert_resumes_the_same_run(tmp_path, checkpoint, uninterrupted, layout, rel
         assert mine["grad_norm"] == pytest.approx(ref["grad_norm"], rel=rel)
 
 
-@pytest.mark.parametrize("layout", [
-    ["--zero", "3"],                                   # ZeRO-3, DP=2
-    ["--zero", "1", "--tp", "2"],                      # TP=2, DP=1
-    ["--engine", "megatron", "--zero", "1"],           # Megatron's distributed optimizer, DP=2
-    ["--engine", "megatron", "--zero", "1", "--pp", "2"],  # Megatron, PP=2 (1F1B), plain optimizer
-], ids=["zero3", "tp2", "megatron-dp2", "megatron-pp2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--zero", "3"],  # ZeRO-3, DP=2
+        ["--zero", "1", "--tp", "2"],  # TP=2, DP=1
+        ["--engine", "megatron", "--zero", "1"],  # Megatron's distributed optimizer, DP=2
+        [
+            "--engine",
+            "megatron",
+            "--zero",
+            "1",
+            "--pp",
+            "2",
+        ],  # Megatron, PP=2 (1F1B), plain optimizer
+    ],
+    ids=["zero3", "tp2", "megatron-dp2", "megatron-pp2"],
+)
 def test_checkpoint_reshards_to_other_layouts_and_engines(tmp_path, zero2_checkpoint, layout):
     """A ZeRO-2 DP=2 checkpoint elsewhere; losses within 1e-6 (every layout keeps to plain
     AdamW within 1e-5)."""
     assert_resumes_the_same_run(tmp_path, *zero2_checkpoint, layout, rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", [
-    ["--engine", "megatron", "--zero", "1"],           # distributed optimizer, bf16 weights
-    ["--engine", "megatron", "--zero", "1", "--pp", "2"],  # Megatron's Float16 optimizer
-], ids=["megatron-dp2", "megatron-pp2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout",
+    [
+        ["--engine", "megatron", "--zero", "1"],  # distributed optimizer, bf16 weights
+        ["--engine", "megatron", "--zero", "1", "--pp", "2"],  # Megatron's Float16 optimizer
+    ],
+    ids=["megatron-dp2", "megatron-pp2"],
+)
 def test_bf16_checkpoint_moves_between_engines(tmp_path, zero3_bf16_checkpoint, layout):
     """bf16 weights, fp32 masters (the GPU dtype, run here on CPU): DeepSpeed ZeRO-3 to the
     Megatron engine. Losses within bf16's reach (measured 2.5e-5 apart at the second step)."""
     assert_resumes_the_same_run(tmp_path, *zero3_bf16_checkpoint, [*layout, "--bf16"], rel=1e-3)
-

@@ -15,7 +15,7 @@ from megatron_transfusion.evaluation.images import caption_match, clip_score, fi
 
 def caption_corpus(seed, n=60):
     rng = random.Random(seed)
-    words = "a red heart face dog cat smiling grinning with big eyes blue green".split()
+    words = ["a", "red", "heart", "face", "dog", "cat", "smiling", "grinning", "with", "big", "eyes", "blue", "green"]
     sentence = lambda: " ".join(rng.choices(words, k=rng.randint(1, 7)))  # noqa: E731
     refs = [[sentence() for _ in range(rng.randint(1, 3))] for _ in range(n)]
     hyps = [refs[i][0] if i % 3 == 0 else sentence() for i in range(n)]  # some exact hits
@@ -26,7 +26,9 @@ def caption_corpus(seed, n=60):
 def test_caption_metrics_equal_pycocoevalcap(seed):
     hyps, refs = caption_corpus(seed)
     gts, res = dict(enumerate(refs)), {i: [h] for i, h in enumerate(hyps)}
-    assert bleu4(hyps, refs) == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], rel=1e-12)
+    assert bleu4(hyps, refs) == pytest.approx(
+        Bleu(4).compute_score(gts, res, verbose=0)[0][3], rel=1e-12
+    )
     assert cider_d(hyps, refs) == pytest.approx(Cider().compute_score(gts, res)[0], rel=1e-12)
     assert bleu4([r[0] for r in refs], [[r[0]] for r in refs]) == pytest.approx(1.0)
 
@@ -72,16 +74,36 @@ def test_clip_score_equals_the_models_similarity(tmp_path):
     from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 
     words = ["red", "heart", "dog", "face", "blue"]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["<pad>", "<unk>", *words])}, unk_token="<unk>"))
+    backend = Tokenizer(
+        models.WordLevel(
+            {w: i for i, w in enumerate(["<pad>", "<unk>", *words])}, unk_token="<unk>"
+        )
+    )
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>"
+    )
     config = CLIPConfig(
-        text_config=dict(vocab_size=7, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, pad_token_id=0, eos_token_id=1),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),
+        text_config=dict(
+            vocab_size=7,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+            pad_token_id=0,
+            eos_token_id=1,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+        ),
         projection_dim=16,
-    )  # fmt: skip
+    )
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -94,8 +116,11 @@ def test_clip_score_equals_the_models_similarity(tmp_path):
     model = CLIPModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         text = tokenizer(captions, padding=True, return_tensors="pt")
-        out = model(pixel_values=_normalise(images, 32, CLIP_MEAN, CLIP_STD), input_ids=text["input_ids"],
-                    attention_mask=text["attention_mask"])  # fmt: skip
+        out = model(
+            pixel_values=_normalise(images, 32, CLIP_MEAN, CLIP_STD),
+            input_ids=text["input_ids"],
+            attention_mask=text["attention_mask"],
+        )
     cosine = out.logits_per_image.diagonal() / model.logit_scale.exp()
     assert score == pytest.approx(float(100 * cosine.clamp(min=0).mean()), rel=1e-5)
 

@@ -9,9 +9,17 @@ from megatron_transfusion.config import load_config
 from megatron_transfusion.parallel import seed_everything
 
 # Grouped keys (2 groups for 4 heads): RoPE runs on queries and keys of different shapes.
-OVERRIDES = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-             "model.num_query_groups=2", "model.vocab_size=100", "model.make_vocab_size_divisible_by=4",
-             "data.seq_length=64", "data.micro_batch_size=2", "data.global_batch_tokens=128"]  # fmt: skip
+OVERRIDES = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.vocab_size=100",
+    "model.make_vocab_size_divisible_by=4",
+    "data.seq_length=64",
+    "data.micro_batch_size=2",
+    "data.global_batch_tokens=128",
+]
 
 
 def compiled_graphs() -> int:
@@ -43,10 +51,15 @@ def step(model, cfg, noised, noise):
     model.zero_grad(set_to_none=True)
     labels, lm_mask = noised.lm_targets()
     out = model(noised, labels)
-    loss = transfusion_loss(out.token_losses, lm_mask, out.predicted_noise, noise, cfg.diffusion.loss_weight)
+    loss = transfusion_loss(
+        out.token_losses, lm_mask, out.predicted_noise, noise, cfg.diffusion.loss_weight
+    )
     loss.total.backward()
     grads = {name: p.grad.clone() for name, p in model.named_parameters()}
-    return {"token_losses": out.token_losses.detach(), "predicted_noise": out.predicted_noise.detach()}, grads
+    return {
+        "token_losses": out.token_losses.detach(),
+        "predicted_noise": out.predicted_noise.detach(),
+    }, grads
 
 
 def test_fused_model_equals_eager_forward_and_gradients(megatron_world):

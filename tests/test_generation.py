@@ -39,8 +39,18 @@ def trained_run(tmp_path_factory):
     data_root = tmp_path_factory.mktemp("generation-data")
     prepare(data_root)
     run_root = tmp_path_factory.mktemp("generation-run")
-    run(1, overrides(data_root, run_root, 2, *heldout(data_root), "eval.interval=2", "eval.batches=1",
-                     "eval.captions=3"))  # fmt: skip
+    run(
+        1,
+        overrides(
+            data_root,
+            run_root,
+            2,
+            *heldout(data_root),
+            "eval.interval=2",
+            "eval.batches=1",
+            "eval.captions=3",
+        ),
+    )
     return run_root / "tiny"
 
 
@@ -64,7 +74,9 @@ def latent(cfg, seed):
 
 
 def generate(model, cfg, prompts, force_image, seeds=None, **sampling):
-    return Generator(model, cfg, SPECIAL, SamplingConfig(**sampling)).generate(prompts, force_image, seeds=seeds)
+    return Generator(model, cfg, SPECIAL, SamplingConfig(**sampling)).generate(
+        prompts, force_image, seeds=seeds
+    )
 
 
 def assert_same(results, expected, rtol=1e-5):
@@ -88,7 +100,9 @@ def test_cached_generation_equals_full_recomputation(model_and_cfg, sampler, gui
         [TextSegment([1, 50]), ImageSegment(latent(cfg, 0)), TextSegment([51, 52])],
         [TextSegment([1])],
     ]
-    common = dict(max_new_tokens=4, diffusion_steps=5, sampler=sampler, guidance_scale=guidance, max_images=1)
+    common = dict(
+        max_new_tokens=4, diffusion_steps=5, sampler=sampler, guidance_scale=guidance, max_images=1
+    )
     cached = generate(model, cfg, prompts, True, use_cache=True, **common)
     full = generate(model, cfg, prompts, True, use_cache=False, **common)
     assert [type(s) for s in cached[0]] == [ImageSegment, TextSegment]  # image, then LM mode again
@@ -100,8 +114,10 @@ def test_captioning_cached_equals_full_recomputation(model_and_cfg):
     prompts = [[TextSegment([1]), ImageSegment(latent(cfg, s))] for s in (1, 2)]
     prompts[1] = [TextSegment([1, 70]), ImageSegment(latent(cfg, 3)), *prompts[1][:]]  # two images
     common = dict(max_new_tokens=6, temperature=0.9, top_p=0.8)
-    assert_same(generate(model, cfg, prompts, False, use_cache=True, **common),
-                generate(model, cfg, prompts, False, use_cache=False, **common))  # fmt: skip
+    assert_same(
+        generate(model, cfg, prompts, False, use_cache=True, **common),
+        generate(model, cfg, prompts, False, use_cache=False, **common),
+    )
 
 
 def test_ids_the_tokenizer_lacks_are_never_sampled(model_and_cfg):
@@ -119,13 +135,15 @@ def test_ids_the_tokenizer_lacks_are_never_sampled(model_and_cfg):
     assert max(sampled()) >= 64  # the model's own vocabulary reaches past the limit below
     assert max(sampled(vocab_size=64)) < 64
 
+
 def test_a_prompt_generates_the_same_alone_or_batched(model_and_cfg):
     model, cfg = model_and_cfg
     short, long = [TextSegment([1, 9])], [TextSegment([1, *range(20, 40)])]
     common = dict(max_new_tokens=3, diffusion_steps=3, temperature=1.0, top_p=0.95)
     batched = generate(model, cfg, [short, long], True, seeds=[5, 6], **common)
-    alone = generate(model, cfg, [short], True, seeds=[5], **common) + generate(model, cfg, [long], True,
-                                                                                 seeds=[6], **common)  # fmt: skip
+    alone = generate(model, cfg, [short], True, seeds=[5], **common) + generate(
+        model, cfg, [long], True, seeds=[6], **common
+    )
     assert_same(batched, alone)
 
 
@@ -138,8 +156,13 @@ def test_cache_mask_equals_the_training_mask():
     cache = KVCache(rows=1, capacity=12, device=torch.device("cpu"))
     for start, stop in [(0, 4), (4, 9), (9, 12)]:  # text + BOI | image + EOI | text + pad
         slots = torch.arange(start, stop)[None]
-        view = cache.view(torch.tensor([0]), slots, batch.document_ids[:, start:stop],
-                          batch.image_ids[:, start:stop], torch.zeros((1, stop - start), dtype=torch.bool))  # fmt: skip
+        view = cache.view(
+            torch.tensor([0]),
+            slots,
+            batch.document_ids[:, start:stop],
+            batch.image_ids[:, start:stop],
+            torch.zeros((1, stop - start), dtype=torch.bool),
+        )
         assert torch.equal(view.mask.dense[0, 0], reference[start:stop, :stop])
 
 
@@ -198,16 +221,35 @@ def test_bad_checkpoint_path_and_mismatched_vae(trained_run, tmp_path):
     save_vae(ConvVAE(VAEConfig()), VAEConfig(), 0.5, tmp_path / "other")
     with pytest.raises(ValueError, match="is not the VAE the training latents were made with"):
         load_image_vae(cfg, tmp_path / "other")
-    save_vae(ConvVAE(VAEConfig(latent_channels=4)), VAEConfig(latent_channels=4), 0.5, tmp_path / "narrow")
+    save_vae(
+        ConvVAE(VAEConfig(latent_channels=4)),
+        VAEConfig(latent_channels=4),
+        0.5,
+        tmp_path / "narrow",
+    )
     with pytest.raises(ValueError, match="has 4 latent channels, expected 8"):
         load_image_vae(cfg, tmp_path / "narrow")
 
 
 def run_worker(nproc, checkpoint, out):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           str(ROOT / "tests/distributed/generation_worker.py"), str(checkpoint), str(out)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(ROOT / "tests/distributed/generation_worker.py"),
+        str(checkpoint),
+        str(out),
+    ]
+    result = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+    )
     assert result.returncode == 0, result.stderr[-6000:]
     with safe_open(str(out), "pt") as f:
         return json.loads(f.metadata()["texts"]), {k: f.get_tensor(k) for k in f.keys()}
@@ -218,11 +260,25 @@ def test_tp2_and_consolidated_generation_equal_tp1(trained_run, tmp_path):
     checkpoint = find_checkpoint(trained_run)
     texts, latents = run_worker(1, checkpoint, tmp_path / "tp1.safetensors")
     exported = tmp_path / "model.safetensors"
-    subprocess.run([sys.executable, "-c", "from checkpoints.cli import main; main()", "export",
-                    str(checkpoint), "--out", str(exported)], check=True, cwd=ROOT, capture_output=True,
-                   env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from checkpoints.cli import main; main()",
+            "export",
+            str(checkpoint),
+            "--out",
+            str(exported),
+        ],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
     for nproc, source in [(2, checkpoint), (1, exported)]:
-        other_texts, other_latents = run_worker(nproc, source, tmp_path / f"other{nproc}.safetensors")
+        other_texts, other_latents = run_worker(
+            nproc, source, tmp_path / f"other{nproc}.safetensors"
+        )
         assert other_texts == texts
         assert latents.keys() == other_latents.keys() and len(latents) == 3
         for key, value in latents.items():
@@ -231,16 +287,22 @@ def test_tp2_and_consolidated_generation_equal_tp1(trained_run, tmp_path):
 
 def mtf_generate(*args):
     code = "from megatron_transfusion.inference.cli import generate_main; generate_main()"
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+    )
 
 
 def test_generate_cli_writes_images_grid_and_texts(trained_run, tmp_path):
     image = tmp_path / "input.png"
     Image.fromarray(np.full((40, 48, 3), 200, dtype=np.uint8)).save(image)
     out = tmp_path / "samples"
-    result = mtf_generate(trained_run, "--prompt", "a red circle", "--prompt", "blue", "--steps", "3",
-                          "--out", out)  # fmt: skip
+    result = mtf_generate(
+        trained_run, "--prompt", "a red circle", "--prompt", "blue", "--steps", "3", "--out", out
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in records] == ["a red circle", "blue"]
@@ -248,18 +310,35 @@ def test_generate_cli_writes_images_grid_and_texts(trained_run, tmp_path):
     assert np.asarray(Image.open(out / "sample_0001_0.png")).shape == (32, 32, 3)
     assert np.asarray(Image.open(out / "grid.png")).shape == (32, 64, 3)
 
-    result = mtf_generate(trained_run, "--mode", "text", "--prompt", f"<image:{image}>", "--max-new-tokens", "4",
-                          "--max-images", "0", "--out", tmp_path / "captions")  # fmt: skip
+    result = mtf_generate(
+        trained_run,
+        "--mode",
+        "text",
+        "--prompt",
+        f"<image:{image}>",
+        "--max-new-tokens",
+        "4",
+        "--max-images",
+        "0",
+        "--out",
+        tmp_path / "captions",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    (record,) = [json.loads(line) for line in (tmp_path / "captions" / "samples.jsonl").read_text().splitlines()]
+    (record,) = [
+        json.loads(line)
+        for line in (tmp_path / "captions" / "samples.jsonl").read_text().splitlines()
+    ]
     assert record["output"] and "<image:" not in record["output"]  # a caption, no image
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", "x"], "is not a checkpoint"),
-    (["--prompt", " ".join(["word"] * 200)], "max_sequence_length is 128"),
-    (["--prompt", "<image:/no/such.png>"], "prompt image '/no/such.png' does not exist"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", "x"], "is not a checkpoint"),
+        (["--prompt", " ".join(["word"] * 200)], "max_sequence_length is 128"),
+        (["--prompt", "<image:/no/such.png>"], "prompt image '/no/such.png' does not exist"),
+    ],
+)
 def test_generate_cli_errors_are_one_line(trained_run, tmp_path, args, message):
     checkpoint = tmp_path if message == "is not a checkpoint" else trained_run
     result = mtf_generate(checkpoint, *args)
@@ -270,19 +349,41 @@ def test_generate_cli_errors_are_one_line(trained_run, tmp_path, args, message):
 def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path):
     """The trainer's eval hook (engine forward through Megatron's schedule, DDP-wrapped
     model) and mtf-evaluate on the saved checkpoint score the same batches alike."""
-    (during,) = [json.loads(line) for line in (trained_run / "logs" / "eval.jsonl").read_text().splitlines()]
+    (during,) = [
+        json.loads(line) for line in (trained_run / "logs" / "eval.jsonl").read_text().splitlines()
+    ]
     assert during["step"] == 2
     out = tmp_path / "eval.json"
     code = "from megatron_transfusion.evaluation.cli import main; main()"
-    result = subprocess.run([sys.executable, "-c", code, str(trained_run), "eval.images=3", "eval.diffusion_steps=2",
-                             "--out", str(out)], capture_output=True, text=True, cwd=ROOT,
-                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # fmt: skip
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(trained_run),
+            "eval.images=3",
+            "eval.diffusion_steps=2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     after = json.loads(out.read_text())
     assert after["step"] == 2
     metrics = after["metrics"]
-    for key in ("heldout_loss", "heldout_lm_loss", "heldout_diffusion_loss", "heldout_perplexity",
-                "caption_cider", "caption_bleu4", "constant_caption_cider"):  # fmt: skip
+    for key in (
+        "heldout_loss",
+        "heldout_lm_loss",
+        "heldout_diffusion_loss",
+        "heldout_perplexity",
+        "caption_cider",
+        "caption_bleu4",
+        "constant_caption_cider",
+    ):
         assert metrics[key] == pytest.approx(during[key], rel=1e-5), key
     assert 0 <= metrics["caption_match"] <= 1 and metrics["images_evaluated"] == 3
     assert set(after["skipped"]) == {"fid", "clip_score"}

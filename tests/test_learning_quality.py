@@ -14,9 +14,28 @@ from tests.conftest import ROOT
 @pytest.mark.slow
 def test_shortened_benchmark_beats_chance_by_a_wide_margin(tmp_path):
     out = tmp_path / "quality"
-    subprocess.run([sys.executable, "-m", "benchmarks.learning_quality", "--out", str(out), "--train-samples", "3000",
-                    "--vae-steps", "600", "--steps", "1500", "--per-kind", "12", "--diffusion-steps", "50"],
-                   cwd=ROOT, check=True, timeout=1800)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.learning_quality",
+            "--out",
+            str(out),
+            "--train-samples",
+            "3000",
+            "--vae-steps",
+            "600",
+            "--steps",
+            "1500",
+            "--per-kind",
+            "12",
+            "--diffusion-steps",
+            "50",
+        ],
+        cwd=ROOT,
+        check=True,
+        timeout=1800,
+    )
     final = json.loads((out / "results.json").read_text())["final"]
     single = final["text_to_image"]["seen"]
     # Chance: colour 1/4, shape 1/3, size 1/2, position 1/3, all four 1/72; a caption 1/72.

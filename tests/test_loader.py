@@ -21,11 +21,24 @@ def prepare(root):
     from data_prep.readers import Columns
 
     columns = Columns("picture", "caption", "body")
-    run_shard_job(ShardJob(kind="text", inputs=[str(root / "inputs/text")], out=str(root / "text"),
-                           columns=columns, **common))  # fmt: skip
-    run_shard_job(ShardJob(kind="image_caption", inputs=[str(root / "inputs/images/part-0.tar"),
-                           str(root / "inputs/images/part-1.tar")], out=str(root / "img"),
-                           columns=columns, **common))  # fmt: skip
+    run_shard_job(
+        ShardJob(
+            kind="text",
+            inputs=[str(root / "inputs/text")],
+            out=str(root / "text"),
+            columns=columns,
+            **common,
+        )
+    )
+    run_shard_job(
+        ShardJob(
+            kind="image_caption",
+            inputs=[str(root / "inputs/images/part-0.tar"), str(root / "inputs/images/part-1.tar")],
+            out=str(root / "img"),
+            columns=columns,
+            **common,
+        )
+    )
     merge(root / "text")
     merge(root / "img")
 
@@ -38,10 +51,19 @@ def data_root(tmp_path_factory):
 
 
 def config(root, *extra):
-    return load_config("tiny", [f"data.text_data={root / 'text'}", f"data.image_caption_data={root / 'img'}",
-                                "data.seq_length=128", "data.micro_batch_size=2",
-                                "data.global_batch_tokens=512", "model.vocab_size=512",
-                                "model.max_sequence_length=128", *extra])  # fmt: skip
+    return load_config(
+        "tiny",
+        [
+            f"data.text_data={root / 'text'}",
+            f"data.image_caption_data={root / 'img'}",
+            "data.seq_length=128",
+            "data.micro_batch_size=2",
+            "data.global_batch_tokens=512",
+            "model.vocab_size=512",
+            "model.max_sequence_length=128",
+            *extra,
+        ],
+    )
 
 
 def rows_of(batches):
@@ -50,7 +72,9 @@ def rows_of(batches):
     for batch in batches:
         for r in range(batch.tokens.shape[0]):
             ids = batch.image_ids[r][batch.image_ids[r] >= 0].unique().tolist()
-            out.append((tuple(batch.tokens[r].tolist()), tuple(batch.latents[i].sum().item() for i in ids)))
+            out.append(
+                (tuple(batch.tokens[r].tolist()), tuple(batch.latents[i].sum().item() for i in ids))
+            )
     return out
 
 
@@ -84,7 +108,10 @@ def test_layout_of_documents(data_root):
             assert batch.positions[r][where].tolist() == list(range(len(where)))
         for i in images[images >= 0].unique().tolist():
             where = (images == i).nonzero().flatten()
-            assert tokens[where[0] - 1] == loader.special.boi and tokens[where[-1] + 1] == loader.special.eoi
+            assert (
+                tokens[where[0] - 1] == loader.special.boi
+                and tokens[where[-1] + 1] == loader.special.eoi
+            )
             # Image-first pairs start their document with BOS, BOI.
             if not batch.caption_first[i]:
                 assert tokens[where[0] - 2] == bos
@@ -156,13 +183,31 @@ def test_documents_at_the_4096_boundary_train_at_seq_4096(tmp_path):
     (tmp_path / "in").mkdir()
     lines = [json.dumps({"text": " ".join(words)}) + "\n" for words in documents]
     (tmp_path / "in" / "docs.jsonl").write_text("".join(lines))
-    main(["shard", "--kind", "text", "--inputs", str(tmp_path / "in"), "--out",
-          str(tmp_path / "text"), "--tokenizer", str(tmp_path / "tok.json")])  # fmt: skip
+    main(
+        [
+            "shard",
+            "--kind",
+            "text",
+            "--inputs",
+            str(tmp_path / "in"),
+            "--out",
+            str(tmp_path / "text"),
+            "--tokenizer",
+            str(tmp_path / "tok.json"),
+        ]
+    )
     main(["merge", "--out", str(tmp_path / "text")])
-    cfg = load_config("tiny", [f"data.text_data={tmp_path / 'text'}", "data.seq_length=4096",
-                               "data.image_caption_data=null", "model.max_sequence_length=4096",
-                               "data.micro_batch_size=1",
-                               "data.global_batch_tokens=20480"])  # fmt: skip
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.text_data={tmp_path / 'text'}",
+            "data.seq_length=4096",
+            "data.image_caption_data=null",
+            "model.max_sequence_length=4096",
+            "data.micro_batch_size=1",
+            "data.global_batch_tokens=20480",
+        ],
+    )
     loader = MixedModalityLoader(cfg)
     batches = loader.next_step()  # 5 rows: the epoch's 5 windows, one row each
     pieces, trained = [], 0
@@ -177,20 +222,32 @@ def test_documents_at_the_4096_boundary_train_at_seq_4096(tmp_path):
     owner = {t: d for d, ids in enumerate(texts) for t in ids}
     windows = [[p for p in pieces if owner[p[p[0] == loader.special.bos]] == d] for d in range(3)]
     for ids, mine in zip(texts, windows):
-        assert mine[0] + [t for p in mine[1:] for t in p[1:]] == [loader.special.bos, *ids, loader.special.eos]
+        assert mine[0] + [t for p in mine[1:] for t in p[1:]] == [
+            loader.special.bos,
+            *ids,
+            loader.special.eos,
+        ]
         assert [len(p) for p in mine] == ([4096] if len(ids) == 4094 else [4096, len(ids) - 4093])
         assert sum(p.count(loader.special.bos) + p.count(loader.special.eos) for p in mine) == 2
     assert trained == sum(n + 1 for n in sizes)
 
 
 def test_captions_too_long_for_the_rows_name_both_settings(data_root):
-    expected = r"'data.seq_length': 24 cannot hold an image-caption pair .* with --max-caption-tokens 128"
+    expected = (
+        r"'data.seq_length': 24 cannot hold an image-caption pair .* with --max-caption-tokens 128"
+    )
     with pytest.raises(ConfigError, match=expected):
         MixedModalityLoader(config(data_root, "data.seq_length=24", "data.global_batch_tokens=96"))
 
 
-PRESETS = ["tiny", "transfusion-0.16b", "transfusion-0.37b", "transfusion-0.76b",
-           "transfusion-1.4b", "transfusion-7b"]  # fmt: skip
+PRESETS = [
+    "tiny",
+    "transfusion-0.16b",
+    "transfusion-0.37b",
+    "transfusion-0.76b",
+    "transfusion-1.4b",
+    "transfusion-7b",
+]
 
 
 @pytest.mark.parametrize("preset", PRESETS)

@@ -18,8 +18,16 @@ SPECIAL = SpecialTokens(pad=0, bos=3, eos=4, boi=1, eoi=2)
 
 def toy_batch(caption_first=(True,)):
     # row: [7 8 BOI p p EOI 9] [10 11] pad pad
-    rows = [[[TextSegment([7, 8]), ImageSegment(torch.ones(1, 1, 2), caption_first[0]),
-              TextSegment([9])], [TextSegment([10, 11])]]]  # fmt: skip
+    rows = [
+        [
+            [
+                TextSegment([7, 8]),
+                ImageSegment(torch.ones(1, 1, 2), caption_first[0]),
+                TextSegment([9]),
+            ],
+            [TextSegment([10, 11])],
+        ]
+    ]
     return pack_documents(rows, 11, 2, (1, 1, 2), SPECIAL)
 
 
@@ -40,7 +48,8 @@ def test_lm_loss_equals_hand_computation():
     vocab = 12
     logits = torch.randn(1, 11, vocab, generator=torch.Generator().manual_seed(0))
     token_losses = torch.nn.functional.cross_entropy(
-        logits.view(-1, vocab), labels.view(-1), reduction="none").view(1, 11)  # fmt: skip
+        logits.view(-1, vocab), labels.view(-1), reduction="none"
+    ).view(1, 11)
     hand = []
     for i in range(11):
         if mask[0, i]:
@@ -118,7 +127,9 @@ def test_noise_images_draws_are_deterministic_and_cfg_dropout_has_its_rate():
     torch.testing.assert_close(a.latents, (1 - abar).sqrt() * eps_a)
     # Dropout rate over many draws: within 4σ of 0.1.
     generator = torch.Generator().manual_seed(4)
-    drops = torch.cat([noise_images(batch, schedule, cfg, generator)[0].unconditional for _ in range(500)])
+    drops = torch.cat(
+        [noise_images(batch, schedule, cfg, generator)[0].unconditional for _ in range(500)]
+    )
     sigma = math.sqrt(0.1 * 0.9 / drops.numel())
     assert abs(drops.float().mean().item() - 0.1) < 4 * sigma
 
@@ -126,9 +137,14 @@ def test_noise_images_draws_are_deterministic_and_cfg_dropout_has_its_rate():
 def uneven_micro_batches():
     """A text-only micro-batch with 9 trained tokens, and one with 6 and 3 images."""
     image = ImageSegment(torch.ones(1, 1, 2))
-    text = [[[TextSegment([5, 6, 7, 8, 9])]], [[TextSegment([5, 6, 7])], [TextSegment([8, 9, 10, 11])]]]
-    images = [[[TextSegment([7, 8]), image, TextSegment([9])], [image]],
-              [[ImageSegment(torch.ones(1, 1, 2), caption_first=False), TextSegment([3, 4, 5])]]]  # fmt: skip
+    text = [
+        [[TextSegment([5, 6, 7, 8, 9])]],
+        [[TextSegment([5, 6, 7])], [TextSegment([8, 9, 10, 11])]],
+    ]
+    images = [
+        [[TextSegment([7, 8]), image, TextSegment([9])], [image]],
+        [[ImageSegment(torch.ones(1, 1, 2), caption_first=False), TextSegment([3, 4, 5])]],
+    ]
     generator = torch.Generator().manual_seed(2)
     out = []
     for rows in (text, images):
@@ -137,7 +153,9 @@ def uneven_micro_batches():
             token_losses=torch.rand(batch.tokens.shape, generator=generator).requires_grad_(),
             predicted_noise=torch.randn(batch.latents.shape, generator=generator).requires_grad_(),
         )
-        out.append((MicroBatch(batch, torch.randn(batch.latents.shape, generator=generator)), output))
+        out.append(
+            (MicroBatch(batch, torch.randn(batch.latents.shape, generator=generator)), output)
+        )
     return out
 
 
@@ -147,24 +165,36 @@ def test_micro_batch_shares_add_up_to_the_global_batch_means(megatron_world):
     weight = 5.0
     pairs = uneven_micro_batches()
     global_batch = GlobalBatch.of([micro for micro, _ in pairs])
-    assert (global_batch.num_tokens, global_batch.num_images, global_batch.averaged_over) == (9 + 6, 3, 2)
-    totals, reports = zip(*(global_batch.loss(micro, micro.batch.lm_targets()[1], weight, output)
-                            for micro, output in pairs))  # fmt: skip
+    assert (global_batch.num_tokens, global_batch.num_images, global_batch.averaged_over) == (
+        9 + 6,
+        3,
+        2,
+    )
+    totals, reports = zip(
+        *(
+            global_batch.loss(micro, micro.batch.lm_targets()[1], weight, output)
+            for micro, output in pairs
+        )
+    )
     # What the engines train: each micro-batch's loss averaged over micro-batches and DP ranks.
     trained = sum(totals) / global_batch.averaged_over
     inputs = [t for _, output in pairs for t in (output.token_losses, output.predicted_noise)]
 
     # Brute force over the concatenated batch.
     token_losses = torch.cat([o.token_losses[m.batch.lm_targets()[1]] for m, o in pairs])
-    per_image = [(p - e).pow(2).mean() for m, o in pairs for p, e in zip(o.predicted_noise, m.noise)]
+    per_image = [
+        (p - e).pow(2).mean() for m, o in pairs for p, e in zip(o.predicted_noise, m.noise)
+    ]
     lm, diffusion = token_losses.mean(), torch.stack(per_image).mean()
     expected = lm + weight * diffusion
     assert trained.item() == pytest.approx(expected.item(), rel=1e-6)
     summed = batch_losses(list(reports))
     for name, ours, value in zip(LossTerms.KEYS, summed.values(), (expected, lm, diffusion)):
         assert ours == pytest.approx(value.item(), rel=1e-6), name
-    for ours, theirs in zip(torch.autograd.grad(trained, inputs, materialize_grads=True),
-                            torch.autograd.grad(expected, inputs, materialize_grads=True)):  # fmt: skip
+    for ours, theirs in zip(
+        torch.autograd.grad(trained, inputs, materialize_grads=True),
+        torch.autograd.grad(expected, inputs, materialize_grads=True),
+    ):
         torch.testing.assert_close(ours, theirs)
 
 
@@ -192,7 +222,9 @@ def test_min_snr_weights_by_hand():
     schedule = CosineSchedule.create(1000)
     timesteps = torch.tensor([0, 100, 500, 900, 999])
     assert loss_weights(timesteps, schedule, DiffusionConfig()) is None
-    weights = loss_weights(timesteps, schedule, DiffusionConfig(loss_weighting="min_snr", min_snr_gamma=5.0))
+    weights = loss_weights(
+        timesteps, schedule, DiffusionConfig(loss_weighting="min_snr", min_snr_gamma=5.0)
+    )
     for t, w in zip(timesteps.tolist(), weights.tolist(), strict=True):
         abar = schedule.alphas_cumprod[t].item()
         snr = abar / (1 - abar)
@@ -204,17 +236,31 @@ def test_image_weights_scale_each_images_squared_error():
     predicted = torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(0))
     noise = torch.zeros_like(predicted)
     weights = torch.tensor([0.5, 1.0, 0.0])
-    loss = transfusion_loss(torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.bool), predicted, noise, 5.0,
-                            image_weights=weights)  # fmt: skip
+    loss = transfusion_loss(
+        torch.zeros(1, 1),
+        torch.zeros(1, 1, dtype=torch.bool),
+        predicted,
+        noise,
+        5.0,
+        image_weights=weights,
+    )
     per_image = predicted.pow(2).flatten(1).mean(1)
     torch.testing.assert_close(loss.diffusion, (per_image * weights).sum() / 3)
 
 
 def test_micro_batch_draw_carries_the_configured_weights():
-    batch = pack_documents([[[TextSegment([7]), ImageSegment(torch.ones(1, 1, 2))]] * 1] * 4, 5, 2, (1, 1, 2), SPECIAL)
+    batch = pack_documents(
+        [[[TextSegment([7]), ImageSegment(torch.ones(1, 1, 2))]] * 1] * 4, 5, 2, (1, 1, 2), SPECIAL
+    )
     schedule = CosineSchedule.create(1000)
     cfg = DiffusionConfig(loss_weighting="min_snr")
-    micro = MicroBatch.draw(batch, schedule, cfg, torch.Generator().manual_seed(0), torch.device("cpu"))
-    torch.testing.assert_close(micro.image_weights, loss_weights(micro.batch.timesteps, schedule, cfg))
-    again = MicroBatch.draw(batch, schedule, DiffusionConfig(), torch.Generator().manual_seed(0), torch.device("cpu"))
+    micro = MicroBatch.draw(
+        batch, schedule, cfg, torch.Generator().manual_seed(0), torch.device("cpu")
+    )
+    torch.testing.assert_close(
+        micro.image_weights, loss_weights(micro.batch.timesteps, schedule, cfg)
+    )
+    again = MicroBatch.draw(
+        batch, schedule, DiffusionConfig(), torch.Generator().manual_seed(0), torch.device("cpu")
+    )
     assert again.image_weights is None and torch.equal(again.noise, micro.noise)

@@ -14,8 +14,13 @@ import pytest
 import torch
 
 from kernels.attention import (
-    attend, attention_runs, block_mask, build_attention_mask, dense_mask, flex_kernel,
-)  # fmt: skip
+    attend,
+    attention_runs,
+    block_mask,
+    build_attention_mask,
+    dense_mask,
+    flex_kernel,
+)
 from megatron_transfusion.batch import ImageSegment, SpecialTokens, TextSegment, pack_documents
 from megatron_transfusion.config import ModelConfig
 
@@ -114,8 +119,10 @@ def test_edge_layouts_equal_brute_force():
         [[image()], [text(0), image(), image(), text(0)]],
         [[text(4), image(), text(1), image(), text(2)], [text(7)]],
     ]
-    lengths = [sum(len(s.tokens) if isinstance(s, TextSegment) else PATCHES + 2
-                   for d in r for s in d) for r in rows]  # fmt: skip
+    lengths = [
+        sum(len(s.tokens) if isinstance(s, TextSegment) else PATCHES + 2 for d in r for s in d)
+        for r in rows
+    ]
     seq_length = max(lengths)
     batch = pack_documents(rows, seq_length, PATCHES, SHAPE, SPECIAL)
     unconditional = torch.tensor([False, True, False, False, True, False, False])
@@ -164,16 +171,30 @@ def mixed_batch(seed, rows=3, seq_length=200):
     cfg = ModelConfig(latent_channels=2, latent_size=4, patch_size=1)
     batch = random_batch(generator, cfg, rows, seq_length)
     batch = batch.replace(unconditional=torch.rand(batch.num_images, generator=generator) < 0.3)
-    assert batch.num_images and bool((batch.document_ids < 0).any()) and bool(batch.unconditional.any())
+    assert (
+        batch.num_images
+        and bool((batch.document_ids < 0).any())
+        and bool(batch.unconditional.any())
+    )
     return batch, generator
 
 
-def attention_inputs(generator, rows, seq_length, heads=4, kv_heads=4, dtype=torch.float64, device="cpu"):
+def attention_inputs(
+    generator, rows, seq_length, heads=4, kv_heads=4, dtype=torch.float64, device="cpu"
+):
     def draw(h):
-        return torch.randn(rows, h, seq_length, 16, generator=generator, dtype=dtype).to(device).requires_grad_()
+        return (
+            torch.randn(rows, h, seq_length, 16, generator=generator, dtype=dtype)
+            .to(device)
+            .requires_grad_()
+        )
 
-    return draw(heads), draw(kv_heads), draw(kv_heads), torch.randn(
-        rows, heads, seq_length, 16, generator=generator, dtype=dtype).to(device)  # fmt: skip
+    return (
+        draw(heads),
+        draw(kv_heads),
+        draw(kv_heads),
+        torch.randn(rows, heads, seq_length, 16, generator=generator, dtype=dtype).to(device),
+    )
 
 
 def forward_backward(q, k, v, grad_out, mask, scale=0.3):
@@ -191,8 +212,8 @@ def test_split_runs_cover_exactly_the_mask(seed):
     covered = torch.zeros(b * s, b * s, dtype=torch.bool)
     for r, causal in ((runs.causal, True), (runs.full, False)):
         for i in range(len(r.cu_queries) - 1):
-            queries = r.queries[r.cu_queries[i]:r.cu_queries[i + 1]]
-            keys = r.keys[r.cu_keys[i]:r.cu_keys[i + 1]]
+            queries = r.queries[r.cu_queries[i] : r.cu_queries[i + 1]]
+            keys = r.keys[r.cu_keys[i] : r.cu_keys[i + 1]]
             allowed = torch.ones(len(queries), len(keys), dtype=torch.bool)
             if causal:
                 allowed = allowed.tril(len(keys) - len(queries))
@@ -220,7 +241,9 @@ def test_flex_backward_on_cpu_equals_dense_or_is_unsupported():
     q, k, v, grad_out = attention_inputs(generator, 2, 256, dtype=torch.float32)
     expected = forward_backward(q, k, v, grad_out, build_attention_mask(batch, "sdpa"))
     try:
-        actual = forward_backward(q, k, v, grad_out, build_attention_mask(batch, "flex", block_size=32))
+        actual = forward_backward(
+            q, k, v, grad_out, build_attention_mask(batch, "flex", block_size=32)
+        )
     except NotImplementedError as e:
         pytest.skip(f"torch {torch.__version__}: {e}")
     for a, e in zip(actual, expected):
@@ -256,8 +279,13 @@ def test_gpu_backends_equal_dense_forward_and_backward(backend):
     batch, generator = mixed_batch(7, rows=2, seq_length=512)
     batch = batch.to(torch.device("cuda"))
     q, k, v, grad_out = attention_inputs(generator, 2, 512, dtype=torch.bfloat16, device="cuda")
-    expected = forward_backward(*(t.float().detach().requires_grad_() for t in (q, k, v)), grad_out.float(),
-                                build_attention_mask(batch, "sdpa"))  # fmt: skip
-    actual = forward_backward(q, k, v, grad_out, build_attention_mask(batch, backend, block_size=128))
+    expected = forward_backward(
+        *(t.float().detach().requires_grad_() for t in (q, k, v)),
+        grad_out.float(),
+        build_attention_mask(batch, "sdpa"),
+    )
+    actual = forward_backward(
+        q, k, v, grad_out, build_attention_mask(batch, backend, block_size=128)
+    )
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a.float(), e, atol=2e-2, rtol=2e-2)

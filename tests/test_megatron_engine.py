@@ -25,7 +25,9 @@ def test_engine_updates_equal_torch_adamw(workdir, layout):
     reference = json.loads((workdir / "engine_loss_reference.json").read_text())
     ours = json.loads((workdir / f"engine_loss_{layout}.json").read_text())
     assert ours["losses"] == pytest.approx(reference["losses"], abs=1e-5)
-    assert ours["grad_norms"] == pytest.approx(reference["grad_norms"], rel=1e-5)  # Adam alone hides a scale
+    assert ours["grad_norms"] == pytest.approx(
+        reference["grad_norms"], rel=1e-5
+    )  # Adam alone hides a scale
     assert ours["evaluation"] == pytest.approx(reference["evaluation"], abs=1e-5)
     compare = json.loads((workdir / f"engine_compare_{layout}.json").read_text())
     assert min(compare["moved"].values()) > 0, "every parameter was updated"

@@ -10,9 +10,16 @@ from megatron_transfusion.config import load_config
 from megatron_transfusion.parallel import seed_everything
 
 SPECIAL = SpecialTokens(pad=0, bos=3, eos=4, boi=1, eoi=2)
-OVERRIDES = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-             "model.vocab_size=100", "model.make_vocab_size_divisible_by=4", "data.seq_length=64",
-             "data.micro_batch_size=1", "data.global_batch_tokens=64"]  # fmt: skip
+OVERRIDES = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.vocab_size=100",
+    "model.make_vocab_size_divisible_by=4",
+    "data.seq_length=64",
+    "data.micro_batch_size=1",
+    "data.global_batch_tokens=64",
+]
 
 
 @pytest.fixture(scope="module", params=["linear", "unet"])
@@ -29,14 +36,24 @@ def model_and_cfg(request, megatron_world):
 
 def latent(cfg, seed):
     m = cfg.model
-    return torch.randn((m.latent_channels, m.latent_size, m.latent_size),
-                       generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return torch.randn(
+        (m.latent_channels, m.latent_size, m.latent_size),
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def layout(cfg, caption=(5, 6, 7), tail=(8, 9), second_doc=(10, 11, 12), image_seed=0):
     """[caption BOI image EOI tail] [second document]"""
-    rows = [[[TextSegment(list(caption)), ImageSegment(latent(cfg, image_seed)), TextSegment(list(tail))],
-             [TextSegment(list(second_doc))]]]  # fmt: skip
+    rows = [
+        [
+            [
+                TextSegment(list(caption)),
+                ImageSegment(latent(cfg, image_seed)),
+                TextSegment(list(tail)),
+            ],
+            [TextSegment(list(second_doc))],
+        ]
+    ]
     m = cfg.model
     shape = (m.latent_channels, m.latent_size, m.latent_size)
     return pack_documents(rows, cfg.data.seq_length, m.patches_per_image, shape, SPECIAL)
@@ -145,9 +162,16 @@ def test_flex_backend_model_matches_sdpa_backend(model_and_cfg, megatron_world, 
     from megatron_transfusion.model import build_model
 
     model, cfg = model_and_cfg
-    flex_cfg = load_config("tiny", OVERRIDES + [f"model.patch_layer={cfg.model.patch_layer}",
-                           "model.unet_channels=[16]", f"model.attention_backend={backend}",
-                           "model.flex_block_size=16"])  # fmt: skip
+    flex_cfg = load_config(
+        "tiny",
+        OVERRIDES
+        + [
+            f"model.patch_layer={cfg.model.patch_layer}",
+            "model.unet_channels=[16]",
+            f"model.attention_backend={backend}",
+            "model.flex_block_size=16",
+        ],
+    )
     (flex_model,) = build_model(flex_cfg, megatron_world)
     flex_model.load_state_dict(model.state_dict())
     flex_model.eval()
@@ -161,7 +185,6 @@ def test_flex_backend_model_matches_sdpa_backend(model_and_cfg, megatron_world, 
 @pytest.mark.parametrize("mode", ["selective", "full"])
 def test_activation_recompute_gives_identical_gradients(megatron_world, mode, monkeypatch):
     import megatron_transfusion.model.layer_spec as layer_spec
-
     from megatron_transfusion.diffusion import CosineSchedule, noise_images
     from megatron_transfusion.model import build_model
     from megatron_transfusion.synthetic import random_batch
@@ -171,7 +194,9 @@ def test_activation_recompute_gives_identical_gradients(megatron_world, mode, mo
     original = layer_spec.attend
     for recompute in ("none", mode):
         counter = []
-        monkeypatch.setattr(layer_spec, "attend", lambda *a, **k: counter.append(1) or original(*a, **k))
+        monkeypatch.setattr(
+            layer_spec, "attend", lambda *a, **k: counter.append(1) or original(*a, **k)
+        )
         cfg = load_config("tiny", OVERRIDES + [f"parallel.recompute={recompute}"])
         seed_everything(3)
         (model,) = build_model(cfg, megatron_world)
@@ -179,9 +204,13 @@ def test_activation_recompute_gives_identical_gradients(megatron_world, mode, mo
         batch = random_batch(generator, cfg.model, 2, cfg.data.seq_length)
         micro = MicroBatch(*noise_images(batch, CosineSchedule.create(), cfg.diffusion, generator))
         forward_backward([model], [micro], cfg.diffusion.loss_weight)
-        grads[recompute] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        grads[recompute] = {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None
+        }
         calls[recompute] = len(counter)
-    assert calls[mode] == 2 * calls["none"] == 2 * cfg.model.num_layers, "attention re-ran in backward"
+    assert calls[mode] == 2 * calls["none"] == 2 * cfg.model.num_layers, (
+        "attention re-ran in backward"
+    )
     assert grads["none"].keys() == grads[mode].keys() and grads["none"]
     for name, grad in grads["none"].items():
         torch.testing.assert_close(grads[mode][name], grad, rtol=0, atol=1e-6, msg=name)
@@ -195,12 +224,19 @@ def test_text_only_batch_still_reaches_every_parameter(model_and_cfg):
     model, cfg = model_and_cfg
     rows = [[[TextSegment([5, 6, 7, 8])]]]
     m = cfg.model
-    batch = pack_documents(rows, cfg.data.seq_length, m.patches_per_image,
-                           (m.latent_channels, m.latent_size, m.latent_size), SPECIAL)  # fmt: skip
+    batch = pack_documents(
+        rows,
+        cfg.data.seq_length,
+        m.patches_per_image,
+        (m.latent_channels, m.latent_size, m.latent_size),
+        SPECIAL,
+    )
     labels, mask = batch.lm_targets()
     model.zero_grad(set_to_none=True)
     out = model(batch, labels)
-    loss = transfusion_loss(out.token_losses, mask, out.predicted_noise, out.predicted_noise.detach(), 5.0)
+    loss = transfusion_loss(
+        out.token_losses, mask, out.predicted_noise, out.predicted_noise.detach(), 5.0
+    )
     loss.total.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []

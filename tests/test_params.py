@@ -6,8 +6,13 @@ import pytest
 from megatron_transfusion.config import load_config
 from megatron_transfusion.model.params import count_parameters
 
-PAPER = {"transfusion-0.16b": 0.16e9, "transfusion-0.37b": 0.37e9, "transfusion-0.76b": 0.76e9,
-         "transfusion-1.4b": 1.4e9, "transfusion-7b": 7.0e9}  # fmt: skip
+PAPER = {
+    "transfusion-0.16b": 0.16e9,
+    "transfusion-0.37b": 0.37e9,
+    "transfusion-0.76b": 0.76e9,
+    "transfusion-1.4b": 1.4e9,
+    "transfusion-7b": 7.0e9,
+}
 
 
 @pytest.mark.parametrize("preset", sorted(PAPER))
@@ -33,8 +38,15 @@ def test_formula_matches_instantiated_model(preset, megatron_world):
 
 
 def test_formula_matches_with_grouped_query_attention_and_unet(megatron_world):
-    cfg = load_config("tiny", ["model.num_query_groups=2", "model.patch_layer=unet",
-                               "model.patch_size=2", "model.unet_channels=[16, 32]"])  # fmt: skip
+    cfg = load_config(
+        "tiny",
+        [
+            "model.num_query_groups=2",
+            "model.patch_layer=unet",
+            "model.patch_size=2",
+            "model.unet_channels=[16, 32]",
+        ],
+    )
     assert count_parameters(cfg.model).total == instantiated_parameters(cfg, megatron_world)
 
 

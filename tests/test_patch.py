@@ -5,8 +5,14 @@ import torch
 
 from megatron_transfusion.config import ModelConfig
 from megatron_transfusion.model.patch import (
-    LinearPatchIn, UNetPatchIn, UNetPatchOut, build_patch_layers, patchify, sincos_2d, unpatchify,
-)  # fmt: skip
+    LinearPatchIn,
+    UNetPatchIn,
+    UNetPatchOut,
+    build_patch_layers,
+    patchify,
+    sincos_2d,
+    unpatchify,
+)
 
 
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
@@ -23,9 +29,16 @@ def test_patchify_round_trip_and_order(k):
 @pytest.mark.parametrize("k", [1, 2, 4, 8])
 def test_patch_layers_map_latents_to_patch_vectors_and_back(kind, k):
     levels = {1: 1, 2: 2, 4: 3, 8: 4}[k]
-    cfg = ModelConfig(hidden_size=32, latent_channels=8, latent_size=16, patch_size=k,
-                      patch_layer=kind, unet_channels=[8] * levels, unet_blocks_per_level=1,
-                      timestep_frequency_dim=16)  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=32,
+        latent_channels=8,
+        latent_size=16,
+        patch_size=k,
+        patch_layer=kind,
+        unet_channels=[8] * levels,
+        unet_blocks_per_level=1,
+        timestep_frequency_dim=16,
+    )
     patch_in, patch_out = (layer(cfg) for layer in build_patch_layers(cfg))
     x, t = torch.randn(2, 8, 16, 16), torch.tensor([0, 999])
     hidden = patch_in(x, t)
@@ -34,8 +47,9 @@ def test_patch_layers_map_latents_to_patch_vectors_and_back(kind, k):
 
 
 def test_linear_patch_in_adds_the_timestep_embedding_before_the_linear_layer():
-    cfg = ModelConfig(hidden_size=32, latent_size=4, patch_size=2, patch_layer="linear",
-                      timestep_frequency_dim=16)  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=32, latent_size=4, patch_size=2, patch_layer="linear", timestep_frequency_dim=16
+    )
     layer = LinearPatchIn(cfg)
     x, t = torch.randn(2, 8, 4, 4), torch.tensor([3, 700])
     embedding = layer.timestep_embedding(t)  # [n, patch_dim]: lives in patch space
@@ -45,10 +59,18 @@ def test_linear_patch_in_adds_the_timestep_embedding_before_the_linear_layer():
 
 
 def test_unet_uses_plain_layer_norm_and_conditions_on_time():
-    cfg = ModelConfig(hidden_size=32, latent_size=8, patch_size=2, unet_channels=[8, 16],
-                      unet_blocks_per_level=1, timestep_frequency_dim=16)  # fmt: skip
+    cfg = ModelConfig(
+        hidden_size=32,
+        latent_size=8,
+        patch_size=2,
+        unet_channels=[8, 16],
+        unet_blocks_per_level=1,
+        timestep_frequency_dim=16,
+    )
     down, up = UNetPatchIn(cfg), UNetPatchOut(cfg)
-    norms = [m for m in list(down.modules()) + list(up.modules()) if isinstance(m, torch.nn.LayerNorm)]
+    norms = [
+        m for m in list(down.modules()) + list(up.modules()) if isinstance(m, torch.nn.LayerNorm)
+    ]
     assert norms and all(n.elementwise_affine for n in norms)
     x = torch.randn(1, 8, 8, 8)
     assert not torch.allclose(down(x, torch.tensor([0])), down(x, torch.tensor([900])))
@@ -60,8 +82,16 @@ def test_sincos_2d_encodes_row_then_column():
     assert table.shape == (9, 8)
     for index in range(9):
         row, col = divmod(index, 3)
-        expected = [math.sin(row), math.sin(row / 100), math.cos(row), math.cos(row / 100),
-                    math.sin(col), math.sin(col / 100), math.cos(col), math.cos(col / 100)]  # fmt: skip
+        expected = [
+            math.sin(row),
+            math.sin(row / 100),
+            math.cos(row),
+            math.cos(row / 100),
+            math.sin(col),
+            math.sin(col / 100),
+            math.cos(col),
+            math.cos(col / 100),
+        ]
         torch.testing.assert_close(table[index], torch.tensor(expected))
 
 

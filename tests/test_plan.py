@@ -45,12 +45,15 @@ def test_memory_is_that_of_the_most_demanding_row(text_share):
     cfg = load_config("transfusion-0.16b", [f"data.text_token_fraction={text_share}"])
     layout = Layout.of_config(cfg, 1)
     all_text = stage_memory(cfg, CPU, layout, 0.0, True, True).total
-    images = stage_memory(cfg, CPU, layout, 15 * 256 / 4096, True, True).total  # 15 pairs fill a row
+    images = stage_memory(
+        cfg, CPU, layout, 15 * 256 / 4096, True, True
+    ).total  # 15 pairs fill a row
     expected = {0.0: images, 0.5: max(all_text, images), 1.0: all_text}[text_share]
     assert predict(cfg, CPU, layout).memory.total == expected
     if text_share == 0.5:
         average = stage_memory(cfg, CPU, layout, 0.5 * 256 / 258, True, True).total
         assert expected > average
+
 
 def test_7b_preset_layout_is_the_planners_choice_and_fits_80gb():
     cfg = load_config("transfusion-7b")
@@ -62,25 +65,48 @@ def test_7b_preset_layout_is_the_planners_choice_and_fits_80gb():
 def test_check_prints_the_layout_and_fails_when_it_does_not_fit(capsys):
     main(["--config", "transfusion-7b", "--nodes", "32", "--check"])
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("plan: transfusion-7B on 256 × h100-80gb: TP=1 PP=1 VP=- DP=256 mb=2")
+    assert lines[0].startswith(
+        "plan: transfusion-7B on 256 × h100-80gb: TP=1 PP=1 VP=- DP=256 mb=2"
+    )
     assert lines[1].startswith("memory/GPU: ") and "MFU" in lines[2] and lines[3].startswith("ok: ")
     # The same without ZeRO-3: whole bf16 weights and fp32 gradients on every GPU do not fit.
     with pytest.raises(SystemExit) as exit_:
-        main(["--config", "transfusion-7b", "--nodes", "32", "--check", "parallel.engine=megatron",
-              "parallel.zero_stage=1"])  # fmt: skip
+        main(
+            [
+                "--config",
+                "transfusion-7b",
+                "--nodes",
+                "32",
+                "--check",
+                "parallel.engine=megatron",
+                "parallel.zero_stage=1",
+            ]
+        )
     assert exit_.value.code == 1
     assert "GiB usable" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("layout, field", [
-    (Layout(1, 2, 128, None, 1, "none", "deepspeed", 3), "parallel.engine"),  # ZeRO-3 with PP
-    (Layout(1, 1, 256, None, 1, "none", "megatron", 2), "parallel.zero_stage"),  # megatron shards state only
-    (Layout(3, 1, 85, None, 1, "none", "megatron", 1), "parallel.tensor_parallel"),  # 32 heads
-    (Layout(16, 1, 16, None, 1, "none", "megatron", 1), "parallel.tensor_parallel"),  # > 8 GPUs/node
-    (Layout(1, 3, 85, None, 1, "none", "megatron", 1), "model.num_layers"),  # 32 layers
-    (Layout(1, 1, 256, None, 8, "none", "megatron", 1), "data.global_batch_tokens"),  # 1024 rows
-    (Layout(2, 1, 128, None, 1, "none", "deepspeed", 1, sp=True), "parallel.sequence_parallel"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "layout, field",
+    [
+        (Layout(1, 2, 128, None, 1, "none", "deepspeed", 3), "parallel.engine"),  # ZeRO-3 with PP
+        (
+            Layout(1, 1, 256, None, 1, "none", "megatron", 2),
+            "parallel.zero_stage",
+        ),  # megatron shards state only
+        (Layout(3, 1, 85, None, 1, "none", "megatron", 1), "parallel.tensor_parallel"),  # 32 heads
+        (
+            Layout(16, 1, 16, None, 1, "none", "megatron", 1),
+            "parallel.tensor_parallel",
+        ),  # > 8 GPUs/node
+        (Layout(1, 3, 85, None, 1, "none", "megatron", 1), "model.num_layers"),  # 32 layers
+        (
+            Layout(1, 1, 256, None, 8, "none", "megatron", 1),
+            "data.global_batch_tokens",
+        ),  # 1024 rows
+        (Layout(2, 1, 128, None, 1, "none", "deepspeed", 1, sp=True), "parallel.sequence_parallel"),
+    ],
+)
 def test_invalid_layouts_are_refused_with_the_field(layout, field):
     with pytest.raises(ConfigError, match=f"'{field}'"):
         check_layout(load_config("transfusion-7b"), H100, layout)
@@ -118,8 +144,13 @@ def test_memory_of_one_stage_by_hand(fused):
     """First stage of TP=2, PP=2 (1F1B, 2 micro-batches in flight), fp32, ZeRO-1 at DP=1.
     Compiled elementwise work keeps each norm's input only and SwiGLU's input and output."""
     cfg = load_config(
-        None, BASE + ["data.seq_length=512", "data.global_batch_tokens=4096",
-                      f"model.fuse_elementwise={str(fused).lower()}"]
+        None,
+        BASE
+        + [
+            "data.seq_length=512",
+            "data.global_batch_tokens=4096",
+            f"model.fuse_elementwise={str(fused).lower()}",
+        ],
     )  # 4 micro-batches
     layout = Layout(2, 2, 1, None, 2, "none", "megatron", 1)
     h, f, V, s, b, d_head, layers = 256, 768, 8192, 512, 2, 64, 2

@@ -15,7 +15,11 @@ pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CP
 def test_cpu_platform_choices():
     plat = platform.current()
     assert (plat.name, plat.dist_backend, plat.dtype, plat.attention_backend) == (
-        "cpu", "gloo", torch.float32, "sdpa")  # fmt: skip
+        "cpu",
+        "gloo",
+        torch.float32,
+        "sdpa",
+    )
     assert plat.device() == torch.device("cpu")
 
 
@@ -94,10 +98,17 @@ def test_only_the_platform_module_mentions_torch_cuda():
 GPU = platform.Platform("cuda", "nccl", torch.bfloat16, "flex")
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA GH200 480GB", 989e12),
-    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA GH200 480GB", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+    ],
+)
 def test_gpu_peak_is_the_datasheet_dense_bf16_figure(monkeypatch, name, peak):
     monkeypatch.setattr(platform, "device_name", lambda: name)
     assert GPU.peak_flops() == peak
@@ -107,7 +118,9 @@ def test_unknown_gpu_asks_for_run_peak_flops(monkeypatch):
     from megatron_transfusion.config import ConfigError
 
     monkeypatch.setattr(platform, "device_name", lambda: "NVIDIA GeForce RTX 4090")
-    expected = r"^config field 'run.peak_flops': .*'NVIDIA GeForce RTX 4090' in torch.bfloat16; set it"
+    expected = (
+        r"^config field 'run.peak_flops': .*'NVIDIA GeForce RTX 4090' in torch.bfloat16; set it"
+    )
     with pytest.raises(ConfigError, match=expected):
         GPU.peak_flops()
 
@@ -115,10 +128,14 @@ def test_unknown_gpu_asks_for_run_peak_flops(monkeypatch):
 def test_gpu_memory_is_the_allocator_peak_and_cpu_memory_the_resident_peak(monkeypatch):
     monkeypatch.setattr(platform, "gpu_peak_allocated", lambda: 123 * 2**20)
     assert GPU.peak_memory() == 123 * 2**20
-    code = ("import torch\nfrom megatron_transfusion import platform\n"
-            "cpu = platform.current()\nbefore = cpu.peak_memory()\nx = torch.ones(64 * 2**20)\n"
-            "print((cpu.peak_memory() - before) / 2**20)")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    code = (
+        "import torch\nfrom megatron_transfusion import platform\n"
+        "cpu = platform.current()\nbefore = cpu.peak_memory()\nx = torch.ones(64 * 2**20)\n"
+        "print((cpu.peak_memory() - before) / 2**20)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
     grown = float(result.stdout)
     assert 200 < grown < 300  # the 256 MiB tensor (the mark may have stood above the set)
 
@@ -135,6 +152,7 @@ def test_cpu_peak_is_the_fastest_gemm_not_the_average(monkeypatch):
     monkeypatch.setattr(platform, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
     monkeypatch.setattr(platform, "torch", types.SimpleNamespace(randn=torch.randn, matmul=matmul))
     assert platform.measure_matmul_peak(seconds=10.0, size=8) == 2 * 8**3 / 0.5
+
 
 def test_planner_prediction_for_the_running_layout():
     """What the trainer logs beside its measured memory: the planner's own figure."""

@@ -31,9 +31,16 @@ def test_builtin_data_prepares_and_loads(tmp_path):
     assert prepare_builtin(tmp_path / "builtin", vae=other.path) == paths
     for split in ("train", "heldout"):
         remade = json.loads((paths[f"images_{split}"] / "manifest.json").read_text())
-        assert remade["vae"]["sha256"] == other.sha256 != manifests[f"images_{split}"]["vae"]["sha256"]
+        assert (
+            remade["vae"]["sha256"] == other.sha256 != manifests[f"images_{split}"]["vae"]["sha256"]
+        )
     assert (paths["text_train"] / "manifest.json").stat().st_mtime_ns == text_written
-    cfg = load_config("tiny", [f"data.text_data={paths['text_train']}",
-                               f"data.image_caption_data={paths['images_train']}"])  # fmt: skip
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.text_data={paths['text_train']}",
+            f"data.image_caption_data={paths['images_train']}",
+        ],
+    )
     step = MixedModalityLoader(cfg).next_step()
     assert len(step) == 2 and all(b.num_images > 0 for b in step)

@@ -19,8 +19,13 @@ from tests.conftest import ROOT
 def test_full_shape_rehearsal(tmp_path):
     out = tmp_path / "rehearsal"
     try:
-        result = subprocess.run([sys.executable, "-m", "benchmarks.rehearsal", "--out", str(out)], cwd=ROOT,
-                                capture_output=True, text=True, timeout=1800)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-m", "benchmarks.rehearsal", "--out", str(out)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
     finally:  # pytest keeps its last three temporary directories: not 10 GB of checkpoints each
         for checkpoints in out.glob("transfusion-0.16B-*/checkpoints"):
             shutil.rmtree(checkpoints)
@@ -33,7 +38,9 @@ def test_full_shape_rehearsal(tmp_path):
     # is BOS and the 4,095 tokens of the second (4,096 positions), row 3, after the resume,
     # goes on with its last token and EOS; row 2 is 15 images of 256 patches.
     assert results["inputs"]["document_tokens"][:3] == [4094, 4095, 4096]
-    rows = [[(e["stream"], e["index"], e["start"], e["length"]) for e in row] for row in results["rows"]]
+    rows = [
+        [(e["stream"], e["index"], e["start"], e["length"]) for e in row] for row in results["rows"]
+    ]
     assert rows[0] == [("text", 1, 0, 4096)]
     assert [e[0] for e in rows[1]] == ["image_caption"] * 15
     assert ("text", 1, 4095, 2) in rows[2]

@@ -76,8 +76,14 @@ def step_dir(run_root):
 
 
 def cli(code, *args):
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True,
-                          cwd=ROOT, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+    )
 
 
 def assert_one_line_error(result, *parts):
@@ -114,12 +120,15 @@ def plant_exploit(step, planted, marker) -> None:
         metadata = read_metadata(step / "engine")
         index = next(k for k in metadata.storage_data if "_extra_state" in k.fqn)
         info = metadata.storage_data[index]
-        metadata.storage_data[index] = type(info)(relative_path=planted.split("/")[-1], offset=0,
-                                                  length=len(payload))  # fmt: skip
+        metadata.storage_data[index] = type(info)(
+            relative_path=planted.split("/")[-1], offset=0, length=len(payload)
+        )
         plant(step, "engine/.metadata", pickle.dumps(metadata))
 
 
-@pytest.mark.parametrize("planted", ["engine/.metadata", "engine/common.pt", "engine/__evil.distcp"])
+@pytest.mark.parametrize(
+    "planted", ["engine/.metadata", "engine/common.pt", "engine/__evil.distcp"]
+)
 def test_a_planted_pickle_never_runs(megatron_world, run_copy, tmp_path, planted):
     """Loading for generation, export or resume goes through one reader."""
     from megatron_transfusion.model import build_model
@@ -129,23 +138,36 @@ def test_a_planted_pickle_never_runs(megatron_world, run_copy, tmp_path, planted
     verify_checkpoint(step)  # the manifest agrees: only the reader stands in the way
     cfg = load_config(str(run_copy / "tiny" / "config.yaml"), ["model.attention_backend=sdpa"])
     (model,) = build_model(cfg, megatron_world)
-    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint file '{step / planted}'")) as info:
+    with pytest.raises(
+        CheckpointError, match=re.escape(f"checkpoint file '{step / planted}'")
+    ) as info:
         load_model_weights([model], step)
     assert "nothing in it was run" in str(info.value)
     assert not marker.exists()
 
 
 @pytest.mark.parametrize("command", ["generate", "inspect", "export", "resume"])
-def test_every_entry_point_refuses_a_planted_metadata_pickle(run_copy, data_root, tmp_path, command):
+def test_every_entry_point_refuses_a_planted_metadata_pickle(
+    run_copy, data_root, tmp_path, command
+):
     step, marker = step_dir(run_copy), tmp_path / "code-ran"
     plant_exploit(step, "engine/.metadata", marker)
     if command == "generate":
         result = cli(GENERATE, run_copy / "tiny", "--prompt", "red", "--steps", "1")
     elif command == "resume":
-        result = cli(TRAIN, "--config", "tiny", *overrides(data_root, run_copy, 4), "--resume", "auto")
+        result = cli(
+            TRAIN, "--config", "tiny", *overrides(data_root, run_copy, 4), "--resume", "auto"
+        )
     else:
-        result = cli(CHECKPOINT_TOOL, command, step, *(["--out", tmp_path / "m.safetensors"] if command == "export" else []))
-    assert_one_line_error(result, f"checkpoint file '{step / 'engine' / '.metadata'}'", "nothing in it was run")
+        result = cli(
+            CHECKPOINT_TOOL,
+            command,
+            step,
+            *(["--out", tmp_path / "m.safetensors"] if command == "export" else []),
+        )
+    assert_one_line_error(
+        result, f"checkpoint file '{step / 'engine' / '.metadata'}'", "nothing in it was run"
+    )
     assert not marker.exists()
 
 
@@ -155,16 +177,23 @@ def test_every_entry_point_refuses_a_planted_metadata_pickle(run_copy, data_root
 def test_the_manifest_covers_every_file_of_a_published_checkpoint(trained_run):
     step = step_dir(trained_run)
     files = json.loads((step / "manifest.json").read_text())["files"]
-    on_disk = sorted(str(p.relative_to(step)) for p in step.rglob("*") if p.is_file() and p.name != "manifest.json")
+    on_disk = sorted(
+        str(p.relative_to(step))
+        for p in step.rglob("*")
+        if p.is_file() and p.name != "manifest.json"
+    )
     assert sorted(files) == on_disk and "engine/.metadata" in files and "trainer.json" in files
     verify_checkpoint(step)
 
 
-@pytest.mark.parametrize("damage, message", [
-    ("flip", "does not match its SHA-256 in manifest.json"),
-    ("truncate", "bytes, manifest.json says"),
-    ("delete", "is missing"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("flip", "does not match its SHA-256 in manifest.json"),
+        ("truncate", "bytes, manifest.json says"),
+        ("delete", "is missing"),
+    ],
+)
 def test_a_damaged_checkpoint_file_is_refused_by_name(run_copy, damage, message):
     step = step_dir(run_copy)
     target = sorted((step / "engine").glob("*.distcp"))[0]
@@ -198,8 +227,12 @@ def test_an_unverified_truncated_data_file_is_named(run_copy, tmp_path):
     target = sorted((step / "engine").glob("*.distcp"))[0]
     size = target.stat().st_size
     target.write_bytes(target.read_bytes()[: size // 2])
-    result = cli(CHECKPOINT_TOOL, "export", step, "--no-verify", "--out", tmp_path / "m.safetensors")
-    assert_one_line_error(result, f"checkpoint file '{target}' has {size // 2} bytes", "it is truncated")
+    result = cli(
+        CHECKPOINT_TOOL, "export", step, "--no-verify", "--out", tmp_path / "m.safetensors"
+    )
+    assert_one_line_error(
+        result, f"checkpoint file '{target}' has {size // 2} bytes", "it is truncated"
+    )
 
 
 def test_a_checkpoint_from_before_manifests_loads_with_a_warning(megatron_world, run_copy, capsys):
@@ -221,7 +254,11 @@ def mutations(data: bytes, rng: random.Random):
     cut = rng.randrange(len(data))
     start = rng.randrange(len(data))
     noise = bytes(rng.randrange(256) for _ in range(min(64, len(data) - start)))
-    return {"flip": bytes(flipped), "truncate": data[:cut], "noise": data[:start] + noise + data[start + len(noise) :]}
+    return {
+        "flip": bytes(flipped),
+        "truncate": data[:cut],
+        "noise": data[:start] + noise + data[start + len(noise) :],
+    }
 
 
 def test_fuzzed_checkpoint_files_are_clean_errors(megatron_world, trained_run, tmp_path):
@@ -242,7 +279,11 @@ def test_fuzzed_checkpoint_files_are_clean_errors(megatron_world, trained_run, t
             (step / name).write_bytes(data)
             with pytest.raises(CheckpointError) as info:
                 verify_checkpoint(step)
-            assert str(step / name) in str(info.value) or name == "manifest.json", (name, kind, info.value)
+            assert str(step / name) in str(info.value) or name == "manifest.json", (
+                name,
+                kind,
+                info.value,
+            )
             if name in ("engine/.metadata", "engine/common.pt") or name.endswith(".distcp"):
                 try:
                     load_model_weights([model], step)
@@ -255,16 +296,30 @@ def test_fuzzed_checkpoint_files_are_clean_errors(megatron_world, trained_run, t
 
 def start_training(data_root, run_root, steps):
     """One process, no torchrun: Ctrl-C in a terminal signals it directly."""
-    process = subprocess.Popen([sys.executable, "-c", TRAIN, "--config", "tiny",
-                                *overrides(data_root, run_root, steps, "checkpoint.interval=1000")],
-                               cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            TRAIN,
+            "--config",
+            "tiny",
+            *overrides(data_root, run_root, steps, "checkpoint.interval=1000"),
+        ],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     watchdog = threading.Timer(600, process.kill)  # never hang the suite
     watchdog.daemon = True
     watchdog.start()
     metrics = run_root / "tiny" / "logs" / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2) and time.time() < deadline:
+    while (
+        not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2)
+        and time.time() < deadline
+    ):
         assert process.poll() is None, process.stdout.read()[-4000:]
         time.sleep(0.2)
     return process
@@ -275,7 +330,10 @@ def test_first_ctrl_c_finishes_the_step_saves_and_exits_3(data_root, tmp_path):
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 3, output[-4000:]
-    assert "interrupted: saving a checkpoint after this step" in output and "stop requested: saved step" in output
+    assert (
+        "interrupted: saving a checkpoint after this step" in output
+        and "stop requested: saved step" in output
+    )
     saved = int((tmp_path / "tiny" / "checkpoints" / "latest").read_text()[-8:])
     assert 2 <= saved < 1000
     resumed = run(1, overrides(data_root, tmp_path, saved + 1) + ["--resume", "auto"])
@@ -319,7 +377,9 @@ def test_data_mistakes_at_training_start_are_user_errors(data_root, tmp_path):
     shutil.copytree(data_root / "text", empty)
     manifest = json.loads((empty / "manifest.json").read_text())
     (empty / "manifest.json").write_text(json.dumps({**manifest, "num_samples": 0, "files": {}}))
-    (empty / "index.json").write_text(json.dumps({**json.loads((empty / "index.json").read_text()), "shards": []}))
+    (empty / "index.json").write_text(
+        json.dumps({**json.loads((empty / "index.json").read_text()), "shards": []})
+    )
     np.save(empty / "lengths.npy", np.zeros(0, dtype=np.int64))
     with pytest.raises(UserError, match="the text dataset has no samples"):
         MixedModalityLoader(loader_config(data_root, f"data.text_data={empty}"))
@@ -327,7 +387,9 @@ def test_data_mistakes_at_training_start_are_user_errors(data_root, tmp_path):
 
 def test_train_reports_a_data_mistake_in_one_line(data_root, tmp_path):
     other = other_tokenizer_copy(data_root, tmp_path)
-    result = cli(TRAIN, "--config", "tiny", *overrides(data_root, tmp_path, 2, f"data.text_data={other}"))
+    result = cli(
+        TRAIN, "--config", "tiny", *overrides(data_root, tmp_path, 2, f"data.text_data={other}")
+    )
     assert_one_line_error(result, "tokenized with another tokenizer")
 
 
@@ -337,10 +399,26 @@ def test_train_reports_a_data_mistake_in_one_line(data_root, tmp_path):
 def launched(nproc, *args) -> subprocess.Popen:
     """``python -m megatron_transfusion.launch`` (torchrun) running the trainer, as
     launch/pretrain_local.sh starts it."""
-    command = [sys.executable, "-m", "megatron_transfusion.launch", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "megatron_transfusion.train", "--config", "tiny", *map(str, args)]  # fmt: skip
-    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_transfusion.launch",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "megatron_transfusion.train",
+        "--config",
+        "tiny",
+        *map(str, args),
+    ]
+    return subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_a_user_mistake_under_the_launcher_is_one_line_and_exit_2(data_root, tmp_path):
@@ -351,7 +429,11 @@ def test_a_user_mistake_under_the_launcher_is_one_line_and_exit_2(data_root, tmp
     out, err = process.communicate(timeout=600)
     assert process.returncode == 2, out[-2000:] + err[-4000:]
     errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]
-    assert len(errors) == 1 and errors[0].startswith("error: ") and "tokenized with another tokenizer" in errors[0], err
+    assert (
+        len(errors) == 1
+        and errors[0].startswith("error: ")
+        and "tokenized with another tokenizer" in errors[0]
+    ), err
     assert err.strip().splitlines()[-1] == errors[0]
 
 
@@ -373,15 +455,21 @@ def test_ctrl_c_under_the_launcher_saves_and_ends_in_one_line(data_root, tmp_pat
     out, err = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGINT, out[-2000:] + err[-4000:]
     assert "stop requested: saved step" in out and "Traceback" not in err, err[-4000:]
-    assert err.strip().splitlines()[-1] == "stopped by SIGINT (torchrun passed it on to the workers)"
+    assert (
+        err.strip().splitlines()[-1] == "stopped by SIGINT (torchrun passed it on to the workers)"
+    )
     assert (tmp_path / "tiny" / "checkpoints" / "latest").exists()
 
 
 def test_ctrl_c_twice_under_the_launcher_exits_without_saving(data_root, tmp_path):
     """torchrun answers a second Ctrl-C by stopping its workers with SIGTERM; after a
     Ctrl-C the trainer takes that as "now" too. Steps of ~1 s leave time to press twice."""
-    process = launched(1, *overrides(data_root, tmp_path, 1000, "checkpoint.interval=1000",
-                                     "data.global_batch_tokens=4096"))  # fmt: skip
+    process = launched(
+        1,
+        *overrides(
+            data_root, tmp_path, 1000, "checkpoint.interval=1000", "data.global_batch_tokens=4096"
+        ),
+    )
     wait_for_steps(process, tmp_path)
     process.send_signal(signal.SIGINT)
     seen = []
@@ -405,7 +493,11 @@ def test_a_worker_stopped_directly_ends_the_launcher_with_3(data_root, tmp_path)
     os.kill(int(worker), signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 3, out[-2000:] + err[-4000:]
-    assert "stop requested: saved step" in out and "Traceback" not in err and "ChildFailedError" not in err, err
+    assert (
+        "stop requested: saved step" in out
+        and "Traceback" not in err
+        and "ChildFailedError" not in err
+    ), err
 
 
 # ---- Config files ---------------------------------------------------------------------------
@@ -450,8 +542,11 @@ def data_inputs() -> dict[str, tuple[str, bytes]]:
     with tarfile.open(fileobj=tar, mode="w") as archive:
         for i, image in enumerate(images):
             add_member(archive, f"{i}.png", image)
-            add_member(archive, f"{i}.json" if i % 2 else f"{i}.txt",
-                       json.dumps({"caption": "a red circle"}).encode() if i % 2 else b"a blue square")  # fmt: skip
+            add_member(
+                archive,
+                f"{i}.json" if i % 2 else f"{i}.txt",
+                json.dumps({"caption": "a red circle"}).encode() if i % 2 else b"a blue square",
+            )
 
     def parquet(table) -> bytes:
         buffer = io.BytesIO()
@@ -462,11 +557,18 @@ def data_inputs() -> dict[str, tuple[str, bytes]]:
     return {
         "tar": ("image_caption", tar.getvalue()),
         "gz.tar": ("image_caption", gzip.compress(tar.getvalue(), mtime=0)),
-        "img.parquet": ("image_caption", parquet({"image": images, "caption": ["a red circle"] * 3})),
-        "jsonl": ("text", b"".join(json.dumps({"text": d}).encode() + b"\n" for d in documents)
-                          + b"\n".join(HOSTILE_LINES) + b"\n"),
+        "img.parquet": (
+            "image_caption",
+            parquet({"image": images, "caption": ["a red circle"] * 3}),
+        ),
+        "jsonl": (
+            "text",
+            b"".join(json.dumps({"text": d}).encode() + b"\n" for d in documents)
+            + b"\n".join(HOSTILE_LINES)
+            + b"\n",
+        ),
         "text.parquet": ("text", parquet({"text": documents})),
-    }  # fmt: skip
+    }
 
 
 @pytest.fixture(scope="module")
@@ -475,8 +577,11 @@ def encoders(tmp_path_factory):
     from data_prep.vae import ConvVAE, VAEConfig, save_vae
 
     root = tmp_path_factory.mktemp("fuzz-encoders")
-    train_bpe(["the quick brown fox jumps over the lazy dog", "a red circle", "a blue square"], 300,
-              root / "tok.json")  # fmt: skip
+    train_bpe(
+        ["the quick brown fox jumps over the lazy dog", "a red circle", "a blue square"],
+        300,
+        root / "tok.json",
+    )
     torch.manual_seed(0)
     save_vae(ConvVAE(VAEConfig()), VAEConfig(), 0.5, root / "vae")
     return root
@@ -506,7 +611,9 @@ def prepare_data(*argv) -> str | None:
         with deadline(60):
             main([str(a) for a in argv])
     except SystemExit as e:
-        assert isinstance(e.code, str) and e.code.startswith("error: ") and "\n" not in e.code, e.code
+        assert isinstance(e.code, str) and e.code.startswith("error: ") and "\n" not in e.code, (
+            e.code
+        )
         return e.code
     return None
 
@@ -520,17 +627,34 @@ def shard_and_merge(name: str, kind: str, data: bytes, encoders, out_root) -> di
     source = out_root / f"in.{name}"
     source.write_bytes(data)
     out = out_root / "out"
-    error = prepare_data("shard", "--kind", kind, "--inputs", source, "--out", out, "--tokenizer",
-                         encoders / "tok.json", "--vae", encoders / "vae", "--image-size", 16)  # fmt: skip
+    error = prepare_data(
+        "shard",
+        "--kind",
+        kind,
+        "--inputs",
+        source,
+        "--out",
+        out,
+        "--tokenizer",
+        encoders / "tok.json",
+        "--vae",
+        encoders / "vae",
+        "--image-size",
+        16,
+    )
     assert error is None or str(source) in error, error
     for unit in out.glob("unit-*"):  # renamed into place only when complete
-        assert {"stats.json", "index.json", "lengths.npy", "rejected.jsonl"} <= {f.name for f in unit.iterdir()}
+        assert {"stats.json", "index.json", "lengths.npy", "rejected.jsonl"} <= {
+            f.name for f in unit.iterdir()
+        }
     merge_error = prepare_data("merge", "--out", out)
     if error or merge_error:
         assert error and merge_error and not (out / "manifest.json").exists(), (error, merge_error)
         return None
     manifest = json.loads((out / "manifest.json").read_text())
-    assert len(PreparedDataset(str(out))) == manifest["num_samples"] == manifest["counts"]["written"]
+    assert (
+        len(PreparedDataset(str(out))) == manifest["num_samples"] == manifest["counts"]["written"]
+    )
     return manifest["counts"]
 
 
@@ -540,7 +664,9 @@ def test_undamaged_inputs_shard_whole_and_hostile_lines_are_rejections(encoders,
         counts = shard_and_merge(name, kind, data, encoders, tmp_path / name)
         rejected = {k: v for k, v in counts.items() if k.startswith("rejected_")}
         assert counts["written"] == 3, (name, counts)
-        assert rejected == ({"rejected_bad_json": 2, "rejected_not_utf8": 1} if name == "jsonl" else {}), name
+        assert rejected == (
+            {"rejected_bad_json": 2, "rejected_not_utf8": 1} if name == "jsonl" else {}
+        ), name
 
 
 @pytest.mark.parametrize("trials", [3, pytest.param(30, marks=pytest.mark.slow)])
@@ -569,12 +695,15 @@ def test_fuzzed_data_inputs_are_counted_or_one_line_errors(encoders, tmp_path, t
 # ---- Generation edges -----------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("flag, value, message", [
-    ("--batch-size", "0", "--batch-size 0: must be ≥ 1"),
-    ("--guidance", "-1", "--guidance -1.0: must be ≥ 0"),
-    ("--steps", "0", "--steps 0: must be ≥ 1"),
-    ("--top-p", "0", "--top-p 0.0: must lie in (0, 1]"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--batch-size", "0", "--batch-size 0: must be ≥ 1"),
+        ("--guidance", "-1", "--guidance -1.0: must be ≥ 0"),
+        ("--steps", "0", "--steps 0: must be ≥ 1"),
+        ("--top-p", "0", "--top-p 0.0: must lie in (0, 1]"),
+    ],
+)
 def test_generate_refuses_meaningless_flags(tmp_path, capsys, flag, value, message):
     from megatron_transfusion.inference.cli import generate_main
 
@@ -598,7 +727,9 @@ def test_a_flipped_byte_in_an_export_is_refused_unless_told_not_to_verify(tmp_pa
 
     path = exported_file(tmp_path / "model.safetensors")
     data = bytearray(path.read_bytes())
-    data[-1 if where == "tensor data" else data.index(b'"step":"7"') + 8] ^= 0x01  # a weight; step 7 -> 6
+    data[-1 if where == "tensor data" else data.index(b'"step":"7"') + 8] ^= (
+        0x01  # a weight; step 7 -> 6
+    )
     path.write_bytes(data)
     message = f"'{path}' does not match the SHA-256 in its metadata: it is damaged"
     with pytest.raises(CheckpointError, match=re.escape(message)):
@@ -627,7 +758,10 @@ def test_generate_refuses_a_truncated_export_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_main([str(path), "--prompt", "x"])
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith(f"error: '{path}' is not a readable safetensors file") and "export the checkpoint again" in line
+    assert (
+        line.startswith(f"error: '{path}' is not a readable safetensors file")
+        and "export the checkpoint again" in line
+    )
 
 
 @pytest.mark.parametrize("content", [b"hello, I am text", b"\x89PNG\r\n\x1a\n\x00\x00"])
@@ -639,7 +773,9 @@ def test_a_prompt_file_that_is_no_image_is_named(tmp_path, content):
     tokenizer = SimpleNamespace(special=SimpleNamespace(bos=1), encode=lambda text: [5])
     with pytest.raises(ValueError, match=re.escape(f"prompt image '{path}': undecodable image")):
         parse_prompt(f"<image:{path}>", tokenizer, None, 32, "text")
-    with pytest.raises(ValueError, match=re.escape("has an image tag without a path: write <image:PATH>")):
+    with pytest.raises(
+        ValueError, match=re.escape("has an image tag without a path: write <image:PATH>")
+    ):
         parse_prompt("a cat <image:> please", tokenizer, None, 32, "text")
 
 
@@ -648,7 +784,7 @@ def test_fuzzed_prompts_files_are_clean_errors(tmp_path):
 
     rng = random.Random(14)
     path = tmp_path / "prompts.txt"
-    text = "a red circle\nthe <image:photo.png> shows\n".encode()
+    text = b"a red circle\nthe <image:photo.png> shows\n"
     for _ in range(50):
         for data in mutations(text, rng).values():
             path.write_bytes(data)
@@ -665,17 +801,35 @@ def test_generation_cut_at_the_context_limit_says_so(trained_run, data_root, tmp
     words = []
     while len(tokenizer.encode(" ".join(words))) < 118:  # of max_sequence_length 128
         words.append("circle")
-    result = cli(GENERATE, trained_run / "tiny", "--mode", "text", "--prompt", " ".join(words), "--max-images", "0",
-                 "--max-new-tokens", "64", "--out", tmp_path / "out")  # fmt: skip
+    result = cli(
+        GENERATE,
+        trained_run / "tiny",
+        "--mode",
+        "text",
+        "--prompt",
+        " ".join(words),
+        "--max-images",
+        "0",
+        "--max-new-tokens",
+        "64",
+        "--out",
+        tmp_path / "out",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "notice: prompt 0 stopped at the model's context limit (max_sequence_length=128) before " \
-           "--max-new-tokens 64" in result.stdout  # fmt: skip
+    assert (
+        "notice: prompt 0 stopped at the model's context limit (max_sequence_length=128) before "
+        "--max-new-tokens 64" in result.stdout
+    )
 
 
 def test_inspect_reads_an_export_and_names_a_missing_path(tmp_path):
     from checkpoints.contents import inspect
 
     report = inspect(exported_file(tmp_path / "model.safetensors"))
-    assert report["trainer"] == {"step": 7, "exported": True} and report["tensors"] == {"weight": [2, 3]}
-    with pytest.raises(FileNotFoundError, match=re.escape(f"no such checkpoint: {tmp_path / 'nope'}")):
+    assert report["trainer"] == {"step": 7, "exported": True} and report["tensors"] == {
+        "weight": [2, 3]
+    }
+    with pytest.raises(
+        FileNotFoundError, match=re.escape(f"no such checkpoint: {tmp_path / 'nope'}")
+    ):
         inspect(tmp_path / "nope")

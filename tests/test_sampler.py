@@ -29,7 +29,9 @@ def first_step_gain(process: ReverseProcess) -> float:
     t0, t1 = process.timesteps()[:2]
     g = torch.Generator().manual_seed(1)
     abar = SCHEDULE.alphas_cumprod[t0]
-    x_t = abar.sqrt() * X0 + (1 - abar).sqrt() * torch.randn(X0.shape, generator=g, dtype=torch.float64)
+    x_t = abar.sqrt() * X0 + (1 - abar).sqrt() * torch.randn(
+        X0.shape, generator=g, dtype=torch.float64
+    )
     noise = torch.randn(X0.shape, generator=g, dtype=torch.float64)
     error = torch.randn(X0.shape, generator=g, dtype=torch.float64) * ERROR
     exact = process.step(x_t, oracle_eps(x_t, t0), t0, t1, noise)
@@ -74,7 +76,9 @@ def test_slightly_wrong_eps_still_draws_the_data_distribution(sampler, steps):
     assert abs(float(drawn.mean()) - DATA_MEAN) < 0.03
     assert 0.88 < float(drawn.std()) / DATA_STD < 1.03  # 25 steps' own discretisation costs ~9%
     if sampler == "ddim":  # deterministic: nothing washes out the blown first step from t = T-1
-        from_capped = sample_with_error(ReverseProcess(SCHEDULE, steps, sampler, spacing="trailing"))
+        from_capped = sample_with_error(
+            ReverseProcess(SCHEDULE, steps, sampler, spacing="trailing")
+        )
         assert float(from_capped.std()) / DATA_STD > 1.5
 
 
@@ -83,7 +87,9 @@ def test_leading_spacing_is_evenly_spaced_down_to_zero(steps):
     times = ReverseProcess(SCHEDULE, steps).timesteps()
     assert len(times) == steps and times[-1] == 0
     assert all(a > b for a, b in zip(times, times[1:]))
-    assert times[0] == (steps - 1) * 1000 // steps  # leaves out the capped t = 999 unless steps = 1000
+    assert (
+        times[0] == (steps - 1) * 1000 // steps
+    )  # leaves out the capped t = 999 unless steps = 1000
 
 
 def test_the_capped_step_is_the_last_one():
@@ -92,9 +98,13 @@ def test_the_capped_step_is_the_last_one():
 
 
 def test_generation_samples_with_the_schedule_the_run_trained():
-    cfg = load_config("tiny", ["diffusion.train_timesteps=200", "diffusion.image_first_max_timestep=100"])
+    cfg = load_config(
+        "tiny", ["diffusion.train_timesteps=200", "diffusion.image_first_max_timestep=100"]
+    )
     special = SpecialTokens(pad=0, bos=1, eos=2, boi=3, eoi=4)
     generator = Generator(torch.nn.Linear(1, 1), cfg, special, SamplingConfig(diffusion_steps=50))
     assert generator.reverse.schedule.train_timesteps == 200
-    torch.testing.assert_close(generator.reverse.schedule.alphas_cumprod, CosineSchedule.create(200).alphas_cumprod)
+    torch.testing.assert_close(
+        generator.reverse.schedule.alphas_cumprod, CosineSchedule.create(200).alphas_cumprod
+    )
     assert max(generator.reverse.timesteps()) < 200

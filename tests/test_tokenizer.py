@@ -57,17 +57,22 @@ def test_decode_skips_special_ids(bpe):
 def test_sentencepiece_specials_reused_or_appended(tmp_path):
     lines = [line for text in TEXTS for line in text.splitlines() if line.strip()][:400]
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"), vocab_size=300,
-        control_symbols=["<boi>"], user_defined_symbols=["<eoi>"],
-        normalization_rule_name="identity", minloglevel=2,
-    )  # fmt: skip
+        sentence_iterator=iter(lines),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=300,
+        control_symbols=["<boi>"],
+        user_defined_symbols=["<eoi>"],
+        normalization_rule_name="identity",
+        minloglevel=2,
+    )
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     tok = Tokenizer.load(tmp_path / "sp.model")
     n = sp.get_piece_size()
     # bos/eos by SentencePiece's own roles, <boi> is a control piece; <pad> (disabled in
     # the model) and <eoi> (a user-defined piece, matched in text) are appended in order.
-    assert tok.special == SpecialTokens(pad=n, bos=sp.bos_id(), eos=sp.eos_id(),
-                                     boi=sp.piece_to_id("<boi>"), eoi=n + 1)  # fmt: skip
+    assert tok.special == SpecialTokens(
+        pad=n, bos=sp.bos_id(), eos=sp.eos_id(), boi=sp.piece_to_id("<boi>"), eoi=n + 1
+    )
     assert tok.vocab_size == n + 2
     ids = tok.encode("x <boi> y <eoi> z")
     assert not set(ids) & set(tok.fingerprint()["special"].values())
@@ -82,8 +87,11 @@ def test_hf_file_lacking_specials_gets_them_appended(tmp_path):
     user = HFTokenizer(models.BPE())
     user.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     user.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>", "<eos>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     user.train_from_iterator(TEXTS, trainer)
     user.save(str(tmp_path / "tokenizer.json"))
     n = user.get_vocab_size()

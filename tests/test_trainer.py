@@ -24,19 +24,48 @@ def data_root(tmp_path_factory):
 
 
 def overrides(data_root, run_root, steps, *extra):
-    return [f"data.text_data={data_root / 'text'}", f"data.image_caption_data={data_root / 'img'}",
-            "data.seq_length=128", "data.micro_batch_size=2", "data.global_batch_tokens=512",
-            "model.vocab_size=512", "model.max_sequence_length=128", f"run.output_root={run_root}",
-            f"run.train_steps={steps}", "run.log_interval=1", "checkpoint.interval=2",
-            "optimizer.warmup_steps=2", "eval.interval=0", *extra]  # fmt: skip
+    return [
+        f"data.text_data={data_root / 'text'}",
+        f"data.image_caption_data={data_root / 'img'}",
+        "data.seq_length=128",
+        "data.micro_batch_size=2",
+        "data.global_batch_tokens=512",
+        "model.vocab_size=512",
+        "model.max_sequence_length=128",
+        f"run.output_root={run_root}",
+        f"run.train_steps={steps}",
+        "run.log_interval=1",
+        "checkpoint.interval=2",
+        "optimizer.warmup_steps=2",
+        "eval.interval=0",
+        *extra,
+    ]
 
 
 def launch(nproc, args, **kwargs):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "megatron_transfusion.train", "--config", "tiny", *args]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "megatron_transfusion.train",
+        "--config",
+        "tiny",
+        *args,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, **kwargs)  # fmt: skip
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        **kwargs,
+    )
 
 
 def run(nproc, args, expect=0):
@@ -98,14 +127,22 @@ def test_checkpoint_tools_inspect_and_export(uninterrupted_run, tmp_path):
     from safetensors import safe_open
 
     step8 = uninterrupted_run / "tiny" / "checkpoints" / "step_00000008"
-    result = subprocess.run([sys.executable, "-m", "checkpoints.cli", "inspect", str(step8)],
-                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "checkpoints.cli", "inspect", str(step8)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert '"step": 8' in result.stdout and '"ranks": 2' in result.stdout
     assert "decoder.layers.mlp.linear_fc1.weight" in result.stdout  # layers stacked on a layer axis
     out = tmp_path / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "checkpoints.cli", "export", str(step8), "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "checkpoints.cli", "export", str(step8), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     with safe_open(out, "pt") as f:
         assert f.metadata()["step"] == "8"
@@ -137,9 +174,14 @@ def test_preemption_signal_saves_and_exits_for_requeue(data_root, uninterrupted,
     process = launch(2, overrides(data_root, tmp_path, 8, "checkpoint.interval=100"))
     metrics = tmp_path / "tiny" / "logs" / "metrics.jsonl"
     deadline = time.time() + 300
-    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+    while (
+        not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3)
+        and time.time() < deadline
+    ):
         time.sleep(0.2)
-    workers = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    workers = subprocess.run(
+        ["pgrep", "-P", str(process.pid)], capture_output=True, text=True
+    ).stdout.split()
     assert len(workers) == 2
     for pid in workers:  # what srun --signal / a forwarding batch script delivers to each task
         os.kill(int(pid), signal.SIGUSR1)
@@ -153,13 +195,19 @@ def test_preemption_signal_saves_and_exits_for_requeue(data_root, uninterrupted,
     assert all(resumed[s] == uninterrupted[s] for s in range(saved + 1, 9))
 
 
-def test_async_checkpoints_leave_training_alone_and_resume_bitwise(data_root, uninterrupted, tmp_path):
+def test_async_checkpoints_leave_training_alone_and_resume_bitwise(
+    data_root, uninterrupted, tmp_path
+):
     """Saves written by a background thread: the loss trace is the synchronous run's, the
     same checkpoints are kept, and resuming from one continues bitwise."""
     run(2, overrides(data_root, tmp_path, 8, "checkpoint.async_save=true"))
     assert losses(tmp_path) == uninterrupted
     checkpoints = tmp_path / "tiny" / "checkpoints"
-    assert sorted(p.name for p in checkpoints.glob("step_*")) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert sorted(p.name for p in checkpoints.glob("step_*")) == [
+        "step_00000004",
+        "step_00000006",
+        "step_00000008",
+    ]
     assert not list(checkpoints.glob(".tmp-*"))
     resumed_root = tmp_path / "resumed"
     run(2, overrides(data_root, resumed_root, 8) + ["--resume", str(checkpoints / "step_00000006")])
@@ -167,9 +215,17 @@ def test_async_checkpoints_leave_training_alone_and_resume_bitwise(data_root, un
     assert sorted(resumed) == [7, 8] and all(resumed[s] == uninterrupted[s] for s in (7, 8))
 
 
-@pytest.mark.parametrize("layout", ["parallel.tensor_parallel=2", "parallel.pipeline_parallel=2",
-                                    "parallel.engine=deepspeed parallel.zero_stage=3"])  # fmt: skip
-def test_resume_on_another_layout_continues(data_root, uninterrupted, uninterrupted_run, tmp_path, layout):
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "parallel.tensor_parallel=2",
+        "parallel.pipeline_parallel=2",
+        "parallel.engine=deepspeed parallel.zero_stage=3",
+    ],
+)
+def test_resume_on_another_layout_continues(
+    data_root, uninterrupted, uninterrupted_run, tmp_path, layout
+):
     """Saved at DP=2 (distributed optimizer), resumed at TP=2 or PP=2 (plain optimizer) or
     by DeepSpeed ZeRO-3: weights and optimizer state reshard. The data rows are the same;
     only the diffusion noise stream (per DP rank) differs, so the LM loss continues within
@@ -182,17 +238,27 @@ def test_resume_on_another_layout_continues(data_root, uninterrupted, uninterrup
 
 
 def test_non_finite_steps_are_skipped_then_stop_the_run(data_root, tmp_path):
-    poison = ("import math, megatron_transfusion.training.step as t; original = t.noise_images\n"
-              "def poisoned(batch, *a):\n"
-              "    noised, noise = original(batch, *a)\n"
-              "    return noised.replace(latents=noised.latents * math.nan), noise\n"
-              "t.noise_images = poisoned\n")  # fmt: skip
+    poison = (
+        "import math, megatron_transfusion.training.step as t; original = t.noise_images\n"
+        "def poisoned(batch, *a):\n"
+        "    noised, noise = original(batch, *a)\n"
+        "    return noised.replace(latents=noised.latents * math.nan), noise\n"
+        "t.noise_images = poisoned\n"
+    )
     args = overrides(data_root, tmp_path, 8, "run.max_consecutive_skips=3")
-    result = subprocess.run([sys.executable, "-c", poison + TRAIN, "--config", "tiny", *args],
-                            cwd=ROOT, capture_output=True, text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", poison + TRAIN, "--config", "tiny", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-3000:]
     assert "3 consecutive steps had a non-finite loss" in result.stderr.splitlines()[-1]
-    records = [json.loads(x) for x in (tmp_path / "tiny" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(x)
+        for x in (tmp_path / "tiny" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["skipped_steps"] for r in records] == [1, 2, 3]
 
 
@@ -201,15 +267,22 @@ def test_trainer_with_deepspeed_zero2_trains_and_resumes(data_root, tmp_path):
     run(2, args)
     first = losses(tmp_path)
     assert sorted(first) == [1, 2, 3, 4] and first[4][1] < first[1][1]
-    output = run(2, overrides(data_root, tmp_path, 6, "parallel.engine=deepspeed",
-                              "parallel.zero_stage=2") + ["--resume", "auto"])  # fmt: skip
+    output = run(
+        2,
+        overrides(data_root, tmp_path, 6, "parallel.engine=deepspeed", "parallel.zero_stage=2")
+        + ["--resume", "auto"],
+    )
     assert "resumed from" in output and "at step 4" in output
     assert sorted(losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
     # Its checkpoints are the project's layout: the model exports and loads for generation
     # like any other run's.
     step6, out = tmp_path / "tiny" / "checkpoints" / "step_00000006", tmp_path / "model.safetensors"
-    result = subprocess.run([sys.executable, "-m", "checkpoints.cli", "export", str(step6), "--out", str(out)],
-                            cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "checkpoints.cli", "export", str(step6), "--out", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0 and out.exists(), result.stderr[-3000:]
     load = f"from megatron_transfusion.inference.load import load_for_inference; print(load_for_inference('{step6}').step)"
     result = subprocess.run([sys.executable, "-c", load], cwd=ROOT, capture_output=True, text=True)

@@ -32,11 +32,22 @@ TINY = OptimizerConfig(lr=1e-3, min_lr=1e-4, warmup_steps=20)
 @pytest.mark.parametrize(
     "cfg, train_steps, expected",
     [
-        (PAPER, 250_000, {0: 7.5e-8, 1: 1.5e-7, 3999: 3e-4, 4000: 3e-4, 127_000: 1.575e-4,
-                          250_000: 1.5e-5, 300_000: 1.5e-5}),
+        (
+            PAPER,
+            250_000,
+            {
+                0: 7.5e-8,
+                1: 1.5e-7,
+                3999: 3e-4,
+                4000: 3e-4,
+                127_000: 1.575e-4,
+                250_000: 1.5e-5,
+                300_000: 1.5e-5,
+            },
+        ),
         (TINY, 300, {0: 5e-5, 19: 1e-3, 20: 1e-3, 160: 5.5e-4, 300: 1e-4, 10_000: 1e-4}),
     ],
-)  # fmt: skip
+)
 def test_lr_schedule_key_steps(cfg, train_steps, expected):
     for step, lr in expected.items():
         assert lr_at(step, cfg, train_steps) == pytest.approx(lr, rel=1e-12), step
@@ -66,12 +77,21 @@ def test_lr_schedule_decay_steps_and_no_warmup():
 # AdamW parameter groups
 # --------------------------------------------------------------------------------------
 
-MODEL_OVERRIDES = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
-                   "model.num_query_groups=2", "model.vocab_size=100",
-                   "model.make_vocab_size_divisible_by=4", "model.patch_layer=unet",
-                   "model.patch_size=2", "model.unet_channels=[16, 32]",
-                   "model.unet_blocks_per_level=2", "data.seq_length=64",
-                   "data.micro_batch_size=1", "data.global_batch_tokens=64"]  # fmt: skip
+MODEL_OVERRIDES = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.vocab_size=100",
+    "model.make_vocab_size_divisible_by=4",
+    "model.patch_layer=unet",
+    "model.patch_size=2",
+    "model.unet_channels=[16, 32]",
+    "model.unet_blocks_per_level=2",
+    "data.seq_length=64",
+    "data.micro_batch_size=1",
+    "data.global_batch_tokens=64",
+]
 
 
 @pytest.fixture(scope="module")
@@ -103,19 +123,26 @@ def test_param_groups_split(unet_model):
     assert "decoder.layers.0.input_layernorm.weight" in not_decayed
     assert "patch_in.levels.0.0.norm1.bias" in not_decayed
     assert "patch_out.conv_out.bias" in not_decayed
-    for name in ("output_layer.weight", "decoder.layers.1.self_attention.linear_qkv.weight",
-                 "decoder.layers.0.self_attention.linear_proj.weight",
-                 "decoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.mlp.linear_fc2.weight",
-                 "patch_in.conv_in.weight", "patch_out.proj.weight",
-                 "patch_in.timestep_embedding.mlp.0.weight"):  # fmt: skip
+    for name in (
+        "output_layer.weight",
+        "decoder.layers.1.self_attention.linear_qkv.weight",
+        "decoder.layers.0.self_attention.linear_proj.weight",
+        "decoder.layers.0.mlp.linear_fc1.weight",
+        "decoder.layers.0.mlp.linear_fc2.weight",
+        "patch_in.conv_in.weight",
+        "patch_out.proj.weight",
+        "patch_in.timestep_embedding.mlp.0.weight",
+    ):
         assert name in decayed
 
 
 def test_adamw_decays_only_the_decay_group(unet_model):
     cfg = OptimizerConfig(weight_decay=0.1, beta1=0.8, beta2=0.9, eps=1e-6)
     optimizer = build_adamw([unet_model], cfg)
-    assert all(g["lr"] == 0.0 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6
-               for g in optimizer.param_groups)  # fmt: skip
+    assert all(
+        g["lr"] == 0.0 and g["betas"] == (0.8, 0.9) and g["eps"] == 1e-6
+        for g in optimizer.param_groups
+    )
     set_lr(optimizer, 0.5)
     before = {name: p.detach().clone() for name, p in unet_model.named_parameters()}
     for p in unet_model.parameters():
@@ -155,14 +182,24 @@ def two_level_unet_forward(m):
     h, c = m.hidden_size, m.latent_channels
     big, small = m.latent_size**2, (m.latent_size // 2) ** 2
     time_mlp = linear(m.timestep_frequency_dim, w0) + linear(w0, w0)
-    patch_in = (time_mlp + conv(c, w0, 3, big) + blocks * resblock(w0, w0, w0, big)
-                + conv(w0, w0, 3, small)  # stride-2 downsample
-                + resblock(w0, w1, w0, small) + (blocks - 1) * resblock(w1, w1, w0, small)
-                + conv(w1, h, 1, small))  # fmt: skip
-    patch_out = (time_mlp + conv(h, w1, 1, small) + blocks * resblock(w1, w1, w0, small)
-                 + conv(w1, w1, 3, big)  # upsample
-                 + resblock(w1, w0, w0, big) + (blocks - 1) * resblock(w0, w0, w0, big)
-                 + conv(w0, c, 3, big))  # fmt: skip
+    patch_in = (
+        time_mlp
+        + conv(c, w0, 3, big)
+        + blocks * resblock(w0, w0, w0, big)
+        + conv(w0, w0, 3, small)  # stride-2 downsample
+        + resblock(w0, w1, w0, small)
+        + (blocks - 1) * resblock(w1, w1, w0, small)
+        + conv(w1, h, 1, small)
+    )
+    patch_out = (
+        time_mlp
+        + conv(h, w1, 1, small)
+        + blocks * resblock(w1, w1, w0, small)
+        + conv(w1, w1, 3, big)  # upsample
+        + resblock(w1, w0, w0, big)
+        + (blocks - 1) * resblock(w0, w0, w0, big)
+        + conv(w0, c, 3, big)
+    )
     return patch_in + patch_out
 
 
@@ -171,8 +208,11 @@ def test_flops_match_hand_count_for_tiny(unet_model_and_cfg):
     s, fraction = 256, 0.25
     # Transformer: every matrix of the instantiated decoder and LM head multiplies each
     # token once (2 FLOPs per weight forward); QKᵀ and AV take 2·s·heads·head_dim each.
-    matrices = sum(p.numel() for name, p in model.named_parameters() if p.ndim == 2
-                   and (name.startswith("decoder.") or name == "output_layer.weight"))  # fmt: skip
+    matrices = sum(
+        p.numel()
+        for name, p in model.named_parameters()
+        if p.ndim == 2 and (name.startswith("decoder.") or name == "output_layer.weight")
+    )
     attention = m.num_layers * 2 * (2 * s * m.num_attention_heads * m.head_dim)
     image_token = 3 * two_level_unet_forward(m) / m.patches_per_image
     expected = 3 * (2 * matrices + attention) + fraction * image_token
@@ -207,8 +247,15 @@ def test_mfu_and_matmul_peak():
 # Metrics logger
 # --------------------------------------------------------------------------------------
 
-STEP_VALUES = {"loss": 3.4123, "lm_loss": 2.9011, "diffusion_loss": 0.1022, "lr": 2.9e-4,
-               "grad_norm": 0.83, "tokens_per_second": 12_345.0, "mfu": 0.412}  # fmt: skip
+STEP_VALUES = {
+    "loss": 3.4123,
+    "lm_loss": 2.9011,
+    "diffusion_loss": 0.1022,
+    "lr": 2.9e-4,
+    "grad_norm": 0.83,
+    "tokens_per_second": 12_345.0,
+    "mfu": 0.412,
+}
 
 
 def test_console_line():
@@ -234,8 +281,11 @@ def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
     assert line.startswith("step 10 | loss 3.412")
     rows = (tmp_path / "logs" / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(row) for row in rows]
-    assert records == [{"step": 10, **STEP_VALUES}, {"step": 20, "loss": 3.0, "lr": 3e-4},
-                       {"step": 30, "loss": None}]  # fmt: skip
+    assert records == [
+        {"step": 10, **STEP_VALUES},
+        {"step": 20, "loss": 3.0, "lr": 3e-4},
+        {"step": 30, "loss": None},
+    ]
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     losses = events.Scalars("loss")

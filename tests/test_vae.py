@@ -13,9 +13,19 @@ from PIL import Image
 
 from data_prep.images import center_crop_resize, decode_image, from_model_range, to_model_range
 from data_prep.vae import (
-    ConvVAE, VAEConfig, bilinear_baseline, is_held_out, load_vae, psnr, read_image_set, reconstruct,
-    save_vae, scaling_factor, train_vae, train_vae_main,
-)  # fmt: skip
+    ConvVAE,
+    VAEConfig,
+    bilinear_baseline,
+    is_held_out,
+    load_vae,
+    psnr,
+    read_image_set,
+    reconstruct,
+    save_vae,
+    scaling_factor,
+    train_vae,
+    train_vae_main,
+)
 from tests.data_fixtures import add_member
 
 TINY = VAEConfig(base_channels=8)
@@ -26,8 +36,10 @@ def shapes(n: int, size: int = 32, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:size, 0:size] / size
     base = rng.uniform(0.2, 0.8, (n, 1, 1, 3))
-    image = base + 0.4 * (rng.uniform(-1, 1, (n, 1, 1, 3)) * xx[..., None]
-                          + rng.uniform(-1, 1, (n, 1, 1, 3)) * yy[..., None])  # fmt: skip
+    image = base + 0.4 * (
+        rng.uniform(-1, 1, (n, 1, 1, 3)) * xx[..., None]
+        + rng.uniform(-1, 1, (n, 1, 1, 3)) * yy[..., None]
+    )
     cx, cy, r = (rng.uniform(lo, hi, (n, 1, 1)) for lo, hi in ((0.3, 0.7), (0.3, 0.7), (0.15, 0.3)))
     disc = (xx - cx) ** 2 + (yy - cy) ** 2 < r**2
     image = np.where(disc[..., None], rng.uniform(0, 1, (n, 1, 1, 3)), image)
@@ -83,9 +95,15 @@ def test_save_load_round_trip_and_fingerprint(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(a.encode(images), model.encode(images)[0] * 0.5, rtol=0, atol=0)
     print_a = a.fingerprint()
-    assert print_a == {"kind": "conv_vae", "path": str((tmp_path / "a").resolve()),
-                       "sha256": print_a["sha256"], "latent_channels": 8, "downsample": 8,
-                       "scaling_factor": 0.5, "shift_factor": 0.0}  # fmt: skip
+    assert print_a == {
+        "kind": "conv_vae",
+        "path": str((tmp_path / "a").resolve()),
+        "sha256": print_a["sha256"],
+        "latent_channels": 8,
+        "downsample": 8,
+        "scaling_factor": 0.5,
+        "shift_factor": 0.0,
+    }
     assert load_vae(tmp_path / "same").fingerprint()["sha256"] == print_a["sha256"]
 
     with torch.no_grad():
@@ -127,10 +145,16 @@ def test_diffusers_autoencoder_kl(tmp_path):
     diffusers = pytest.importorskip("diffusers")
     torch.manual_seed(0)
     reference = diffusers.AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 8, 8, 8), layers_per_block=1, latent_channels=8, norm_num_groups=2,
-        sample_size=32, scaling_factor=0.25, shift_factor=0.1,
-    ).eval()  # fmt: skip
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        latent_channels=8,
+        norm_num_groups=2,
+        sample_size=32,
+        scaling_factor=0.25,
+        shift_factor=0.1,
+    ).eval()
     reference.save_pretrained(tmp_path)
     encoder = load_vae(tmp_path, expected_latent_channels=8)
     assert (encoder.latent_channels, encoder.downsample, encoder.scaling_factor) == (8, 8, 0.25)
@@ -140,7 +164,9 @@ def test_diffusers_autoencoder_kl(tmp_path):
     with torch.no_grad():
         mean = reference.encode(images).latent_dist.mean
         torch.testing.assert_close(latents, (mean - 0.1) * 0.25)
-        torch.testing.assert_close(encoder.decode(latents), reference.decode(mean).sample.clamp(-1, 1))
+        torch.testing.assert_close(
+            encoder.decode(latents), reference.decode(mean).sample.clamp(-1, 1)
+        )
     fingerprint = encoder.fingerprint()
     assert fingerprint["kind"] == "diffusers_autoencoder_kl" and fingerprint["shift_factor"] == 0.1
     assert len(fingerprint["sha256"]) == 64
@@ -221,8 +247,9 @@ def test_short_training_learns_and_scaling_gives_unit_latents(tmp_path):
     last = np.mean([r["recon"] for r in history[-10:]])
     assert last < 0.4 * first, (first, last)
     untrained = ConvVAE(VAEConfig()).eval()
-    trained_db, untrained_db = (psnr(reconstruct(m, held_out), held_out)
-                                for m in (model, untrained))  # fmt: skip
+    trained_db, untrained_db = (
+        psnr(reconstruct(m, held_out), held_out) for m in (model, untrained)
+    )
     assert trained_db > untrained_db + 5, (trained_db, untrained_db)
 
     factor = scaling_factor(model, images)
@@ -232,8 +259,20 @@ def test_short_training_learns_and_scaling_gives_unit_latents(tmp_path):
 
 def test_train_vae_main_trains_reports_and_saves(tmp_path, capsys):
     np.savez(tmp_path / "set.npz", images=shapes(40))
-    train_vae_main(["--images", str(tmp_path / "set.npz"), "--out", str(tmp_path / "vae"),
-                    "--steps", "2", "--batch-size", "4", "--base-channels", "8"])  # fmt: skip
+    train_vae_main(
+        [
+            "--images",
+            str(tmp_path / "set.npz"),
+            "--out",
+            str(tmp_path / "vae"),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--base-channels",
+            "8",
+        ]
+    )
     out = capsys.readouterr().out
     assert "38 training and 2 held-out images" in out
     assert re.search(r"held-out PSNR: VAE [\d.]+ dB, bilinear baseline [\d.]+ dB", out)
@@ -284,8 +323,11 @@ def write_image_inputs(root: Path, images: np.ndarray, reverse_tar=False) -> dic
     for i, png in enumerate(pngs):
         (root / "images" / f"{i:03d}.png").write_bytes(png)
         (root / "images" / f"{i:03d}.txt").write_text(f"picture {i}")
-    return {"tar": root / "images.tar", "parquet": root / "images.parquet",
-            "folder": root / "images"}  # fmt: skip
+    return {
+        "tar": root / "images.tar",
+        "parquet": root / "images.parquet",
+        "folder": root / "images",
+    }
 
 
 def keys_of(form: str, n: int) -> list[str]:
@@ -308,9 +350,20 @@ def assert_error(capsys, message: str) -> None:
 def test_train_vae_main_from_the_sharding_inputs(tmp_path, capsys, form):
     inputs = write_image_inputs(tmp_path / "in", shapes(30, size=24))
     extra = ["--latent-channels", "4", "--downsample", "4"] if form == "folder" else []
-    out = run_train_vae(capsys, "--inputs", str(inputs[form]), "--image-size", "16",
-                        "--image-column", "picture", "--holdout", "0.2",
-                        "--out", str(tmp_path / "vae"), *extra)  # fmt: skip
+    out = run_train_vae(
+        capsys,
+        "--inputs",
+        str(inputs[form]),
+        "--image-size",
+        "16",
+        "--image-column",
+        "picture",
+        "--holdout",
+        "0.2",
+        "--out",
+        str(tmp_path / "vae"),
+        *extra,
+    )
     held = int(is_held_out(keys_of(form, 30), 0.2).sum())
     assert 1 <= held < 30
     assert f"{30 - held} training and {held} held-out images of 16x16\n" in out
@@ -331,13 +384,24 @@ def test_train_vae_main_reads_mixed_inputs_and_counts_rejected(tmp_path, capsys)
     (inputs["folder"] / "broken.jpg").write_bytes(b"not an image")
     truncated = png_bytes(Image.new("RGB", (64, 64), "red"))[:60]
     (inputs["folder"] / "truncated.png").write_bytes(truncated)
-    out = run_train_vae(capsys, "--inputs", str(tmp_path / "in"), "--image-size", "16",
-                        "--image-column", "picture", "--out", str(tmp_path / "vae"))  # fmt: skip
+    out = run_train_vae(
+        capsys,
+        "--inputs",
+        str(tmp_path / "in"),
+        "--image-size",
+        "16",
+        "--image-column",
+        "picture",
+        "--out",
+        str(tmp_path / "vae"),
+    )
     keys = keys_of("tar", 12) + keys_of("parquet", 12) + keys_of("folder", 12)
     held = int(is_held_out(keys, 0.05).sum())
     assert f"{36 - held} training and {held} held-out images of 16x16\n" in out
-    assert ("3 rejected: missing_image 1 (first: images.tar/orphan), "
-            "undecodable_image 2 (first: images/broken)\n") in out  # fmt: skip
+    assert (
+        "3 rejected: missing_image 1 (first: images.tar/orphan), "
+        "undecodable_image 2 (first: images/broken)\n"
+    ) in out
     assert load_vae(tmp_path / "vae").kind == "conv_vae"
 
 
@@ -370,15 +434,18 @@ def test_train_vae_main_input_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     folder, out = str(inputs["folder"]), str(tmp_path / "vae")
     cases = [
-        ([str(tmp_path / "bad")], r"0 usable images in .*bad \(need 2 or more\); "
-                                  r"1 rejected: undecodable_image 1 \(first: bad/x\)"),
+        (
+            [str(tmp_path / "bad")],
+            r"0 usable images in .*bad \(need 2 or more\); "
+            r"1 rejected: undecodable_image 1 \(first: bad/x\)",
+        ),
         ([str(tmp_path / "empty")], "no .tar/.parquet files or image files in"),
         ([f"{folder}/000.png"], "expected one of .tar, .parquet or a folder of images"),
         ([str(tmp_path / "missing")], "input '.*missing' does not exist"),
         ([str(inputs["parquet"]), "--image-column", "img"], r"has no column\(s\) \['img'\]"),
         ([folder, "--image-size", "12"], "image size 12x12 is not a multiple of --downsample 8"),
         ([folder, "--holdout", "1"], r"--holdout must be in \(0, 1\)"),
-    ]  # fmt: skip
+    ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:
             run_train_vae(capsys, "--out", out, "--image-size", "16", "--inputs", *args)

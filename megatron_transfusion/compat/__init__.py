@@ -35,8 +35,10 @@ def installed_version(distribution: str) -> str:
 def require_version(distribution: str, written_for: str, module: str) -> None:
     installed = installed_version(distribution)
     if installed != written_for:
-        raise UserError(f"{module} patches the internals of {distribution} {written_for}, but {distribution} "
-                        f"{installed} is installed: install {distribution}=={written_for} (pinned in setup.py)")  # fmt: skip
+        raise UserError(
+            f"{module} patches the internals of {distribution} {written_for}, but {distribution} "
+            f"{installed} is installed: install {distribution}=={written_for} (pinned in setup.py)"
+        )
 
 
 def patcher(distribution: str, written_for: str, module: str):
@@ -44,8 +46,14 @@ def patcher(distribution: str, written_for: str, module: str):
     each call check the installed version first."""
 
     def patch(function):
-        PATCHES.append(Patch(distribution, written_for, f"{module.rsplit('.', 1)[-1]}.{function.__name__}",
-                             (function.__doc__ or "").strip().splitlines()[0]))  # fmt: skip
+        PATCHES.append(
+            Patch(
+                distribution,
+                written_for,
+                f"{module.rsplit('.', 1)[-1]}.{function.__name__}",
+                (function.__doc__ or "").strip().splitlines()[0],
+            )
+        )
 
         @functools.wraps(function)
         def checked(*args, **kwargs):

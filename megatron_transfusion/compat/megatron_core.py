@@ -85,8 +85,13 @@ def _in_process_writer(copy_to_host: bool) -> type:
 
     class InProcessWriter(FileSystemWriterAsync):
         @staticmethod
-        def write_preloaded_data_multiproc(transform_list, use_msc, rank, write_buckets, global_results_queue):
-            results, done = queue.Queue(), queue.Queue()  # the interfaces the bucket writer reports to
+        def write_preloaded_data_multiproc(
+            transform_list, use_msc, rank, write_buckets, global_results_queue
+        ):
+            results, done = (
+                queue.Queue(),
+                queue.Queue(),
+            )  # the interfaces the bucket writer reports to
             outcome: dict | Exception = {}
             for index, bucket in enumerate(write_buckets):
                 done.put(index)
@@ -106,8 +111,14 @@ def _in_process_writer(copy_to_host: bool) -> type:
 
         @staticmethod
         def preload_tensors(write_buckets, non_blocking=True):
-            return [(file_name, key, (data, [(item, t.detach().to("cpu", copy=True)) for item, t in tensors]))
-                    for file_name, key, (data, tensors) in write_buckets]  # fmt: skip
+            return [
+                (
+                    file_name,
+                    key,
+                    (data, [(item, t.detach().to("cpu", copy=True)) for item, t in tensors]),
+                )
+                for file_name, key, (data, tensors) in write_buckets
+            ]
 
     return StagingWriter if copy_to_host else InProcessWriter
 
@@ -145,7 +156,11 @@ def torch_dist_loading_through(reader, planner_class: type):
     from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 
     with (
-        replaced(torch_strategy, "_get_filesystem_reader", lambda path, cache_metadata=False: reader(path)),
+        replaced(
+            torch_strategy,
+            "_get_filesystem_reader",
+            lambda path, cache_metadata=False: reader(path),
+        ),
         replaced(torch_strategy, "MCoreLoadPlanner", planner_class),
     ):
         yield
@@ -170,7 +185,9 @@ def load_distributed_optimizer_state(optimizer, state: dict, distributed_optimiz
         def keep_step(model_param, tensors, opt=opt, set_states=set_states):
             group, order = opt.model_param_group_index_map[model_param]
             current = opt.optimizer.state[opt.optimizer.param_groups[group]["params"][order]]
-            return set_states(model_param, {**tensors, **({"step": current["step"]} if "step" in current else {})})
+            return set_states(
+                model_param, {**tensors, **({"step": current["step"]} if "step" in current else {})}
+            )
 
         opt._set_main_param_and_optimizer_states = keep_step
     try:

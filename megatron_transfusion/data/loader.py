@@ -7,7 +7,7 @@ import torch
 
 from megatron_transfusion.batch import (
     ImageSegment, PackedBatch, SpecialTokens, TextSegment, image_caption_length, pack_documents,
-)  # fmt: skip
+)
 from megatron_transfusion.config import BatchGeometry, ConfigError, ExperimentConfig, UserError
 from megatron_transfusion.data.mixture import IMAGE, TEXT, MixturePlanner, PlannedExample
 from megatron_transfusion.data.source import PreparedDataset
@@ -19,10 +19,10 @@ def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfi
     for stream, tokenizer in tokenizers.items():
         if tokenizer["sha256"] != first["sha256"]:
             raise UserError(f"the {stream} data was tokenized with another tokenizer than the rest "
-                             f"({tokenizer['path']} vs {first['path']}); re-shard one of them")  # fmt: skip
+                             f"({tokenizer['path']} vs {first['path']}); re-shard one of them")
     if first["vocab_size"] > cfg.model.vocab_size:
         raise ConfigError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
-                         f"tokenizer's {first['vocab_size']} ({first['path']})")  # fmt: skip
+                         f"tokenizer's {first['vocab_size']} ({first['path']})")
     if IMAGE in datasets:
         _check_images_fit(datasets[IMAGE], cfg)
     return first["special"]
@@ -36,7 +36,7 @@ def _check_images_fit(dataset: PreparedDataset, cfg: ExperimentConfig) -> None:
     if found != expected:
         raise ConfigError(f"image latents in '{dataset.directory}' have shape {found} (sharded "
                           f"with --image-size {manifest['image_size']}), the model expects "
-                          f"{expected} (model.latent_channels, model.latent_size)")  # fmt: skip
+                          f"{expected} (model.latent_channels, model.latent_size)")
     caption = int(dataset.lengths.max(initial=0))  # an empty dataset: the planner says so
     needed = image_caption_length(caption, m.patches_per_image)
     if needed > cfg.data.seq_length:
@@ -116,7 +116,7 @@ class MixedModalityLoader:
             pack_documents(
                 [[self._document(e) for e in row] for row in mine[i : i + size]],
                 self.cfg.data.seq_length, m.patches_per_image, shape, self.special,
-            )  # fmt: skip
+            )
             for i in range(0, len(mine), size)
         ]
 
@@ -126,5 +126,5 @@ class MixedModalityLoader:
     def load_state_dict(self, state: dict) -> None:
         if state["global_rows"] != self.global_rows:
             raise UserError(f"the saved data state is for {state['global_rows']} sequences per step, "
-                             f"this run has {self.global_rows}: keep data.global_batch_tokens")  # fmt: skip
+                             f"this run has {self.global_rows}: keep data.global_batch_tokens")
         self.planner.load_state_dict(state["planner"])

@@ -72,7 +72,7 @@ class PreparedDataset:
         self._offsets = np.asarray(offsets)
         if self._offsets[-1] != len(self.lengths) or len(self.lengths) != self.manifest["num_samples"]:
             raise CorruptShardError(f"'{self.directory}': index.json, lengths.npy and manifest.json "
-                                    "disagree on the number of samples")  # fmt: skip
+                                    "disagree on the number of samples")
 
     @property
     def kind(self) -> str:

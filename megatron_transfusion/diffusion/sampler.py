@@ -34,7 +34,9 @@ class ReverseProcess:
         if self.spacing not in SPACINGS:
             raise ValueError(f"unknown timestep spacing {self.spacing!r} (choose from {SPACINGS})")
         if not 1 <= self.steps <= self.schedule.train_timesteps:
-            raise ValueError(f"diffusion steps must be in 1..{self.schedule.train_timesteps}, got {self.steps}")
+            raise ValueError(
+                f"diffusion steps must be in 1..{self.schedule.train_timesteps}, got {self.steps}"
+            )
 
     def timesteps(self) -> list[int]:
         """The respaced chain, from its start (see ``SPACINGS``) evenly down to 0.
@@ -48,8 +50,9 @@ class ReverseProcess:
         start = T - 1 if self.spacing == "trailing" else self.schedule.last_uncapped_step
         return torch.linspace(start, 0, self.steps).round().long().unique_consecutive().tolist()
 
-    def step(self, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int,
-             noise: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def step(
+        self, x_t: torch.Tensor, eps: torch.Tensor, t: int, t_prev: int, noise: torch.Tensor
+    ) -> torch.Tensor:
         """x_{t_prev} from x_t and the predicted noise ε; t_prev = -1 means "clean".
         ``noise`` (like x_t, standard normal) is the ancestral sampler's fresh noise."""
         abar = self.schedule.alphas_cumprod

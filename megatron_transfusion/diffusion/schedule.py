@@ -55,7 +55,9 @@ class CosineSchedule:
         return abar.sqrt() * clean + (1 - abar).sqrt() * noise
 
 
-def loss_weights(timesteps: torch.Tensor, schedule: CosineSchedule, cfg: DiffusionConfig) -> torch.Tensor | None:
+def loss_weights(
+    timesteps: torch.Tensor, schedule: CosineSchedule, cfg: DiffusionConfig
+) -> torch.Tensor | None:
     """Each image's weight in L_DDPM (``diffusion.loss_weighting``); None: all equal."""
     if cfg.loss_weighting == "uniform":
         return None
@@ -89,7 +91,11 @@ def noise_images(
     unconditional = torch.rand(n, generator=generator) < cfg.caption_dropout
     noise = torch.randn(batch.latents.shape, generator=generator, dtype=batch.latents.dtype)
     device = batch.latents.device
-    timesteps, unconditional, noise = timesteps.to(device), unconditional.to(device), noise.to(device)
+    timesteps, unconditional, noise = (
+        timesteps.to(device),
+        unconditional.to(device),
+        noise.to(device),
+    )
     noised = batch.replace(
         latents=schedule.add_noise(batch.latents, noise, timesteps),
         timesteps=timesteps,

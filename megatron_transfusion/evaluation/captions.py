@@ -19,7 +19,9 @@ def tokenize(caption: str) -> str:
 
 def _ngrams(sentence: str) -> Counter:
     words = sentence.split()
-    return Counter(tuple(words[i : i + k]) for k in range(1, N + 1) for i in range(len(words) - k + 1))
+    return Counter(
+        tuple(words[i : i + k]) for k in range(1, N + 1) for i in range(len(words) - k + 1)
+    )
 
 
 def bleu4(hypotheses: list[str], references: list[list[str]]) -> float:
@@ -74,7 +76,10 @@ def cider_d(hypotheses: list[str], references: list[list[str]], sigma: float = 6
             vec_ref, norm_ref, length_ref = vector(ref)
             penalty = math.exp(-((length - length_ref) ** 2) / (2 * sigma**2))
             for k in range(N):
-                value = sum(min(w, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0) for g, w in vec[k].items())
+                value = sum(
+                    min(w, vec_ref[k].get(g, 0.0)) * vec_ref[k].get(g, 0.0)
+                    for g, w in vec[k].items()
+                )
                 if norm[k] and norm_ref[k]:
                     value /= norm[k] * norm_ref[k]
                 total[k] += value * penalty

@@ -19,14 +19,21 @@ from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_lo
 def main(argv=None) -> None:
     """Evaluate a checkpoint on held-out data; ``eval.*`` overrides choose what and how much."""
     parser = argparse.ArgumentParser(prog="mtf-evaluate", description=main.__doc__)
-    parser.add_argument("checkpoint", help="run dir, checkpoints dir, step_N dir, or an exported .safetensors")
-    parser.add_argument("overrides", nargs="*", help="eval.* settings, e.g. eval.captions=200 eval.images=64")
+    parser.add_argument(
+        "checkpoint", help="run dir, checkpoints dir, step_N dir, or an exported .safetensors"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", help="eval.* settings, e.g. eval.captions=200 eval.images=64"
+    )
     parser.add_argument("--out", help="results JSON (default: <run>/eval/step_N.json)")
     parser.add_argument("--tokenizer", help="default: the one the training data was made with")
     parser.add_argument("--vae", help="default: the one the training latents were made with")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="load the checkpoint without checking its files against its manifest "
-                             "(an exported file: against its SHA-256)")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load the checkpoint without checking its files against its manifest "
+        "(an exported file: against its SHA-256)",
+    )
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:
@@ -45,8 +52,11 @@ def main(argv=None) -> None:
     from megatron_transfusion.parallel import destroy_distributed
     from megatron_transfusion.training.step import batch_losses, forward_backward
 
-    loaded = load_for_inference(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
-                               verify=not args.no_verify)  # fmt: skip
+    loaded = load_for_inference(
+        args.checkpoint,
+        tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
+        verify=not args.no_verify,
+    )
     try:
         cfg = config_from_tree(loaded.cfg.to_dict(), args.overrides)
         e = cfg.eval
@@ -57,8 +67,11 @@ def main(argv=None) -> None:
 
         def evaluate(micro_batches):
             with torch.no_grad():
-                return batch_losses(forward_backward([model], micro_batches, cfg.diffusion.loss_weight,
-                                                     forward_only=True))  # fmt: skip
+                return batch_losses(
+                    forward_backward(
+                        [model], micro_batches, cfg.diffusion.loss_weight, forward_only=True
+                    )
+                )
 
         metrics, details = heldout_losses(evaluate, cfg), {}
         if e.captions and e.image_caption_data:
@@ -72,13 +85,20 @@ def main(argv=None) -> None:
         if int(os.environ.get("RANK", 0)) == 0:
             out = Path(args.out) if args.out else _default_out(loaded)
             out.parent.mkdir(parents=True, exist_ok=True)
-            result = {"checkpoint": str(loaded.source), "step": loaded.step, "metrics": metrics, **details}
+            result = {
+                "checkpoint": str(loaded.source),
+                "step": loaded.step,
+                "metrics": metrics,
+                **details,
+            }
             out.write_text(json.dumps(result, indent=1))
             if images is not None:  # guided samples above their unconditional twins
                 rows = [from_model_range(images[k]) for k in ("guided", "unconditional")]
                 save_grid([*rows[0], *rows[1]], out.with_suffix(".png"), columns=len(rows[0]))
             if loaded.source.suffix != ".safetensors":
-                with SummaryWriter(log_dir=str(loaded.source.parent.parent / "tensorboard")) as writer:
+                with SummaryWriter(
+                    log_dir=str(loaded.source.parent.parent / "tensorboard")
+                ) as writer:
                     for key, value in metrics.items():
                         writer.add_scalar(f"eval/{key}", value, loaded.step)
             print(json.dumps(metrics, indent=1))

@@ -21,7 +21,9 @@ from megatron_transfusion.evaluation.captions import bleu4, cider_d, tokenize
 from megatron_transfusion.inference.generate import Generator, SamplingConfig
 
 
-def heldout_losses(evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: int = 1) -> dict[str, float]:
+def heldout_losses(
+    evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: int = 1
+) -> dict[str, float]:
     """Losses over ``eval.batches`` global batches of held-out data, the same batches and
     noise at every evaluation, scored as one batch (L_LM the mean over all their trained
     tokens, so the perplexity is per token); ``evaluate(micro_batches)`` is the engine's
@@ -31,8 +33,12 @@ def heldout_losses(evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: i
     from megatron_transfusion.training.step import MicroBatch
 
     e = cfg.eval
-    heldout = dataclasses.replace(cfg, data=dataclasses.replace(
-        cfg.data, text_data=e.text_data, image_caption_data=e.image_caption_data))  # fmt: skip
+    heldout = dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(
+            cfg.data, text_data=e.text_data, image_caption_data=e.image_caption_data
+        ),
+    )
     loader = MixedModalityLoader(heldout, dp_rank, dp_size)
     schedule = CosineSchedule.from_config(cfg.diffusion)
     generator = torch.Generator().manual_seed(cfg.run.seed + 17 + dp_rank)
@@ -53,23 +59,31 @@ def _caption_samples(location: str, n: int, tokenizer) -> tuple[list[torch.Tenso
 
     dataset = PreparedDataset(location)
     if dataset.kind != "image_caption":
-        raise ValueError(f"'{location}' holds {dataset.kind} data, not image_caption (eval.image_caption_data)")
+        raise ValueError(
+            f"'{location}' holds {dataset.kind} data, not image_caption (eval.image_caption_data)"
+        )
     samples = [dataset[i] for i in range(min(n, len(dataset)))]
     latents = [torch.from_numpy(s["latent"].astype(np.float32)) for s in samples]
     return latents, [tokenizer.decode(s["caption"].tolist()) for s in samples]
 
 
-def caption_metrics(model, cfg: ExperimentConfig, tokenizer, batch_size: int = 16) -> dict[str, float]:
+def caption_metrics(
+    model, cfg: ExperimentConfig, tokenizer, batch_size: int = 16
+) -> dict[str, float]:
     """Greedy captions of ``eval.captions`` held-out images vs their captions, and the best
     constant caption (any one reference used for every image) as the baseline to beat."""
-    latents, references = _caption_samples(cfg.eval.image_caption_data, cfg.eval.captions, tokenizer)
+    latents, references = _caption_samples(
+        cfg.eval.image_caption_data, cfg.eval.captions, tokenizer
+    )
     special = tokenizer.special
     sampling = SamplingConfig(max_new_tokens=32, temperature=0.0, max_images=0, guidance_scale=1.0)
     generator = Generator(model, cfg, special, sampling, tokenizer.vocab_size)
     hypotheses = []
     for start in range(0, len(latents), batch_size):
-        prompts = [[TextSegment([special.bos]), ImageSegment(x, caption_first=False)]
-                   for x in latents[start : start + batch_size]]  # fmt: skip
+        prompts = [
+            [TextSegment([special.bos]), ImageSegment(x, caption_first=False)]
+            for x in latents[start : start + batch_size]
+        ]
         for result in generator.generate(prompts):
             tokens = [t for s in result if isinstance(s, TextSegment) for t in s.tokens]
             hypotheses.append(tokenize(tokenizer.decode(tokens)))
@@ -85,7 +99,9 @@ def caption_metrics(model, cfg: ExperimentConfig, tokenizer, batch_size: int = 1
     }, {"constant_caption": constant, "examples": list(zip(references[:8], hypotheses[:8]))}
 
 
-def image_metrics(model, cfg: ExperimentConfig, tokenizer, vae, batch_size: int = 16) -> tuple[dict, dict]:
+def image_metrics(
+    model, cfg: ExperimentConfig, tokenizer, vae, batch_size: int = 16
+) -> tuple[dict, dict]:
     """Images for ``eval.images`` held-out captions, guided and unconditional (guidance 0):
     caption match for both; FID and CLIP score where weights are configured."""
     from megatron_transfusion.evaluation.images import caption_match, clip_score, fid
@@ -95,18 +111,26 @@ def image_metrics(model, cfg: ExperimentConfig, tokenizer, vae, batch_size: int 
     real = vae.decode(torch.stack(latents)).cpu()
     generated = {}
     for name, scale in (("guided", e.guidance_scale), ("unconditional", 0.0)):
-        sampling = SamplingConfig(diffusion_steps=e.diffusion_steps, guidance_scale=scale, max_new_tokens=0)
+        sampling = SamplingConfig(
+            diffusion_steps=e.diffusion_steps, guidance_scale=scale, max_new_tokens=0
+        )
         generator = Generator(model, cfg, tokenizer.special, sampling)
         images = []
         for start in range(0, len(captions), batch_size):
-            prompts = [[TextSegment([tokenizer.special.bos, *tokenizer.encode(c)])]
-                       for c in captions[start : start + batch_size]]  # fmt: skip
-            results = generator.generate(prompts, force_image=True, seeds=list(range(start, start + len(prompts))))
+            prompts = [
+                [TextSegment([tokenizer.special.bos, *tokenizer.encode(c)])]
+                for c in captions[start : start + batch_size]
+            ]
+            results = generator.generate(
+                prompts, force_image=True, seeds=list(range(start, start + len(prompts)))
+            )
             images += [s.latent for r in results for s in r if isinstance(s, ImageSegment)]
         generated[name] = vae.decode(torch.stack(images)).cpu()
-    metrics = {"caption_match": caption_match(generated["guided"], real),
-               "caption_match_unconditional": caption_match(generated["unconditional"], real),
-               "images_evaluated": len(captions)}  # fmt: skip
+    metrics = {
+        "caption_match": caption_match(generated["guided"], real),
+        "caption_match_unconditional": caption_match(generated["unconditional"], real),
+        "images_evaluated": len(captions),
+    }
     skipped = {}
     if e.inception_weights:
         metrics["fid"] = fid(generated["guided"], real, e.inception_weights)
@@ -115,5 +139,7 @@ def image_metrics(model, cfg: ExperimentConfig, tokenizer, vae, batch_size: int 
     if e.clip_model:
         metrics["clip_score"] = clip_score(generated["guided"], captions, e.clip_model)
     else:
-        skipped["clip_score"] = "skipped: set eval.clip_model to a local Hugging Face CLIP directory"
+        skipped["clip_score"] = (
+            "skipped: set eval.clip_model to a local Hugging Face CLIP directory"
+        )
     return metrics, {"skipped": skipped, "images": generated}

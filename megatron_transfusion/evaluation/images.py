@@ -33,7 +33,9 @@ def caption_match(generated: torch.Tensor, real: torch.Tensor, pooled: int = 8) 
 
 
 def _normalise(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    x = F.interpolate((images.float() + 1) / 2, size=(size, size), mode="bilinear", align_corners=False)
+    x = F.interpolate(
+        (images.float() + 1) / 2, size=(size, size), mode="bilinear", align_corners=False
+    )
     return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
 
 
@@ -56,9 +58,15 @@ def load_inception(path: str | Path) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def inception_features(model: torch.nn.Module, images: torch.Tensor, batch: int = 32) -> torch.Tensor:
-    return torch.cat([model(_normalise(images[i : i + batch], 299, IMAGENET_MEAN, IMAGENET_STD))
-                      for i in range(0, len(images), batch)]).double()  # fmt: skip
+def inception_features(
+    model: torch.nn.Module, images: torch.Tensor, batch: int = 32
+) -> torch.Tensor:
+    return torch.cat(
+        [
+            model(_normalise(images[i : i + batch], 299, IMAGENET_MEAN, IMAGENET_STD))
+            for i in range(0, len(images), batch)
+        ]
+    ).double()
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,14 +90,17 @@ def clip_score(images: torch.Tensor, captions: list[str], model_dir: str | Path)
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"CLIP model '{model_dir}' is not a local Hugging Face directory "
-                                "(config.json missing; eval.clip_model)")  # fmt: skip
+        raise FileNotFoundError(
+            f"CLIP model '{model_dir}' is not a local Hugging Face directory "
+            "(config.json missing; eval.clip_model)"
+        )
     model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     pixels = _normalise(images, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
     text = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
     image_embeds = F.normalize(model.get_image_features(pixel_values=pixels), dim=-1)
-    text_embeds = F.normalize(model.get_text_features(input_ids=text["input_ids"],
-                                                      attention_mask=text["attention_mask"]), dim=-1)
+    text_embeds = F.normalize(
+        model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]),
+        dim=-1,
+    )
     return float(100 * (image_embeds * text_embeds).sum(-1).clamp(min=0).mean())
-

@@ -56,7 +56,9 @@ def parse_prompt(text: str, tokenizer, vae, image_size: int, mode: str) -> Docum
     if tokens:
         document.append(TextSegment(tokens))
     if mode == "image" and document and isinstance(document[-1], ImageSegment):
-        raise ValueError(f"prompt '{text}' ends with an image: use --mode text to continue after it")
+        raise ValueError(
+            f"prompt '{text}' ends with an image: use --mode text to continue after it"
+        )
     return document
 
 
@@ -71,12 +73,18 @@ def read_prompts(args) -> list[str]:
         except UnicodeDecodeError as e:
             raise ValueError(f"prompts file '{path}' is not UTF-8 text ({e})") from None
     if not prompts:
-        source = f"prompts file '{args.prompts_file}' holds none" if args.prompts_file else "no prompts"
-        raise ValueError(f"{source}: pass --prompt TEXT (repeatable) or --prompts-file FILE (one per line)")
+        source = (
+            f"prompts file '{args.prompts_file}' holds none" if args.prompts_file else "no prompts"
+        )
+        raise ValueError(
+            f"{source}: pass --prompt TEXT (repeatable) or --prompts-file FILE (one per line)"
+        )
     return prompts
 
 
-def render(document: Document, tokenizer, out: Path, stem: str, vae) -> tuple[str, list[np.ndarray]]:
+def render(
+    document: Document, tokenizer, out: Path, stem: str, vae
+) -> tuple[str, list[np.ndarray]]:
     """Generated text with ``<image:FILE>`` tags, and the decoded images it wrote."""
     from data_prep.images import from_model_range
 
@@ -99,11 +107,21 @@ def check_args(args) -> None:
         ("--batch-size", args.batch_size, args.batch_size >= 1, "must be ≥ 1"),
         ("--steps", args.steps, args.steps >= 1, "must be ≥ 1"),
         ("--max-images", args.max_images, args.max_images >= 0, "must be ≥ 0"),
-        ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens is None or args.max_new_tokens >= 0, "must be ≥ 0"),
-        ("--guidance", args.guidance, args.guidance >= 0, "must be ≥ 0 (1: no guidance, 0: unconditional)"),
+        (
+            "--max-new-tokens",
+            args.max_new_tokens,
+            args.max_new_tokens is None or args.max_new_tokens >= 0,
+            "must be ≥ 0",
+        ),
+        (
+            "--guidance",
+            args.guidance,
+            args.guidance >= 0,
+            "must be ≥ 0 (1: no guidance, 0: unconditional)",
+        ),
         ("--temperature", args.temperature, args.temperature >= 0, "must be ≥ 0 (0: greedy)"),
         ("--top-p", args.top_p, 0 < args.top_p <= 1, "must lie in (0, 1]"),
-    ]:  # fmt: skip
+    ]:
         if not ok:
             raise ValueError(f"{flag} {value}: {what}")
 
@@ -111,43 +129,71 @@ def check_args(args) -> None:
 @run_cli(also=(ValueError,))
 def generate_main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="mtf-generate", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="run dir, checkpoints dir, step_N dir, or an exported .safetensors")
+    parser.add_argument(
+        "checkpoint", help="run dir, checkpoints dir, step_N dir, or an exported .safetensors"
+    )
     parser.add_argument("--prompt", action="append", help="prompt text; repeatable")
     parser.add_argument("--prompts-file", help="one prompt per line")
-    parser.add_argument("--mode", choices=("image", "text"), default="image",
-                        help="image: generate an image after each prompt; text: LM mode (switching to "
-                             "diffusion whenever the model emits BOI)")  # fmt: skip
+    parser.add_argument(
+        "--mode",
+        choices=("image", "text"),
+        default="image",
+        help="image: generate an image after each prompt; text: LM mode (switching to "
+        "diffusion whenever the model emits BOI)",
+    )
     parser.add_argument("--out", help="output directory (default: <run>/samples/step_N)")
-    parser.add_argument("--steps", type=int, default=250, help="diffusion steps (of the 1000 trained)")
+    parser.add_argument(
+        "--steps", type=int, default=250, help="diffusion steps (of the 1000 trained)"
+    )
     parser.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm")
-    parser.add_argument("--spacing", choices=SPACINGS, default="leading",
-                        help="where the respaced chain starts: leading (DDIM's, default), uncapped, "
-                             "trailing (t = T-1, where the cosine schedule is degenerate)")  # fmt: skip
-    parser.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale")
+    parser.add_argument(
+        "--spacing",
+        choices=SPACINGS,
+        default="leading",
+        help="where the respaced chain starts: leading (DDIM's, default), uncapped, "
+        "trailing (t = T-1, where the cosine schedule is degenerate)",
+    )
+    parser.add_argument(
+        "--guidance", type=float, default=5.0, help="classifier-free guidance scale"
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, help="default: 0 in image mode, 64 in text mode")
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="default: 0 in image mode, 64 in text mode"
+    )
     parser.add_argument("--max-images", type=int, default=1, help="images per prompt")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-cache", action="store_true", help="recompute the whole sequence every step")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="recompute the whole sequence every step"
+    )
     parser.add_argument("--tokenizer", help="default: the one the training data was made with")
     parser.add_argument("--vae", help="default: the one the training latents were made with")
-    parser.add_argument("--no-verify", action="store_true",
-                        help="load the checkpoint without checking its files against its manifest "
-                             "(an exported file: against its SHA-256)")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load the checkpoint without checking its files against its manifest "
+        "(an exported file: against its SHA-256)",
+    )
     args = parser.parse_args(argv)
     check_args(args)
 
     from tqdm import tqdm
 
     from megatron_transfusion.inference.generate import Generator, SamplingConfig
-    from megatron_transfusion.inference.load import load_for_inference, load_image_vae, load_tokenizer
+    from megatron_transfusion.inference.load import (
+        load_for_inference,
+        load_image_vae,
+        load_tokenizer,
+    )
     from megatron_transfusion.parallel import destroy_distributed
 
     prompts = read_prompts(args)
-    loaded = load_for_inference(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
-                               verify=not args.no_verify)  # fmt: skip
+    loaded = load_for_inference(
+        args.checkpoint,
+        tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
+        verify=not args.no_verify,
+    )
     try:
         cfg = loaded.cfg
         tokenizer = load_tokenizer(cfg, args.tokenizer)
@@ -155,11 +201,19 @@ def generate_main(argv=None) -> None:
         image_size = cfg.model.latent_size * vae.downsample
         documents = [parse_prompt(p, tokenizer, vae, image_size, args.mode) for p in prompts]
         sampling = SamplingConfig(
-            max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (64 if args.mode == "text" else 0),
-            temperature=args.temperature, top_p=args.top_p, diffusion_steps=args.steps, sampler=args.sampler,
+            max_new_tokens=args.max_new_tokens
+            if args.max_new_tokens is not None
+            else (64 if args.mode == "text" else 0),
+            temperature=args.temperature,
+            top_p=args.top_p,
+            diffusion_steps=args.steps,
+            sampler=args.sampler,
             spacing=args.spacing,
-            guidance_scale=args.guidance, max_images=args.max_images, seed=args.seed, use_cache=not args.no_cache,
-        )  # fmt: skip
+            guidance_scale=args.guidance,
+            max_images=args.max_images,
+            seed=args.seed,
+            use_cache=not args.no_cache,
+        )
         generator = Generator(loaded.model, cfg, tokenizer.special, sampling, tokenizer.vocab_size)
         generator.check_prompts(documents, force_image=args.mode == "image")
         rank0 = int(os.environ.get("RANK", 0)) == 0
@@ -169,20 +223,28 @@ def generate_main(argv=None) -> None:
         records, all_images = [], []
         for start in range(0, len(documents), args.batch_size):
             batch = documents[start : start + args.batch_size]
-            bar = tqdm(desc=f"prompts {start}-{start + len(batch) - 1}", total=args.steps, disable=not rank0)
+            bar = tqdm(
+                desc=f"prompts {start}-{start + len(batch) - 1}",
+                total=args.steps,
+                disable=not rank0,
+            )
 
             def progress(step: int, total: int) -> None:
                 bar.reset(total) if step == 1 else None  # a new image started
                 bar.update(1)
 
             seeds = [args.seed + index for index in range(start, start + len(batch))]  # per prompt
-            results = generator.generate(batch, force_image=args.mode == "image", progress=progress, seeds=seeds)
+            results = generator.generate(
+                batch, force_image=args.mode == "image", progress=progress, seeds=seeds
+            )
             bar.close()
             if not rank0:
                 continue
             for k in generator.stopped_at_context_limit:
-                print(f"notice: prompt {start + k} stopped at the model's context limit (max_sequence_length="
-                      f"{cfg.model.max_sequence_length}) before --max-new-tokens {sampling.max_new_tokens}")  # fmt: skip
+                print(
+                    f"notice: prompt {start + k} stopped at the model's context limit (max_sequence_length="
+                    f"{cfg.model.max_sequence_length}) before --max-new-tokens {sampling.max_new_tokens}"
+                )
             for k, result in enumerate(results):
                 index = start + k
                 text, images = render(result, tokenizer, out, f"sample_{index:04d}", vae)

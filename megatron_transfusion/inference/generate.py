@@ -81,8 +81,14 @@ class _Row:
 class Generator:
     """Generates for a batch of prompts with one (TP-sharded) model on this rank."""
 
-    def __init__(self, model, cfg: ExperimentConfig, special: SpecialTokens, sampling: SamplingConfig,
-                 vocab_size: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        cfg: ExperimentConfig,
+        special: SpecialTokens,
+        sampling: SamplingConfig,
+        vocab_size: int | None = None,
+    ):
         """``cfg``: the run's config: its model shapes, and the noise schedule it trained with.
         ``vocab_size``: the tokenizer's, when the model's vocabulary is larger (a preset's 32k
         beside a smaller tokenizer): ids the tokenizer lacks decode to nothing, so they are
@@ -93,10 +99,16 @@ class Generator:
         self.vocab_size = vocab_size or model_cfg.vocab_size
         self.sampling = sampling
         schedule = CosineSchedule.from_config(cfg.diffusion)
-        self.reverse = ReverseProcess(schedule, sampling.diffusion_steps, sampling.sampler, sampling.spacing)
+        self.reverse = ReverseProcess(
+            schedule, sampling.diffusion_steps, sampling.sampler, sampling.spacing
+        )
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.latent_shape = (model_cfg.latent_channels, model_cfg.latent_size, model_cfg.latent_size)
+        self.latent_shape = (
+            model_cfg.latent_channels,
+            model_cfg.latent_size,
+            model_cfg.latent_size,
+        )
         self.patches = model_cfg.patches_per_image
         self.guided = sampling.guidance_scale != 1.0
         self.stopped_at_context_limit: list[int] = []  # rows of the last generate() cut short
@@ -112,13 +124,20 @@ class Generator:
                 )
 
     @torch.no_grad()
-    def generate(self, prompts: list[Document], force_image: bool = False, progress=None,
-                 seeds: list[int] | None = None) -> list[Document]:  # fmt: skip
+    def generate(
+        self,
+        prompts: list[Document],
+        force_image: bool = False,
+        progress=None,
+        seeds: list[int] | None = None,
+    ) -> list[Document]:
         """Returns what each row generated after its prompt: text and image latents.
         ``force_image`` starts an image right after the prompt (text -> image).
         ``seeds`` seed each row (default: sampling.seed + row), so a prompt's result does not
         depend on what it is batched with. ``progress(step, total)`` follows diffusion steps."""
-        seeds = seeds if seeds is not None else [self.sampling.seed + i for i in range(len(prompts))]
+        seeds = (
+            seeds if seeds is not None else [self.sampling.seed + i for i in range(len(prompts))]
+        )
         self.check_prompts(prompts, force_image)
         training = self.model.training
         self.model.eval()
@@ -131,14 +150,20 @@ class Generator:
         """Every row's state machine, one step per iteration for all active rows at once: in
         LM mode a row samples a token (or takes the forced BOI); EOS ends it; BOI switches it
         to diffusion mode for one image (``_image``), which ends with EOI back in LM mode."""
-        rows = [_Row(list(p), torch.Generator().manual_seed(s)) for p, s in zip(prompts, seeds, strict=True)]
-        session = _CachedSession(self, len(rows)) if self.sampling.use_cache else _ReferenceSession(self)
+        rows = [
+            _Row(list(p), torch.Generator().manual_seed(s))
+            for p, s in zip(prompts, seeds, strict=True)
+        ]
+        session = (
+            _CachedSession(self, len(rows)) if self.sampling.use_cache else _ReferenceSession(self)
+        )
         logits = session.prefill(rows)
         forced = force_image
         while True:
             for row in rows:
-                if not (forced or row.done) and (row.new_tokens >= self.sampling.max_new_tokens
-                                                 or self._room(row) < 1):  # fmt: skip
+                if not (forced or row.done) and (
+                    row.new_tokens >= self.sampling.max_new_tokens or self._room(row) < 1
+                ):
                     row.done = True
                     row.cut = row.new_tokens < self.sampling.max_new_tokens
             active = [i for i, row in enumerate(rows) if not row.done]
@@ -166,7 +191,9 @@ class Generator:
         self.stopped_at_context_limit = [i for i, row in enumerate(rows) if row.cut]
         return [row.generated for row in rows]
 
-    def _image(self, session: _Session, rows: list[_Row], indices: list[int], progress) -> torch.Tensor:
+    def _image(
+        self, session: _Session, rows: list[_Row], indices: list[int], progress
+    ) -> torch.Tensor:
         """Generate one image for each of ``rows[indices]`` (BOI, denoise, clean, EOI);
         returns the logits at EOI."""
         x = self._normal(rows, indices)  # the chain runs in fp32 whatever the model's dtype
@@ -196,7 +223,9 @@ class Generator:
         """ε = ε_uncond + g·(ε_cond − ε_uncond)."""
         return unconditional + self.sampling.guidance_scale * (conditional - unconditional)
 
-    def _forward(self, batch: PackedBatch, kv_cache: KVCacheView | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(
+        self, batch: PackedBatch, kv_cache: KVCacheView | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits [s, b, vocab] gathered over TP ranks, predicted noise)."""
         out = self.model(batch, kv_cache=kv_cache)
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(out.logits)
@@ -227,37 +256,54 @@ class Generator:
         if self.sampling.temperature == 0:
             chosen = scores.argmax(-1)
         else:
-            probs = _top_p(torch.softmax(scores / self.sampling.temperature, dim=-1).cpu(), self.sampling.top_p)
-            chosen = torch.stack([torch.multinomial(p, 1, generator=rows[i].generator)[0]
-                                  for p, i in zip(probs, active)])  # fmt: skip
+            probs = _top_p(
+                torch.softmax(scores / self.sampling.temperature, dim=-1).cpu(), self.sampling.top_p
+            )
+            chosen = torch.stack(
+                [
+                    torch.multinomial(p, 1, generator=rows[i].generator)[0]
+                    for p, i in zip(probs, active)
+                ]
+            )
         return dict(zip(active, chosen.tolist()))
 
-    def _last_logits(self, output: tuple[torch.Tensor, torch.Tensor], rows: list[_Row]) -> torch.Tensor:
+    def _last_logits(
+        self, output: tuple[torch.Tensor, torch.Tensor], rows: list[_Row]
+    ) -> torch.Tensor:
         logits, _ = output
         last = torch.tensor([self._length(row) - 1 for row in rows], device=logits.device)
         return logits[last, torch.arange(len(rows), device=logits.device)]
 
     def _pack(self, documents: list[Document]) -> PackedBatch:
         length = max(self._document_length(d) for d in documents)
-        return pack_documents([[d] for d in documents], length, self.patches, self.latent_shape,
-                              self.special).to(self.device)  # fmt: skip
+        return pack_documents(
+            [[d] for d in documents], length, self.patches, self.latent_shape, self.special
+        ).to(self.device)
 
     def _query(self, tokens, positions, image_ids, latents=None, timesteps=None) -> PackedBatch:
         """A batch of new positions only (their context is in the cache)."""
         images = int(image_ids.max()) + 1 if image_ids.numel() else 0
         if latents is None:
-            latents = torch.zeros((images, *self.latent_shape), dtype=self.dtype, device=self.device)
+            latents = torch.zeros(
+                (images, *self.latent_shape), dtype=self.dtype, device=self.device
+            )
         if timesteps is None:
             timesteps = torch.zeros(images, dtype=torch.long, device=self.device)
         return PackedBatch(
-            tokens=tokens, positions=positions, document_ids=torch.zeros_like(tokens), image_ids=image_ids,
-            latents=latents, timesteps=timesteps,
+            tokens=tokens,
+            positions=positions,
+            document_ids=torch.zeros_like(tokens),
+            image_ids=image_ids,
+            latents=latents,
+            timesteps=timesteps,
             caption_first=torch.ones(images, dtype=torch.bool, device=self.device),
             unconditional=torch.zeros(images, dtype=torch.bool, device=self.device),
-        )  # fmt: skip
+        )
 
     def _document_length(self, document: Document) -> int:
-        return sum(len(s.tokens) if isinstance(s, TextSegment) else self.patches + 2 for s in document)
+        return sum(
+            len(s.tokens) if isinstance(s, TextSegment) else self.patches + 2 for s in document
+        )
 
     def _length(self, row: _Row) -> int:
         return self._document_length(row.document)
@@ -274,7 +320,9 @@ class _CachedSession:
         self.g = generator
         self.scratch_offset = rows
         scratch_rows = rows if generator.guided else 0
-        self.cache = KVCache(rows + scratch_rows, generator.cfg.max_sequence_length, generator.device)
+        self.cache = KVCache(
+            rows + scratch_rows, generator.cfg.max_sequence_length, generator.device
+        )
         self.images_written = 0  # numbers the cache's images (_image_ids)
 
     def prefill(self, rows: list[_Row]) -> torch.Tensor:
@@ -284,8 +332,13 @@ class _CachedSession:
         length = batch.tokens.shape[1]
         every = torch.arange(len(rows), device=g.device)
         slots = torch.arange(length, device=g.device).expand(len(rows), length)
-        view = self.cache.view(every, slots, batch.document_ids, batch.image_ids,
-                               torch.zeros_like(batch.image_ids, dtype=torch.bool))  # fmt: skip
+        view = self.cache.view(
+            every,
+            slots,
+            batch.document_ids,
+            batch.image_ids,
+            torch.zeros_like(batch.image_ids, dtype=torch.bool),
+        )
         self.images_written = batch.num_images
         return g._last_logits(g._forward(batch, view), rows)
 
@@ -306,8 +359,13 @@ class _CachedSession:
         rows_index = torch.tensor(indices, device=g.device)
         image = self._image_ids(k, n)
         query = g._query(torch.full_like(slots, g.special.pad), slots, image - self.images_written)
-        prefixed = self.cache.view(rows_index, slots, torch.zeros_like(image), image,
-                                   torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
+        prefixed = self.cache.view(
+            rows_index,
+            slots,
+            torch.zeros_like(image),
+            image,
+            torch.zeros_like(image, dtype=torch.bool),
+        )
 
         def conditional(x: torch.Tensor, t: int) -> torch.Tensor:
             return g._denoise(query.replace(latents=x, timesteps=g._timesteps(k, t)), prefixed)
@@ -317,8 +375,13 @@ class _CachedSession:
         # The unconditional branch in the scratch rows: the image alone, at positions
         # 0..n-1 (RoPE is relative), so it never reads the prefix.
         alone = g._alone_query(k)
-        isolated = self.cache.view(rows_index + self.scratch_offset, alone.positions, torch.zeros_like(image),
-                                   image, torch.ones_like(image, dtype=torch.bool))  # fmt: skip
+        isolated = self.cache.view(
+            rows_index + self.scratch_offset,
+            alone.positions,
+            torch.zeros_like(image),
+            image,
+            torch.ones_like(image, dtype=torch.bool),
+        )
 
         def unconditional(x: torch.Tensor, t: int) -> torch.Tensor:
             return g._denoise(alone.replace(latents=x, timesteps=g._timesteps(k, t)), isolated)
@@ -330,7 +393,9 @@ class _CachedSession:
         them; returns the logits at EOI."""
         g = self.g
         n, k = g.patches, len(indices)
-        first = torch.tensor([g._length(rows[i]) - n - 1 for i in indices], device=g.device)  # first patch
+        first = torch.tensor(
+            [g._length(rows[i]) - n - 1 for i in indices], device=g.device
+        )  # first patch
         slots = first[:, None] + torch.arange(n + 1, device=g.device)  # the patches, then EOI
         tokens = torch.full_like(slots, g.special.pad)
         tokens[:, -1] = g.special.eoi
@@ -338,21 +403,33 @@ class _CachedSession:
         query_images = image - self.images_written
         image[:, -1] = query_images[:, -1] = -1
         batch = g._query(tokens, slots, query_images, latents=x, timesteps=g._timesteps(k, 0))
-        view = self.cache.view(torch.tensor(indices, device=g.device), slots, torch.zeros_like(image),
-                               image, torch.zeros_like(image, dtype=torch.bool))  # fmt: skip
+        view = self.cache.view(
+            torch.tensor(indices, device=g.device),
+            slots,
+            torch.zeros_like(image),
+            image,
+            torch.zeros_like(image, dtype=torch.bool),
+        )
         self.images_written += k
         logits, _ = g._forward(batch, view)
         return logits[-1]
 
-    def _write_tokens(self, indices: list[int], tokens: list[int], slots: list[int]) -> torch.Tensor:
+    def _write_tokens(
+        self, indices: list[int], tokens: list[int], slots: list[int]
+    ) -> torch.Tensor:
         """One text token per row at ``slots``; returns their logits."""
         device = self.g.device
         tokens = torch.tensor(tokens, device=device)[:, None]
         slots = torch.tensor(slots, device=device)[:, None]
         not_image = torch.full_like(tokens, -1)
         batch = self.g._query(tokens, slots, not_image)
-        view = self.cache.view(torch.tensor(indices, device=device), slots, torch.zeros_like(tokens),
-                               not_image, torch.zeros_like(tokens, dtype=torch.bool))  # fmt: skip
+        view = self.cache.view(
+            torch.tensor(indices, device=device),
+            slots,
+            torch.zeros_like(tokens),
+            not_image,
+            torch.zeros_like(tokens, dtype=torch.bool),
+        )
         logits, _ = self.g._forward(batch, view)
         return logits[-1]
 
@@ -393,7 +470,9 @@ class _ReferenceSession:
             timesteps[pending] = t
             return g._denoise(batch.replace(timesteps=timesteps))[pending]
 
-        alone = g._alone_query(k).replace(unconditional=torch.ones(k, dtype=torch.bool, device=g.device))
+        alone = g._alone_query(k).replace(
+            unconditional=torch.ones(k, dtype=torch.bool, device=g.device)
+        )
 
         def unconditional(x: torch.Tensor, t: int) -> torch.Tensor:
             return g._denoise(alone.replace(latents=x, timesteps=g._timesteps(k, t)))
@@ -406,7 +485,9 @@ class _ReferenceSession:
     def _logits(self, rows: list[_Row], indices: list[int]) -> torch.Tensor:
         """Logits at the last position of each of ``rows[indices]``."""
         chosen = [rows[i] for i in indices]
-        return self.g._last_logits(self.g._forward(self.g._pack([row.document for row in chosen])), chosen)
+        return self.g._last_logits(
+            self.g._forward(self.g._pack([row.document for row in chosen])), chosen
+        )
 
 
 _Session = _CachedSession | _ReferenceSession

@@ -39,13 +39,22 @@ def _inference_overrides(tensor_parallel: int) -> list[str]:
     # one image, so the mask is small; PP-trained weights reshard to PP=1 on load. No
     # optimizer (any engine's run loads), and eager layers: compiled ones would recompile
     # for the shapes that change every few calls.
-    return [f"parallel.tensor_parallel={tensor_parallel}", "parallel.pipeline_parallel=1",
-            "parallel.virtual_pipeline=null", "parallel.sequence_parallel=false", "parallel.recompute=none",
-            "parallel.engine=megatron", "parallel.zero_stage=0",
-            "model.attention_backend=sdpa", "model.fuse_elementwise=false"]  # fmt: skip
+    return [
+        f"parallel.tensor_parallel={tensor_parallel}",
+        "parallel.pipeline_parallel=1",
+        "parallel.virtual_pipeline=null",
+        "parallel.sequence_parallel=false",
+        "parallel.recompute=none",
+        "parallel.engine=megatron",
+        "parallel.zero_stage=0",
+        "model.attention_backend=sdpa",
+        "model.fuse_elementwise=false",
+    ]
 
 
-def load_for_inference(path: str | Path, tensor_parallel: int = 1, verify: bool = True) -> LoadedModel:
+def load_for_inference(
+    path: str | Path, tensor_parallel: int = 1, verify: bool = True
+) -> LoadedModel:
     """Initialise the parallel state (TP over the launched ranks) and load the model.
     ``verify``: check a checkpoint directory's files against its manifest, or an exported
     file against its SHA-256, first."""
@@ -53,14 +62,20 @@ def load_for_inference(path: str | Path, tensor_parallel: int = 1, verify: bool 
     if checkpoint.suffix == ".safetensors":
         metadata = read_export_metadata(checkpoint, verify)
         if "config" not in metadata:
-            raise ValueError(f"'{checkpoint}' has no config in its metadata: not written by mtf-checkpoint export")
+            raise ValueError(
+                f"'{checkpoint}' has no config in its metadata: not written by mtf-checkpoint export"
+            )
         if tensor_parallel != 1:
-            raise ValueError(f"a consolidated file loads at tensor_parallel=1; for TP={tensor_parallel} "
-                             f"pass the sharded checkpoint it was exported from")  # fmt: skip
+            raise ValueError(
+                f"a consolidated file loads at tensor_parallel=1; for TP={tensor_parallel} "
+                f"pass the sharded checkpoint it was exported from"
+            )
         cfg = config_from_tree(yaml.safe_load(metadata["config"]), _inference_overrides(1))
         step = int(metadata.get("step", -1))
     else:
-        cfg = load_config(str(layout.run_config_path(checkpoint)), _inference_overrides(tensor_parallel))
+        cfg = load_config(
+            str(layout.run_config_path(checkpoint)), _inference_overrides(tensor_parallel)
+        )
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
     if checkpoint.suffix != ".safetensors":
@@ -75,8 +90,10 @@ def load_for_inference(path: str | Path, tensor_parallel: int = 1, verify: bool 
         missing, unexpected = model.load_state_dict(state, strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing or unexpected:
-            raise ValueError(f"'{checkpoint}' does not match the model of its config: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")  # fmt: skip
+            raise ValueError(
+                f"'{checkpoint}' does not match the model of its config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
     else:
         load_model_weights([model], checkpoint)
     return LoadedModel(model.eval(), cfg, step, checkpoint)
@@ -95,17 +112,23 @@ def load_tokenizer(cfg: ExperimentConfig, path: str | Path | None = None) -> Tok
     manifest = _manifest(cfg)
     if path is None:
         if manifest is None:
-            raise FileNotFoundError("the run's training data is not local, so its tokenizer is unknown: "
-                                    "pass --tokenizer PATH")  # fmt: skip
+            raise FileNotFoundError(
+                "the run's training data is not local, so its tokenizer is unknown: "
+                "pass --tokenizer PATH"
+            )
         path = manifest["tokenizer"]["path"]
     tokenizer = Tokenizer.load(path)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} tokens, the model only "
-                         f"{cfg.model.vocab_size} (model.vocab_size)")  # fmt: skip
+        raise ValueError(
+            f"tokenizer {path} has {tokenizer.vocab_size} tokens, the model only "
+            f"{cfg.model.vocab_size} (model.vocab_size)"
+        )
     if manifest is not None:
         trained = manifest["tokenizer"]["special"]
         if {k: getattr(tokenizer.special, k) for k in trained} != trained:
-            raise ValueError(f"tokenizer {path} has special ids {tokenizer.special}, the training data {trained}")
+            raise ValueError(
+                f"tokenizer {path} has special ids {tokenizer.special}, the training data {trained}"
+            )
     return tokenizer
 
 
@@ -114,11 +137,16 @@ def load_image_vae(cfg: ExperimentConfig, path: str | Path | None = None) -> Lat
     trained = manifest.get("vae") if manifest else None
     if path is None:
         if trained is None:
-            raise FileNotFoundError("the run's image data is not local, so its VAE is unknown: pass --vae PATH")
+            raise FileNotFoundError(
+                "the run's image data is not local, so its VAE is unknown: pass --vae PATH"
+            )
         path = trained["path"]
-    vae = load_vae(path, expected_latent_channels=cfg.model.latent_channels, device=platform.current().device())
+    vae = load_vae(
+        path, expected_latent_channels=cfg.model.latent_channels, device=platform.current().device()
+    )
     if trained is not None and vae.sha256 != trained["sha256"]:
-        raise ValueError(f"VAE {path} (weights sha256 {vae.sha256[:12]}…) is not the VAE the training "
-                         f"latents were made with ({trained['path']}, sha256 {trained['sha256'][:12]}…)")
+        raise ValueError(
+            f"VAE {path} (weights sha256 {vae.sha256[:12]}…) is not the VAE the training "
+            f"latents were made with ({trained['path']}, sha256 {trained['sha256'][:12]}…)"
+        )
     return vae
-

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -24,7 +25,6 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from torch.utils.checkpoint import checkpoint
 
 from kernels.attention import TransfusionMask, attend, rotary_batch_major
@@ -52,9 +52,20 @@ class TransfusionCoreAttention(MegatronModule):
     built for it. ``fused``: RoPE and the reordering of queries/keys/values run compiled.
     """
 
-    def __init__(self, config, layer_number, attn_mask_type, attention_type, backend: str,
-                 recompute: bool = False, fused: bool = False, attention_dropout=None,
-                 softmax_scale=None, cp_comm_type=None, pg_collection=None):  # fmt: skip
+    def __init__(
+        self,
+        config,
+        layer_number,
+        attn_mask_type,
+        attention_type,
+        backend: str,
+        recompute: bool = False,
+        fused: bool = False,
+        attention_dropout=None,
+        softmax_scale=None,
+        cp_comm_type=None,
+        pg_collection=None,
+    ):
         super().__init__(config=config)
         if config.attention_dropout:
             raise ValueError("attention dropout is not supported by the Transfusion attention")
@@ -64,8 +75,16 @@ class TransfusionCoreAttention(MegatronModule):
         self.layer_number = layer_number  # names this layer's slot in a generation KV cache
         self.softmax_scale = softmax_scale
 
-    def forward(self, query, key, value, attention_mask: AttentionContext, attn_mask_type=None,
-                attention_bias=None, packed_seq_params=None):  # fmt: skip
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask: AttentionContext,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         if attention_bias is not None or packed_seq_params is not None:
             raise ValueError("Transfusion attention takes its mask from the PackedBatch only")
         context, mask = attention_mask, attention_mask.mask
@@ -125,8 +144,11 @@ def transfusion_layer_spec(
                     linear_qkv=ColumnParallelLinear,
                     core_attention=ModuleSpec(
                         module=TransfusionCoreAttention,
-                        params={"backend": attention_backend, "recompute": recompute == "selective",
-                                "fused": fused},
+                        params={
+                            "backend": attention_backend,
+                            "recompute": recompute == "selective",
+                            "fused": fused,
+                        },
                     ),
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
@@ -147,9 +169,12 @@ def transfusion_layer_spec(
 
 
 def transfusion_block_spec(
-    config, attention_backend: str, recompute: str = "none", vp_stage: int | None = None,
+    config,
+    attention_backend: str,
+    recompute: str = "none",
+    vp_stage: int | None = None,
     fused: bool = False,
-) -> TransformerBlockSubmodules:  # fmt: skip
+) -> TransformerBlockSubmodules:
     """The layers of this pipeline stage (or virtual stage) plus the final RMSNorm."""
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
     spec = transfusion_layer_spec(attention_backend, recompute, fused)

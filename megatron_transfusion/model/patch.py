@@ -41,7 +41,9 @@ def timestep_frequencies(timesteps: torch.Tensor, dim: int, max_period: float = 
     """Sinusoidal features of integer timesteps, [n] -> [n, dim]."""
     half = dim // 2
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
     )
     args = timesteps.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -95,8 +97,9 @@ class LinearPatchOut(nn.Module):
 
     def forward(self, hidden: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         del timesteps  # the linear head is unconditioned, as in the paper
-        return unpatchify(self.proj(hidden), self.cfg.patch_size, self.cfg.latent_channels,
-                          self.cfg.latent_size)  # fmt: skip
+        return unpatchify(
+            self.proj(hidden), self.cfg.patch_size, self.cfg.latent_channels, self.cfg.latent_size
+        )
 
 
 class ChannelLayerNorm(nn.LayerNorm):
@@ -115,7 +118,9 @@ class ResBlock(nn.Module):
         self.norm2 = ChannelLayerNorm(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.skip = (
-            nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+            nn.Conv2d(in_channels, out_channels, 1)
+            if in_channels != out_channels
+            else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
@@ -130,9 +135,11 @@ def _res_levels(widths: list[int], in_channels: int, blocks: int, time_dim: int)
     levels = nn.ModuleList()
     current = in_channels
     for width in widths:
-        levels.append(nn.ModuleList(
-            ResBlock(current if i == 0 else width, width, time_dim) for i in range(blocks)
-        ))  # fmt: skip
+        levels.append(
+            nn.ModuleList(
+                ResBlock(current if i == 0 else width, width, time_dim) for i in range(blocks)
+            )
+        )
         current = width
     return levels
 

@@ -70,7 +70,11 @@ class TransfusionModel(LanguageModule):
             )
             self.patch_in = patch_in(model_cfg)
             grid = model_cfg.latent_size // model_cfg.patch_size
-            positions = sincos_2d(grid, model_cfg.hidden_size) if model_cfg.image_position_embedding == "sincos2d" else None
+            positions = (
+                sincos_2d(grid, model_cfg.hidden_size)
+                if model_cfg.image_position_embedding == "sincos2d"
+                else None
+            )
             self.register_buffer("patch_positions", positions, persistent=False)  # fixed: not saved
         self.rotary_pos_emb = RotaryEmbedding(
             kv_channels=config.kv_channels,
@@ -149,13 +153,20 @@ class TransfusionModel(LanguageModule):
         losses = self.compute_language_model_loss(labels[rows, cols][None], logits[: len(rows)])
         return losses.new_zeros(labels.shape).index_put((rows, cols), losses[0])
 
-    def forward(self, batch: PackedBatch, labels: torch.Tensor | None = None,
-                kv_cache: KVCacheView | None = None, text_logits: bool = True):  # fmt: skip
+    def forward(
+        self,
+        batch: PackedBatch,
+        labels: torch.Tensor | None = None,
+        kv_cache: KVCacheView | None = None,
+        text_logits: bool = True,
+    ):
         """Hidden states [s, b, h] on non-last stages, ``TransfusionOutput`` on the last.
         Generation passes a ``kv_cache`` view (``batch`` then holds only the new positions,
         masked by the view) and skips the LM head (``text_logits=False``) while denoising."""
         if kv_cache is None:
-            mask = build_attention_mask(batch, self.attention_backend, self.model_cfg.flex_block_size)
+            mask = build_attention_mask(
+                batch, self.attention_backend, self.model_cfg.flex_block_size
+            )
         else:
             mask = kv_cache.mask
         context = AttentionContext(mask, self._rotary(batch.positions), kv_cache)
@@ -165,7 +176,9 @@ class TransfusionModel(LanguageModule):
             return hidden
         whole = hidden  # the heads pick positions from the whole sequence
         if self.config.sequence_parallel:
-            whole = tensor_parallel.gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+            whole = tensor_parallel.gather_from_sequence_parallel_region(
+                hidden, tensor_parallel_output_grad=False
+            )
         output = TransfusionOutput(predicted_noise=self._predict_noise(whole, batch))
         if not text_logits:
             return output

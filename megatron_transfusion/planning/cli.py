@@ -67,9 +67,11 @@ def main(argv=None) -> None:
         cfg, cluster, gpus, args.margin, engines=(args.engine,) if args.engine else ENGINES
     )
     m = cfg.model
-    print(f"{cfg.run.name}: {human_size(model_costs(m).parameters.total)} parameters, {m.num_layers} layers "
-          f"× {m.hidden_size}, seq {cfg.data.seq_length}, global batch {cfg.data.sequences_per_step} "
-          f"sequences; {gpus} × {cluster.name} ({gib(cluster.memory)} GiB, keep {args.margin:.0%} free)")  # fmt: skip
+    print(
+        f"{cfg.run.name}: {human_size(model_costs(m).parameters.total)} parameters, {m.num_layers} layers "
+        f"× {m.hidden_size}, seq {cfg.data.seq_length}, global batch {cfg.data.sequences_per_step} "
+        f"sequences; {gpus} × {cluster.name} ({gib(cluster.memory)} GiB, keep {args.margin:.0%} free)"
+    )
     if not ranked:
         raise SystemExit(f"no layout fits {gpus} × {cluster.name} with a {args.margin:.0%} margin")
     print(format_table((ranked if args.all else pareto(ranked))[: args.top]))

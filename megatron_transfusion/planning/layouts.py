@@ -40,17 +40,30 @@ class Layout:
                 f"parallel.tensor_parallel × parallel.pipeline_parallel = "
                 f"{p.tensor_parallel * p.pipeline_parallel}"
             )
-        return cls(p.tensor_parallel, p.pipeline_parallel, gpus // (p.tensor_parallel * p.pipeline_parallel),
-                   p.virtual_pipeline, cfg.data.micro_batch_size, p.recompute, p.engine, p.zero_stage,
-                   p.sequence_parallel)  # fmt: skip
+        return cls(
+            p.tensor_parallel,
+            p.pipeline_parallel,
+            gpus // (p.tensor_parallel * p.pipeline_parallel),
+            p.virtual_pipeline,
+            cfg.data.micro_batch_size,
+            p.recompute,
+            p.engine,
+            p.zero_stage,
+            p.sequence_parallel,
+        )
 
     def apply(self, cfg: ExperimentConfig) -> ExperimentConfig:
         """``cfg`` with this layout's fields set (DP is implied by the world size)."""
         parallel = dataclasses.replace(
-            cfg.parallel, tensor_parallel=self.tp, pipeline_parallel=self.pp, virtual_pipeline=self.vp,
-            recompute=self.recompute, engine=self.engine, zero_stage=self.zero_stage,
+            cfg.parallel,
+            tensor_parallel=self.tp,
+            pipeline_parallel=self.pp,
+            virtual_pipeline=self.vp,
+            recompute=self.recompute,
+            engine=self.engine,
+            zero_stage=self.zero_stage,
             sequence_parallel=self.sp,
-        )  # fmt: skip
+        )
         data = dataclasses.replace(cfg.data, micro_batch_size=self.micro_batch_size)
         return dataclasses.replace(cfg, parallel=parallel, data=data)
 
@@ -60,8 +73,10 @@ class Layout:
         return BatchGeometry.of(data, self.dp)
 
     def describe(self) -> str:
-        return (f"TP={self.tp}{'+SP' if self.sp else ''} PP={self.pp} VP={self.vp or '-'} DP={self.dp} "
-                f"mb={self.micro_batch_size} recompute={self.recompute} {self.engine} ZeRO-{self.zero_stage}")  # fmt: skip
+        return (
+            f"TP={self.tp}{'+SP' if self.sp else ''} PP={self.pp} VP={self.vp or '-'} DP={self.dp} "
+            f"mb={self.micro_batch_size} recompute={self.recompute} {self.engine} ZeRO-{self.zero_stage}"
+        )
 
 
 def check_layout(cfg: ExperimentConfig, cluster: Cluster, layout: Layout) -> None:
@@ -80,8 +95,9 @@ ENGINES = ("megatron", "deepspeed")
 ZERO_STAGES = {"megatron": (0, 1), "deepspeed": (1, 2, 3)}  # what the config schema allows
 
 
-def enumerate_layouts(cfg: ExperimentConfig, cluster: Cluster, gpus: int,
-                      engines: tuple[str, ...] = ENGINES) -> list[tuple[Layout, str | None]]:  # fmt: skip
+def enumerate_layouts(
+    cfg: ExperimentConfig, cluster: Cluster, gpus: int, engines: tuple[str, ...] = ENGINES
+) -> list[tuple[Layout, str | None]]:
     """Every candidate layout on ``gpus`` devices with the reason it is refused (None: valid).
 
     Candidates: TP and PP over the divisors of the GPU count, VP over the chunk counts that

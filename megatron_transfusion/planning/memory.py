@@ -162,8 +162,13 @@ def _model_costs(key: tuple) -> ModelCosts:
             _saved_elements(patch_in(m), latents),
             _saved_elements(patch_out(m), hidden),
         )
-    return ModelCosts(count_parameters(m), transformer_layer_parameters(m),
-                      patch_flops_per_image_token(m), saved_in, saved_out)  # fmt: skip
+    return ModelCosts(
+        count_parameters(m),
+        transformer_layer_parameters(m),
+        patch_flops_per_image_token(m),
+        saved_in,
+        saved_out,
+    )
 
 
 def model_costs(m: ModelConfig) -> ModelCosts:
@@ -218,8 +223,14 @@ def _state(cluster: Cluster, layout: Layout, n: float) -> tuple[float, float, fl
     return e * n / (d if z == 3 else 1), e * n / (d if z >= 2 else 1), 16 * n / d, buffers
 
 
-def stage_memory(cfg: ExperimentConfig, cluster: Cluster, layout: Layout, image_token_fraction: float,
-                 first: bool, last: bool) -> Memory:  # fmt: skip
+def stage_memory(
+    cfg: ExperimentConfig,
+    cluster: Cluster,
+    layout: Layout,
+    image_token_fraction: float,
+    first: bool,
+    last: bool,
+) -> Memory:
     """Memory per GPU of the first and/or last pipeline stage (both when PP=1)."""
     m, e = cfg.model, cluster.dtype_bytes
     s, b, t = cfg.data.seq_length, layout.micro_batch_size, layout.tp
@@ -241,7 +252,9 @@ def stage_memory(cfg: ExperimentConfig, cluster: Cluster, layout: Layout, image_
         elements += math.ceil(in_flight) * images * costs.patch_in_saved
     if last:
         final_norm = 1 if m.fuse_elementwise else 2
-        elements += images * costs.patch_out_saved + final_norm * hidden + text * s * b * h  # + head input
+        elements += (
+            images * costs.patch_out_saved + final_norm * hidden + text * s * b * h
+        )  # + head input
         chunks -= in_flight  # the final chunk sends nothing on
     elements += chunks * hidden  # outputs sent on, kept until their backward
     activations = elements * e

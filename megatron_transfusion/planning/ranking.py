@@ -35,8 +35,12 @@ class Prediction:
         return self.memory.total <= (1.0 - margin) * cluster.memory
 
 
-def predict(cfg: ExperimentConfig, cluster: Cluster, layout: Layout,
-            image_token_fraction: float | None = None) -> Prediction:  # fmt: skip
+def predict(
+    cfg: ExperimentConfig,
+    cluster: Cluster,
+    layout: Layout,
+    image_token_fraction: float | None = None,
+) -> Prediction:
     """Memory and time of ``layout``. Memory is that of the most demanding micro-batch (see
     ``planning.memory``); ``image_token_fraction``, the time's, defaults to the data mix's."""
     if image_token_fraction is None:
@@ -44,8 +48,14 @@ def predict(cfg: ExperimentConfig, cluster: Cluster, layout: Layout,
     stages = [(True, True)] if layout.pp == 1 else [(True, False), (False, True)]
     rows = [0.0] if cfg.data.text_token_fraction > 0 else []  # all text
     rows += [max_image_token_fraction(cfg)] if cfg.data.text_token_fraction < 1 else []
-    memory = max((stage_memory(cfg, cluster, layout, row, first, last)
-                  for row in rows for first, last in stages), key=lambda mem: mem.total)  # fmt: skip
+    memory = max(
+        (
+            stage_memory(cfg, cluster, layout, row, first, last)
+            for row in rows
+            for first, last in stages
+        ),
+        key=lambda mem: mem.total,
+    )
     time = step_time(cfg, cluster, layout, image_token_fraction)
     rate = cfg.data.global_batch_tokens / time.total / layout.gpus
     flops = transformer_flops_per_token(cfg.model, cfg.data.seq_length)
@@ -66,9 +76,14 @@ def predicted_memory(cfg: ExperimentConfig, plat: platform.Platform, gpus: int) 
 THROUGHPUT_RESOLUTION = 0.01
 
 
-def plan(cfg: ExperimentConfig, cluster: Cluster, gpus: int, margin: float = 0.1,
-         image_token_fraction: float | None = None,
-         engines: tuple[str, ...] = ENGINES) -> list[Prediction]:  # fmt: skip
+def plan(
+    cfg: ExperimentConfig,
+    cluster: Cluster,
+    gpus: int,
+    margin: float = 0.1,
+    image_token_fraction: float | None = None,
+    engines: tuple[str, ...] = ENGINES,
+) -> list[Prediction]:
     """Valid layouts that fit ``margin``, best first: highest predicted throughput (within
     ``THROUGHPUT_RESOLUTION`` counted as equal), then least memory."""
     fitting = []

@@ -16,21 +16,27 @@ def gib(x: float) -> str:
 
 
 def memory_line(mem: Memory) -> str:
-    return (f"params {gib(mem.parameters)}, grads {gib(mem.gradients)}, optimizer {gib(mem.optimizer)}, "
-            f"buffers {gib(mem.buffers)}, activations {gib(mem.activations)}, mask {gib(mem.mask)}, "
-            f"transient {gib(mem.transient)}, framework {gib(mem.framework)} GiB "
-            f"({mem.stage} stage)")  # fmt: skip
+    return (
+        f"params {gib(mem.parameters)}, grads {gib(mem.gradients)}, optimizer {gib(mem.optimizer)}, "
+        f"buffers {gib(mem.buffers)}, activations {gib(mem.activations)}, mask {gib(mem.mask)}, "
+        f"transient {gib(mem.transient)}, framework {gib(mem.framework)} GiB "
+        f"({mem.stage} stage)"
+    )
 
 
 def time_line(t: StepTime) -> str:
-    return (f"compute {t.compute:.2f}, bubble {t.bubble:.2f}, TP {t.tensor_parallel:.2f}, "
-            f"PP p2p {t.pipeline_p2p:.2f}, DP {t.data_parallel:.2f} s")  # fmt: skip
+    return (
+        f"compute {t.compute:.2f}, bubble {t.bubble:.2f}, TP {t.tensor_parallel:.2f}, "
+        f"PP p2p {t.pipeline_p2p:.2f}, DP {t.data_parallel:.2f} s"
+    )
 
 
 def format_table(predictions: list[Prediction]) -> str:
-    header = (f"{'#':>3} {'TP':>3} {'SP':>2} {'PP':>3} {'VP':>3} {'DP':>5} {'mb':>3} {'recompute':>9} "
-              f"{'engine':>9} {'ZeRO':>4} | {'state':>6} {'activ':>6} {'peak':>6} GiB | "
-              f"{'step s':>7} {'tok/s/GPU':>10} {'MFU':>6}")  # fmt: skip
+    header = (
+        f"{'#':>3} {'TP':>3} {'SP':>2} {'PP':>3} {'VP':>3} {'DP':>5} {'mb':>3} {'recompute':>9} "
+        f"{'engine':>9} {'ZeRO':>4} | {'state':>6} {'activ':>6} {'peak':>6} GiB | "
+        f"{'step s':>7} {'tok/s/GPU':>10} {'MFU':>6}"
+    )
     lines = [header, "-" * len(header)]
     for i, p in enumerate(predictions, 1):
         lay, mem = p.layout, p.memory
@@ -46,18 +52,20 @@ def format_table(predictions: list[Prediction]) -> str:
 
 def yaml_section(layout: Layout) -> str:
     """The config lines that select ``layout`` (DP follows from the number of GPUs)."""
-    return "\n".join([
-        "parallel:",
-        f"  tensor_parallel: {layout.tp}",
-        f"  pipeline_parallel: {layout.pp}",
-        f"  virtual_pipeline: {layout.vp if layout.vp else 'null'}",
-        f"  sequence_parallel: {str(layout.sp).lower()}",
-        f"  recompute: {layout.recompute}",
-        f"  engine: {layout.engine}",
-        f"  zero_stage: {layout.zero_stage}",
-        "data:",
-        f"  micro_batch_size: {layout.micro_batch_size}",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "parallel:",
+            f"  tensor_parallel: {layout.tp}",
+            f"  pipeline_parallel: {layout.pp}",
+            f"  virtual_pipeline: {layout.vp if layout.vp else 'null'}",
+            f"  sequence_parallel: {str(layout.sp).lower()}",
+            f"  recompute: {layout.recompute}",
+            f"  engine: {layout.engine}",
+            f"  zero_stage: {layout.zero_stage}",
+            "data:",
+            f"  micro_batch_size: {layout.micro_batch_size}",
+        ]
+    )
 
 
 class LayoutDoesNotFit(RuntimeError):
@@ -70,12 +78,16 @@ def check(cfg: ExperimentConfig, cluster: Cluster, gpus: int, margin: float) -> 
     check_layout(cfg, cluster, layout)
     p = predict(cfg, cluster, layout)
     usable = (1.0 - margin) * cluster.memory
-    report = "\n".join([
-        f"plan: {cfg.run.name} on {gpus} × {cluster.name}: {layout.describe()}",
-        f"memory/GPU: {gib(p.memory.total)} of {gib(cluster.memory)} GiB; {memory_line(p.memory)}",
-        (f"step: {p.time.total:.2f} s ({time_line(p.time)}) | "
-         f"{p.tokens_per_second_per_gpu:,.0f} tokens/s/GPU | MFU {p.mfu:.1%}"),
-    ])  # fmt: skip
+    report = "\n".join(
+        [
+            f"plan: {cfg.run.name} on {gpus} × {cluster.name}: {layout.describe()}",
+            f"memory/GPU: {gib(p.memory.total)} of {gib(cluster.memory)} GiB; {memory_line(p.memory)}",
+            (
+                f"step: {p.time.total:.2f} s ({time_line(p.time)}) | "
+                f"{p.tokens_per_second_per_gpu:,.0f} tokens/s/GPU | MFU {p.mfu:.1%}"
+            ),
+        ]
+    )
     if p.memory.total > usable:
         raise LayoutDoesNotFit(
             f"{report}\nerror: layout {layout.describe()} needs {gib(p.memory.total)} GiB per GPU, over "
@@ -83,7 +95,6 @@ def check(cfg: ExperimentConfig, cluster: Cluster, gpus: int, margin: float) -> 
             f"run mtf-plan without --check for layouts that fit"
         )
     return (
-        report
-        + f"\nok: fits with {1 - p.memory.total / cluster.memory:.0%} of memory to spare "
+        report + f"\nok: fits with {1 - p.memory.total / cluster.memory:.0%} of memory to spare "
         f"(margin {margin:.0%})"
     )

@@ -120,7 +120,10 @@ class DeepSpeedEngine(Engine):
     """
 
     def __init__(
-        self, cfg: ExperimentConfig, model_chunks: list[torch.nn.Module], offload_optimizer: bool = False
+        self,
+        cfg: ExperimentConfig,
+        model_chunks: list[torch.nn.Module],
+        offload_optimizer: bool = False,
     ):
         """``cfg`` is a validated ``parallel.engine=deepspeed`` config (``config.validate``
         refuses what this engine cannot run: PP > 1, sequence parallelism, ZeRO stages
@@ -169,7 +172,9 @@ class DeepSpeedEngine(Engine):
         """Each micro-batch through the forward step that Megatron's schedules run, in turn:
         (the loss to differentiate, its share of the global losses). GlobalBatch's
         ``averaged_over`` (M × DP) undoes DeepSpeed's averages over both."""
-        forward_step = make_forward_step(GlobalBatch.of(micro_batches), self.cfg.diffusion.loss_weight)
+        forward_step = make_forward_step(
+            GlobalBatch.of(micro_batches), self.cfg.diffusion.loss_weight
+        )
         batches = iter(micro_batches)
         for _ in micro_batches:
             output, loss = forward_step(batches, self.engine)
@@ -223,8 +228,11 @@ class DeepSpeedEngine(Engine):
         flats += getattr(zero, "fp32_partitioned_groups_flat", [])
         for flat in flats:
             if not inner.state[flat]:
-                inner.state[flat] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(flat),
-                                     "exp_avg_sq": torch.zeros_like(flat)}  # fmt: skip
+                inner.state[flat] = {
+                    "step": torch.tensor(0.0),
+                    "exp_avg": torch.zeros_like(flat),
+                    "exp_avg_sq": torch.zeros_like(flat),
+                }
         relink_optimizer_state(zero)
 
     def _load_groups(self) -> list[list[int]]:
@@ -246,10 +254,15 @@ class DeepSpeedEngine(Engine):
         """Parameter ``index``'s replica id with its main replica on DP rank ``index % DP``:
         the writes are spread over the data-parallel ranks, and only the writer keeps a copy."""
         key, shard = self._shards[index]
-        dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        dp, dp_rank = (
+            parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_data_parallel_rank(),
+        )
         *others, last = shard.replica_id
         if last != dp_rank:
-            raise RuntimeError(f"'{key}': replica id {shard.replica_id} does not end in the DP rank {dp_rank}")
+            raise RuntimeError(
+                f"'{key}': replica id {shard.replica_id} does not end in the DP rank {dp_rank}"
+            )
         return (*others, (dp_rank - index) % dp)
 
     def _save_state(self) -> dict:
@@ -260,9 +273,11 @@ class DeepSpeedEngine(Engine):
         self._ensure_optimizer_state()
         model, shards, states = dict(self._model_state), [], []
         for index, param in enumerate(self._params):
-            full = {"param": safe_get_full_fp32_param(param),  # collectives: every rank takes part
-                    "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
-                    "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq")}  # fmt: skip
+            full = {
+                "param": safe_get_full_fp32_param(param),  # collectives: every rank takes part
+                "exp_avg": safe_get_full_optimizer_state(param, "exp_avg"),
+                "exp_avg_sq": safe_get_full_optimizer_state(param, "exp_avg_sq"),
+            }
             replica_id = self._writer_replica_id(index)
             if replica_id[-1] == 0:
                 state = {k: v.cpu() for k, v in full.items()}
@@ -274,13 +289,16 @@ class DeepSpeedEngine(Engine):
             model[key] = dataclasses.replace(shard, data=weight, replica_id=replica_id)
             shards.append(model[key])
             states.append(state)
-        optimizer = optimizer_sharded_state(shards, states, self.engine.optimizer.optimizer.param_groups,
-                                            self._adam_step())  # fmt: skip
+        optimizer = optimizer_sharded_state(
+            shards, states, self.engine.optimizer.optimizer.param_groups, self._adam_step()
+        )
         return {"model": {"chunk0": model}, "optimizer": optimizer}
 
     def save(self, directory: Path, background: bool = False) -> None:
         if background:  # config validation refuses checkpoint.async_save with deepspeed
-            raise ValueError("the DeepSpeed engine saves synchronously (checkpoint.async_save=false)")
+            raise ValueError(
+                "the DeepSpeed engine saves synchronously (checkpoint.async_save=false)"
+            )
         save_sharded(self._save_state(), directory)
 
     def load(self, directory: Path) -> None:
@@ -291,9 +309,15 @@ class DeepSpeedEngine(Engine):
             model = {}
             for i in indices:
                 key, shard = self._shards[i]
-                model[key] = dataclasses.replace(shard, data=torch.empty(self._shapes[i], dtype=self._params[i].dtype))
-            request = {"model": {"chunk0": model},
-                       "optimizer": optimizer_load_request(list(model.values()), [self._shapes[i] for i in indices])}
+                model[key] = dataclasses.replace(
+                    shard, data=torch.empty(self._shapes[i], dtype=self._params[i].dtype)
+                )
+            request = {
+                "model": {"chunk0": model},
+                "optimizer": optimizer_load_request(
+                    list(model.values()), [self._shapes[i] for i in indices]
+                ),
+            }
             loaded = load_sharded(request, directory, part=True)
             states, step = loaded_optimizer_state(loaded["optimizer"])
             for i, state in zip(indices, states, strict=True):
@@ -301,7 +325,9 @@ class DeepSpeedEngine(Engine):
                 safe_set_full_fp32_param(param, state["param"])
                 for name in ("exp_avg", "exp_avg_sq"):
                     safe_set_full_optimizer_state(param, state[name], name)
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):  # whole under ZeRO-3
+                with deepspeed.zero.GatheredParameters(
+                    [param], modifier_rank=0
+                ):  # whole under ZeRO-3
                     param.data.copy_(loaded["model"]["chunk0"][self._shards[i][0]])
         for state in self.engine.optimizer.optimizer.state.values():
             state["step"] = torch.tensor(float(step))

@@ -21,7 +21,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
@@ -62,8 +66,9 @@ class MegatronEngine(Engine):
         )
         config = model_chunks[0].config
         self.model_chunks = [
-            DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
-                                    disable_bucketing=i > 0)  # fmt: skip
+            DistributedDataParallel(
+                config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0
+            )
             for i, chunk in enumerate(model_chunks)
         ]
         # The schedules reduce gradients through these hooks, once per step.
@@ -73,16 +78,26 @@ class MegatronEngine(Engine):
         start_sync = [chunk.start_grad_sync for chunk in self.model_chunks]  # per virtual stage
         config.grad_sync_func = start_sync if len(start_sync) > 1 else start_sync[0]
         exempt = no_decay_parameter_ids(model_chunks)
-        no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(
-            name="no_decay", fn=lambda param, name: id(param) in exempt))  # fmt: skip
+        no_decay = ParamKey(
+            with_name_predicate=ParamWithNamePredicate(
+                name="no_decay", fn=lambda param, name: id(param) in exempt
+            )
+        )
         o = cfg.optimizer
         self.optimizer = get_megatron_optimizer(
             MegatronOptimizerConfig(
-                optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-                adam_beta1=o.beta1, adam_beta2=o.beta2, adam_eps=o.eps, clip_grad=o.grad_clip,
-                bf16=plat.dtype == torch.bfloat16, params_dtype=plat.dtype,
+                optimizer="adam",
+                lr=o.lr,
+                min_lr=o.min_lr,
+                weight_decay=o.weight_decay,
+                adam_beta1=o.beta1,
+                adam_beta2=o.beta2,
+                adam_eps=o.eps,
+                clip_grad=o.grad_clip,
+                bf16=plat.dtype == torch.bfloat16,
+                params_dtype=plat.dtype,
                 use_distributed_optimizer=distributed_optimizer,
-            ),  # fmt: skip
+            ),
             self.model_chunks,
             config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)},
         )
@@ -97,8 +112,11 @@ class MegatronEngine(Engine):
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             values = torch.tensor(batch_losses(reports).values(), dtype=torch.float64)
             dist.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        dist.broadcast(values, parallel_state.get_pipeline_model_parallel_last_rank(),
-                       group=parallel_state.get_pipeline_model_parallel_group())  # fmt: skip
+        dist.broadcast(
+            values,
+            parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
         return values
 
     def train_step(self, micro_batches: list[MicroBatch], lr: float) -> StepResult:
@@ -118,8 +136,9 @@ class MegatronEngine(Engine):
 
     def evaluate(self, micro_batches: list[MicroBatch]) -> LossTerms[float]:
         with torch.no_grad():
-            reports = forward_backward(self.model_chunks, micro_batches, self.cfg.diffusion.loss_weight,
-                                       forward_only=True)  # fmt: skip
+            reports = forward_backward(
+                self.model_chunks, micro_batches, self.cfg.diffusion.loss_weight, forward_only=True
+            )
         return LossTerms(*self._global_losses(reports).tolist())
 
     def _sharded_state(self, is_loading: bool) -> dict:
@@ -128,7 +147,9 @@ class MegatronEngine(Engine):
         self._ensure_optimizer_state()
         if self.distributed_optimizer:
             optimizer_state = self.optimizer.sharded_state_dict(
-                merged, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"}
+                merged,
+                is_loading=is_loading,
+                metadata={"distrib_optim_sharding_type": "fully_reshardable"},
             )
         else:
             optimizer_state = self._plain_sharded_state(merged, is_loading)
@@ -142,7 +163,9 @@ class MegatronEngine(Engine):
         for i, chunk in enumerate(self.model_chunks):
             chunk.module.load_state_dict(state["model"][f"chunk{i}"])
         if self.distributed_optimizer:
-            load_distributed_optimizer_state(self.optimizer, state["optimizer"], self._distributed_optimizers())
+            load_distributed_optimizer_state(
+                self.optimizer, state["optimizer"], self._distributed_optimizers()
+            )
         else:
             self._load_plain_optimizer(state["optimizer"])
 
@@ -152,13 +175,18 @@ class MegatronEngine(Engine):
 
     # The plain optimizer: torch AdamW over fp32 main parameters (the model's own in fp32).
 
-    def _plain_parameters(self) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter, torch.optim.Optimizer]]:
+    def _plain_parameters(
+        self,
+    ) -> list[tuple[torch.nn.Parameter, torch.nn.Parameter, torch.optim.Optimizer]]:
         """(model parameter, its fp32 main parameter, the torch optimizer updating it)."""
         out = []
         for opt in self._optimizers():
             if isinstance(opt, Float16OptimizerWithFloat16Params):
-                pairs = [pair for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups)
-                         for pair in zip(models, mains)]  # fmt: skip
+                pairs = [
+                    pair
+                    for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups)
+                    for pair in zip(models, mains)
+                ]
                 pairs += [(p, p) for group in opt.fp32_from_fp32_groups for p in group]
             else:
                 pairs = [(p, p) for group in opt.optimizer.param_groups for p in group["params"]]
@@ -167,11 +195,19 @@ class MegatronEngine(Engine):
 
     def _plain_sharded_state(self, model_state: dict, is_loading: bool) -> dict:
         entries = self._plain_parameters()
-        shards = [shard for _, shard in parameter_shards(model_state, [model for model, _, _ in entries])]
+        shards = [
+            shard for _, shard in parameter_shards(model_state, [model for model, _, _ in entries])
+        ]
         if is_loading:
             return optimizer_load_request(shards, [tuple(model.shape) for model, _, _ in entries])
-        states = [{"param": main.detach(), "exp_avg": adam.state[main]["exp_avg"],
-                   "exp_avg_sq": adam.state[main]["exp_avg_sq"]} for _, main, adam in entries]  # fmt: skip
+        states = [
+            {
+                "param": main.detach(),
+                "exp_avg": adam.state[main]["exp_avg"],
+                "exp_avg_sq": adam.state[main]["exp_avg_sq"],
+            }
+            for _, main, adam in entries
+        ]
         (step,) = {int(adam.state[main]["step"]) for _, main, adam in entries}
         return optimizer_sharded_state(shards, states, self.optimizer.param_groups, step)
 
@@ -180,8 +216,11 @@ class MegatronEngine(Engine):
         for (_, main, adam), state in zip(self._plain_parameters(), states, strict=True):
             with torch.no_grad():
                 main.copy_(state["param"])
-            adam.state[main] = {"step": torch.tensor(float(step)), "exp_avg": state["exp_avg"].to(main),
-                                "exp_avg_sq": state["exp_avg_sq"].to(main)}  # fmt: skip
+            adam.state[main] = {
+                "step": torch.tensor(float(step)),
+                "exp_avg": state["exp_avg"].to(main),
+                "exp_avg_sq": state["exp_avg_sq"].to(main),
+            }
 
     def _ensure_optimizer_state(self) -> None:
         """Checkpoints need torch AdamW's per-parameter state, which only exists after a

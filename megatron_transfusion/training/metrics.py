@@ -56,10 +56,9 @@ def model_flops_per_token(
 ) -> float:
     """Training FLOPs per token, averaged over a mix where ``image_token_fraction`` of the
     tokens are image patches (the loop knows it from its batches)."""
-    return (
-        transformer_flops_per_token(model_cfg, seq_length)
-        + image_token_fraction * patch_flops_per_image_token(model_cfg)
-    )
+    return transformer_flops_per_token(
+        model_cfg, seq_length
+    ) + image_token_fraction * patch_flops_per_image_token(model_cfg)
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak_flops: float) -> float:
@@ -81,8 +80,11 @@ def format_line(step: int, values: dict[str, float]) -> str:
     parts = [f"step {step}"]
     total, lm, diffusion = LossTerms.KEYS
     if total in values:
-        details = [f"{label} {values[key]:.3f}" for key, label in
-                   ((lm, "lm"), (diffusion, "diff")) if key in values]  # fmt: skip
+        details = [
+            f"{label} {values[key]:.3f}"
+            for key, label in ((lm, "lm"), (diffusion, "diff"))
+            if key in values
+        ]
         parts.append(f"loss {values[total]:.3f}" + (f" ({', '.join(details)})" if details else ""))
     if "lr" in values:
         parts.append(f"lr {values['lr']:.1e}")

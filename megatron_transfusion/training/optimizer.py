@@ -32,8 +32,12 @@ def no_decay_parameter_ids(model_chunks: list[torch.nn.Module]) -> set[int]:
         if isinstance(module, _EMBEDDINGS)
         for p in module.parameters(recurse=False)
     }
-    return {id(p) for chunk in model_chunks for p in chunk.parameters()
-            if p.ndim < 2 or id(p) in embedding_params}  # fmt: skip
+    return {
+        id(p)
+        for chunk in model_chunks
+        for p in chunk.parameters()
+        if p.ndim < 2 or id(p) in embedding_params
+    }
 
 
 def param_groups(model_chunks: list[torch.nn.Module], weight_decay: float) -> list[dict]:

@@ -29,12 +29,20 @@ class MicroBatch:
     image_weights: torch.Tensor | None = None  # each image's weight in L_DDPM; None: equal
 
     @classmethod
-    def draw(cls, batch: PackedBatch, schedule: CosineSchedule, cfg: DiffusionConfig,
-             generator: torch.Generator, device: torch.device) -> MicroBatch:  # fmt: skip
+    def draw(
+        cls,
+        batch: PackedBatch,
+        schedule: CosineSchedule,
+        cfg: DiffusionConfig,
+        generator: torch.Generator,
+        device: torch.device,
+    ) -> MicroBatch:
         """Noise ``batch``'s images and weigh their losses as ``cfg`` says, on ``device``."""
         noised, noise = noise_images(batch, schedule, cfg, generator)
         weights = loss_weights(noised.timesteps, schedule, cfg)
-        return cls(noised.to(device), noise.to(device), None if weights is None else weights.to(device))
+        return cls(
+            noised.to(device), noise.to(device), None if weights is None else weights.to(device)
+        )
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,9 @@ class GlobalBatch:
     def of(cls, micro_batches: list[MicroBatch]) -> GlobalBatch:
         """Collective over the data-parallel group (two integers)."""
         tokens = torch.stack([m.batch.lm_targets()[1].sum() for m in micro_batches]).sum()
-        counts = torch.stack([tokens, tokens.new_tensor(sum(m.batch.num_images for m in micro_batches))])
+        counts = torch.stack(
+            [tokens, tokens.new_tensor(sum(m.batch.num_images for m in micro_batches))]
+        )
         group = parallel_state.get_data_parallel_group()
         dist.all_reduce(counts, group=group)
         num_tokens, num_images = counts.tolist()
@@ -67,9 +77,16 @@ class GlobalBatch:
 
     def loss(self, micro: MicroBatch, lm_mask: torch.Tensor, diffusion_weight: float, output):
         """(the loss to differentiate, this micro-batch's share of the global losses)."""
-        loss = transfusion_loss(output.token_losses, lm_mask, output.predicted_noise, micro.noise,
-                                diffusion_weight, self.num_tokens, self.num_images,
-                                micro.image_weights)  # fmt: skip
+        loss = transfusion_loss(
+            output.token_losses,
+            lm_mask,
+            output.predicted_noise,
+            micro.noise,
+            diffusion_weight,
+            self.num_tokens,
+            self.num_images,
+            micro.image_weights,
+        )
         # Megatron's schedule divides the returned loss in place: report detached copies.
         return loss.total * self.averaged_over, loss.map(lambda value: value.detach().clone())
 

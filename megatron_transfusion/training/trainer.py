@@ -61,8 +61,11 @@ class _StopRequest:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             if self.announce:  # os.write: print() may be mid-write in the interrupted code
-                os.write(2, b"interrupted: saving a checkpoint after this step; Ctrl-C again to exit "
-                            b"at once without saving\n")  # fmt: skip
+                os.write(
+                    2,
+                    b"interrupted: saving a checkpoint after this step; Ctrl-C again to exit "
+                    b"at once without saving\n",
+                )
 
     def agreed(self) -> bool:
         flag = torch.tensor(float(self.requested))
@@ -96,10 +99,16 @@ def _restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generat
 
 def evaluate(cfg: ExperimentConfig, engine, tokenizer) -> dict[str, float]:
     """Held-out losses in any layout; captioning metrics too where configured (PP=1)."""
-    metrics = heldout_losses(engine.evaluate, cfg, parallel_state.get_data_parallel_rank(),
-                             parallel_state.get_data_parallel_world_size())  # fmt: skip
+    metrics = heldout_losses(
+        engine.evaluate,
+        cfg,
+        parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(),
+    )
     if cfg.eval.captions:
-        model = getattr(engine.model_chunks[0], "module", engine.model_chunks[0])  # DDP-wrapped or bare
+        model = getattr(
+            engine.model_chunks[0], "module", engine.model_chunks[0]
+        )  # DDP-wrapped or bare
         metrics.update(caption_metrics(model, cfg, tokenizer)[0])
     return metrics
 
@@ -118,7 +127,11 @@ def train(cfg: ExperimentConfig, resume: str | None = "auto", verify: bool = Tru
 def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dict:
     rank0 = dist.get_rank() == 0
     run_dir = Path(cfg.run.output_root) / cfg.run.name
-    ckpt_dir = Path(cfg.checkpoint.directory) if cfg.checkpoint.directory else layout.checkpoints_dir(run_dir)
+    ckpt_dir = (
+        Path(cfg.checkpoint.directory)
+        if cfg.checkpoint.directory
+        else layout.checkpoints_dir(run_dir)
+    )
     if rank0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         layout.run_config_file(run_dir).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -159,16 +172,25 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
         if pending is not None:  # one save in flight at a time
             pending.publish()
         trainer_state = {**state, "loader": loader.state_dict()}
-        pending = train_state.begin_checkpoint(ckpt_dir, step, engine, trainer_state, _rng_state(noise_generator),
-                                               cfg.checkpoint.keep_last, cfg.checkpoint.async_save)  # fmt: skip
+        pending = train_state.begin_checkpoint(
+            ckpt_dir,
+            step,
+            engine,
+            trainer_state,
+            _rng_state(noise_generator),
+            cfg.checkpoint.keep_last,
+            cfg.checkpoint.async_save,
+        )
         if publish_now or not cfg.checkpoint.async_save:
             pending.publish()
             pending = None
 
     while step < cfg.run.train_steps:
         started = time.perf_counter()
-        micro_batches = [MicroBatch.draw(batch, schedule, cfg.diffusion, noise_generator, device)
-                         for batch in loader.next_step()]  # fmt: skip
+        micro_batches = [
+            MicroBatch.draw(batch, schedule, cfg.diffusion, noise_generator, device)
+            for batch in loader.next_step()
+        ]
         result = engine.train_step(micro_batches, lr_at(step, cfg.optimizer, cfg.run.train_steps))
         step += 1
         state["tokens"] += cfg.data.global_batch_tokens
@@ -180,12 +202,16 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
             all_tokens = sum(b.batch.tokens.numel() for b in micro_batches)
             tokens_per_second = cfg.data.global_batch_tokens / seconds
             flops = model_flops_per_token(cfg.model, cfg.data.seq_length, image_tokens / all_tokens)
-            last = {**result.losses.as_dict(), "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
-                    "grad_norm": result.grad_norm, "tokens_per_second": tokens_per_second,
-                    "mfu": mfu(tokens_per_second, flops, peak * dist.get_world_size()),
-                    "skipped_steps": state["skipped_steps"],
-                    "memory_gib": (plat.peak_memory() - memory_start) / 2**30,
-                    "predicted_memory_gib": planned / 2**30}  # fmt: skip
+            last = {
+                **result.losses.as_dict(),
+                "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
+                "grad_norm": result.grad_norm,
+                "tokens_per_second": tokens_per_second,
+                "mfu": mfu(tokens_per_second, flops, peak * dist.get_world_size()),
+                "skipped_steps": state["skipped_steps"],
+                "memory_gib": (plat.peak_memory() - memory_start) / 2**30,
+                "predicted_memory_gib": planned / 2**30,
+            }
             line = logger.log(step, last)
             if rank0:
                 print(line + (" | skipped (non-finite)" if result.skipped else ""), flush=True)
@@ -209,7 +235,9 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
         if stopping:
             logger.close()
             if rank0:
-                print(f"stop requested: saved step {step}, exiting with {EXIT_PREEMPTED}", flush=True)
+                print(
+                    f"stop requested: saved step {step}, exiting with {EXIT_PREEMPTED}", flush=True
+                )
             raise SystemExit(EXIT_PREEMPTED)
     logger.close()
     return last

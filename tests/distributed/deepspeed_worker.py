@@ -43,8 +43,8 @@ from megatron_transfusion.loss import transfusion_loss
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.training import deepspeed_engine
-from megatron_transfusion.training.schedule import lr_at
 from megatron_transfusion.training.megatron_engine import MegatronEngine
+from megatron_transfusion.training.schedule import lr_at
 from megatron_transfusion.training.step import MicroBatch
 from tests.distributed.equivalence_worker import OVERRIDES, sample_batch
 
@@ -60,12 +60,20 @@ def config(tp: int = 1, dp: int = 1, pp: int = 1, engine: str = "megatron", zero
     tokens = 96 * 2 * MICRO_BATCHES * dp  # seq_length × micro_batch_size × micro-batches × DP
     # ε: see tests/distributed/engine_worker.py (the reference sums in another order, so a
     # gradient element near 0 differs by rounding, which Adam's ~sign(g) step would amplify).
-    return load_config("tiny", OVERRIDES + [
-        f"parallel.engine={engine}", f"parallel.zero_stage={zero}",
-        f"parallel.tensor_parallel={tp}", f"parallel.pipeline_parallel={pp}",
-        f"data.global_batch_tokens={tokens}", "optimizer.warmup_steps=2", "run.train_steps=4",
-        "optimizer.eps=1e-5",
-    ])  # fmt: skip
+    return load_config(
+        "tiny",
+        OVERRIDES
+        + [
+            f"parallel.engine={engine}",
+            f"parallel.zero_stage={zero}",
+            f"parallel.tensor_parallel={tp}",
+            f"parallel.pipeline_parallel={pp}",
+            f"data.global_batch_tokens={tokens}",
+            "optimizer.warmup_steps=2",
+            "run.train_steps=4",
+            "optimizer.eps=1e-5",
+        ],
+    )
 
 
 def lr(cfg, step: int) -> float:
@@ -85,12 +93,17 @@ def micro_batches(cfg, step: int, first: int, count: int) -> list[MicroBatch]:
 
 def my_micro_batches(cfg, step: int, poison_latents: bool) -> list[MicroBatch]:
     d = cfg.data
-    per_rank = d.global_batch_tokens // (d.seq_length * d.micro_batch_size) // parallel_state.get_data_parallel_world_size()
+    per_rank = (
+        d.global_batch_tokens
+        // (d.seq_length * d.micro_batch_size)
+        // parallel_state.get_data_parallel_world_size()
+    )
     batches = micro_batches(cfg, step, parallel_state.get_data_parallel_rank() * per_rank, per_rank)
     if poison_latents:
         batch = batches[0].batch
-        batches[0] = MicroBatch(batch.replace(latents=torch.full_like(batch.latents, torch.nan)),
-                                batches[0].noise)  # fmt: skip
+        batches[0] = MicroBatch(
+            batch.replace(latents=torch.full_like(batch.latents, torch.nan)), batches[0].noise
+        )
     return batches
 
 
@@ -123,7 +136,9 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 def gather_results(results) -> list:
     """Every rank's StepResults, so the test can check that they agree."""
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, [{**dataclasses.asdict(r), "losses": r.losses.as_dict()} for r in results])
+    dist.all_gather_object(
+        everyone, [{**dataclasses.asdict(r), "losses": r.losses.as_dict()} for r in results]
+    )
     return everyone
 
 
@@ -151,7 +166,9 @@ def new_engine(cfg, plat, args, seed: int = SEED):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--scenario", choices=["train", "nan", "checkpoint", "resume"], required=True)
+    parser.add_argument(
+        "--scenario", choices=["train", "nan", "checkpoint", "resume"], required=True
+    )
     parser.add_argument("--engine", choices=["deepspeed", "megatron"], default="deepspeed")
     parser.add_argument("--zero", type=int, required=True)
     parser.add_argument("--tp", type=int, default=1)
@@ -193,7 +210,9 @@ def main():
         out = train(cfg, engine, range(NAN_STEPS), POISONED)
     else:
         out = train(cfg, engine, range(STEPS))
-        out["evaluation"] = engine.evaluate(my_micro_batches(cfg, STEPS, poison_latents=False)).as_dict()
+        out["evaluation"] = engine.evaluate(
+            my_micro_batches(cfg, STEPS, poison_latents=False)
+        ).as_dict()
     # ZeRO-3 leaves each rank a partition of every weight: gather them for the export.
     with deepspeed.zero.GatheredParameters(list(engine.model_chunks[0].parameters())):
         save_sharded(model_sharded_state_dict(engine.model_chunks), args.workdir / args.name)

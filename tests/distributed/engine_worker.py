@@ -24,17 +24,34 @@ from megatron_transfusion.training.megatron_engine import MegatronEngine
 from megatron_transfusion.training.optimizer import build_adamw, set_lr
 from megatron_transfusion.training.schedule import lr_at
 from megatron_transfusion.training.step import batch_losses, forward_backward
-from tests.distributed.equivalence_worker import OVERRIDES, full_state, load_model_shards, micro_batches, one_batch
+from tests.distributed.equivalence_worker import (
+    OVERRIDES,
+    full_state,
+    load_model_shards,
+    micro_batches,
+    one_batch,
+)
 
 STEPS = 3
-LAYOUTS = {"reference": [], "dp2": [], "dp2_zero0": ["parallel.zero_stage=0"],
-           "tp2": ["parallel.tensor_parallel=2"], "pp2": ["parallel.pipeline_parallel=2"],
-           "tp2_sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"]}  # fmt: skip
+LAYOUTS = {
+    "reference": [],
+    "dp2": [],
+    "dp2_zero0": ["parallel.zero_stage=0"],
+    "tp2": ["parallel.tensor_parallel=2"],
+    "pp2": ["parallel.pipeline_parallel=2"],
+    "tp2_sp": ["parallel.tensor_parallel=2", "parallel.sequence_parallel=true"],
+}
 # Adam's first steps are ~lr·sign(g): where |g| is near 0, float-level differences between
 # layouts flip signs. A larger ε keeps the update a smooth function of g, so equality
 # tests the engine (grad reduction, clipping, decay groups, lr) rather than rounding.
-TRAINING = ["optimizer.lr=0.002", "optimizer.eps=1e-5", "optimizer.warmup_steps=1", "optimizer.grad_clip=0.5",
-            f"run.train_steps={STEPS}", "data.global_batch_tokens=768"]  # fmt: skip
+TRAINING = [
+    "optimizer.lr=0.002",
+    "optimizer.eps=1e-5",
+    "optimizer.warmup_steps=1",
+    "optimizer.grad_clip=0.5",
+    f"run.train_steps={STEPS}",
+    "data.global_batch_tokens=768",
+]
 
 
 def global_micro_batches(cfg, step):
@@ -63,17 +80,24 @@ def main():
             optimizer.zero_grad()
             batch = [one_batch(global_micro_batches(cfg, step))]
             report = batch_losses(forward_backward(chunks, batch, cfg.diffusion.loss_weight))
-            grad_norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip)))
+            grad_norms.append(
+                float(torch.nn.utils.clip_grad_norm_(params, cfg.optimizer.grad_clip))
+            )
             set_lr(optimizer, lr_at(step, cfg.optimizer, STEPS))
             optimizer.step()
             losses.append(report.total)
         with torch.no_grad():
             batch = [one_batch(global_micro_batches(cfg, STEPS))]
-            evaluation = batch_losses(forward_backward(chunks, batch, cfg.diffusion.loss_weight, forward_only=True))
+            evaluation = batch_losses(
+                forward_backward(chunks, batch, cfg.diffusion.loss_weight, forward_only=True)
+            )
     else:
         load_model_shards(chunks, args.workdir / "engine_w0")
         engine = MegatronEngine(cfg, plat, chunks)
-        dp, rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+        dp, rank = (
+            parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_data_parallel_rank(),
+        )
         losses, grad_norms = [], []
         for step in range(STEPS):
             mine = global_micro_batches(cfg, step)[rank::dp]
@@ -96,7 +120,9 @@ def main():
     if dist.get_rank() == 0:
         diff = {k: float((reference[k] - ours[k]).abs().max()) for k in reference}
         moved = {k: float((reference[k] - w0[k]).abs().max()) for k in reference}
-        (args.workdir / f"engine_compare_{args.layout}.json").write_text(json.dumps({"diff": diff, "moved": moved}))
+        (args.workdir / f"engine_compare_{args.layout}.json").write_text(
+            json.dumps({"diff": diff, "moved": moved})
+        )
     destroy_distributed()
 
 

@@ -32,24 +32,44 @@ from megatron_transfusion.synthetic import SPECIAL, random_documents
 from megatron_transfusion.training.step import MicroBatch, batch_losses, forward_backward
 
 OVERRIDES = [
-    "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
-    "model.vocab_size=200", "model.make_vocab_size_divisible_by=8", "model.max_sequence_length=96",
-    "model.latent_size=4", "model.patch_size=2", "model.patch_layer=unet",
-    "model.unet_channels=[8, 16]", "model.unet_blocks_per_level=1",
-    "model.timestep_frequency_dim=16", "data.seq_length=96", "data.micro_batch_size=2",
-    "data.global_batch_tokens=384", "diffusion.caption_dropout=0.5",
-]  # fmt: skip
+    "model.num_layers=4",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.vocab_size=200",
+    "model.make_vocab_size_divisible_by=8",
+    "model.max_sequence_length=96",
+    "model.latent_size=4",
+    "model.patch_size=2",
+    "model.patch_layer=unet",
+    "model.unet_channels=[8, 16]",
+    "model.unet_blocks_per_level=1",
+    "model.timestep_frequency_dim=16",
+    "data.seq_length=96",
+    "data.micro_batch_size=2",
+    "data.global_batch_tokens=384",
+    "diffusion.caption_dropout=0.5",
+]
 NUM_MICRO_BATCHES = 2
 
 
 def sample_batch(generator, cfg, text_only: bool = False) -> PackedBatch:
     """Random mixed documents per row, or only their text documents (no image, fewer tokens)."""
     m = cfg.model
-    rows = [random_documents(generator, m, cfg.data.seq_length) for _ in range(cfg.data.micro_batch_size)]
+    rows = [
+        random_documents(generator, m, cfg.data.seq_length)
+        for _ in range(cfg.data.micro_batch_size)
+    ]
     if text_only:
-        rows = [[doc for doc in row if all(isinstance(s, TextSegment) for s in doc)] for row in rows]
-    return pack_documents(rows, cfg.data.seq_length, m.patches_per_image,
-                          (m.latent_channels, m.latent_size, m.latent_size), SPECIAL)  # fmt: skip
+        rows = [
+            [doc for doc in row if all(isinstance(s, TextSegment) for s in doc)] for row in rows
+        ]
+    return pack_documents(
+        rows,
+        cfg.data.seq_length,
+        m.patches_per_image,
+        (m.latent_channels, m.latent_size, m.latent_size),
+        SPECIAL,
+    )
 
 
 def micro_batches(cfg, seed: int = 7) -> list[MicroBatch]:
@@ -67,16 +87,31 @@ def one_batch(micro_batches: list[MicroBatch]) -> MicroBatch:
     """The micro-batches' rows as one micro-batch (images renumbered in row-major order)."""
     batches = [m.batch for m in micro_batches]
     offsets = torch.tensor([0, *(b.num_images for b in batches)]).cumsum(0)
-    image_ids = [torch.where(b.image_ids >= 0, b.image_ids + offset, -1) for b, offset in zip(batches, offsets)]
-    fields = {name: torch.cat([getattr(b, name) for b in batches]) for name in (
-        "tokens", "positions", "document_ids", "latents", "timesteps", "caption_first", "unconditional")}  # fmt: skip
+    image_ids = [
+        torch.where(b.image_ids >= 0, b.image_ids + offset, -1)
+        for b, offset in zip(batches, offsets)
+    ]
+    fields = {
+        name: torch.cat([getattr(b, name) for b in batches])
+        for name in (
+            "tokens",
+            "positions",
+            "document_ids",
+            "latents",
+            "timesteps",
+            "caption_first",
+            "unconditional",
+        )
+    }
     noise = torch.cat([m.noise for m in micro_batches])
     return MicroBatch(PackedBatch(image_ids=torch.cat(image_ids), **fields), noise)
 
 
 def train_step(cfg, chunks, reference: bool):
     batches = micro_batches(cfg)
-    reports = forward_backward(chunks, [one_batch(batches)] if reference else batches, cfg.diffusion.loss_weight)
+    reports = forward_backward(
+        chunks, [one_batch(batches)] if reference else batches, cfg.diffusion.loss_weight
+    )
     with torch.no_grad():
         for chunk in chunks:
             for p in chunk.parameters():
@@ -103,13 +138,25 @@ def main():
     parser.add_argument("--layout", required=True)  # reference | tp2 | pp2 | tp2pp2 | pp2vpp2
     parser.add_argument("--workdir", type=Path, required=True)
     args = parser.parse_args()
-    layouts = {"reference": (1, 1, None), "tp2": (2, 1, None), "pp2": (1, 2, None),
-               "tp2pp2": (2, 2, None), "pp2vpp2": (1, 2, 2)}  # fmt: skip
+    layouts = {
+        "reference": (1, 1, None),
+        "tp2": (2, 1, None),
+        "pp2": (1, 2, None),
+        "tp2pp2": (2, 2, None),
+        "pp2vpp2": (1, 2, 2),
+    }
     tp, pp, vpp = layouts[args.layout]
     plat = platform.activate()
     base = load_config("tiny", OVERRIDES)
-    cfg = load_config("tiny", OVERRIDES + [f"parallel.tensor_parallel={tp}",
-                      f"parallel.pipeline_parallel={pp}", f"parallel.virtual_pipeline={vpp or 'null'}"])  # fmt: skip
+    cfg = load_config(
+        "tiny",
+        OVERRIDES
+        + [
+            f"parallel.tensor_parallel={tp}",
+            f"parallel.pipeline_parallel={pp}",
+            f"parallel.virtual_pipeline={vpp or 'null'}",
+        ],
+    )
     init_distributed(cfg.parallel, plat)
     seed_everything(1234)
     chunks = build_model(cfg, plat)

@@ -30,10 +30,14 @@ def main():
     parser.add_argument("checkpoint")
     parser.add_argument("out")
     args = parser.parse_args()
-    loaded = load_for_inference(args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)))
+    loaded = load_for_inference(
+        args.checkpoint, tensor_parallel=int(os.environ.get("WORLD_SIZE", 1))
+    )
     cfg = loaded.cfg
     special = load_tokenizer(cfg).special
-    sampling = SamplingConfig(max_new_tokens=3, diffusion_steps=4, guidance_scale=3.0, temperature=0.7, top_p=0.9)
+    sampling = SamplingConfig(
+        max_new_tokens=3, diffusion_steps=4, guidance_scale=3.0, temperature=0.7, top_p=0.9
+    )
     generator = Generator(loaded.model, cfg, special, sampling)
     shape = (cfg.model.latent_channels, cfg.model.latent_size, cfg.model.latent_size)
     results = generator.generate(prompts(special, shape), force_image=True)
