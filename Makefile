@@ -2,7 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup test test-slow demo quality rehearsal
+.PHONY: setup lint test test-slow demo quality rehearsal
 
 setup: $(VENV)/.installed
 
@@ -12,7 +12,12 @@ $(VENV)/.installed: setup.py pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-test: setup
+# Lint and format check (ruff, pinned in the dev extra): part of `make test`, so CI runs it.
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: setup

@@ -48,7 +48,8 @@ def main() -> None:
     blocks = args.seq // args.block
     causal_blocks = blocks * (blocks + 1) // 2
     print(
-        f"seq {args.seq}, block {args.block}: {blocks * blocks} blocks dense, {causal_blocks} causal"
+        f"seq {args.seq}, block {args.block}: {blocks * blocks} blocks dense, "
+        f"{causal_blocks} causal"
     )
     for images in (1, 2, 4):
         rows = [paper_like_row(generator, cfg, args.seq, images) for _ in range(args.rows)]

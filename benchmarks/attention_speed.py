@@ -54,7 +54,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = ModelConfig()  # 32×32×8 latents in 2×2 patches: 256 per image
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {HEADS} heads × {HEAD_DIM}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{HEADS} heads × {HEAD_DIM}, "
         f"block {args.block}, forward only; flex on CPU is not the GPU kernel"
     )
     compiled = flex_kernel(compiled=True)
@@ -96,7 +97,8 @@ def main() -> None:
         )
         print(
             f"seq {seq:5d}, {images} image(s), {computed}/{dense_blocks} blocks computed "
-            f"| mask build: dense {build['sdpa'] * 1e3:.1f} ms, BlockMask {build['flex'] * 1e3:.1f} ms, "
+            f"| mask build: dense {build['sdpa'] * 1e3:.1f} ms, "
+            f"BlockMask {build['flex'] * 1e3:.1f} ms, "
             f"runs {build['flash'] * 1e3:.1f} ms"
         )
         for name, t in median.items():

@@ -8,7 +8,8 @@ One command, the documented tools only (no private shortcuts):
    webdataset tar of PNG + caption, with some attribute combinations held out of training;
 2. ``mtf-prepare-builtin`` (tokenizer and text stream), ``mtf-train-vae`` on the training
    images, ``mtf-prepare-data shard`` + ``merge``;
-3. trains the ``tiny`` preset with the project's torchrun launcher (``megatron_transfusion.launch``);
+3. trains the ``tiny`` preset with the project's torchrun launcher
+   (``megatron_transfusion.launch``);
 4. ``mtf-generate`` draws every test caption (text -> image) and captions every test image
    (image -> text); the images are scored by construction, the captions by parsing them.
 
@@ -306,7 +307,8 @@ def main(argv=None) -> None:
         "--split-seed",
         type=int,
         default=SPLIT_SEED,
-        help="which combinations are held out: another seed checks a change on data it was not tuned on",
+        help="which combinations are held out: "
+        "another seed checks a change on data it was not tuned on",
     )
     parser.add_argument(
         "--reuse", action="store_true", help="keep finished stages (data, VAE, shards, training)"
@@ -443,8 +445,10 @@ def print_results(results: dict) -> None:
     for step, r in results.get("curve", {}).items():
         t2i = r["text_to_image"]
         print(
-            f"{step}: all-correct seen {t2i['seen']['all']:.0%} held-out {t2i['held_out']['all']:.0%} "
-            f"pairs {t2i['pairs_held_out']['all']:.0%}; captions held-out {r['image_to_text']['held_out']:.0%}"
+            f"{step}: all-correct seen {t2i['seen']['all']:.0%} "
+            f"held-out {t2i['held_out']['all']:.0%} "
+            f"pairs {t2i['pairs_held_out']['all']:.0%}; "
+            f"captions held-out {r['image_to_text']['held_out']:.0%}"
         )
     print(
         "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items())

@@ -80,7 +80,8 @@ def implied_efficiency(prediction, predicted_over_published: float) -> float:
 
 def main() -> None:
     print(
-        f"h100-80gb: peak {H100.peak_flops / 1e12:.0f} TFLOP/s, compute efficiency {H100.compute_efficiency}"
+        f"h100-80gb: peak {H100.peak_flops / 1e12:.0f} TFLOP/s, "
+        f"compute efficiency {H100.compute_efficiency}"
     )
     rows = []
     for gpus, published in ((96, 0.47), (4608, 0.42)):
@@ -111,8 +112,10 @@ def main() -> None:
         implied = f"{implied:.2f}" if implied <= 1 else "none (communication alone is longer)"
         print(
             f"{name}\n    {unit}: published {shown(published)}, predicted {shown(predicted)}, "
-            f"error {error:+.1%} | MFU {p.mfu:.1%}, step {p.time.total:.2f} s (compute {p.time.compute:.2f}, "
-            f"bubble {p.time.bubble:.2f}, TP {p.time.tensor_parallel:.2f}, PP p2p {p.time.pipeline_p2p:.2f}, "
+            f"error {error:+.1%} | MFU {p.mfu:.1%}, step {p.time.total:.2f} s "
+            f"(compute {p.time.compute:.2f}, "
+            f"bubble {p.time.bubble:.2f}, TP {p.time.tensor_parallel:.2f}, "
+            f"PP p2p {p.time.pipeline_p2p:.2f}, "
             f"DP {p.time.data_parallel:.2f}) | efficiency that would match: "
             f"{implied}"
         )
@@ -120,7 +123,8 @@ def main() -> None:
     drop_predicted = rows[1][3] / rows[0][3]
     print(
         f"(a) strong scaling 96 -> 4608 GPUs, MFU ratio (independent of the efficiency): published "
-        f"{drop_published:.3f}, predicted {drop_predicted:.3f}, error {drop_predicted / drop_published - 1:+.1%}"
+        f"{drop_published:.3f}, predicted {drop_predicted:.3f}, "
+        f"error {drop_predicted / drop_published - 1:+.1%}"
     )
 
 

@@ -72,7 +72,8 @@ def main() -> None:
 
     seconds(10, True, 2)  # warm-up
     print(
-        f"torch threads: {torch.get_num_threads()}; {cfg.model.patches_per_image} patches per image, "
+        f"torch threads: {torch.get_num_threads()}; "
+        f"{cfg.model.patches_per_image} patches per image, "
         f"guidance on (two branches per step)"
     )
     for use_cache, steps in ((True, args.steps), (False, max(3, args.steps // 5))):

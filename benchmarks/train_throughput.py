@@ -91,7 +91,8 @@ def main() -> None:
         params = count_parameters(cfg.model).total
         print(
             f"{name:5s} {params / 1e6:6.1f}M params | {rate:8,.0f} tokens/s | "
-            f"{rate * flops_per_token / 1e9:6.1f} GFLOP/s model | fp32 GEMM peak {peak / 1e9:6.1f} GFLOP/s | "
+            f"{rate * flops_per_token / 1e9:6.1f} GFLOP/s model | "
+            f"fp32 GEMM peak {peak / 1e9:6.1f} GFLOP/s | "
             f"MFU {rate * flops_per_token / peak:.1%}"
         )
     destroy_distributed()

@@ -530,8 +530,10 @@ def main() -> None:
         pythons["transfusion-pytorch"] = reference_python(args.venv)
     s = SHAPE
     print(
-        f"shape: width {s['dim']}, {s['depth']} layers, {s['heads']} heads, {s['rows']} rows × {s['seq']} "
-        f"tokens, {args.images} image(s)/row of {(s['latent'] // s['patch']) ** 2} patches, vocab {s['vocab']}"
+        f"shape: width {s['dim']}, {s['depth']} layers, {s['heads']} heads, "
+        f"{s['rows']} rows × {s['seq']} tokens, "
+        f"{args.images} image(s)/row of {(s['latent'] // s['patch']) ** 2} patches, "
+        f"vocab {s['vocab']}"
     )
     workers = {}
     for kind in kinds:  # started one at a time: each warms up alone
@@ -564,7 +566,8 @@ def main() -> None:
     for kind in kinds:
         rate = statistics.median(rates[kind])
         print(
-            f"  {kind:20s} {rate:8,.0f} tokens/s ({workers[kind].info['positions'] / rate:.2f} s/step) | "
+            f"  {kind:20s} {rate:8,.0f} tokens/s "
+            f"({workers[kind].info['positions'] / rate:.2f} s/step) | "
             f"{statistics.median(cpu_rates[kind]):8,.0f} tokens/CPU-s"
         )
 
@@ -575,7 +578,8 @@ def main() -> None:
             paired = statistics.median(x / y for x, y in zip(r[a], r[b]))
             of_medians = statistics.median(r[a]) / statistics.median(r[b])
             print(
-                f"{a} / {b} ({label}): {of_medians:.3f}x of medians, {paired:.3f}x median of paired "
+                f"{a} / {b} ({label}): {of_medians:.3f}x of medians, "
+                f"{paired:.3f}x median of paired "
                 f"repeats  (goal >= {goal})"
             )
 

@@ -67,7 +67,8 @@ def verify_export(path: Path, metadata: dict[str, str]) -> None:
     if stored is None:
         if rank_world()[0] == 0:
             print(
-                f"warning: '{path}' has no {EXPORT_DIGEST} in its metadata (exported before exports had "
+                f"warning: '{path}' has no {EXPORT_DIGEST} in its metadata "
+                "(exported before exports had "
                 "one): it is not verified",
                 file=sys.stderr,
                 flush=True,

@@ -3,7 +3,8 @@
     <run>/config.yaml                   the run's config (the trainer writes it)
     <run>/checkpoints/
       step_00000100/                    a complete checkpoint
-        engine/                         model + optimizer (dist-checkpointing, one layout for every engine)
+        engine/                         model + optimizer (dist-checkpointing, one layout
+                                        for every engine)
         rng/rank_00000.safetensors      each rank's random generators
         trainer.json                    step, counters, data-loader state (identical on every rank)
         manifest.json                   size and SHA-256 of every file above, checked before loading

@@ -79,7 +79,8 @@ def verify_checkpoint(checkpoint: Path) -> None:
     if not path.exists():
         if rank_world()[0] == 0:
             print(
-                f"warning: '{checkpoint}' has no {layout.MANIFEST} (written before checkpoints had one): its files "
+                f"warning: '{checkpoint}' has no {layout.MANIFEST} "
+                "(written before checkpoints had one): its files "
                 "are not verified",
                 file=sys.stderr,
                 flush=True,

@@ -246,7 +246,8 @@ def _short_files(directory: Path, metadata: Metadata) -> list[str]:
             short.append(f"'{path}' is missing")
         elif (size := path.stat().st_size) < end:
             short.append(
-                f"'{path}' has {size} bytes, '.metadata' places data up to byte {end}: it is truncated"
+                f"'{path}' has {size} bytes, '.metadata' places data up to byte {end}: "
+                "it is truncated"
             )
     return short
 

@@ -43,7 +43,8 @@ def _vae(out: Path, train_minutes: float | None) -> Path:
 def prepare_builtin(
     out: str | Path, train_vae_minutes: float | None = None, vae: str | Path | None = None
 ) -> dict[str, Path]:
-    """Returns the prepared dataset directories by name (``text_train``, ``images_heldout``, ...)."""
+    """Returns the prepared dataset directories by name (``text_train``,
+    ``images_heldout``, ...)."""
     out = Path(out)
     inputs, tokenizer = out / "inputs", out / "tokenizer.json"
     done, stamp = inputs / "done", export_stamp()

@@ -79,7 +79,9 @@ def expand_inputs(
         path = Path(item)
         if path.is_dir():
             for p in [path, *path.rglob("*")]:
-                if p.is_file() and p.suffix in suffixes or image_folders and p.is_dir() and _has_images(p):
+                if (p.is_file() and p.suffix in suffixes) or (
+                    image_folders and p.is_dir() and _has_images(p)
+                ):
                     units.append(p)
         elif path.is_file():
             if path.suffix not in suffixes:

@@ -303,7 +303,8 @@ def merge(out: str | Path) -> dict:
     missing = [n for n in names if not (out / n / "stats.json").exists()]
     if missing:
         raise RuntimeError(
-            f"{len(missing)} of {len(names)} units are not finished in '{out}' (first: {missing[0]}); "
+            f"{len(missing)} of {len(names)} units are not finished in '{out}' "
+            f"(first: {missing[0]}); "
             "re-run the shard job (finished units are skipped), then merge again"
         )
     lengths = np.concatenate([np.load(out / n / "lengths.npy") for n in names]).astype(np.int32)

@@ -438,8 +438,11 @@ def is_held_out(keys: list[str], fraction: float) -> np.ndarray:
     return held
 
 
+_DEFAULT_COLUMNS = Columns()  # frozen: one shared default, as a default argument would be
+
+
 def read_image_set(
-    inputs: list[str], size: int, columns: Columns = Columns(), holdout: float = 0.05
+    inputs: list[str], size: int, columns: Columns = _DEFAULT_COLUMNS, holdout: float = 0.05
 ) -> tuple[np.ndarray, np.ndarray, list[Rejected]]:
     """Decode every image of the inputs the sharding job reads (tars, Parquet, image folders;
     the same decoding, centre crop and resize) into memory as uint8 [N, size, size, 3]:

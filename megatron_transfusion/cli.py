@@ -28,7 +28,8 @@ def config_main(argv=None) -> None:
     print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
     c = count_parameters(cfg.model)
     print(
-        f"# parameters: language model {human_size(c.language_model)} (embedding {human_size(c.embedding)}, "
+        f"# parameters: language model {human_size(c.language_model)} "
+        f"(embedding {human_size(c.embedding)}, "
         f"transformer {human_size(c.transformer)}, head {human_size(c.lm_head)}) + "
         f"{cfg.model.patch_layer} patch layers {human_size(c.patch_layers)} = {human_size(c.total)}"
     )

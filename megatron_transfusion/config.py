@@ -160,7 +160,8 @@ class BatchGeometry:
         sequences = data.sequences_per_step
         if sequences % (dp_size * data.micro_batch_size):
             raise ConfigError(
-                f"config field 'data.global_batch_tokens': {sequences} sequences per step do not split "
+                "config field 'data.global_batch_tokens': "
+                f"{sequences} sequences per step do not split "
                 f"into {dp_size} data-parallel ranks × micro-batches of {data.micro_batch_size}"
             )
         return cls(sequences, dp_size, data.micro_batch_size)

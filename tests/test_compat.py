@@ -61,7 +61,8 @@ def test_a_patch_refuses_another_version_in_one_line(monkeypatch, distribution):
     (line,) = str(info.value).splitlines()
     assert line == (
         f"{module.__name__} patches the internals of {distribution} {module.WRITTEN_FOR}, but "
-        f"{distribution} 9.9.9 is installed: install {distribution}=={module.WRITTEN_FOR} (pinned in setup.py)"
+        f"{distribution} 9.9.9 is installed: "
+        f"install {distribution}=={module.WRITTEN_FOR} (pinned in setup.py)"
     )
 
 

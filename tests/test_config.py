@@ -115,7 +115,8 @@ def test_yaml_file_path(tmp_path):
         # What the DeepSpeed engine cannot run is refused here, and only here.
         (
             ["parallel.engine=deepspeed", "parallel.pipeline_parallel=2"],
-            "config field 'parallel.engine': deepspeed is only supported without pipeline parallelism",
+            "config field 'parallel.engine': "
+            "deepspeed is only supported without pipeline parallelism",
         ),
         (
             ["parallel.engine=deepspeed", "parallel.zero_stage=0"],

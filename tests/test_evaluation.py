@@ -15,7 +15,21 @@ from megatron_transfusion.evaluation.images import caption_match, clip_score, fi
 
 def caption_corpus(seed, n=60):
     rng = random.Random(seed)
-    words = ["a", "red", "heart", "face", "dog", "cat", "smiling", "grinning", "with", "big", "eyes", "blue", "green"]
+    words = [
+        "a",
+        "red",
+        "heart",
+        "face",
+        "dog",
+        "cat",
+        "smiling",
+        "grinning",
+        "with",
+        "big",
+        "eyes",
+        "blue",
+        "green",
+    ]
     sentence = lambda: " ".join(rng.choices(words, k=rng.randint(1, 7)))  # noqa: E731
     refs = [[sentence() for _ in range(rng.randint(1, 3))] for _ in range(n)]
     hyps = [refs[i][0] if i % 3 == 0 else sentence() for i in range(n)]  # some exact hits

@@ -87,7 +87,8 @@ def imports(name: str, path: Path, known: dict[str, Path]) -> set[str]:
             if node.level:
                 parts = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parts, base] if base else parts)
-            # ``from package import module`` imports the module; ``from module import name`` the module.
+            # ``from package import module`` imports the module; ``from module import name``
+            # the module.
             candidates = [
                 f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base
                 for alias in node.names
@@ -195,7 +196,8 @@ def tree(tmp_path):
 def test_a_planted_upward_import_is_caught(tree):
     with (tree / "kernels" / "attention.py").open("a") as f:
         f.write(
-            "\n\ndef _planted():\n    from megatron_transfusion.training import trainer  # noqa: F401\n"
+            "\n\ndef _planted():\n"
+            "    from megatron_transfusion.training import trainer  # noqa: F401\n"
         )
     planted = "kernels.attention (kernels) imports megatron_transfusion.training.trainer (programs)"
     assert planted in upward_imports(graph(tree))
@@ -205,7 +207,8 @@ def test_a_planted_cycle_is_caught(tree):
     # Both modules are in the model layer: a cycle is caught even where no layer is crossed.
     with (tree / "megatron_transfusion" / "diffusion" / "schedule.py").open("a") as f:
         f.write(
-            "\n\ndef _planted():\n    from megatron_transfusion.diffusion import sampler  # noqa: F401\n"
+            "\n\ndef _planted():\n"
+            "    from megatron_transfusion.diffusion import sampler  # noqa: F401\n"
         )
     assert cycles(graph(tree)) == [
         ["megatron_transfusion.diffusion.sampler", "megatron_transfusion.diffusion.schedule"]

@@ -194,8 +194,11 @@ def test_activation_recompute_gives_identical_gradients(megatron_world, mode, mo
     original = layer_spec.attend
     for recompute in ("none", mode):
         counter = []
+        # The patched attend runs only within this iteration, so `counter` is this one's.
         monkeypatch.setattr(
-            layer_spec, "attend", lambda *a, **k: counter.append(1) or original(*a, **k)
+            layer_spec,
+            "attend",
+            lambda *a, **k: counter.append(1) or original(*a, **k),  # noqa: B023
         )
         cfg = load_config("tiny", OVERRIDES + [f"parallel.recompute={recompute}"])
         seed_everything(3)

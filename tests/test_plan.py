@@ -34,7 +34,8 @@ def test_memory_prediction_matches_measured_peak(measured, case):
         for name, ours in (("peak", memory.total), ("state", memory.state)):
             seen = result[name][rank]
             assert ours == pytest.approx(seen, rel=TOLERANCE), (
-                f"{case}, rank {rank}: {name} {ours / 2**20:.1f} MiB predicted, {seen / 2**20:.1f} MiB measured"
+                f"{case}, rank {rank}: {name} {ours / 2**20:.1f} MiB predicted, "
+                f"{seen / 2**20:.1f} MiB measured"
             )
 
 

@@ -507,7 +507,7 @@ def test_fuzzed_config_files_are_config_errors(tmp_path):
     rng = random.Random(14)
     tiny = (ROOT / "megatron_transfusion" / "configs" / "tiny.yaml").read_bytes()
     path = tmp_path / "fuzzed.yaml"
-    for trial in range(200):
+    for _ in range(200):
         for data in mutations(tiny, rng).values():
             path.write_bytes(data)
             try:

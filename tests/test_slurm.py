@@ -49,7 +49,8 @@ def dry_run(script, *args, **env):
 
 @pytest.mark.parametrize("nodes", [None, "64"])
 def test_7b_dry_run_prints_the_layout_and_command(nodes):
-    """32 nodes as submitted (the script's #SBATCH lines); SLURM_JOB_NUM_NODES previews another size."""
+    """32 nodes as submitted (the script's #SBATCH lines); SLURM_JOB_NUM_NODES previews
+    another size."""
     result = dry_run("pretrain_7b.sh", **({"SLURM_JOB_NUM_NODES": nodes} if nodes else {}))
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -60,8 +61,8 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
     accumulation = d.global_batch_tokens // d.seq_length // (dp * d.micro_batch_size)
     assert f"{n} node(s), {n} task(s) × 8 process(es) = {n * 8} ranks" in out
     assert (
-        f"TP {p.tensor_parallel} × PP {p.pipeline_parallel} (virtual {p.virtual_pipeline or 1}) × DP {dp}"
-        in out
+        f"TP {p.tensor_parallel} × PP {p.pipeline_parallel} "
+        f"(virtual {p.virtual_pipeline or 1}) × DP {dp}" in out
     )
     assert f"ZeRO stage {p.zero_stage}, recompute {p.recompute}" in out
     assert "1024 sequences × 4096 tokens = 4194304 tokens per step" in out
@@ -91,7 +92,8 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
     [
         (
             "data.micro_batch_size=16",
-            "1024 sequences per step do not split into 256 data-parallel ranks × micro-batches of 16",
+            "1024 sequences per step do not split "
+            "into 256 data-parallel ranks × micro-batches of 16",
         ),
         ("parallel.tensor_parallel=3", "config field 'parallel.tensor_parallel'"),
     ],
@@ -146,7 +148,8 @@ def wait_for(env, job, timeout=420, log=None):
         if time.time() > deadline:
             subprocess.run(["scancel", job], env=env)
             pytest.fail(
-                f"job {job} still queued after {timeout} s:\n{log.read_text()[-4000:] if log else ''}"
+                f"job {job} still queued after {timeout} s:\n"
+                f"{log.read_text()[-4000:] if log else ''}"
             )
         time.sleep(0.2)
     return job_info(env, job)
@@ -242,8 +245,8 @@ def test_preemption_signal_saves_requeues_and_resumes_exactly(
     assert 2 <= saved < STEPS
     assert "(restart 1)" in second  # SLURM_RESTART_COUNT of the requeued run
     assert (
-        f"resumed from {tmp_path / f'tiny-{job}' / 'checkpoints' / f'step_{saved:08d}'} at step {saved}"
-        in second
+        f"resumed from {tmp_path / f'tiny-{job}' / 'checkpoints' / f'step_{saved:08d}'} "
+        f"at step {saved}" in second
     )
     reference = losses(uninterrupted[1])
     resumed = losses(tmp_path / f"tiny-{job}")

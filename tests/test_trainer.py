@@ -284,6 +284,9 @@ def test_trainer_with_deepspeed_zero2_trains_and_resumes(data_root, tmp_path):
         text=True,
     )
     assert result.returncode == 0 and out.exists(), result.stderr[-3000:]
-    load = f"from megatron_transfusion.inference.load import load_for_inference; print(load_for_inference('{step6}').step)"
+    load = (
+        "from megatron_transfusion.inference.load import load_for_inference; "
+        f"print(load_for_inference('{step6}').step)"
+    )
     result = subprocess.run([sys.executable, "-c", load], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0 and result.stdout.split()[-1] == "6", result.stderr[-3000:]

@@ -150,9 +150,9 @@ def torch_dist_loading_through(reader, planner_class: type):
     """Inside the block, torch_dist loads use the given reader and load planner.
 
     They read through ``reader(path)`` and plan with ``planner_class`` (a subclass of
-    Megatron's ``MCoreLoadPlanner``): ``TorchDistLoadShardedStrategy`` builds its filesystem reader and load planner itself,
-    and no argument takes others; the checkpoint loader needs its own, which read the
-    checkpoint's pickles as data only."""
+    Megatron's ``MCoreLoadPlanner``): ``TorchDistLoadShardedStrategy`` builds its
+    filesystem reader and load planner itself, and no argument takes others; the
+    checkpoint loader needs its own, which read the checkpoint's pickles as data only."""
     from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 
     with (

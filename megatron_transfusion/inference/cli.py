@@ -229,9 +229,10 @@ def generate_main(argv=None) -> None:
                 disable=not rank0,
             )
 
+            # Called only inside this iteration's generate(), so `bar` is this batch's bar.
             def progress(step: int, total: int) -> None:
-                bar.reset(total) if step == 1 else None  # a new image started
-                bar.update(1)
+                bar.reset(total) if step == 1 else None  # a new image started  # noqa: B023
+                bar.update(1)  # noqa: B023
 
             seeds = [args.seed + index for index in range(start, start + len(batch))]  # per prompt
             results = generator.generate(
@@ -242,8 +243,9 @@ def generate_main(argv=None) -> None:
                 continue
             for k in generator.stopped_at_context_limit:
                 print(
-                    f"notice: prompt {start + k} stopped at the model's context limit (max_sequence_length="
-                    f"{cfg.model.max_sequence_length}) before --max-new-tokens {sampling.max_new_tokens}"
+                    f"notice: prompt {start + k} stopped at the model's context limit "
+                    f"(max_sequence_length={cfg.model.max_sequence_length}) "
+                    f"before --max-new-tokens {sampling.max_new_tokens}"
                 )
             for k, result in enumerate(results):
                 index = start + k

@@ -119,7 +119,8 @@ class Generator:
             needed = self._document_length(prompt) + (self.patches + 2 if force_image else 0)
             if needed > self.cfg.max_sequence_length:
                 raise ValueError(
-                    f"prompt {i} needs {needed} positions{' with its image' if force_image else ''}; "
+                    f"prompt {i} needs {needed} positions"
+                    f"{' with its image' if force_image else ''}; "
                     f"the model's max_sequence_length is {self.cfg.max_sequence_length}"
                 )
 

@@ -63,7 +63,8 @@ def load_for_inference(
         metadata = read_export_metadata(checkpoint, verify)
         if "config" not in metadata:
             raise ValueError(
-                f"'{checkpoint}' has no config in its metadata: not written by mtf-checkpoint export"
+                f"'{checkpoint}' has no config in its metadata: "
+                "not written by mtf-checkpoint export"
             )
         if tensor_parallel != 1:
             raise ValueError(

@@ -26,7 +26,8 @@ from megatron_transfusion.planning.report import (
 def main(argv=None) -> None:
     """mtf-plan: rank the layouts of a config on a cluster, or check the config's own."""
     parser = argparse.ArgumentParser(
-        description="Enumerate TP/SP/PP/DP/ZeRO/recompute layouts; predict memory per GPU, step time, MFU."
+        description="Enumerate TP/SP/PP/DP/ZeRO/recompute layouts; "
+        "predict memory per GPU, step time, MFU."
     )
     parser.add_argument("--config", default="tiny", help="preset name or YAML file (default: tiny)")
     parser.add_argument("--cluster", default="h100-80gb", choices=sorted(CLUSTERS))
@@ -68,9 +69,10 @@ def main(argv=None) -> None:
     )
     m = cfg.model
     print(
-        f"{cfg.run.name}: {human_size(model_costs(m).parameters.total)} parameters, {m.num_layers} layers "
-        f"× {m.hidden_size}, seq {cfg.data.seq_length}, global batch {cfg.data.sequences_per_step} "
-        f"sequences; {gpus} × {cluster.name} ({gib(cluster.memory)} GiB, keep {args.margin:.0%} free)"
+        f"{cfg.run.name}: {human_size(model_costs(m).parameters.total)} parameters, "
+        f"{m.num_layers} layers × {m.hidden_size}, seq {cfg.data.seq_length}, "
+        f"global batch {cfg.data.sequences_per_step} sequences; "
+        f"{gpus} × {cluster.name} ({gib(cluster.memory)} GiB, keep {args.margin:.0%} free)"
     )
     if not ranked:
         raise SystemExit(f"no layout fits {gpus} × {cluster.name} with a {args.margin:.0%} margin")

@@ -75,7 +75,8 @@ class Layout:
     def describe(self) -> str:
         return (
             f"TP={self.tp}{'+SP' if self.sp else ''} PP={self.pp} VP={self.vp or '-'} DP={self.dp} "
-            f"mb={self.micro_batch_size} recompute={self.recompute} {self.engine} ZeRO-{self.zero_stage}"
+            f"mb={self.micro_batch_size} recompute={self.recompute} "
+            f"{self.engine} ZeRO-{self.zero_stage}"
         )
 
 
@@ -87,7 +88,8 @@ def check_layout(cfg: ExperimentConfig, cluster: Cluster, layout: Layout) -> Non
     if layout.tp > cluster.gpus_per_node or cluster.gpus_per_node % layout.tp:
         raise ConfigError(
             f"config field 'parallel.tensor_parallel': {layout.tp} must divide the "
-            f"{cluster.gpus_per_node} GPUs of a {cluster.name} node (TP traffic stays on the node's links)"
+            f"{cluster.gpus_per_node} GPUs of a {cluster.name} node "
+            "(TP traffic stays on the node's links)"
         )
 
 

@@ -17,7 +17,8 @@ def gib(x: float) -> str:
 
 def memory_line(mem: Memory) -> str:
     return (
-        f"params {gib(mem.parameters)}, grads {gib(mem.gradients)}, optimizer {gib(mem.optimizer)}, "
+        f"params {gib(mem.parameters)}, grads {gib(mem.gradients)}, "
+        f"optimizer {gib(mem.optimizer)}, "
         f"buffers {gib(mem.buffers)}, activations {gib(mem.activations)}, mask {gib(mem.mask)}, "
         f"transient {gib(mem.transient)}, framework {gib(mem.framework)} GiB "
         f"({mem.stage} stage)"
@@ -81,7 +82,10 @@ def check(cfg: ExperimentConfig, cluster: Cluster, gpus: int, margin: float) -> 
     report = "\n".join(
         [
             f"plan: {cfg.run.name} on {gpus} × {cluster.name}: {layout.describe()}",
-            f"memory/GPU: {gib(p.memory.total)} of {gib(cluster.memory)} GiB; {memory_line(p.memory)}",
+            (
+                f"memory/GPU: {gib(p.memory.total)} of {gib(cluster.memory)} GiB; "
+                f"{memory_line(p.memory)}"
+            ),
             (
                 f"step: {p.time.total:.2f} s ({time_line(p.time)}) | "
                 f"{p.tokens_per_second_per_gpu:,.0f} tokens/s/GPU | MFU {p.mfu:.1%}"
@@ -90,8 +94,10 @@ def check(cfg: ExperimentConfig, cluster: Cluster, gpus: int, margin: float) -> 
     )
     if p.memory.total > usable:
         raise LayoutDoesNotFit(
-            f"{report}\nerror: layout {layout.describe()} needs {gib(p.memory.total)} GiB per GPU, over "
-            f"the {gib(usable)} GiB usable ({gib(cluster.memory)} GiB less the {margin:.0%} margin); "
+            f"{report}\nerror: layout {layout.describe()} "
+            f"needs {gib(p.memory.total)} GiB per GPU, over "
+            f"the {gib(usable)} GiB usable "
+            f"({gib(cluster.memory)} GiB less the {margin:.0%} margin); "
             f"run mtf-plan without --check for layouts that fit"
         )
     return (

@@ -20,10 +20,11 @@ Time per step, the slowest pipeline stage:
 - Data parallelism, Megatron engine: ZeRO-0 all-reduces fp32 gradients, ZeRO-1
   reduce-scatters them, bucket by bucket during the last micro-batch's backward
   (``overlap_grad_reduce``): only what exceeds that backward (2/3 of its compute) shows;
-  ZeRO-1 then all-gathers the e-byte parameters after the step, unoverlapped. DeepSpeed: ZeRO-1 the same
-  in e bytes; ZeRO-2 reduce-scatters every micro-batch; ZeRO-3 also all-gathers the
-  parameters twice per micro-batch, overlapped with compute (its default): what exceeds
-  the micro-batch's compute shows, plus one layer's share that prefetching cannot hide.
+  ZeRO-1 then all-gathers the e-byte parameters after the step, unoverlapped.
+  DeepSpeed: ZeRO-1 the same in e bytes; ZeRO-2 reduce-scatters every micro-batch;
+  ZeRO-3 also all-gathers the parameters twice per micro-batch, overlapped with compute
+  (its default): what exceeds the micro-batch's compute shows, plus one layer's share
+  that prefetching cannot hide.
 - Bandwidth: a group stays on the node's links when its ranks fit in one node (Megatron
   orders ranks TP, then DP, then PP), else the per-GPU network bandwidth bounds it.
 - MFU = tokens/s/GPU × model FLOPs per token / peak.

@@ -112,7 +112,8 @@ class MetricsLogger:
         self._eval_jsonl = None
         if rank0:
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
-            self._jsonl = open(run_dir / "logs" / "metrics.jsonl", "a")
+            # Open for the logger's lifetime (appended every few steps), closed by close().
+            self._jsonl = open(run_dir / "logs" / "metrics.jsonl", "a")  # noqa: SIM115
             self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def log(self, step: int, values: dict[str, float]) -> str:
@@ -125,7 +126,8 @@ class MetricsLogger:
     def log_eval(self, step: int, values: dict[str, float]) -> str:
         """Held-out metrics: ``logs/eval.jsonl`` and tensorboard tags ``eval/<name>``."""
         if self.rank0 and self._eval_jsonl is None:
-            self._eval_jsonl = open(self.run_dir / "logs" / "eval.jsonl", "a")
+            # Opened at the first eval, kept open for the logger's lifetime, closed by close().
+            self._eval_jsonl = open(self.run_dir / "logs" / "eval.jsonl", "a")  # noqa: SIM115
         self._write(self._eval_jsonl, step, values, "eval/")
         return f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items())
 
