@@ -291,11 +291,11 @@ def planned_rows(data: dict[str, Path]) -> list[list[dict]]:
         PRESET,
         [*OVERRIDES, f"data.text_data={data['text']}", f"data.image_caption_data={data['img']}"],
     )
-    planner = MixedModalityLoader(cfg).planner
+    sampler = MixedModalityLoader(cfg).sampler
     return [
         [
             {"stream": e.stream, "index": e.index, "start": e.start, "length": e.length}
-            for e in planner.next_row()
+            for e in sampler.next_row()
         ]
         for _ in range(STEPS)
     ]

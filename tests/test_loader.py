@@ -7,7 +7,7 @@ from data_prep.shard import ShardJob, merge, run_shard_job
 from data_prep.tokenizer import train_bpe
 from data_prep.vae import ConvVAE, VAEConfig, save_vae
 from megatron_transfusion.config import ConfigError, load_config
-from megatron_transfusion.data import MixedModalityLoader, MixturePlanner, PreparedDataset
+from megatron_transfusion.data import MixedModalityLoader, MixtureSampler, PreparedDataset
 from tests.conftest import run_torchrun
 from tests.data_fixtures import write_inputs
 
@@ -123,11 +123,11 @@ def test_token_mix_and_caption_order_over_many_steps():
     rng = np.random.default_rng(0)
     lengths = {"text": rng.integers(20, 500, 5000), "image_caption": rng.integers(5, 40, 3000)}
     for fraction in (0.5, 0.3):
-        planner = MixturePlanner(lengths, 1024, 64, fraction, 0.8, seed=3)
+        sampler = MixtureSampler(lengths, 1024, 64, fraction, 0.8, seed=3)
         tokens = {"text": 0, "image_caption": 0}
         caption_first = []
         for _ in range(2000):
-            for example in planner.next_row():
+            for example in sampler.next_row():
                 tokens[example.stream] += example.length
                 if example.stream == "image_caption":
                     caption_first.append(example.caption_first)
@@ -142,20 +142,20 @@ def test_long_text_continues_over_rows_and_resumes_mid_document():
     the second starting on the first's last position; a 10-token one fits whole."""
     import numpy as np
 
-    planner = MixturePlanner({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
-    examples = [e for _ in range(6) for e in planner.next_row()]
+    sampler = MixtureSampler({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    examples = [e for _ in range(6) for e in sampler.next_row()]
     long = [(e.start, e.length) for e in examples if e.index == 1]
     assert long[:2] == [(0, 64), (63, 39)]
     assert all(e.length <= 64 for e in examples)
     assert [(e.start, e.length) for e in examples if e.index == 0][0] == (0, 12)
-    planner = MixturePlanner({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
-    while planner.next_row()[-1].length != 64:  # stop inside the long document
+    sampler = MixtureSampler({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    while sampler.next_row()[-1].length != 64:  # stop inside the long document
         pass
-    state = planner.state_dict()
+    state = sampler.state_dict()
     assert state["pending"]["start"] == 63  # the window that continues it
-    resumed = MixturePlanner({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    resumed = MixtureSampler({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
     resumed.load_state_dict(state)
-    assert [resumed.next_row() for _ in range(5)] == [planner.next_row() for _ in range(5)]
+    assert [resumed.next_row() for _ in range(5)] == [sampler.next_row() for _ in range(5)]
 
 
 def word_tokenizer(path, words):
@@ -265,9 +265,9 @@ def test_what_sharding_writes_by_default_trains_under_every_preset(preset):
     s, patches = cfg.data.seq_length, cfg.model.patches_per_image
     assert image_caption_length(longest, patches) <= s
     lengths = {"text": np.array([3 * s]), "image_caption": np.array([longest])}
-    planner = MixturePlanner(lengths, s, patches, 0.5, 0.8, seed=0)
+    sampler = MixtureSampler(lengths, s, patches, 0.5, 0.8, seed=0)
     for _ in range(8):
-        assert sum(e.length for e in planner.next_row()) <= s
+        assert sum(e.length for e in sampler.next_row()) <= s
 
 
 def test_exact_resume_mid_epoch(data_root):

@@ -9,7 +9,7 @@ from megatron_transfusion.batch import (
     ImageSegment, PackedBatch, SpecialTokens, TextSegment, image_caption_length, pack_documents,
 )
 from megatron_transfusion.config import BatchGeometry, ConfigError, ExperimentConfig, UserError
-from megatron_transfusion.data.mixture import IMAGE, TEXT, MixturePlanner, PlannedExample
+from megatron_transfusion.data.mixture import IMAGE, TEXT, MixtureSampler, PlannedExample
 from megatron_transfusion.data.source import PreparedDataset
 
 
@@ -37,7 +37,7 @@ def _check_images_fit(dataset: PreparedDataset, cfg: ExperimentConfig) -> None:
         raise ConfigError(f"image latents in '{dataset.directory}' have shape {found} (sharded "
                           f"with --image-size {manifest['image_size']}), the model expects "
                           f"{expected} (model.latent_channels, model.latent_size)")
-    caption = int(dataset.lengths.max(initial=0))  # an empty dataset: the planner says so
+    caption = int(dataset.lengths.max(initial=0))  # an empty dataset: the sampler says so
     needed = image_caption_length(caption, m.patches_per_image)
     if needed > cfg.data.seq_length:
         fits = cfg.data.seq_length - image_caption_length(0, m.patches_per_image)
@@ -76,7 +76,7 @@ class MixedModalityLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._last: tuple = (None, None, None)  # (stream, index, sample) last read
         self.cfg = cfg
-        self.planner = MixturePlanner(
+        self.sampler = MixtureSampler(
             {s: ds.lengths for s, ds in self.datasets.items()},
             d.seq_length,
             cfg.model.patches_per_image,
@@ -107,7 +107,7 @@ class MixedModalityLoader:
 
     def next_step(self) -> list[PackedBatch]:
         """This rank's micro-batches of the next global batch (rows strided over DP ranks)."""
-        plan = [self.planner.next_row() for _ in range(self.global_rows)]
+        plan = [self.sampler.next_row() for _ in range(self.global_rows)]
         mine = plan[self.dp_rank :: self.dp_size]
         m = self.cfg.model
         shape = (m.latent_channels, m.latent_size, m.latent_size)
@@ -121,10 +121,11 @@ class MixedModalityLoader:
         ]
 
     def state_dict(self) -> dict:
-        return {"planner": self.planner.state_dict(), "global_rows": self.global_rows}
+        # "planner": the sampler's key in every checkpoint written so far; kept so they resume.
+        return {"planner": self.sampler.state_dict(), "global_rows": self.global_rows}
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_rows"] != self.global_rows:
             raise UserError(f"the saved data state is for {state['global_rows']} sequences per step, "
                              f"this run has {self.global_rows}: keep data.global_batch_tokens")
-        self.planner.load_state_dict(state["planner"])
+        self.sampler.load_state_dict(state["planner"])

@@ -13,7 +13,7 @@ next-token prediction is trained exactly once. Each window is a document of its 
 its row: positions restart at 0 and it attends to nothing of the earlier windows. The
 loader checks that every image–caption pair fits a row before planning.
 
-Every rank runs the same planner over all rows (cheap: no sample is read) and keeps the
+Every rank runs the same sampler over all rows (cheap: no sample is read) and keeps the
 rows of its data-parallel rank. Its state is a handful of integers, so a checkpoint
 resumes exactly, also onto another data-parallel size with the same global batch.
 """
@@ -48,7 +48,7 @@ class _Cursor:
     offset: int = 0  # where the document at ``position`` continues (a long text)
 
 
-class MixturePlanner:
+class MixtureSampler:
     def __init__(
         self,
         lengths: dict[str, np.ndarray],  # per stream: text tokens per sample
