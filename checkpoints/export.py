@@ -7,14 +7,13 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
-import sys
 from pathlib import Path
 
 import torch
 import yaml
 
 from checkpoints import CheckpointError, layout
-from checkpoints.publish import rank_world, verify_checkpoint
+from checkpoints.publish import verify_checkpoint, warn_unverified
 from checkpoints.sharded import load_model_weights
 from megatron_transfusion import platform
 from megatron_transfusion.config import UserError, load_config
@@ -65,14 +64,9 @@ def verify_export(path: Path, metadata: dict[str, str]) -> None:
     it loads with a warning, as a checkpoint without a manifest does."""
     stored = metadata.get(EXPORT_DIGEST)
     if stored is None:
-        if rank_world()[0] == 0:
-            print(
-                f"warning: '{path}' has no {EXPORT_DIGEST} in its metadata "
-                "(exported before exports had "
-                "one): it is not verified",
-                file=sys.stderr,
-                flush=True,
-            )
+        warn_unverified(
+            f"'{path}' has no {EXPORT_DIGEST} in its metadata (exported before exports had one)"
+        )
         return
     if _export_digest(path, stored) != stored:
         raise CheckpointError(

@@ -70,6 +70,12 @@ def write_manifest(checkpoint: Path) -> None:
         layout.manifest_file(checkpoint).write_text(json.dumps({"files": files}, indent=1))
 
 
+def warn_unverified(reason: str) -> None:
+    """Rank 0 says why a file loads without a check: older files are loaded, not refused."""
+    if rank_world()[0] == 0:
+        print(f"warning: {reason}: it is not verified", file=sys.stderr, flush=True)
+
+
 def verify_checkpoint(checkpoint: Path) -> None:
     """Collective where a process group is up. Every file of ``checkpoint`` against its
     manifest; CheckpointError naming the first that is missing, truncated or changed.
@@ -77,14 +83,9 @@ def verify_checkpoint(checkpoint: Path) -> None:
     runs that resume across this change."""
     path = layout.manifest_file(checkpoint)
     if not path.exists():
-        if rank_world()[0] == 0:
-            print(
-                f"warning: '{checkpoint}' has no {layout.MANIFEST} "
-                "(written before checkpoints had one): its files "
-                "are not verified",
-                file=sys.stderr,
-                flush=True,
-            )
+        warn_unverified(
+            f"'{checkpoint}' has no {layout.MANIFEST} (written before checkpoints had one)"
+        )
         return
     try:
         files = {

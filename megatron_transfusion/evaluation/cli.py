@@ -13,6 +13,7 @@ import torch
 from checkpoints import layout
 from megatron_transfusion.console import run_cli
 from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses, image_metrics
+from megatron_transfusion.inference.cli import add_loading_arguments
 
 
 @run_cli(also=(ValueError,))
@@ -26,14 +27,7 @@ def main(argv=None) -> None:
         "overrides", nargs="*", help="eval.* settings, e.g. eval.captions=200 eval.images=64"
     )
     parser.add_argument("--out", help="results JSON (default: <run>/eval/step_N.json)")
-    parser.add_argument("--tokenizer", help="default: the one the training data was made with")
-    parser.add_argument("--vae", help="default: the one the training latents were made with")
-    parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="load the checkpoint without checking its files against its manifest "
-        "(an exported file: against its SHA-256)",
-    )
+    add_loading_arguments(parser)
     args = parser.parse_args(argv)
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:

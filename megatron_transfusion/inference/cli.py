@@ -101,6 +101,18 @@ def render(
     return "".join(parts), images
 
 
+def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
+    """What every command that loads a checkpoint for inference takes besides its path."""
+    parser.add_argument("--tokenizer", help="default: the one the training data was made with")
+    parser.add_argument("--vae", help="default: the one the training latents were made with")
+    parser.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="load the checkpoint without checking its files against its manifest "
+        "(an exported file: against its SHA-256)",
+    )
+
+
 def check_args(args) -> None:
     """ValueError naming the first flag whose value cannot mean anything."""
     for flag, value, ok, what in [
@@ -167,14 +179,7 @@ def generate_main(argv=None) -> None:
     parser.add_argument(
         "--no-cache", action="store_true", help="recompute the whole sequence every step"
     )
-    parser.add_argument("--tokenizer", help="default: the one the training data was made with")
-    parser.add_argument("--vae", help="default: the one the training latents were made with")
-    parser.add_argument(
-        "--no-verify",
-        action="store_true",
-        help="load the checkpoint without checking its files against its manifest "
-        "(an exported file: against its SHA-256)",
-    )
+    add_loading_arguments(parser)
     args = parser.parse_args(argv)
     check_args(args)
 
