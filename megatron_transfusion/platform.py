@@ -266,7 +266,3 @@ def install_cpu_stand_ins() -> None:
     torch_compat.cuda_tensor_views_for_megatron()
     megatron_core.give_megatron_torch(proxy)
     _TORCH_PROXY = proxy
-
-
-def cpu_stand_ins_installed() -> bool:
-    return _TORCH_PROXY is not None
