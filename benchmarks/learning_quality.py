@@ -287,7 +287,7 @@ def main(argv=None) -> None:
         "--vae-steps",
         type=int,
         default=1800,
-        help="VAE training steps (~3 min on 2 idle cores): a step budget, so that a busy "
+        help="VAE training steps (1 min on 2 idle cores): a step budget, so that a busy "
         "machine does not train a weaker VAE",
     )
     parser.add_argument("--steps", type=int, default=4000, help="training steps")
