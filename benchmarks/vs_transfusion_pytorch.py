@@ -279,9 +279,9 @@ class ProjectWorker:
         seed_everything(0)
         model = build_model(cfg, plat)
         self.engine = MegatronEngine(cfg, plat, model)
-        special = SpecialTokens(
-            pad=PAD, bos=FIRST_TEXT, eos=FIRST_TEXT + 1, boi=BOI, eoi=EOI
-        )  # no BOS/EOS written
+        # No BOS/EOS written; a tree from before SpecialTokens carried them takes pad/BOI/EOI.
+        ids = dict(pad=PAD, bos=FIRST_TEXT, eos=FIRST_TEXT + 1, boi=BOI, eoi=EOI)
+        special = SpecialTokens(**{f.name: ids[f.name] for f in dataclasses.fields(SpecialTokens)})
         documents = [
             [[TextSegment(v.tolist()) if kind == "text" else ImageSegment(v) for kind, v in row]]
             for row in make_rows(images)
@@ -300,7 +300,10 @@ class ProjectWorker:
         self.params = sum(p.numel() for chunk in model for p in chunk.parameters())
 
     def step(self) -> float:
-        return self.engine.train_step(self.micro, 1e-4).losses.total
+        losses = self.engine.train_step(self.micro, 1e-4).losses
+        return (
+            losses["loss"] if isinstance(losses, dict) else losses.total
+        )  # dict: before LossTerms
 
 
 # --------------------------------------------------------------------------------------
