@@ -252,6 +252,11 @@ def _make_torch_proxy() -> types.ModuleType:
 _TORCH_PROXY: types.ModuleType | None = None
 
 
+def _cuda_type_name(name: str) -> str:
+    """``torch.FloatTensor`` -> ``torch.cuda.FloatTensor`` (what Megatron checks for)."""
+    return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
+
+
 def install_cpu_stand_ins() -> None:
     """Give megatron.* modules CPU stand-ins for torch.cuda; idempotent; CPU only."""
     global _TORCH_PROXY
@@ -263,6 +268,6 @@ def install_cpu_stand_ins() -> None:
     if _TORCH_PROXY is not None:
         return
     proxy = _make_torch_proxy()
-    torch_compat.cuda_tensor_views_for_megatron()
+    torch_compat.cuda_tensor_views_for_megatron(_cuda_type_name)
     megatron_core.give_megatron_torch(proxy)
     _TORCH_PROXY = proxy

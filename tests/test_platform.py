@@ -79,11 +79,10 @@ def test_refuses_to_patch_when_cuda_is_available():
 
 
 def test_only_the_platform_module_mentions_torch_cuda():
-    """And the torch patch it applies (``compat/torch.py``: CUDA type names for Megatron)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    allowed = {"megatron_transfusion/platform.py", "megatron_transfusion/compat/torch.py"}
+    allowed = {"megatron_transfusion/platform.py"}
     offenders = [
         str(path.relative_to(root))
         for folder in ("megatron_transfusion", "kernels", "data_prep", "checkpoints", "launch")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Callable
 
 import torch
 
@@ -18,13 +19,14 @@ def _called_from_megatron(depth: int = 2) -> bool:
 
 
 @patch
-def cuda_tensor_views_for_megatron() -> None:
+def cuda_tensor_views_for_megatron(device_type_name: Callable[[str], str]) -> None:
     """On CPU, Megatron's callers see CUDA tensor type names and a ``t.cuda()`` that stays put.
 
-    ``t.type()`` answers them with the CUDA type name Megatron's optimizers check for, and
-    ``t.cuda()`` (used when gathering optimizer state) leaves the tensor on
-    the CPU. Tensor methods cannot be given per module, so ``torch.Tensor``'s own are
-    replaced by views that look at their caller; every other caller gets torch's answer."""
+    ``t.type()`` answers them with ``device_type_name`` of torch's answer (the platform's CUDA
+    type name, which Megatron's optimizers check for), and ``t.cuda()`` (used when gathering
+    optimizer state) leaves the tensor on the CPU. Tensor methods cannot be given per module,
+    so ``torch.Tensor``'s own are replaced by views that look at their caller; every other
+    caller gets torch's answer."""
     original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
 
     @functools.wraps(original_type)
@@ -32,7 +34,7 @@ def cuda_tensor_views_for_megatron() -> None:
         name = original_type(self, *args, **kwargs)
         if args or kwargs or not _called_from_megatron():
             return name
-        return name.replace("torch.", "torch.cuda.", 1) if name.count(".") == 1 else name
+        return device_type_name(name)
 
     @functools.wraps(original_cuda)
     def cuda_view(self, *args, **kwargs):
