@@ -1,12 +1,15 @@
-"""``mtf-checkpoint inspect|export``: look into a checkpoint; consolidate its model.
+"""``mtf-checkpoint inspect|export|import-hf``: look into a checkpoint; export its model;
+import a Hugging Face Llama.
 
 Checkpoints are Megatron dist-checkpoints in one layout for every engine, so resharding
 needs no tool: a run resumed with another TP/PP/DP layout or engine loads the same
-directory (``--resume PATH``). ``export``
-writes the model alone, unsharded, as one safetensors file plus the run's config, which
-inference and other frameworks can read without Megatron's loader. Both check the
-checkpoint's files against its manifest first, and an exported file against the SHA-256
-it holds (``--no-verify`` skips that); ``inspect`` also reads an exported file.
+directory (``--resume PATH``). ``export`` writes the model alone, unsharded: as one
+safetensors file with the run's config (``--format safetensors``), or as a Hugging Face
+directory ``transformers`` loads as a ``LlamaForCausalLM``, with the patch layers and the
+run's config beside it (``--format hf``). Both check the checkpoint's files against its
+manifest first, and an exported file against the SHA-256 it holds (``--no-verify`` skips
+that); ``inspect`` also reads an exported file. ``import-hf`` writes a run directory whose
+checkpoint is a Hugging Face Llama's weights, for ``checkpoint.init_from``.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import json
 from pathlib import Path
 
 from checkpoints.contents import inspect
-from checkpoints.export import export_checkpoint
+from checkpoints.export import export_checkpoint, export_hf
+from checkpoints.import_hf import import_hf
 from megatron_transfusion.console import run_cli
 
 
@@ -29,6 +33,31 @@ def main(argv=None) -> None:
         "export", help="one consolidated safetensors file of the model"
     )
     export_cmd.add_argument("--out", type=Path, required=True)
+    export_cmd.add_argument(
+        "--format",
+        choices=("safetensors", "hf"),
+        default="safetensors",
+        help="one .safetensors file (default), or a Hugging Face Llama directory",
+    )
+    export_cmd.add_argument(
+        "--max-shard-gib",
+        type=float,
+        default=5.0,
+        help="--format hf: largest weight file, GiB (default 5, as save_pretrained)",
+    )
+    import_cmd = commands.add_parser(
+        "import-hf", help="a Hugging Face Llama directory as a weights-only checkpoint"
+    )
+    import_cmd.add_argument("directory", type=Path, help="config.json + model*.safetensors")
+    import_cmd.add_argument("--out", type=Path, required=True, help="run directory to write")
+    import_cmd.add_argument(
+        "--config",
+        default="tiny",
+        help="preset or YAML for everything but the model section, which config.json gives",
+    )
+    import_cmd.add_argument(
+        "overrides", nargs="*", help="dotted overrides, e.g. data.seq_length=4096"
+    )
     for command in (inspect_cmd, export_cmd):
         command.add_argument(
             "checkpoint",
@@ -50,6 +79,13 @@ def main(argv=None) -> None:
         )
         for key, shape in sorted(report["tensors"].items()):
             print(f"{key:80s} {shape}")
+    elif args.command == "import-hf":
+        checkpoint, fresh = import_hf(args.directory, args.out, args.config, args.overrides)
+        print(f"wrote {checkpoint}" + (f" (initialised fresh: {fresh})" if fresh else ""))
+        print(f"start a run from it: mtf-train ... checkpoint.init_from={args.out}")
+    elif args.format == "hf":
+        max_bytes = int(args.max_shard_gib * 2**30)
+        print(f"wrote {export_hf(args.checkpoint, args.out, not args.no_verify, max_bytes)}")
     else:
         print(f"wrote {export_checkpoint(args.checkpoint, args.out, verify=not args.no_verify)}")
 

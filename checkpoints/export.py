@@ -5,18 +5,32 @@ read without Megatron's loader."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import shutil
 import struct
+from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from checkpoints import CheckpointError, layout
-from checkpoints.publish import verify_checkpoint, warn_unverified
+from checkpoints.huggingface import (
+    CONFIG,
+    hf_config,
+    hf_tensors,
+    replace_directory,
+    write_safetensors_shards,
+)
+from checkpoints.publish import verify_checkpoint, warn_unverified, write_manifest
 from checkpoints.sharded import load_model_weights
+from data_prep.tokenizer import Tokenizer
 from megatron_transfusion import platform
 from megatron_transfusion.config import UserError, load_config
+from megatron_transfusion.data.source import local_manifests, made_with, sha256_file
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed
 
@@ -47,8 +61,6 @@ def _export_digest(path: Path, stored: str) -> str:
 def save_export(tensors: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:
     """Write one safetensors file with its SHA-256 in its metadata (``EXPORT_DIGEST``), under a
     temporary name until complete: the digest goes in place of zeros, so no offset moves."""
-    from safetensors.torch import save_file
-
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     save_file(tensors, tmp, metadata={**metadata, EXPORT_DIGEST: _UNSET_DIGEST})
     digest = _export_digest(tmp, _UNSET_DIGEST)
@@ -93,17 +105,17 @@ def read_export_metadata(path: Path, verify: bool = True) -> dict[str, str]:
     return metadata
 
 
-def export_checkpoint(path: Path, out: Path, verify: bool = True) -> Path:
-    """Load the model at TP=1/PP=1 in this process and save it as one safetensors file
-    (with its SHA-256 inside, checked wherever it is loaded)."""
+@contextmanager
+def consolidated_model(path: Path, verify: bool = True):
+    """The model of a checkpoint directory, loaded at TP=1/PP=1 in this process, with its
+    config, step and the tokenizer/VAE fingerprints it was trained with (or None)."""
     checkpoint = layout.find_checkpoint(path)
-    if checkpoint.suffix == ".safetensors":
-        raise UserError(f"'{checkpoint}' is already an exported file")
+    if checkpoint.suffix == ".safetensors" or layout.is_hf_export(checkpoint):
+        raise UserError(f"'{checkpoint}' is already an export; pass the checkpoint it came from")
     if verify:
         verify_checkpoint(checkpoint)
-    config_path = layout.run_config_path(checkpoint)
     cfg = load_config(
-        str(config_path),
+        str(layout.run_config_path(checkpoint)),
         [
             "parallel.tensor_parallel=1",
             "parallel.pipeline_parallel=1",
@@ -115,12 +127,69 @@ def export_checkpoint(path: Path, out: Path, verify: bool = True) -> Path:
     try:
         (model,) = build_model(cfg, plat)
         load_model_weights([model], checkpoint)
-        tensors = {
-            k: v.contiguous() for k, v in model.state_dict().items() if hasattr(v, "contiguous")
-        }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        step = layout.read_trainer_state(checkpoint)["step"]
-        save_export(tensors, out, {"step": str(step), "config": yaml.safe_dump(cfg.to_dict())})
+        trainer = layout.read_trainer_state(checkpoint)
+        found = trainer.get("made_with")
+        if found is None:  # written before checkpoints recorded it: the run's data says
+            manifests = local_manifests(cfg.data.text_data, cfg.data.image_caption_data)
+            found = made_with(manifests) if manifests else None
+        yield model, cfg, trainer["step"], found
     finally:
         destroy_distributed()
+
+
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    """A TP=1/PP=1 model's tensors by state_dict name (Megatron's extra states dropped)."""
+    return {k: v.contiguous() for k, v in model.state_dict().items() if hasattr(v, "contiguous")}
+
+
+def export_checkpoint(path: Path, out: Path, verify: bool = True) -> Path:
+    """Save a checkpoint's model as one safetensors file (with its SHA-256 inside, checked
+    wherever it is loaded)."""
+    with consolidated_model(path, verify) as (model, cfg, step, made):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"step": str(step), "config": yaml.safe_dump(cfg.to_dict())}
+        if made is not None:
+            metadata["made_with"] = json.dumps(made)
+        save_export(model_tensors(model), out, metadata)
+    return out
+
+
+def _run_tokenizer(made: dict | None) -> Tokenizer | None:
+    """The tokenizer a model was trained with, if its file is still where it was."""
+    recorded = (made or {}).get("tokenizer")
+    if recorded is None:
+        warn_unverified("the checkpoint does not record its tokenizer, so none is exported")
+        return None
+    path = Path(recorded["path"])
+    if not path.is_file() or sha256_file(path) != recorded["sha256"]:
+        warn_unverified(f"the tokenizer {path} is gone or changed, so none is exported")
+        return None
+    return Tokenizer.load(path)
+
+
+def export_hf(path: Path, out: Path, verify: bool = True, max_shard_bytes: int = 5 << 30) -> Path:
+    """A Hugging Face directory ``transformers`` loads as a ``LlamaForCausalLM`` (the text
+    model and its tokenizer), plus the patch layers and the run's config, tokenizer and
+    VAE fingerprints beside it (``layout``: the Hugging Face export), which
+    ``checkpoints.sources`` loads back whole. Written under a temporary name until complete."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"'{out}' already exists; choose another --out or remove it")
+    with consolidated_model(path, verify) as (model, cfg, step, made):
+        staging = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        text, patches = hf_tensors(model_tensors(model), cfg.model)
+        write_safetensors_shards(text, staging, max_shard_bytes)
+        save_file(patches, staging / layout.HF_PATCH_LAYERS)
+        tokenizer = _run_tokenizer(made)
+        special = asdict(tokenizer.special) if tokenizer else None
+        dtype = next(model.parameters()).dtype
+        (staging / CONFIG).write_text(json.dumps(hf_config(cfg.model, dtype, special), indent=1))
+        if tokenizer is not None:
+            tokenizer.save_hf(staging)
+        side = {"config": cfg.to_dict(), "step": step, "made_with": made, "special_tokens": special}
+        (staging / layout.HF_TRANSFUSION).write_text(json.dumps(side, indent=1))
+        write_manifest(staging)
+        replace_directory(staging, out)
     return out

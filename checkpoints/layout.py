@@ -12,6 +12,16 @@
       latest                            the name of the newest complete checkpoint
 
 A checkpoint is complete once it has its ``trainer.json`` (written last, before the rename).
+A checkpoint written by ``mtf-checkpoint import-hf`` holds the model alone (``weights_only``
+in its trainer.json): runs start from it (``checkpoint.init_from``), they do not resume it.
+
+A Hugging Face export (``mtf-checkpoint export --format hf``) is a directory
+``transformers`` loads as a ``LlamaForCausalLM``, plus what makes it a Transfusion model:
+
+    <dir>/config.json, model*.safetensors, tokenizer.json ...   the text model, Hugging Face's
+    <dir>/transfusion.json              the run's config, special tokens, tokenizer and VAE
+    <dir>/transfusion.safetensors       the patch layers
+    <dir>/manifest.json                 size and SHA-256 of every file above
 """
 
 from __future__ import annotations
@@ -27,8 +37,12 @@ RNG = "rng"
 TRAINER_STATE = "trainer.json"
 MANIFEST = "manifest.json"
 
+HF_TRANSFUSION = "transfusion.json"
+HF_PATCH_LAYERS = "transfusion.safetensors"
+
 CHECKPOINT_KINDS = (
-    "a consolidated .safetensors file (mtf-checkpoint export), a checkpoint directory "
+    "a consolidated .safetensors file (mtf-checkpoint export), a Hugging Face export "
+    f"directory (with {HF_TRANSFUSION}), a checkpoint directory "
     f"(<run>/{CHECKPOINTS}/step_N), a checkpoints directory with '{LATEST}', or a run directory"
 )
 
@@ -111,12 +125,18 @@ def find_checkpoint(path: str | Path) -> Path:
         raise FileNotFoundError(f"no such checkpoint: {path}")
     if path.is_file() and path.suffix == ".safetensors":
         return path
+    if is_hf_export(path):
+        return path
     for candidate in (path, checkpoints_dir(path)):
         if latest_file(candidate).is_file():
             candidate = candidate / latest_file(candidate).read_text().strip()
         if (candidate / TRAINER_STATE).is_file():
             return candidate
     raise FileNotFoundError(f"'{path}' is not a checkpoint: expected {CHECKPOINT_KINDS}")
+
+
+def is_hf_export(path: Path) -> bool:
+    return (path / HF_TRANSFUSION).is_file()
 
 
 # ---- One checkpoint -------------------------------------------------------------------------

@@ -24,7 +24,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
-from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+from megatron.core.dist_checkpointing.mapping import (
+    ShardedObject,
+    ShardedTensor,
+    ShardedTensorFactory,
+)
 from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
 from megatron.core.dist_checkpointing.strategies import torch as torch_strategy
 from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
@@ -344,10 +348,46 @@ def loaded_optimizer_state(loaded: dict) -> tuple[list[dict[str, torch.Tensor]],
     return [param_state[i] for i in range(len(param_state))], int(steps.pop())
 
 
-def load_model_weights(chunks, checkpoint: str | Path) -> None:
-    """Fill model chunks, in any layout, from a training checkpoint's engine state."""
-    state = load_sharded(
-        {"model": model_sharded_state_dict(chunks)}, layout.engine_dir(Path(checkpoint))
-    )
+def _stored_alike(entry, stored: dict[str, tuple | None]) -> str | None:
+    """Why the checkpoint cannot fill ``entry`` (None: it can): absent, or another shape."""
+    if isinstance(entry, ShardedObject):
+        return None if entry.unique_key in stored else f"has no '{entry.unique_key}'"
+    for shard in entry.build() if isinstance(entry, ShardedTensorFactory) else [entry]:
+        if shard.key not in stored:
+            return f"has no '{shard.key}'"
+        if stored[shard.key] != tuple(shard.global_shape):
+            return (
+                f"holds '{shard.key}' of shape {stored[shard.key]}, the model's is "
+                f"{tuple(shard.global_shape)}: it is of another model size"
+            )
+    return None
+
+
+def load_model_weights(
+    chunks, checkpoint: str | Path, may_be_fresh=lambda name: False
+) -> list[str]:
+    """Fill model chunks, in any layout, from a training checkpoint's engine state.
+    Parameters the checkpoint lacks, or holds in another shape, stay as initialised where
+    ``may_be_fresh(name)`` (e.g. patch layers of another kind) and are returned; any other
+    is a CheckpointError."""
+    engine = layout.engine_dir(Path(checkpoint))
+    stored = {
+        key: tuple(item.size) if hasattr(item, "size") else None
+        for key, item in read_metadata(engine).state_dict_metadata.items()
+    }
+    request, fresh = {}, []
     for i, chunk in enumerate(chunks):
-        chunk.load_state_dict(state["model"][f"chunk{i}"])
+        wanted = {}
+        for name, entry in chunk.sharded_state_dict().items():
+            problem = _stored_alike(entry, stored)
+            if problem is None:
+                wanted[name] = entry
+            elif may_be_fresh(name):
+                fresh.append(name)
+            else:
+                raise CheckpointError(f"checkpoint '{checkpoint}' {problem}")
+        request[f"chunk{i}"] = wanted
+    state = load_sharded({"model": request}, engine, part=bool(fresh))
+    for i, chunk in enumerate(chunks):
+        chunk.load_state_dict(state["model"][f"chunk{i}"], strict=not fresh)
+    return fresh

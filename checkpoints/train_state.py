@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from checkpoints import layout
+from checkpoints import CheckpointError, layout
 from checkpoints.publish import publish_checkpoint, verify_checkpoint
 from megatron_transfusion.training.engine import Engine
 
@@ -83,9 +83,14 @@ def load_checkpoint(
     """Collective. Returns (trainer state, this rank's RNG state or None if the checkpoint
     was written by a different number of ranks). ``verify``: check every file against the
     manifest first."""
+    trainer_state = layout.read_trainer_state(path)
+    if trainer_state.get("weights_only"):
+        raise CheckpointError(
+            f"'{path}' holds model weights only ({trainer_state.get('source', 'imported')}), "
+            f"not a run to resume: start one from it with checkpoint.init_from={path}"
+        )
     if verify:
         verify_checkpoint(path)
     engine.load(layout.engine_dir(path))
-    trainer_state = layout.read_trainer_state(path)
     same_world = layout.saved_ranks(path) == dist.get_world_size()
     return trainer_state, load_file(layout.rng_file(path, dist.get_rank())) if same_world else None

@@ -2,13 +2,18 @@
 
 Transfusion needs five special tokens at known ids (padding, document bounds, image
 bounds). ``Tokenizer.load`` finds them in the file or appends them after its vocabulary, so
-any user tokenizer works unchanged. ``encode`` never produces a special id from text: the
-packer inserts specials by id, so a document cannot forge an image boundary.
+any user tokenizer works unchanged. A Hugging Face model directory (or a tokenizer.json
+with a ``tokenizer_config.json`` beside it) keeps the model's own padding and document
+tokens (e.g. Llama 3's ``<|begin_of_text|>``), which its embeddings were trained on.
+``encode`` never produces a special id from text: the packer inserts specials by id, so a
+document cannot forge an image boundary.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -20,6 +25,28 @@ from tokenizers import Tokenizer as HFTokenizer
 from megatron_transfusion.batch import SpecialTokens
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<boi>", "<eoi>")
+HF_FILES = ("tokenizer.json", "tokenizer.model")  # in a Hugging Face model directory
+HF_TOKENIZER_CONFIG = "tokenizer_config.json"  # names the pad/bos/eos tokens there
+ROLES = ("pad", "bos", "eos")  # the specials a tokenizer may declare itself
+
+
+def declared_roles(tokenizer_file: Path) -> dict[str, str]:
+    """The pad/bos/eos token strings the ``tokenizer_config.json`` beside a tokenizer names."""
+    path = tokenizer_file.with_name(HF_TOKENIZER_CONFIG)
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    roles = {}
+    for role in ROLES:
+        token = config.get(f"{role}_token") if isinstance(config, dict) else None
+        if isinstance(token, dict):  # an AddedToken serialised
+            token = token.get("content")
+        if isinstance(token, str):
+            roles[role] = token
+    return roles
 
 
 class Tokenizer:
@@ -35,8 +62,16 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load an HF ``tokenizer.json`` or a SentencePiece ``*.model``."""
+        """Load an HF ``tokenizer.json``, a SentencePiece ``*.model``, or the tokenizer of a
+        Hugging Face model directory."""
         path = Path(path).resolve()
+        if path.is_dir():
+            found = [path / name for name in HF_FILES if (path / name).is_file()]
+            if not found:
+                raise FileNotFoundError(
+                    f"directory {path} has no {' or '.join(HF_FILES)}: pass a tokenizer file"
+                )
+            path = found[0]
         if not path.is_file():
             raise FileNotFoundError(
                 f"tokenizer file {path} does not exist: pass an HF tokenizer.json or a "
@@ -59,10 +94,17 @@ class Tokenizer:
             raise ValueError(f"{path} is not a valid HF tokenizer.json: {e}") from e
         tok.no_truncation()
         tok.no_padding()
+        declared = {
+            role: token
+            for role, token in declared_roles(path).items()
+            if tok.token_to_id(token) is not None
+        }
+        names = [declared.get(role, default) for role, default in zip(ROLES, SPECIAL_TOKENS)]
+        names += SPECIAL_TOKENS[len(ROLES) :]
         # Existing tokens keep their ids; missing ones get the next free ids, in order.
-        tok.add_special_tokens([AddedToken(t, special=True) for t in SPECIAL_TOKENS])
+        tok.add_special_tokens([AddedToken(t, special=True) for t in names])
         tok.encode_special_tokens = True  # special strings in text are split like plain text
-        special = SpecialTokens(*(tok.token_to_id(t) for t in SPECIAL_TOKENS))
+        special = SpecialTokens(*(tok.token_to_id(t) for t in names))
         vocab_size = max(tok.get_vocab(with_added_tokens=True).values()) + 1
         return cls("hf", path, tok, special, vocab_size)
 
@@ -108,6 +150,18 @@ class Tokenizer:
             "vocab_size": self.vocab_size,
             "special": asdict(self.special),
         }
+
+    def save_hf(self, directory: Path) -> None:
+        """Write this tokenizer, its specials included, as a Hugging Face model directory's
+        (``transformers.AutoTokenizer`` loads it; ``load`` reads the same ids back)."""
+        if self.kind == "sentencepiece":
+            shutil.copyfile(self.path, directory / "tokenizer.model")
+            return
+        self._backend.save(str(directory / "tokenizer.json"))
+        names = {role: self._backend.id_to_token(getattr(self.special, role)) for role in ROLES}
+        config = {"tokenizer_class": "PreTrainedTokenizerFast"}
+        config |= {f"{role}_token": name for role, name in names.items()}
+        (directory / HF_TOKENIZER_CONFIG).write_text(json.dumps(config, indent=1))
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.kind}, {self.path}, vocab_size={self.vocab_size})"

@@ -47,6 +47,8 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128  # the padded vocabulary must split over TP ranks
     max_sequence_length: int = 4096
     rope_base: float = 10000.0
+    # Llama 3.1's long-context RoPE ("llama3" scaling) with this factor; None: plain RoPE.
+    rope_scaling_factor: float | None = None
     norm_epsilon: float = 1e-5
     init_std: float = 0.02
     # Images enter as VAE latents [latent_channels, latent_size, latent_size].
@@ -191,6 +193,10 @@ class CheckpointConfig:
     interval: int = 1000
     keep_last: int = 3
     load: str | None = None  # a path, "auto" (latest in directory), or None
+    # Start from these weights only (fresh optimizer, step 0, fresh data order), in any
+    # layout and engine: a run, a step directory, an export, or hf:DIR (a Hugging Face
+    # Llama). Ignored once the run has a checkpoint of its own, which it resumes instead.
+    init_from: str | None = None
     # Copy the state to host memory at the save step, write files from a thread while
     # training continues, publish at a later step boundary (megatron engine).
     async_save: bool = False
@@ -510,6 +516,11 @@ def validate(config: ExperimentConfig) -> None:
         )
         _require(all(c > 0 for c in m.unet_channels), "model.unet_channels", "must be positive")
         _require(m.unet_blocks_per_level >= 1, "model.unet_blocks_per_level", "must be ≥ 1")
+    _require(
+        m.rope_scaling_factor is None or m.rope_scaling_factor >= 1,
+        "model.rope_scaling_factor",
+        "must be ≥ 1 or null",
+    )
     _require(m.timestep_frequency_dim % 2 == 0, "model.timestep_frequency_dim", "must be even")
     _require(
         d.seq_length <= m.max_sequence_length,

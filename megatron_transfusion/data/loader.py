@@ -10,7 +10,7 @@ from megatron_transfusion.batch import (
 )
 from megatron_transfusion.config import BatchGeometry, ConfigError, ExperimentConfig, UserError
 from megatron_transfusion.data.mixture import IMAGE, TEXT, MixtureSampler, PlannedExample
-from megatron_transfusion.data.source import PreparedDataset
+from megatron_transfusion.data.source import PreparedDataset, made_with
 
 
 def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfig) -> dict:
@@ -71,6 +71,8 @@ class MixedModalityLoader:
             if dataset.kind != stream:
                 raise UserError(f"'{dataset.directory}' holds {dataset.kind} data, not {stream}")
         special = _check_compatible(self.datasets, cfg)
+        # The tokenizer and VAE fingerprints checkpoints record (checkpoints.sources).
+        self.made_with = made_with({s: ds.manifest for s, ds in self.datasets.items()})
         self.special = SpecialTokens(**special)
         self.global_rows = BatchGeometry.of(d, dp_size).sequences
         self.dp_rank, self.dp_size = dp_rank, dp_size

@@ -28,12 +28,32 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def made_with(manifests: dict[str, dict]) -> dict:
+    """The tokenizer and VAE fingerprints of a run's data, by stream ("text",
+    "image_caption") manifest: what a checkpoint records it was trained with. ``vae`` is
+    None for text-only data."""
+    first = next(iter(manifests.values()))
+    image = manifests.get("image_caption")
+    return {"tokenizer": first["tokenizer"], "vae": image["vae"] if image else None}
+
+
+def local_manifests(text_data: str | None, image_caption_data: str | None) -> dict[str, dict]:
+    """The manifests of a run's prepared datasets that are local directories, by stream."""
+    found = {}
+    for stream, location in (("text", text_data), ("image_caption", image_caption_data)):
+        if location and "://" not in location and (Path(location) / "manifest.json").is_file():
+            found[stream] = json.loads((Path(location) / "manifest.json").read_text())
+    return found
+
+
 def _mirror(remote: str, cache: Path) -> Path:
     """Copy a remote dataset (any URL streaming can download) into ``cache``."""
     from streaming.base.storage.download import CloudDownloader
 
     cache.mkdir(parents=True, exist_ok=True)
-    CloudDownloader.direct_download(f"{remote.rstrip('/')}/manifest.json", str(cache / "manifest.json"))
+    CloudDownloader.direct_download(
+        f"{remote.rstrip('/')}/manifest.json", str(cache / "manifest.json")
+    )
     manifest = json.loads((cache / "manifest.json").read_text())
     for name in manifest["files"]:
         target = cache / name
@@ -70,9 +90,14 @@ class PreparedDataset:
             self._readers.append(reader_from_json(str(self.directory), None, shard))
             offsets.append(offsets[-1] + shard["samples"])
         self._offsets = np.asarray(offsets)
-        if self._offsets[-1] != len(self.lengths) or len(self.lengths) != self.manifest["num_samples"]:
-            raise CorruptShardError(f"'{self.directory}': index.json, lengths.npy and manifest.json "
-                                    "disagree on the number of samples")
+        if (
+            self._offsets[-1] != len(self.lengths)
+            or len(self.lengths) != self.manifest["num_samples"]
+        ):
+            raise CorruptShardError(
+                f"'{self.directory}': index.json, lengths.npy and manifest.json "
+                "disagree on the number of samples"
+            )
 
     @property
     def kind(self) -> str:

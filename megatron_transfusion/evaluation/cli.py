@@ -10,7 +10,6 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import layout
 from megatron_transfusion.console import run_cli
 from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses, image_metrics
 from megatron_transfusion.inference.cli import add_loading_arguments
@@ -77,7 +76,8 @@ def main(argv=None) -> None:
             metrics.update(scores)
             details["skipped"], images = extra["skipped"], extra["images"]
         if int(os.environ.get("RANK", 0)) == 0:
-            out = Path(args.out) if args.out else _default_out(loaded)
+            default = loaded.output_dir("eval")
+            out = Path(args.out) if args.out else default.with_name(f"{default.name}.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             result = {
                 "checkpoint": str(loaded.source),
@@ -89,22 +89,14 @@ def main(argv=None) -> None:
             if images is not None:  # guided samples above their unconditional twins
                 rows = [from_model_range(images[k]) for k in ("guided", "unconditional")]
                 save_grid([*rows[0], *rows[1]], out.with_suffix(".png"), columns=len(rows[0]))
-            if loaded.source.suffix != ".safetensors":
-                with SummaryWriter(
-                    log_dir=str(loaded.source.parent.parent / "tensorboard")
-                ) as writer:
+            if loaded.run_dir is not None:
+                with SummaryWriter(log_dir=str(loaded.run_dir / "tensorboard")) as writer:
                     for key, value in metrics.items():
                         writer.add_scalar(f"eval/{key}", value, loaded.step)
             print(json.dumps(metrics, indent=1))
             print(f"wrote {out}")
     finally:
         destroy_distributed()
-
-
-def _default_out(loaded) -> Path:
-    if loaded.source.suffix == ".safetensors":
-        return loaded.source.with_name(f"{loaded.source.stem}_eval.json")
-    return loaded.source.parent.parent / "eval" / f"{layout.step_name(loaded.step)}.json"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from checkpoints import layout
 from megatron_transfusion.batch import Document, ImageSegment, TextSegment
 from megatron_transfusion.console import run_cli
 from megatron_transfusion.diffusion.sampler import SPACINGS
@@ -222,7 +221,7 @@ def generate_main(argv=None) -> None:
         generator = Generator(loaded.model, cfg, tokenizer.special, sampling, tokenizer.vocab_size)
         generator.check_prompts(documents, force_image=args.mode == "image")
         rank0 = int(os.environ.get("RANK", 0)) == 0
-        out = Path(args.out) if args.out else _default_out(loaded)
+        out = Path(args.out) if args.out else loaded.output_dir("samples")
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
         records, all_images = [], []
@@ -264,12 +263,6 @@ def generate_main(argv=None) -> None:
             print(f"wrote {len(records)} samples ({len(all_images)} images) to {out}")
     finally:
         destroy_distributed()
-
-
-def _default_out(loaded) -> Path:
-    if loaded.source.suffix == ".safetensors":
-        return loaded.source.parent / f"{loaded.source.stem}_samples"
-    return loaded.source.parent.parent / "samples" / layout.step_name(loaded.step)
 
 
 if __name__ == "__main__":

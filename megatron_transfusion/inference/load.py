@@ -1,5 +1,6 @@
-"""Everything generation and evaluation load: the model from a training checkpoint or a
-consolidated export, and the tokenizer and VAE the training data was made with.
+"""Everything generation and evaluation load: the model from a training checkpoint, an
+export or a Hugging Face export (``checkpoints.sources``), and the tokenizer and VAE the
+training data was made with.
 
 By default the tokenizer and VAE come from the training data's manifest (recorded in the
 run's config), so a sample decodes with the VAE its latents were trained on; a VAE passed
@@ -8,20 +9,17 @@ by hand must be that same VAE (checked by its weights' SHA-256 when the manifest
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from checkpoints import layout
-from checkpoints.export import read_export_metadata
-from checkpoints.publish import verify_checkpoint
-from checkpoints.sharded import load_model_weights
+from checkpoints.sources import open_weights
+from checkpoints.whole import summarize
 from data_prep.tokenizer import Tokenizer
 from data_prep.vae import LatentEncoder, load_vae
 from megatron_transfusion import platform
-from megatron_transfusion.config import ExperimentConfig, config_from_tree, load_config
+from megatron_transfusion.config import ExperimentConfig, UserError, config_from_tree
+from megatron_transfusion.data.source import local_manifests
 from megatron_transfusion.model import TransfusionModel, build_model
 from megatron_transfusion.parallel import init_distributed
 
@@ -31,7 +29,15 @@ class LoadedModel:
     model: TransfusionModel
     cfg: ExperimentConfig
     step: int
-    source: Path
+    source: Path  # the checkpoint directory or export loaded
+    run_dir: Path | None  # the run of a step checkpoint; None for an export
+
+    def output_dir(self, kind: str) -> Path:
+        """Where outputs of ``kind`` ("samples", "eval") made from this model go by default:
+        the run's ``<kind>/step_N``, or beside an export."""
+        if self.run_dir is None:
+            return self.source.parent / f"{self.source.stem}_{kind}"
+        return self.run_dir / kind / layout.step_name(self.step)
 
 
 def _inference_overrides(tensor_parallel: int) -> list[str]:
@@ -55,58 +61,33 @@ def _inference_overrides(tensor_parallel: int) -> list[str]:
 def load_for_inference(
     path: str | Path, tensor_parallel: int = 1, verify: bool = True
 ) -> LoadedModel:
-    """Initialise the parallel state (TP over the launched ranks) and load the model.
-    ``verify``: check a checkpoint directory's files against its manifest, or an exported
-    file against its SHA-256, first."""
-    checkpoint = layout.find_checkpoint(path)
-    if checkpoint.suffix == ".safetensors":
-        metadata = read_export_metadata(checkpoint, verify)
-        if "config" not in metadata:
-            raise ValueError(
-                f"'{checkpoint}' has no config in its metadata: "
-                "not written by mtf-checkpoint export"
-            )
-        if tensor_parallel != 1:
-            raise ValueError(
-                f"a consolidated file loads at tensor_parallel=1; for TP={tensor_parallel} "
-                f"pass the sharded checkpoint it was exported from"
-            )
-        cfg = config_from_tree(yaml.safe_load(metadata["config"]), _inference_overrides(1))
-        step = int(metadata.get("step", -1))
-    else:
-        cfg = load_config(
-            str(layout.run_config_path(checkpoint)), _inference_overrides(tensor_parallel)
+    """Initialise the parallel state (TP over the launched ranks) and load the model from
+    any checkpoint, export or Hugging Face export (``checkpoints.sources``). ``verify``:
+    check its files against their manifest or SHA-256 first."""
+    source = open_weights(path, verify)
+    if source.config is None:
+        raise UserError(
+            f"{source.description} is a language model without a Transfusion config: import it "
+            "with `mtf-checkpoint import-hf`, or start a run from it with checkpoint.init_from"
         )
+    cfg = config_from_tree(source.config, _inference_overrides(tensor_parallel))
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
-    if checkpoint.suffix != ".safetensors":
-        if verify:
-            verify_checkpoint(checkpoint)
-        step = layout.read_trainer_state(checkpoint)["step"]
     (model,) = build_model(cfg, plat)
-    if checkpoint.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(checkpoint), device=str(plat.device()))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise ValueError(
-                f"'{checkpoint}' does not match the model of its config: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-    else:
-        load_model_weights([model], checkpoint)
-    return LoadedModel(model.eval(), cfg, step, checkpoint)
+    fresh = source.load([model], cfg.model)
+    if fresh:
+        raise UserError(
+            f"{source.description} does not match the model of its config: it has no "
+            f"{summarize(fresh)}"
+        )
+    return LoadedModel(model.eval(), cfg, source.step, source.path, source.run_dir)
 
 
 def _manifest(cfg: ExperimentConfig) -> dict | None:
     """The training data's manifest when it is a local directory (image data first: it
     names the VAE as well as the tokenizer)."""
-    for location in (cfg.data.image_caption_data, cfg.data.text_data):
-        if location and (Path(location) / "manifest.json").is_file():
-            return json.loads((Path(location) / "manifest.json").read_text())
-    return None
+    manifests = local_manifests(cfg.data.text_data, cfg.data.image_caption_data)
+    return manifests.get("image_caption") or manifests.get("text")
 
 
 def load_tokenizer(cfg: ExperimentConfig, path: str | Path | None = None) -> Tokenizer:

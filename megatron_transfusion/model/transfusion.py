@@ -80,6 +80,8 @@ class TransfusionModel(LanguageModule):
             kv_channels=config.kv_channels,
             rotary_percent=1.0,
             rotary_base=model_cfg.rope_base,
+            rope_scaling=model_cfg.rope_scaling_factor is not None,
+            rope_scaling_factor=model_cfg.rope_scaling_factor or 1.0,
             use_cpu_initialization=config.use_cpu_initialization,
         )
         self.decoder = TransformerBlock(

@@ -1,6 +1,6 @@
 """The pretraining loop, top to bottom.
 
-    platform -> process groups -> model -> engine -> data -> [resume] ->
+    platform -> process groups -> model -> data -> [init_from] -> engine -> [resume] ->
     for each step: batches -> noise -> engine.train_step -> log -> checkpoint
 
 Faults: a non-finite loss or gradient norm skips the update on every rank and is counted;
@@ -23,6 +23,7 @@ import yaml
 from megatron.core import parallel_state, tensor_parallel
 
 from checkpoints import layout, train_state
+from checkpoints.sources import check_made_with, initialize_weights
 from megatron_transfusion import platform
 from megatron_transfusion.config import EXIT_PREEMPTED, ExperimentConfig
 from megatron_transfusion.data import MixedModalityLoader
@@ -137,18 +138,24 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
         layout.run_config_file(run_dir).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     seed_everything(cfg.run.seed)
     memory_start = plat.peak_memory()  # logged: what model, engine and data add to it
-    engine = build_engine(cfg, plat, build_model(cfg, plat))
+    chunks = build_model(cfg, plat)
     dp_rank = parallel_state.get_data_parallel_rank()
     loader = MixedModalityLoader(cfg, dp_rank, parallel_state.get_data_parallel_world_size())
+    found = layout.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)
+    if found is None and cfg.checkpoint.init_from:  # before the engine copies the weights
+        line = initialize_weights(chunks, cfg.model, cfg.checkpoint.init_from, loader.made_with)
+        if rank0:
+            print(line, flush=True)
+    engine = build_engine(cfg, plat, chunks)
     # Noise, timesteps and CFG drops: one stream per data-parallel replica (TP/PP ranks of a
     # replica must draw the same), on the CPU so every platform draws alike.
     noise_generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + dp_rank)
     schedule = CosineSchedule.from_config(cfg.diffusion)
     state = {"skipped_steps": 0, "consecutive_skips": 0, "tokens": 0}
     step = 0
-    found = layout.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)
     if found is not None:
         saved, rng = train_state.load_checkpoint(found, engine, verify)
+        check_made_with(str(found), saved.pop("made_with", None), loader.made_with)
         step = saved.pop("step")
         loader.load_state_dict(saved.pop("loader"))
         state.update(saved)
@@ -171,7 +178,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
         nonlocal pending
         if pending is not None:  # one save in flight at a time
             pending.publish()
-        trainer_state = {**state, "loader": loader.state_dict()}
+        trainer_state = {**state, "loader": loader.state_dict(), "made_with": loader.made_with}
         pending = train_state.begin_checkpoint(
             ckpt_dir,
             step,
