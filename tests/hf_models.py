@@ -11,12 +11,24 @@ import torch
 # multi-head attention with untied ones (and another rope_theta and norm epsilon).
 LLAMAS = {
     "gqa": dict(
-        hidden_size=64, intermediate_size=160, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, tie_word_embeddings=True, rope_theta=500000.0, rms_norm_eps=1e-5,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
     ),
     "mha": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, tie_word_embeddings=False, rope_theta=10000.0, rms_norm_eps=1e-6,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
     ),
 }
 VOCAB = 300
@@ -27,7 +39,9 @@ def save_tiny_llama(directory: Path, kind: str = "gqa", seed: int = 0, **changes
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=256, **{**LLAMAS[kind], **changes})
+    config = LlamaConfig(
+        vocab_size=VOCAB, max_position_embeddings=256, **{**LLAMAS[kind], **changes}
+    )
     model = LlamaForCausalLM(config).float()
     with torch.no_grad():  # norms away from 1, so a swapped norm shows
         for name, p in model.named_parameters():
