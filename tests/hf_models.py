@@ -3,6 +3,7 @@ downloaded), saved as Hugging Face directories for the import/export tests."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -58,3 +59,30 @@ def hf_logits(directory: Path, tokens: torch.Tensor) -> torch.Tensor:
     model = AutoModelForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
     with torch.no_grad():
         return model(input_ids=tokens).logits
+
+
+TEXTS = [
+    f"a {c} {s} is left of a {s2}"
+    for c in ("red", "blue", "green")
+    for s in ("cat", "dog", "box")
+    for s2 in ("ball", "cup")
+] * 20
+
+
+def save_tokenizer(directory: Path, llama3_roles: bool = False) -> Path:
+    """A byte-level BPE of ``VOCAB`` tokens in ``directory`` (the project's specials at 0-4).
+    ``llama3_roles``: also Llama 3's own document tokens, which a ``tokenizer_config.json``
+    declares as BOS/EOS, as a Llama 3 directory does."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from data_prep.tokenizer import train_bpe
+
+    path = directory / "tokenizer.json"
+    train_bpe(TEXTS, VOCAB - 2 * llama3_roles, path)
+    if llama3_roles:
+        tok = HFTokenizer.from_file(str(path))
+        tok.add_special_tokens(["<|begin_of_text|>", "<|end_of_text|>"])
+        tok.save(str(path))
+        config = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"}
+        (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
