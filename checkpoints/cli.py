@@ -70,7 +70,13 @@ def main(argv=None) -> None:
             help="skip checking the checkpoint's files against its manifest "
             "(an exported file: against its SHA-256)",
         )
-    args = parser.parse_args(argv)
+    # Overrides may follow the options (argparse would stop at the first positional).
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "import-hf":
+        args.overrides += [a for a in rest if "=" in a and not a.startswith("-")]
+        rest = [a for a in rest if a not in args.overrides]
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "inspect":
         report = inspect(args.checkpoint, verify=not args.no_verify)
         trainer = report.pop("trainer")
@@ -82,7 +88,7 @@ def main(argv=None) -> None:
     elif args.command == "import-hf":
         checkpoint, fresh = import_hf(args.directory, args.out, args.config, args.overrides)
         print(f"wrote {checkpoint}" + (f" (initialised fresh: {fresh})" if fresh else ""))
-        print(f"start a run from it: mtf-train ... checkpoint.init_from={args.out}")
+        print(f"train from it: mtf-train --config {args.out / 'config.yaml'} [overrides]")
     elif args.format == "hf":
         max_bytes = int(args.max_shard_gib * 2**30)
         print(f"wrote {export_hf(args.checkpoint, args.out, not args.no_verify, max_bytes)}")

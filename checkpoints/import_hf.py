@@ -1,9 +1,11 @@
 """``mtf-checkpoint import-hf``: a Hugging Face Llama as a checkpoint of this project.
 
 The run directory written holds the config (the model section derived from
-``config.json``, the rest from a preset) and one sharded checkpoint of the model alone,
-marked ``weights_only``: runs start from it with ``checkpoint.init_from`` in any layout,
-inference loads it, and resuming it is refused. ``checkpoint.init_from=hf:DIR`` does the
+``config.json``, the rest from a preset; ``checkpoint.init_from`` set to the import and
+``run.name`` to ``<name>-transfusion``, so ``mtf-train --config <out>/config.yaml`` trains
+from it) and one sharded checkpoint of the model alone, marked ``weights_only``: runs start
+from it with ``checkpoint.init_from`` in any layout, inference loads it, and resuming it is
+refused. ``checkpoint.init_from=hf:DIR`` does the
 same conversion in the training run itself, without the copy on disk.
 """
 
@@ -21,7 +23,7 @@ from checkpoints.sources import HF_PREFIX, open_weights
 from checkpoints.whole import summarize
 from data_prep.tokenizer import Tokenizer
 from megatron_transfusion import platform
-from megatron_transfusion.config import ExperimentConfig, UserError, load_config
+from megatron_transfusion.config import UserError, config_from_tree, load_config
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed
 
@@ -39,36 +41,45 @@ def hf_overrides(hf: HFLlama) -> list[str]:
 
 
 def import_hf(directory: Path, out: Path, preset: str = "tiny", overrides=()) -> tuple[Path, str]:
-    """Write ``out`` (a run directory) from the Hugging Face model in ``directory``.
-    Returns the checkpoint written and what stayed fresh."""
+    """Write ``out`` (a run directory) from the Hugging Face model in ``directory`` (the
+    config: ``preset`` with config.json's model section, or, for this project's Hugging
+    Face exports, the exported run's own). Returns the checkpoint written and what stayed
+    fresh."""
     out = Path(out)
     if layout.checkpoints_dir(out).exists():
         raise UserError(f"'{out}' already holds checkpoints; choose another --out or remove it")
     hf = HFLlama(directory)
-    layout_overrides = [
-        "parallel.tensor_parallel=1",
-        "parallel.pipeline_parallel=1",
-        "parallel.virtual_pipeline=null",
-    ]
-    cfg: ExperimentConfig = load_config(preset, [*hf_overrides(hf), *overrides, *layout_overrides])
-    cfg.run.name, cfg.run.output_root = out.name, str(out.parent)
     source = open_weights(f"{HF_PREFIX}{directory}")
-    tokenizer = hf.tokenizer_file()
-    made_with = {
-        "tokenizer": Tokenizer.load(tokenizer).fingerprint() if tokenizer else None,
-        "vae": None,
-    }
+    if source.config is not None:  # an export of this project: its run's config, whole
+        cfg = config_from_tree(source.config, overrides)
+    else:
+        cfg = load_config(preset, [*hf_overrides(hf), *overrides])
+    # The config trains from the import in a run of its own (the import is never resumed).
+    cfg.run.name, cfg.run.output_root = f"{out.name}-transfusion", str(out.parent)
+    cfg.checkpoint.init_from = str(out)
+    # This process writes the checkpoint unsharded; it loads in any layout.
+    one_process = config_from_tree(
+        cfg.to_dict(),
+        [
+            "parallel.tensor_parallel=1",
+            "parallel.pipeline_parallel=1",
+            "parallel.virtual_pipeline=null",
+            "parallel.sequence_parallel=false",
+        ],
+    )
     plat = platform.activate()
-    init_distributed(cfg.parallel, plat)
+    init_distributed(one_process.parallel, plat)
     try:
-        chunks = build_model(cfg, plat)
+        chunks = build_model(one_process, plat)
         fresh = source.load(chunks, cfg.model)
         saved = layout.checkpoints_dir(out)
         staging, final = layout.staging_dir(saved, 0), layout.step_dir(saved, 0)
         save_sharded({"model": model_sharded_state_dict(chunks)}, layout.engine_dir(staging))
         layout.run_config_file(out).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         layout.write_trainer_state(
-            staging, 0, {"weights_only": True, "source": source.description, "made_with": made_with}
+            staging,
+            0,
+            {"weights_only": True, "source": source.description, "made_with": source.made_with},
         )
         publish_checkpoint(staging, final, keep_last=1)
     finally:
