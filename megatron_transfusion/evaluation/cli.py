@@ -55,7 +55,7 @@ def main(argv=None) -> None:
         e = cfg.eval
         if not (e.text_data or e.image_caption_data):
             raise ValueError("no held-out data: set eval.text_data and/or eval.image_caption_data")
-        tokenizer = load_tokenizer(cfg, args.tokenizer)
+        tokenizer = load_tokenizer(cfg, args.tokenizer or loaded.bundled_tokenizer)
         model = loaded.model
 
         def evaluate(micro_batches):

@@ -102,7 +102,10 @@ def render(
 
 def add_loading_arguments(parser: argparse.ArgumentParser) -> None:
     """What every command that loads a checkpoint for inference takes besides its path."""
-    parser.add_argument("--tokenizer", help="default: the one the training data was made with")
+    parser.add_argument(
+        "--tokenizer",
+        help="default: the one the training data was made with (a Hugging Face export: its own)",
+    )
     parser.add_argument("--vae", help="default: the one the training latents were made with")
     parser.add_argument(
         "--no-verify",
@@ -200,7 +203,7 @@ def generate_main(argv=None) -> None:
     )
     try:
         cfg = loaded.cfg
-        tokenizer = load_tokenizer(cfg, args.tokenizer)
+        tokenizer = load_tokenizer(cfg, args.tokenizer or loaded.bundled_tokenizer)
         vae = load_image_vae(cfg, args.vae)
         image_size = cfg.model.latent_size * vae.downsample
         documents = [parse_prompt(p, tokenizer, vae, image_size, args.mode) for p in prompts]

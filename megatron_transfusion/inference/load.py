@@ -15,7 +15,7 @@ from pathlib import Path
 from checkpoints import layout
 from checkpoints.sources import open_weights
 from checkpoints.whole import summarize
-from data_prep.tokenizer import Tokenizer
+from data_prep.tokenizer import HF_FILES, Tokenizer
 from data_prep.vae import LatentEncoder, load_vae
 from megatron_transfusion import platform
 from megatron_transfusion.config import ExperimentConfig, UserError, config_from_tree
@@ -31,6 +31,12 @@ class LoadedModel:
     step: int
     source: Path  # the checkpoint directory or export loaded
     run_dir: Path | None  # the run of a step checkpoint; None for an export
+
+    @property
+    def bundled_tokenizer(self) -> Path | None:
+        """A Hugging Face export carries its tokenizer: the default where none is given."""
+        has = self.source.is_dir() and any((self.source / f).is_file() for f in HF_FILES)
+        return self.source if has else None
 
     def output_dir(self, kind: str) -> Path:
         """Where outputs of ``kind`` ("samples", "eval") made from this model go by default:
