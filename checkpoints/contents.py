@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from safetensors import safe_open
+
 from checkpoints import layout
 from checkpoints.export import read_export_metadata
+from checkpoints.huggingface import read_json
 from checkpoints.publish import verify_checkpoint
 from checkpoints.sharded import read_metadata
 
@@ -14,8 +17,6 @@ def inspect(path: Path, verify: bool = True) -> dict:
     """Step, counters and tensor shapes of a checkpoint (any path mtf-generate takes)."""
     checkpoint = layout.find_checkpoint(path)
     if checkpoint.suffix == ".safetensors":
-        from safetensors import safe_open
-
         step = read_export_metadata(checkpoint, verify).get(
             "step", ""
         )  # refuses a truncated or damaged file
@@ -26,6 +27,20 @@ def inspect(path: Path, verify: bool = True) -> dict:
             "trainer": {"step": int(step) if step.isdigit() else step, "exported": True},
             "ranks": 1,
             "tensors": tensors,
+        }
+    if layout.is_hf_export(checkpoint):
+        if verify:
+            verify_checkpoint(checkpoint)
+        side = read_json(checkpoint / layout.HF_TRANSFUSION)
+        return {
+            "trainer": {"step": side.get("step"), "exported": "hf"},
+            "ranks": 1,
+            "tensors": {
+                key: list(f.get_slice(key).get_shape())
+                for path in sorted(checkpoint.glob("*.safetensors"))
+                for f in [safe_open(str(path), "pt")]
+                for key in f.keys()  # noqa: SIM118 (safe_open handles are not iterable)
+            },
         }
     if verify:
         verify_checkpoint(checkpoint)

@@ -245,6 +245,16 @@ def test_pickled_weights_are_never_loaded(llamas, tmp_path):
         HFLlama(directory)
 
 
+def test_inspect_reads_a_hugging_face_export(exported):
+    result = mtf_checkpoint("inspect", exported / "hf")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        '"exported": "hf"' in result.stdout
+        and "model.layers.3.mlp.gate_proj.weight" in result.stdout
+    )
+    assert "patch_out.proj.weight" in result.stdout
+
+
 def test_export_refuses_to_overwrite(exported):
     result = mtf_checkpoint("export", exported / "run", "--format", "hf", "--out", exported / "hf")
     assert_one_line_error(result, "already exists")
