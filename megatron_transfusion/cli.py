@@ -68,8 +68,9 @@ def train_main(argv=None) -> None:
     parser = _config_parser("Pretrain a Transfusion model.")
     parser.add_argument(
         "--resume",
-        default="auto",
-        help="auto (latest checkpoint of the run, if any), none, or a checkpoint path",
+        default=None,
+        help="auto (latest checkpoint of the run, if any), none, or a checkpoint path "
+        "(default: checkpoint.load if set, else auto)",
     )
     parser.add_argument(
         "--no-verify",

@@ -114,9 +114,10 @@ def evaluate(cfg: ExperimentConfig, engine, tokenizer) -> dict[str, float]:
     return metrics
 
 
-def train(cfg: ExperimentConfig, resume: str | None = "auto", verify: bool = True) -> dict:
+def train(cfg: ExperimentConfig, resume: str | None = None, verify: bool = True) -> dict:
     """Runs to ``run.train_steps`` (or a stop request). Returns the last step's metrics.
-    ``verify``: check a resumed checkpoint's files against its manifest first."""
+    ``resume``: "auto", "none" or a checkpoint path; None: ``checkpoint.load`` if set, else
+    "auto". ``verify``: check a resumed checkpoint's files against its manifest first."""
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
     try:
@@ -141,7 +142,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     chunks = build_model(cfg, plat)
     dp_rank = parallel_state.get_data_parallel_rank()
     loader = MixedModalityLoader(cfg, dp_rank, parallel_state.get_data_parallel_world_size())
-    found = layout.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)
+    found = layout.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load or "auto")
     if found is None and cfg.checkpoint.init_from:  # before the engine copies the weights
         line = initialize_weights(chunks, cfg.model, cfg.checkpoint.init_from, loader.made_with)
         if rank0:
