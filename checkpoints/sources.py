@@ -195,7 +195,10 @@ def initialize_weights(chunks, model: ModelConfig, spec: str, made_with: dict) -
     """``checkpoint.init_from``: this rank's chunks from ``spec``, weights only, after
     checking the source was trained with this run's tokenizer and VAE. Returns the line
     the trainer logs, naming what stayed fresh."""
-    source = open_weights(spec)
+    try:
+        source = open_weights(spec)
+    except FileNotFoundError as e:  # say which setting named it: --resume names paths too
+        raise UserError(f"checkpoint.init_from: {e}") from None
     check_made_with(source.description, source.made_with, made_with)
     fresh = source.load(chunks, model)
     line = f"initialised from {source.description} (its step {source.step}), weights only"
