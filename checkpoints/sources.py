@@ -46,12 +46,19 @@ class WeightsSource:
     # Checks the files against their manifest or SHA-256; run by the first ``load``, when
     # the process group is up, so the ranks split the hashing.
     _verify: Callable[[], None] | None = None
-    config: dict | None = None  # the experiment config the weights were trained with
+    # The experiment config the weights were trained with, or what reads it when asked for:
+    # a step checkpoint's is its run directory's config.yaml, which starting a run from
+    # the weights does not need (checkpoint.directory may hold them elsewhere).
+    _config: dict | Callable[[], dict] | None = None
     step: int = 0
     # {"tokenizer": fingerprint, "vae": fingerprint}; a None value: trained without one
     # (a language model has no VAE); None: not recorded (older checkpoints).
     made_with: dict | None = None
     may_be_fresh: Callable[[str], bool] = lambda name: False
+
+    @property
+    def config(self) -> dict | None:
+        return self._config() if callable(self._config) else self._config
 
     @property
     def run_dir(self) -> Path | None:
@@ -116,7 +123,7 @@ def _hf_source(directory: Path, verify: bool) -> WeightsSource:
         directory,
         load,
         (lambda: verify_checkpoint(directory)) if verify else None,
-        config=side.get("config"),
+        _config=side.get("config"),
         step=int(side.get("step", 0)),
         made_with=side.get("made_with"),
     )
@@ -144,7 +151,7 @@ def _export_source(path: Path, verify: bool) -> WeightsSource:
         path,
         lambda chunks, model: load_whole(chunks, _tensors_of(path), f"'{path}'"),
         (lambda: verify_export(path, metadata)) if verify else None,
-        config=yaml.safe_load(metadata["config"]),
+        _config=yaml.safe_load(metadata["config"]),
         step=int(metadata.get("step", 0)),
         made_with=json.loads(metadata["made_with"]) if "made_with" in metadata else None,
         may_be_fresh=_is_patch_layer,
@@ -158,7 +165,7 @@ def _sharded_source(checkpoint: Path, verify: bool) -> WeightsSource:
         checkpoint,
         lambda chunks, model: load_model_weights(chunks, checkpoint, _is_patch_layer),
         (lambda: verify_checkpoint(checkpoint)) if verify else None,
-        config=yaml.safe_load(layout.run_config_path(checkpoint).read_text()),
+        _config=lambda: yaml.safe_load(layout.run_config_path(checkpoint).read_text()),
         step=int(trainer["step"]),
         made_with=trainer.get("made_with"),
         may_be_fresh=_is_patch_layer,
