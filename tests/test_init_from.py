@@ -181,6 +181,20 @@ def test_init_from_an_export_gives_the_same_first_loss(
     assert losses(tmp_path)[1] == pytest.approx(losses(reference[0])[1], rel=1e-5)
 
 
+def test_init_from_checkpoints_kept_outside_their_run_directory(
+    data_root, source, reference, tmp_path
+):
+    """A run with checkpoint.directory elsewhere: its step directories have no config.yaml
+    two levels up, which starting from the weights does not need."""
+    elsewhere = tmp_path / "scratch" / "checkpoints"
+    shutil.copytree(source / "checkpoints", elsewhere)
+    args = overrides(data_root, tmp_path, 1, f"checkpoint.init_from={elsewhere}")
+    result = cli(TRAIN, "--config", "tiny", *args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"initialised from {elsewhere / f'step_{SOURCE_STEPS:08d}'}" in result.stdout
+    assert losses(tmp_path)[1] == pytest.approx(losses(reference[0])[1], rel=1e-5)
+
+
 def test_patch_layers_of_another_kind_start_fresh_and_are_reported(data_root, source, tmp_path):
     """A U-Net patch model from a linear-patch checkpoint: the transformer loads, the patch
     layers stay as initialised and the log says so."""
