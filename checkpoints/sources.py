@@ -198,12 +198,15 @@ def check_made_with(description: str, theirs: dict | None, ours: dict) -> None:
             )
 
 
-def initialize_weights(chunks, model: ModelConfig, spec: str, made_with: dict) -> str:
+def initialize_weights(
+    chunks, model: ModelConfig, spec: str, made_with: dict, verify: bool = True
+) -> str:
     """``checkpoint.init_from``: this rank's chunks from ``spec``, weights only, after
     checking the source was trained with this run's tokenizer and VAE. Returns the line
-    the trainer logs, naming what stayed fresh."""
+    the trainer logs, naming what stayed fresh. ``verify``: check the source's files
+    against their manifest or SHA-256 first."""
     try:
-        source = open_weights(spec)
+        source = open_weights(spec, verify)
     except FileNotFoundError as e:  # say which setting named it: --resume names paths too
         raise UserError(f"checkpoint.init_from: {e}") from None
     check_made_with(source.description, source.made_with, made_with)

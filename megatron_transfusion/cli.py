@@ -75,7 +75,8 @@ def train_main(argv=None) -> None:
     parser.add_argument(
         "--no-verify",
         action="store_true",
-        help="resume without checking the checkpoint's files against its manifest",
+        help="resume (or start from checkpoint.init_from) without checking the checkpoint's "
+        "files against its manifest",
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)

@@ -117,7 +117,8 @@ def evaluate(cfg: ExperimentConfig, engine, tokenizer) -> dict[str, float]:
 def train(cfg: ExperimentConfig, resume: str | None = None, verify: bool = True) -> dict:
     """Runs to ``run.train_steps`` (or a stop request). Returns the last step's metrics.
     ``resume``: "auto", "none" or a checkpoint path; None: ``checkpoint.load`` if set, else
-    "auto". ``verify``: check a resumed checkpoint's files against its manifest first."""
+    "auto". ``verify``: check the files of a resumed checkpoint, or of
+    ``checkpoint.init_from``, against their manifest first."""
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
     try:
@@ -144,7 +145,9 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     loader = MixedModalityLoader(cfg, dp_rank, parallel_state.get_data_parallel_world_size())
     found = layout.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load or "auto")
     if found is None and cfg.checkpoint.init_from:  # before the engine copies the weights
-        line = initialize_weights(chunks, cfg.model, cfg.checkpoint.init_from, loader.made_with)
+        line = initialize_weights(
+            chunks, cfg.model, cfg.checkpoint.init_from, loader.made_with, verify
+        )
         if rank0:
             print(line, flush=True)
     engine = build_engine(cfg, plat, chunks)
