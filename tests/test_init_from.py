@@ -195,6 +195,24 @@ def test_init_from_checkpoints_kept_outside_their_run_directory(
     assert losses(tmp_path)[1] == pytest.approx(losses(reference[0])[1], rel=1e-5)
 
 
+def test_init_from_verifies_the_source_unless_told_not_to(data_root, source, reference, tmp_path):
+    """A source file that does not match its manifest is refused, and the --no-verify the
+    error offers is honoured for init_from as for --resume (here the manifest is what is
+    wrong, so the weights load and give the source's loss)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(source.parent, copy)
+    checkpoint = copy / "tiny" / "checkpoints" / f"step_{SOURCE_STEPS:08d}"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    manifest["files"]["engine/__0_0.distcp"]["sha256"] = "0" * 64
+    (checkpoint / "manifest.json").write_text(json.dumps(manifest))
+    args = overrides(data_root, tmp_path, 1, f"checkpoint.init_from={checkpoint}")
+    result = cli(TRAIN, "--config", "tiny", *args)
+    assert_one_line_error(result, "__0_0.distcp' does not match its SHA-256", "--no-verify")
+    result = cli(TRAIN, "--config", "tiny", *args, "--no-verify")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert losses(tmp_path)[1] == pytest.approx(losses(reference[0])[1], rel=1e-5)
+
+
 def test_patch_layers_of_another_kind_start_fresh_and_are_reported(data_root, source, tmp_path):
     """A U-Net patch model from a linear-patch checkpoint: the transformer loads, the patch
     layers stay as initialised and the log says so."""
