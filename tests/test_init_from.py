@@ -1,8 +1,10 @@
 """Issue 16: a run starts from another's weights only (``checkpoint.init_from``): step 0,
 fresh optimizer state, fresh data order, in any layout and engine; its first loss is the
-source model's loss on the same batch. Resuming wins over it; weights-only checkpoints,
-wrong paths, other model sizes and data made by another tokenizer or VAE are refused in
-one ``error:`` line; patch layers of another kind start fresh and are reported."""
+source model's loss on the same batch; from a step checkpoint (also one kept outside its
+run directory), an export or an import-hf checkpoint. Resuming wins over it; weights-only
+checkpoints, wrong paths, other model sizes, damaged sources (unless --no-verify) and data
+made by another tokenizer or VAE are refused in one ``error:`` line; patch layers of
+another kind start fresh and are reported."""
 
 import json
 import shutil
