@@ -46,12 +46,19 @@ class WeightsSource:
     # Checks the files against their manifest or SHA-256; run by the first ``load``, when
     # the process group is up, so the ranks split the hashing.
     _verify: Callable[[], None] | None = None
-    config: dict | None = None  # the experiment config the weights were trained with
+    # The experiment config the weights were trained with, or what reads it when asked for:
+    # a step checkpoint's is its run directory's config.yaml, which starting a run from
+    # the weights does not need (checkpoint.directory may hold them elsewhere).
+    _config: dict | Callable[[], dict] | None = None
     step: int = 0
     # {"tokenizer": fingerprint, "vae": fingerprint}; a None value: trained without one
     # (a language model has no VAE); None: not recorded (older checkpoints).
     made_with: dict | None = None
     may_be_fresh: Callable[[str], bool] = lambda name: False
+
+    @property
+    def config(self) -> dict | None:
+        return self._config() if callable(self._config) else self._config
 
     @property
     def run_dir(self) -> Path | None:
@@ -116,7 +123,7 @@ def _hf_source(directory: Path, verify: bool) -> WeightsSource:
         directory,
         load,
         (lambda: verify_checkpoint(directory)) if verify else None,
-        config=side.get("config"),
+        _config=side.get("config"),
         step=int(side.get("step", 0)),
         made_with=side.get("made_with"),
     )
@@ -143,7 +150,7 @@ def _export_source(path: Path, verify: bool) -> WeightsSource:
         str(path),
         path,
         lambda chunks, model: load_whole(chunks, _tensors_of(path), f"'{path}'"),
-        config=yaml.safe_load(metadata["config"]),
+        _config=yaml.safe_load(metadata["config"]),
         step=int(metadata.get("step", 0)),
         made_with=json.loads(metadata["made_with"]) if "made_with" in metadata else None,
         may_be_fresh=_is_patch_layer,
@@ -157,7 +164,7 @@ def _sharded_source(checkpoint: Path, verify: bool) -> WeightsSource:
         checkpoint,
         lambda chunks, model: load_model_weights(chunks, checkpoint, _is_patch_layer),
         (lambda: verify_checkpoint(checkpoint)) if verify else None,
-        config=yaml.safe_load(layout.run_config_path(checkpoint).read_text()),
+        _config=lambda: yaml.safe_load(layout.run_config_path(checkpoint).read_text()),
         step=int(trainer["step"]),
         made_with=trainer.get("made_with"),
         may_be_fresh=_is_patch_layer,
@@ -190,11 +197,17 @@ def check_made_with(description: str, theirs: dict | None, ours: dict) -> None:
             )
 
 
-def initialize_weights(chunks, model: ModelConfig, spec: str, made_with: dict) -> str:
+def initialize_weights(
+    chunks, model: ModelConfig, spec: str, made_with: dict, verify: bool = True
+) -> str:
     """``checkpoint.init_from``: this rank's chunks from ``spec``, weights only, after
     checking the source was trained with this run's tokenizer and VAE. Returns the line
-    the trainer logs, naming what stayed fresh."""
-    source = open_weights(spec)
+    the trainer logs, naming what stayed fresh. ``verify``: check the source's files
+    against their manifest or SHA-256 first."""
+    try:
+        source = open_weights(spec, verify)
+    except FileNotFoundError as e:  # say which setting named it: --resume names paths too
+        raise UserError(f"checkpoint.init_from: {e}") from None
     check_made_with(source.description, source.made_with, made_with)
     fresh = source.load(chunks, model)
     line = f"initialised from {source.description} (its step {source.step}), weights only"

@@ -68,13 +68,15 @@ def train_main(argv=None) -> None:
     parser = _config_parser("Pretrain a Transfusion model.")
     parser.add_argument(
         "--resume",
-        default="auto",
-        help="auto (latest checkpoint of the run, if any), none, or a checkpoint path",
+        default=None,
+        help="auto (latest checkpoint of the run, if any), none, or a checkpoint path "
+        "(default: checkpoint.load if set, else auto)",
     )
     parser.add_argument(
         "--no-verify",
         action="store_true",
-        help="resume without checking the checkpoint's files against its manifest",
+        help="resume (or start from checkpoint.init_from) without checking the checkpoint's "
+        "files against its manifest",
     )
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.overrides)

@@ -192,7 +192,9 @@ class CheckpointConfig:
     directory: str | None = None  # None: <run dir>/checkpoints
     interval: int = 1000
     keep_last: int = 3
-    load: str | None = None  # a path, "auto" (latest in directory), or None
+    # What to resume where mtf-train is given no --resume: a path, "auto" (the latest in
+    # directory, if any) or "none"; None: "auto".
+    load: str | None = None
     # Start from these weights only (fresh optimizer, step 0, fresh data order), in any
     # layout and engine: a run, a step directory, an export, or hf:DIR (a Hugging Face
     # Llama). Ignored once the run has a checkpoint of its own, which it resumes instead.

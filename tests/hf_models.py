@@ -41,7 +41,7 @@ def save_tiny_llama(directory: Path, kind: str = "gqa", seed: int = 0, **changes
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB, max_position_embeddings=256, **{**LLAMAS[kind], **changes}
+        **{"vocab_size": VOCAB, "max_position_embeddings": 256, **LLAMAS[kind], **changes}
     )
     model = LlamaForCausalLM(config).float()
     with torch.no_grad():  # norms away from 1, so a swapped norm shows

@@ -114,9 +114,11 @@ def evaluate(cfg: ExperimentConfig, engine, tokenizer) -> dict[str, float]:
     return metrics
 
 
-def train(cfg: ExperimentConfig, resume: str | None = "auto", verify: bool = True) -> dict:
+def train(cfg: ExperimentConfig, resume: str | None = None, verify: bool = True) -> dict:
     """Runs to ``run.train_steps`` (or a stop request). Returns the last step's metrics.
-    ``verify``: check a resumed checkpoint's files against its manifest first."""
+    ``resume``: "auto", "none" or a checkpoint path; None: ``checkpoint.load`` if set, else
+    "auto". ``verify``: check the files of a resumed checkpoint, or of
+    ``checkpoint.init_from``, against their manifest first."""
     plat = platform.activate()
     init_distributed(cfg.parallel, plat)
     try:
@@ -141,9 +143,11 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     chunks = build_model(cfg, plat)
     dp_rank = parallel_state.get_data_parallel_rank()
     loader = MixedModalityLoader(cfg, dp_rank, parallel_state.get_data_parallel_world_size())
-    found = layout.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load)
+    found = layout.resolve_resume(ckpt_dir, resume or cfg.checkpoint.load or "auto")
     if found is None and cfg.checkpoint.init_from:  # before the engine copies the weights
-        line = initialize_weights(chunks, cfg.model, cfg.checkpoint.init_from, loader.made_with)
+        line = initialize_weights(
+            chunks, cfg.model, cfg.checkpoint.init_from, loader.made_with, verify
+        )
         if rank0:
             print(line, flush=True)
     engine = build_engine(cfg, plat, chunks)
