@@ -76,11 +76,8 @@ def import_hf(directory: Path, out: Path, preset: str = "tiny", overrides=()) ->
         staging, final = layout.staging_dir(saved, 0), layout.step_dir(saved, 0)
         save_sharded({"model": model_sharded_state_dict(chunks)}, layout.engine_dir(staging))
         layout.run_config_file(out).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        layout.write_trainer_state(
-            staging,
-            0,
-            {"weights_only": True, "source": source.description, "made_with": source.made_with},
-        )
+        state = {"weights_only": True, "source": source.description, "made_with": source.made_with}
+        layout.write_trainer_state(staging, 0, {**state, "untrained": fresh})
         publish_checkpoint(staging, final, keep_last=1)
     finally:
         destroy_distributed()

@@ -55,6 +55,8 @@ class WeightsSource:
     # (a language model has no VAE); None: not recorded (older checkpoints).
     made_with: dict | None = None
     may_be_fresh: Callable[[str], bool] = lambda name: False
+    # Tensors the source holds but never trained (an import's patch layers, as initialised).
+    untrained: tuple[str, ...] = ()
 
     @property
     def config(self) -> dict | None:
@@ -168,6 +170,7 @@ def _sharded_source(checkpoint: Path, verify: bool) -> WeightsSource:
         step=int(trainer["step"]),
         made_with=trainer.get("made_with"),
         may_be_fresh=_is_patch_layer,
+        untrained=tuple(trainer.get("untrained", ())),
     )
 
 
@@ -209,7 +212,7 @@ def initialize_weights(
     except FileNotFoundError as e:  # say which setting named it: --resume names paths too
         raise UserError(f"checkpoint.init_from: {e}") from None
     check_made_with(source.description, source.made_with, made_with)
-    fresh = source.load(chunks, model)
+    fresh = sorted({*source.load(chunks, model), *source.untrained})
     line = f"initialised from {source.description} (its step {source.step}), weights only"
     if fresh:
         line += f"; initialised fresh: {summarize(fresh)}"

@@ -267,6 +267,8 @@ def test_a_run_starts_from_an_imported_llama_as_the_refusal_advises(data_root, i
     result = cli(TRAIN, "--config", "tiny", *args)
     assert result.returncode == 0, result.stderr[-4000:]
     assert f"initialised from {imported} (its step 0), weights only" in result.stdout
+    # The import's patch layers are as initialised, never trained: said so.
+    assert "initialised fresh: patch_in (6 tensors), patch_out (2 tensors)" in result.stdout
     # A Llama knows no tokenizer here: said, not refused.
     assert "does not say which tokenizer it was trained with" in result.stderr
     assert sorted(losses(tmp_path)) == [1]
