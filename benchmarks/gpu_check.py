@@ -64,7 +64,7 @@ class CheckFailed(RuntimeError):
 
 def shapes(dry_run: bool) -> tuple[str, list[str]]:
     """The preset and overrides a part runs: the paper's 0.16B at seq 4,096, or tiny (CPU)."""
-    common = ["data.text_data=null", "data.image_caption_data=null", "eval.interval=0"]
+    common = ["data.sources=[]", "eval.interval=0"]
     if dry_run:
         return "tiny", common + [
             "data.seq_length=256",

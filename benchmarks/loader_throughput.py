@@ -13,7 +13,7 @@ import argparse
 import time
 
 from megatron_transfusion import platform
-from megatron_transfusion.config import load_config
+from megatron_transfusion.config import load_config, sources_override
 
 
 def main() -> None:
@@ -30,8 +30,7 @@ def main() -> None:
     cfg = load_config(
         args.config,
         [
-            f"data.text_data={paths['text_train']}",
-            f"data.image_caption_data={paths['images_train']}",
+            sources_override(paths["text_train"], paths["images_train"]),
             *args.overrides,
         ],
     )

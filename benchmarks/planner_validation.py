@@ -50,7 +50,8 @@ LLAMA3_8B = [
     "data.seq_length=8192",
     f"data.global_batch_tokens={8 * 8192}",
 ]
-NO_IMAGES = ["model.patch_layer=linear", "data.text_token_fraction=1.0"]
+# Text only: the planner reads the sources' kinds and weights, never their paths.
+NO_IMAGES = ["model.patch_layer=linear", "data.sources=[{kind: text, path: unread}]"]
 
 
 def megatron_gpt3(gpus: int):

@@ -43,6 +43,7 @@ from PIL import Image
 
 from benchmarks.learning_quality import _run, _tool
 from data_prep.shapes import pair_scenes, render, single_scenes
+from megatron_transfusion.config import sources_override
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "transfusion-0.16b"
@@ -194,8 +195,7 @@ def train_preempt_resume(env: dict, out: Path, data: dict[str, Path], timeout: f
     log = out / "train.log"
     log.unlink(missing_ok=True)
     overrides = [
-        f"data.text_data={data['text']}",
-        f"data.image_caption_data={data['img']}",
+        sources_override(data["text"], data["img"]),
         f"run.output_root={out}",
         *OVERRIDES,
     ]
@@ -289,7 +289,7 @@ def planned_rows(data: dict[str, Path]) -> list[list[dict]]:
 
     cfg = load_config(
         PRESET,
-        [*OVERRIDES, f"data.text_data={data['text']}", f"data.image_caption_data={data['img']}"],
+        [*OVERRIDES, sources_override(data["text"], data["img"])],
     )
     sampler = MixedModalityLoader(cfg).sampler
     return [

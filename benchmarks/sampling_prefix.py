@@ -33,8 +33,7 @@ MODEL = [
     "model.patch_size=2",
     "data.seq_length=2048",
     "data.global_batch_tokens=8192",
-    "data.text_data=null",
-    "data.image_caption_data=null",
+    "data.sources=[]",
     "eval.interval=0",
 ]
 

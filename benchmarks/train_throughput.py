@@ -50,13 +50,11 @@ def main() -> None:
     from megatron_transfusion.training.step import MicroBatch
 
     plat = platform.activate()
-    base = load_config("tiny", ["data.text_data=null", "data.image_caption_data=null"])
+    base = load_config("tiny", ["data.sources=[]"])
     init_distributed(base.parallel, plat)
     print(f"torch threads: {torch.get_num_threads()}")
     for name, overrides in MODELS.items():
-        cfg = load_config(
-            "tiny", ["data.text_data=null", "data.image_caption_data=null", *overrides]
-        )
+        cfg = load_config("tiny", ["data.sources=[]", *overrides])
         seed_everything(0)
         engine = MegatronEngine(cfg, plat, build_model(cfg, plat))
         generator = torch.Generator().manual_seed(0)

@@ -252,8 +252,7 @@ class ProjectWorker:
 
         s = SHAPE
         overrides = [
-            "data.text_data=null",
-            "data.image_caption_data=null",
+            "data.sources=[]",
             f"model.hidden_size={s['dim']}",
             f"model.num_layers={s['depth']}",
             f"model.num_attention_heads={s['heads']}",

@@ -130,7 +130,7 @@ def consolidated_model(path: Path, verify: bool = True):
         trainer = layout.read_trainer_state(checkpoint)
         found = trainer.get("made_with")
         if found is None:  # written before checkpoints recorded it: the run's data says
-            manifests = local_manifests(cfg.data.text_data, cfg.data.image_caption_data)
+            manifests = local_manifests(s.path for s in cfg.data.sources)
             found = made_with(manifests) if manifests else None
         yield model, cfg, trainer["step"], found
     finally:

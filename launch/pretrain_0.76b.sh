@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Transfusion 0.76B as in the paper (4096-token sequences, 2M-token batches) on nodes with
 # 8 GPUs; the same launcher as launch/pretrain_7b.sh (read it for usage and the layout).
-#   sbatch launch/pretrain_0.76b.sh data.text_data=... data.image_caption_data=...
+#   sbatch launch/pretrain_0.76b.sh 'data.sources=[{kind: text, path: ...}, {kind: image_caption, path: ...}]'
 #   bash launch/pretrain_0.76b.sh --dry-run
 #SBATCH --job-name=mtf-0.76b
 #SBATCH --nodes=8

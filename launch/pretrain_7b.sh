@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Transfusion 7B as in the paper (4096-token sequences, 4M-token batches, 500k steps) on
 # H100 80 GB nodes with 8 GPUs each. From the repository root:
-#   sbatch launch/pretrain_7b.sh data.text_data=shards/text data.image_caption_data=shards/img
+#   sbatch launch/pretrain_7b.sh 'data.sources=[{kind: text, path: shards/text}, {kind: image_caption, path: shards/img}]'
 #   sbatch --nodes=64 -p PARTITION -A ACCOUNT launch/pretrain_7b.sh ...   # the layout follows
 #   bash launch/pretrain_7b.sh --dry-run      # print the layout and the srun/torchrun command
 # Arguments are config overrides. The layout is the preset's (its parallel and micro-batch

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -129,21 +130,43 @@ class ParallelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One prepared dataset (``mtf-prepare-data``) in the training mix."""
+
+    kind: Literal["text", "image_caption"]  # checked against the dataset's manifest
+    path: str  # a local directory or a remote URL (mirrored into data.cache_dir)
+    weight: float = 1.0  # its share of the training tokens, relative to the other sources'
+    name: str | None = None  # in logs and checkpoints; default: the path
+
+    @property
+    def label(self) -> str:
+        return self.name or self.path
+
+
+@dataclass
 class DataConfig:
     seq_length: int = 4096
     micro_batch_size: int = 1
     global_batch_tokens: int = 2_097_152  # 2M tokens: 512 sequences of 4096
-    text_token_fraction: float = 0.5  # share of tokens from the text stream
+    # The prepared datasets, mixed by token share; a source drawn to its end starts a new
+    # epoch in a fresh order. Order matters: it seeds each source's shuffle.
+    sources: list[SourceConfig] = field(default_factory=list)
     caption_first_probability: float = 0.8
-    # Prepared datasets (`mtf-prepare-data`): local directories or remote URLs.
-    text_data: str | None = None
-    image_caption_data: str | None = None
     cache_dir: str | None = None  # where remote datasets are mirrored
     verify_shards: bool = True  # check every shard's SHA-256 against the manifest at start
 
     @property
     def sequences_per_step(self) -> int:
         return self.global_batch_tokens // self.seq_length
+
+    @property
+    def text_share(self) -> float:
+        """The text sources' share of the tokens; with no sources (sizing a preset), the
+        paper's even mix."""
+        total = sum(s.weight for s in self.sources)
+        if not total:
+            return 0.5
+        return sum(s.weight for s in self.sources if s.kind == "text") / total
 
 
 @dataclass(frozen=True)
@@ -294,6 +317,35 @@ def _coerce(value: Any, tp, where: str) -> Any:
     return value
 
 
+SOURCES_EXAMPLE = (
+    "data.sources=[{kind: text, path: shards/text, weight: 0.5}, "
+    "{kind: image_caption, path: shards/img, weight: 0.5}]"
+)
+# Fields that were replaced: their old keys get this instead of "unknown field".
+REPLACED_FIELDS = {
+    "data.text_data": f"list the datasets in data.sources, e.g. {SOURCES_EXAMPLE}",
+    "data.image_caption_data": f"list the datasets in data.sources, e.g. {SOURCES_EXAMPLE}",
+    "data.text_token_fraction": "the weights of data.sources are the token shares now, "
+    f"e.g. {SOURCES_EXAMPLE}",
+}
+
+
+def sources_override(
+    text=None, image_caption=None, text_weight: float = 1.0, image_weight: float = 1.0
+) -> str:
+    """``data.sources=[...]`` for one text and/or one image–caption dataset (equal token
+    shares by default): the common case as one override, for scripts and tests."""
+    sources = [
+        {"kind": kind, "path": str(path), "weight": weight}
+        for kind, path, weight in (
+            ("text", text, text_weight),
+            ("image_caption", image_caption, image_weight),
+        )
+        if path is not None
+    ]
+    return f"data.sources={json.dumps(sources)}"
+
+
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
@@ -302,26 +354,50 @@ def _build(cls, values: dict, where: str):
     kwargs = {}
     for key, value in values.items():
         path = f"{where}.{key}" if where else key
+        if path in REPLACED_FIELDS:
+            raise ConfigError(f"config field '{path}' was replaced: {REPLACED_FIELDS[path]}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{where + '.' if where else ''}{close[0]}'?)" if close else ""
             raise ConfigError(f"unknown config field '{path}'{hint}")
         tp = hints[key]
+        (item,) = typing.get_args(tp) if typing.get_origin(tp) is list else (None,)
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, path)
+        elif dataclasses.is_dataclass(item):
+            if not isinstance(value, list):
+                raise ConfigError(f"config field '{path}': expected a list, got {value!r}")
+            kwargs[key] = [_build(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
         else:
             kwargs[key] = _coerce(value, tp, f"config field '{path}'")
+    for f in dataclasses.fields(cls):
+        no_default = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if no_default and f.name not in kwargs:
+            raise ConfigError(f"config field '{where}.{f.name}' is required")
     return cls(**kwargs)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """``a.b=v``; a number indexes a list (``data.sources.1.weight=0.3``)."""
     *parents, leaf = dotted.split(".")
     node = tree
     for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
+        node = (
+            node[_index(node, part, dotted)]
+            if isinstance(node, list)
+            else node.setdefault(part, {})
+        )
+        if not isinstance(node, (dict, list)):
             raise ConfigError(f"override '{dotted}': '{part}' is not a section")
-    node[leaf] = value
+    node[_index(node, leaf, dotted) if isinstance(node, list) else leaf] = value
+
+
+def _index(items: list, part: str, dotted: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(
+            f"override '{dotted}': '{part}' is not an index of the list there ({len(items)} items)"
+        )
+    return int(part)
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -541,8 +617,24 @@ def validate(config: ExperimentConfig) -> None:
         f"{d.global_batch_tokens} is not a multiple of data.seq_length × data.micro_batch_size "
         f"= {d.seq_length * d.micro_batch_size}",
     )
-    for name in ("text_token_fraction", "caption_first_probability"):
-        _require(0.0 <= getattr(d, name) <= 1.0, f"data.{name}", "must lie in [0, 1]")
+    _require(
+        0.0 <= d.caption_first_probability <= 1.0,
+        "data.caption_first_probability",
+        "must lie in [0, 1]",
+    )
+    labels = [source.label for source in d.sources]
+    for i, source in enumerate(d.sources):
+        _require(source.weight >= 0, f"data.sources[{i}].weight", "must be ≥ 0")
+        _require(
+            labels.count(source.label) == 1,
+            f"data.sources[{i}].name",
+            f"{source.label!r} names two sources; give each a distinct name",
+        )
+    _require(
+        not d.sources or sum(s.weight for s in d.sources) > 0,
+        "data.sources",
+        "every weight is 0: nothing to draw from",
+    )
     _require(dif.train_timesteps > 1, "diffusion.train_timesteps", "must be > 1")
     _require(
         0 <= dif.image_first_max_timestep < dif.train_timesteps,

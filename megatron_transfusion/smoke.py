@@ -26,7 +26,7 @@ def overfit(cfg: ExperimentConfig, steps: int, lr: float, log=None) -> list[Loss
         seed_everything(cfg.run.seed)
         (model,) = build_model(cfg, plat)
         generator = torch.Generator().manual_seed(cfg.run.seed)
-        if cfg.data.text_data or cfg.data.image_caption_data:
+        if cfg.data.sources:
             batch = MixedModalityLoader(cfg).next_step()[0]
         else:
             batch = random_batch(

@@ -3,7 +3,13 @@ import sys
 
 import pytest
 
-from megatron_transfusion.config import PRESET_DIR, BatchGeometry, ConfigError, load_config
+from megatron_transfusion.config import (
+    PRESET_DIR,
+    BatchGeometry,
+    ConfigError,
+    load_config,
+    sources_override,
+)
 
 
 def test_presets_load_and_keep_paper_defaults():
@@ -138,12 +144,35 @@ def test_yaml_file_path(tmp_path):
             ["parallel.engine=deepspeed", "checkpoint.async_save=true"],
             "config field 'checkpoint.async_save'",
         ),
+        # data.sources: the replaced keys say what replaced them; each item is checked.
+        (["data.text_data=shards/text"], "config field 'data.text_data' was replaced: list"),
+        (["data.text_token_fraction=0.3"], "the weights of data.sources are the token shares"),
+        (["data.sources=[{kind: text}]"], "config field 'data.sources[0].path' is required"),
+        (["data.sources=[{kind: audio, path: x}]"], "'data.sources[0].kind': 'audio' is not"),
+        (["data.sources.1.weight=-1"], "config field 'data.sources[1].weight': must be ≥ 0"),
+        (["data.sources.2.weight=1"], "'2' is not an index of the list there (2 items)"),
+        (["data.sources=[{kind: text, path: a}, {kind: text, path: a}]"], "'a' names two"),
+        (["data.sources.0.weight=0", "data.sources.1.weight=0"], "every weight is 0"),
+        (["data.sources={kind: text}"], "config field 'data.sources': expected a list"),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):
     with pytest.raises(ConfigError) as info:
         load_config("tiny", overrides)
     assert message in str(info.value)
+
+
+def test_data_sources_from_yaml_and_dotted_overrides():
+    cfg = load_config("tiny", ["data.sources.1.path=shards/img", "data.sources.0.weight=0.25"])
+    text, images = cfg.data.sources
+    assert (text.kind, text.label, text.weight) == ("text", "text", 0.25)
+    assert (images.kind, images.path, images.label) == ("image_caption", "shards/img", "images")
+    assert cfg.data.text_share == pytest.approx(0.25 / 0.75)
+    three = sources_override("t", "i").replace("]", ', {"kind": "image_caption", "path": "j"}]')
+    cfg = load_config("tiny", [three])
+    assert [s.label for s in cfg.data.sources] == ["t", "i", "j"]  # unnamed: the path
+    assert cfg.data.text_share == pytest.approx(1 / 3)
+    assert load_config("transfusion-7b").data.text_share == 0.5  # no data: the paper's mix
 
 
 def test_unknown_preset_and_missing_file():

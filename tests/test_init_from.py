@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 
+from megatron_transfusion.config import sources_override
 from tests.conftest import ROOT
 from tests.test_loader import prepare
 from tests.test_reliability import assert_one_line_error, cli
@@ -322,7 +323,7 @@ def data_made_with_another(data_root, tmp_path, what):
             manifest[what] = {**manifest[what], "path": f"other-{what}", "sha256": "f" * 64}
         manifest_path.write_text(json.dumps(manifest))
         made[name] = tmp_path / name
-    return [f"data.text_data={made['text']}", f"data.image_caption_data={made['img']}"]
+    return [sources_override(made["text"], made["img"])]
 
 
 @pytest.mark.parametrize("what", ["tokenizer", pytest.param("vae", marks=pytest.mark.slow)])

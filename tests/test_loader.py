@@ -1,12 +1,15 @@
 """The mixed-modality loader: determinism, mixing, ordering, packing, DP split, resume."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
 from data_prep.shard import ShardJob, merge, run_shard_job
 from data_prep.tokenizer import train_bpe
 from data_prep.vae import ConvVAE, VAEConfig, save_vae
-from megatron_transfusion.config import ConfigError, load_config
+from megatron_transfusion.config import ConfigError, UserError, load_config, sources_override
 from megatron_transfusion.data import MixedModalityLoader, MixtureSampler, PreparedDataset
 from tests.conftest import run_torchrun
 from tests.data_fixtures import write_inputs
@@ -54,8 +57,7 @@ def config(root, *extra):
     return load_config(
         "tiny",
         [
-            f"data.text_data={root / 'text'}",
-            f"data.image_caption_data={root / 'img'}",
+            sources_override(root / "text", root / "img"),
             "data.seq_length=128",
             "data.micro_batch_size=2",
             "data.global_batch_tokens=512",
@@ -122,8 +124,10 @@ def test_token_mix_and_caption_order_over_many_steps():
 
     rng = np.random.default_rng(0)
     lengths = {"text": rng.integers(20, 500, 5000), "image_caption": rng.integers(5, 40, 3000)}
+    kinds = {"text": "text", "image_caption": "image_caption"}
     for fraction in (0.5, 0.3):
-        sampler = MixtureSampler(lengths, 1024, 64, fraction, 0.8, seed=3)
+        weights = {"text": fraction, "image_caption": 1 - fraction}
+        sampler = MixtureSampler(lengths, kinds, weights, 1024, 64, 0.8, seed=3)
         tokens = {"text": 0, "image_caption": 0}
         caption_first = []
         for _ in range(2000):
@@ -137,23 +141,59 @@ def test_token_mix_and_caption_order_over_many_steps():
         assert len(caption_first) > 10000
 
 
+def test_three_weighted_sources_hit_their_token_shares_and_small_ones_repeat():
+    """Two image sources and one text source at 0.5 / 0.3 / 0.2 over 200 steps of eight
+    1,024-token rows: each within 1% of its share, counted as the sampler reports it; the
+    small image source runs through several epochs."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    lengths = {
+        "web": rng.integers(20, 900, 4000),
+        "laion": rng.integers(5, 60, 50_000),
+        "tiny-set": rng.integers(5, 20, 300),
+    }
+    kinds = {"web": "text", "laion": "image_caption", "tiny-set": "image_caption"}
+    weights = {"web": 5.0, "laion": 3.0, "tiny-set": 2.0}  # relative, not normalised
+    sampler = MixtureSampler(lengths, kinds, weights, 1024, 64, 0.8, seed=3)
+    tokens = dict.fromkeys(lengths, 0)
+    for _ in range(200 * 8):
+        for example in sampler.next_row():
+            tokens[example.stream] += example.length
+    total = sum(tokens.values())
+    for name, weight in weights.items():
+        assert abs(tokens[name] / total - weight / 10) < 0.01, (name, tokens[name] / total)
+    progress = sampler.progress()
+    assert {name: drawn for name, (drawn, _) in progress.items()} == tokens
+    assert progress["tiny-set"][1] >= 3 and progress["laion"][1] == 0
+
+
+TEXT_ONLY = {"text": "text"}
+
+
 def test_long_text_continues_over_rows_and_resumes_mid_document():
     """A 100-token text is BOS + 100 + EOS = 102 positions: windows [0, 64) and [63, 102),
     the second starting on the first's last position; a 10-token one fits whole."""
     import numpy as np
 
-    sampler = MixtureSampler({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    sampler = MixtureSampler(
+        {"text": np.array([10, 100])}, TEXT_ONLY, {"text": 1.0}, 64, 16, 0.8, seed=0
+    )
     examples = [e for _ in range(6) for e in sampler.next_row()]
     long = [(e.start, e.length) for e in examples if e.index == 1]
     assert long[:2] == [(0, 64), (63, 39)]
     assert all(e.length <= 64 for e in examples)
     assert [(e.start, e.length) for e in examples if e.index == 0][0] == (0, 12)
-    sampler = MixtureSampler({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    sampler = MixtureSampler(
+        {"text": np.array([10, 100])}, TEXT_ONLY, {"text": 1.0}, 64, 16, 0.8, seed=0
+    )
     while sampler.next_row()[-1].length != 64:  # stop inside the long document
         pass
     state = sampler.state_dict()
     assert state["pending"]["start"] == 63  # the window that continues it
-    resumed = MixtureSampler({"text": np.array([10, 100])}, 64, 16, 1.0, 0.8, seed=0)
+    resumed = MixtureSampler(
+        {"text": np.array([10, 100])}, TEXT_ONLY, {"text": 1.0}, 64, 16, 0.8, seed=0
+    )
     resumed.load_state_dict(state)
     assert [resumed.next_row() for _ in range(5)] == [sampler.next_row() for _ in range(5)]
 
@@ -200,9 +240,8 @@ def test_documents_at_the_4096_boundary_train_at_seq_4096(tmp_path):
     cfg = load_config(
         "tiny",
         [
-            f"data.text_data={tmp_path / 'text'}",
+            sources_override(tmp_path / "text"),
             "data.seq_length=4096",
-            "data.image_caption_data=null",
             "model.max_sequence_length=4096",
             "data.micro_batch_size=1",
             "data.global_batch_tokens=20480",
@@ -265,13 +304,29 @@ def test_what_sharding_writes_by_default_trains_under_every_preset(preset):
     s, patches = cfg.data.seq_length, cfg.model.patches_per_image
     assert image_caption_length(longest, patches) <= s
     lengths = {"text": np.array([3 * s]), "image_caption": np.array([longest])}
-    sampler = MixtureSampler(lengths, s, patches, 0.5, 0.8, seed=0)
+    kinds = {"text": "text", "image_caption": "image_caption"}
+    sampler = MixtureSampler(lengths, kinds, dict.fromkeys(kinds, 1.0), s, patches, 0.8, seed=0)
     for _ in range(8):
         assert sum(e.length for e in sampler.next_row()) <= s
 
 
-def test_exact_resume_mid_epoch(data_root):
-    cfg = config(data_root)
+def three_sources(root) -> str:
+    """Text and two image sources (the same shards under two names) at 0.5 / 0.3 / 0.2."""
+    return "data.sources=" + json.dumps(
+        [
+            {"kind": "text", "path": str(root / "text"), "weight": 0.5},
+            {"name": "img-a", "kind": "image_caption", "path": str(root / "img"), "weight": 0.3},
+            {"name": "img-b", "kind": "image_caption", "path": str(root / "img"), "weight": 0.2},
+        ]
+    )
+
+
+MIXES = pytest.mark.parametrize("three", [False, True], ids=["two-sources", "three-sources"])
+
+
+@MIXES
+def test_exact_resume_mid_epoch(data_root, three):
+    cfg = config(data_root, *([three_sources(data_root)] if three else []))
     uninterrupted = MixedModalityLoader(cfg)
     for _ in range(5):
         uninterrupted.next_step()
@@ -282,8 +337,9 @@ def test_exact_resume_mid_epoch(data_root):
     assert [rows_of(resumed.next_step()) for _ in range(4)] == expected
 
 
-def test_data_parallel_ranks_split_the_global_batch_and_resume_on_another_dp_size(data_root):
-    cfg = config(data_root)
+@MIXES
+def test_data_parallel_ranks_split_the_global_batch_and_resume_on_another_dp_size(data_root, three):
+    cfg = config(data_root, *([three_sources(data_root)] if three else []))
     single = MixedModalityLoader(cfg)
     ranks = [MixedModalityLoader(cfg, dp_rank=r, dp_size=2) for r in range(2)]
     for _ in range(3):
@@ -306,7 +362,24 @@ def test_bad_loader_configs_are_clear(data_root):
     with pytest.raises(ValueError, match="do not split"):
         MixedModalityLoader(config(data_root), dp_rank=0, dp_size=3)
     with pytest.raises(FileNotFoundError, match="no manifest.json"):
-        MixedModalityLoader(config(data_root, f"data.text_data={data_root / 'inputs'}"))
+        MixedModalityLoader(config(data_root, f"data.sources.0.path={data_root / 'inputs'}"))
+    with pytest.raises(UserError, match=r"holds text data, not image_caption .*sources\[1\]"):
+        wrong = [f"data.sources.1.path={data_root / 'text'}", "data.sources.1.name=images"]
+        MixedModalityLoader(config(data_root, *wrong))
+
+
+def test_image_sources_of_two_vaes_are_refused(data_root, tmp_path):
+    other = tmp_path / "img-other-vae"
+    shutil.copytree(data_root / "img", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["vae"] = {**manifest["vae"], "path": "another-vae", "sha256": "0" * 64}
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    extra = {"name": "other", "kind": "image_caption", "path": str(other)}
+    mix = sources_override(data_root / "text", data_root / "img").replace(
+        "]", f", {json.dumps(extra)}]"
+    )
+    with pytest.raises(UserError, match="data source 'other' has latents of another VAE"):
+        MixedModalityLoader(config(data_root, mix))
 
 
 def test_two_gloo_processes_dp_disjoint_and_tp_replicated(data_root):

@@ -5,7 +5,7 @@ calculation."""
 import pytest
 
 from benchmarks import peak_memory
-from megatron_transfusion.config import ConfigError, load_config
+from megatron_transfusion.config import ConfigError, load_config, sources_override
 from megatron_transfusion.planning.cli import main
 from megatron_transfusion.planning.cluster import CLUSTERS
 from megatron_transfusion.planning.layouts import Layout, check_layout, enumerate_layouts
@@ -43,7 +43,8 @@ def test_memory_prediction_matches_measured_peak(measured, case):
 def test_memory_is_that_of_the_most_demanding_row(text_share):
     """Not the data mix's average row: the rehearsal's 4,096-token rows were 0% and 94% image,
     and the one of 94% peaked 16% above the average's prediction (benchmarks/README.md)."""
-    cfg = load_config("transfusion-0.16b", [f"data.text_token_fraction={text_share}"])
+    mix = sources_override("unread-text", "unread-img", text_share, 1 - text_share)  # never read
+    cfg = load_config("transfusion-0.16b", [mix])
     layout = Layout.of_config(cfg, 1)
     all_text = stage_memory(cfg, CPU, layout, 0.0, True, True).total
     images = stage_memory(

@@ -7,7 +7,7 @@ import torch
 from data_prep.builtin import SHAPES_SAMPLES, load_builtin_images
 from data_prep.prepare_builtin import prepare_builtin
 from data_prep.vae import ConvVAE, VAEConfig, load_vae, save_vae
-from megatron_transfusion.config import load_config
+from megatron_transfusion.config import load_config, sources_override
 from megatron_transfusion.data import MixedModalityLoader
 
 
@@ -37,10 +37,7 @@ def test_builtin_data_prepares_and_loads(tmp_path):
     assert (paths["text_train"] / "manifest.json").stat().st_mtime_ns == text_written
     cfg = load_config(
         "tiny",
-        [
-            f"data.text_data={paths['text_train']}",
-            f"data.image_caption_data={paths['images_train']}",
-        ],
+        [sources_override(paths["text_train"], paths["images_train"])],
     )
     step = MixedModalityLoader(cfg).next_step()
     assert len(step) == 2 and all(b.num_images > 0 for b in step)

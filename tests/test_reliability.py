@@ -372,7 +372,7 @@ def test_data_mistakes_at_training_start_are_user_errors(data_root, tmp_path):
 
     other = other_tokenizer_copy(data_root, tmp_path)
     with pytest.raises(UserError, match="tokenized with another tokenizer"):
-        MixedModalityLoader(loader_config(data_root, f"data.text_data={other}"))
+        MixedModalityLoader(loader_config(data_root, f"data.sources.0.path={other}"))
     empty = tmp_path / "empty"
     shutil.copytree(data_root / "text", empty)
     manifest = json.loads((empty / "manifest.json").read_text())
@@ -381,14 +381,17 @@ def test_data_mistakes_at_training_start_are_user_errors(data_root, tmp_path):
         json.dumps({**json.loads((empty / "index.json").read_text()), "shards": []})
     )
     np.save(empty / "lengths.npy", np.zeros(0, dtype=np.int64))
-    with pytest.raises(UserError, match="the text dataset has no samples"):
-        MixedModalityLoader(loader_config(data_root, f"data.text_data={empty}"))
+    with pytest.raises(UserError, match="data source '.*' has no samples"):
+        MixedModalityLoader(loader_config(data_root, f"data.sources.0.path={empty}"))
 
 
 def test_train_reports_a_data_mistake_in_one_line(data_root, tmp_path):
     other = other_tokenizer_copy(data_root, tmp_path)
     result = cli(
-        TRAIN, "--config", "tiny", *overrides(data_root, tmp_path, 2, f"data.text_data={other}")
+        TRAIN,
+        "--config",
+        "tiny",
+        *overrides(data_root, tmp_path, 2, f"data.sources.0.path={other}"),
     )
     assert_one_line_error(result, "tokenized with another tokenizer")
 
@@ -425,7 +428,7 @@ def test_a_user_mistake_under_the_launcher_is_one_line_and_exit_2(data_root, tmp
     """Both workers refuse the data; torchrun's ChildFailedError report and its log lines
     stay out, and the two workers' identical lines are printed once."""
     other = other_tokenizer_copy(data_root, tmp_path)
-    process = launched(2, *overrides(data_root, tmp_path, 2, f"data.text_data={other}"))
+    process = launched(2, *overrides(data_root, tmp_path, 2, f"data.sources.0.path={other}"))
     out, err = process.communicate(timeout=600)
     assert process.returncode == 2, out[-2000:] + err[-4000:]
     errors = [line for line in err.splitlines() if "error" in line.lower() or "Traceback" in line]

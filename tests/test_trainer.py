@@ -10,6 +10,7 @@ import time
 
 import pytest
 
+from megatron_transfusion.config import sources_override
 from tests.conftest import ROOT
 from tests.test_loader import prepare
 
@@ -25,8 +26,7 @@ def data_root(tmp_path_factory):
 
 def overrides(data_root, run_root, steps, *extra):
     return [
-        f"data.text_data={data_root / 'text'}",
-        f"data.image_caption_data={data_root / 'img'}",
+        sources_override(data_root / "text", data_root / "img"),
         "data.seq_length=128",
         "data.micro_batch_size=2",
         "data.global_batch_tokens=512",

@@ -6,25 +6,51 @@ import numpy as np
 import torch
 
 from megatron_transfusion.batch import (
-    ImageSegment, PackedBatch, SpecialTokens, TextSegment, image_caption_length, pack_documents,
+    ImageSegment,
+    PackedBatch,
+    SpecialTokens,
+    TextSegment,
+    image_caption_length,
+    pack_documents,
 )
-from megatron_transfusion.config import BatchGeometry, ConfigError, ExperimentConfig, UserError
+from megatron_transfusion.config import (
+    SOURCES_EXAMPLE,
+    BatchGeometry,
+    ConfigError,
+    ExperimentConfig,
+    UserError,
+)
 from megatron_transfusion.data.mixture import IMAGE, TEXT, MixtureSampler, PlannedExample
 from megatron_transfusion.data.source import PreparedDataset, made_with
 
 
 def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfig) -> dict:
+    """Every source made with one tokenizer (and image sources with one VAE), fitting the
+    model and the rows; returns the special token ids."""
     tokenizers = {s: d.manifest["tokenizer"] for s, d in datasets.items()}
     first = next(iter(tokenizers.values()))
     for stream, tokenizer in tokenizers.items():
         if tokenizer["sha256"] != first["sha256"]:
-            raise UserError(f"the {stream} data was tokenized with another tokenizer than the rest "
-                             f"({tokenizer['path']} vs {first['path']}); re-shard one of them")
+            raise UserError(
+                f"data source '{stream}' was tokenized with another tokenizer than the rest "
+                f"({tokenizer['path']} vs {first['path']}); re-shard one of them"
+            )
+    vaes = {s: d.manifest["vae"] for s, d in datasets.items() if d.kind == IMAGE}
+    for stream, vae in vaes.items():
+        other = next(iter(vaes.values()))
+        if vae["sha256"] != other["sha256"]:
+            raise UserError(
+                f"data source '{stream}' has latents of another VAE than the rest "
+                f"({vae['path']} vs {other['path']}); re-shard one of them"
+            )
     if first["vocab_size"] > cfg.model.vocab_size:
-        raise ConfigError(f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
-                         f"tokenizer's {first['vocab_size']} ({first['path']})")
-    if IMAGE in datasets:
-        _check_images_fit(datasets[IMAGE], cfg)
+        raise ConfigError(
+            f"config field 'model.vocab_size': {cfg.model.vocab_size} is smaller than the "
+            f"tokenizer's {first['vocab_size']} ({first['path']})"
+        )
+    for dataset in datasets.values():
+        if dataset.kind == IMAGE:
+            _check_images_fit(dataset, cfg)
     return first["special"]
 
 
@@ -34,9 +60,11 @@ def _check_images_fit(dataset: PreparedDataset, cfg: ExperimentConfig) -> None:
     expected = [m.latent_channels, m.latent_size, m.latent_size]
     found = manifest["latent_shape"]
     if found != expected:
-        raise ConfigError(f"image latents in '{dataset.directory}' have shape {found} (sharded "
-                          f"with --image-size {manifest['image_size']}), the model expects "
-                          f"{expected} (model.latent_channels, model.latent_size)")
+        raise ConfigError(
+            f"image latents in '{dataset.directory}' have shape {found} (sharded "
+            f"with --image-size {manifest['image_size']}), the model expects "
+            f"{expected} (model.latent_channels, model.latent_size)"
+        )
     caption = int(dataset.lengths.max(initial=0))  # an empty dataset: the sampler says so
     needed = image_caption_length(caption, m.patches_per_image)
     if needed > cfg.data.seq_length:
@@ -59,30 +87,36 @@ class MixedModalityLoader:
 
     def __init__(self, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: int = 1):
         d = cfg.data
-        locations = {TEXT: d.text_data, IMAGE: d.image_caption_data}
+        if not d.sources:
+            raise ConfigError(
+                "config field 'data.sources' is empty: list the prepared datasets to train on, "
+                f"e.g. {SOURCES_EXAMPLE}"
+            )
         self.datasets = {
-            stream: PreparedDataset(location, d.cache_dir, d.verify_shards)
-            for stream, location in locations.items()
-            if location
+            source.label: PreparedDataset(source.path, d.cache_dir, d.verify_shards)
+            for source in d.sources
         }
-        if not self.datasets:
-            raise ConfigError("config fields 'data.text_data' and 'data.image_caption_data' are both empty")
-        for stream, dataset in self.datasets.items():
-            if dataset.kind != stream:
-                raise UserError(f"'{dataset.directory}' holds {dataset.kind} data, not {stream}")
+        for i, source in enumerate(d.sources):
+            dataset = self.datasets[source.label]
+            if dataset.kind != source.kind:
+                raise UserError(
+                    f"'{dataset.directory}' holds {dataset.kind} data, not {source.kind} "
+                    f"(config field 'data.sources[{i}].kind')"
+                )
         special = _check_compatible(self.datasets, cfg)
         # The tokenizer and VAE fingerprints checkpoints record (checkpoints.sources).
-        self.made_with = made_with({s: ds.manifest for s, ds in self.datasets.items()})
+        self.made_with = made_with([ds.manifest for ds in self.datasets.values()])
         self.special = SpecialTokens(**special)
         self.global_rows = BatchGeometry.of(d, dp_size).sequences
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self._last: tuple = (None, None, None)  # (stream, index, sample) last read
         self.cfg = cfg
         self.sampler = MixtureSampler(
-            {s: ds.lengths for s, ds in self.datasets.items()},
+            {s.label: self.datasets[s.label].lengths for s in d.sources},
+            {s.label: s.kind for s in d.sources},
+            {s.label: s.weight for s in d.sources},
             d.seq_length,
             cfg.model.patches_per_image,
-            d.text_token_fraction if TEXT in self.datasets else 0.0,
             d.caption_first_probability,
             cfg.run.seed,
         )
@@ -95,16 +129,22 @@ class MixedModalityLoader:
 
     def _document(self, example: PlannedExample) -> list:
         sample = self._sample(example.stream, example.index)
-        if example.stream == TEXT:  # positions [start, stop) of BOS text EOS
+        if self.datasets[example.stream].kind == TEXT:  # positions [start, stop) of BOS text EOS
             tokens, start, stop = sample["tokens"], example.start, example.start + example.length
             window = tokens[max(start - 1, 0) : stop - 1].tolist()
             bos = [self.special.bos] if start == 0 else []
             eos = [self.special.eos] if stop == len(tokens) + 2 else []
             return [TextSegment(bos + window + eos)]
-        image = ImageSegment(torch.from_numpy(sample["latent"].astype(np.float32)), example.caption_first)
+        image = ImageSegment(
+            torch.from_numpy(sample["latent"].astype(np.float32)), example.caption_first
+        )
         caption = sample["caption"].tolist()
         if example.caption_first:
-            return [TextSegment([self.special.bos, *caption]), image, TextSegment([self.special.eos])]
+            return [
+                TextSegment([self.special.bos, *caption]),
+                image,
+                TextSegment([self.special.eos]),
+            ]
         return [TextSegment([self.special.bos]), image, TextSegment([*caption, self.special.eos])]
 
     def next_step(self) -> list[PackedBatch]:
@@ -117,7 +157,10 @@ class MixedModalityLoader:
         return [
             pack_documents(
                 [[self._document(e) for e in row] for row in mine[i : i + size]],
-                self.cfg.data.seq_length, m.patches_per_image, shape, self.special,
+                self.cfg.data.seq_length,
+                m.patches_per_image,
+                shape,
+                self.special,
             )
             for i in range(0, len(mine), size)
         ]
@@ -128,6 +171,8 @@ class MixedModalityLoader:
 
     def load_state_dict(self, state: dict) -> None:
         if state["global_rows"] != self.global_rows:
-            raise UserError(f"the saved data state is for {state['global_rows']} sequences per step, "
-                             f"this run has {self.global_rows}: keep data.global_batch_tokens")
+            raise UserError(
+                f"the saved data state is for {state['global_rows']} sequences per step, "
+                f"this run has {self.global_rows}: keep data.global_batch_tokens"
+            )
         self.sampler.load_state_dict(state["planner"])

@@ -1,9 +1,10 @@
 """The global data plan: which samples fill which sequence, decided from lengths alone.
 
-Two streams (text, image–caption) are mixed to a target token share by always drawing
-from the stream furthest below its target; each stream is read in a fresh seeded
-permutation every epoch; each image–caption pair is laid out caption-first with the
-configured probability (else image-first, which limits its noise). Examples are packed
+Any number of sources (``data.sources``: prepared datasets of text or image–caption
+pairs, each with a weight) are mixed to their token shares by always drawing from the
+source furthest below its share; each source is read in a fresh seeded permutation every
+epoch (a small source repeats, counting its epochs); each image–caption pair is laid out
+caption-first with the configured probability (else image-first, which limits its noise). Examples are packed
 greedily into rows of ``seq_length``; one that does not fit starts the next row.
 
 A text document longer than a row continues over several examples: windows of at most
@@ -27,14 +28,13 @@ import numpy as np
 from megatron_transfusion.batch import image_caption_length, text_document_length
 from megatron_transfusion.config import UserError
 
-TEXT, IMAGE = "text", "image_caption"
-STREAM_IDS = {TEXT: 0, IMAGE: 1}
+TEXT, IMAGE = "text", "image_caption"  # the kinds of source
 
 
 @dataclass(frozen=True)
 class PlannedExample:
-    stream: str
-    index: int  # sample index in the stream's dataset
+    stream: str  # the source's name (data.sources[i].label)
+    index: int  # sample index in the source's dataset
     caption_first: bool
     length: int  # tokens once laid out in the sequence
     start: int = 0  # where in the document's layout this example starts (a continued text)
@@ -51,27 +51,36 @@ class _Cursor:
 class MixtureSampler:
     def __init__(
         self,
-        lengths: dict[str, np.ndarray],  # per stream: text tokens per sample
+        lengths: dict[str, np.ndarray],  # per source: text tokens per sample
+        kinds: dict[str, str],  # per source: TEXT or IMAGE
+        weights: dict[str, float],  # per source: token share, relative
         seq_length: int,
         patches_per_image: int,
-        text_token_fraction: float,
         caption_first_probability: float,
         seed: int,
     ):
-        self.targets = {TEXT: text_token_fraction, IMAGE: 1.0 - text_token_fraction}
-        self.streams = [s for s in (TEXT, IMAGE) if s in lengths and self.targets[s] > 0]
+        total = sum(weights.values())
+        # Sources in config order: the order seeds each one's shuffle and breaks ties.
+        self.streams = [s for s in lengths if weights[s] > 0]
         if not self.streams:
-            raise UserError("no data stream to draw from (check data paths and data.text_token_fraction)")
+            raise UserError("no data source to draw from: every weight in data.sources is 0")
+        self.targets = {s: weights[s] / total for s in self.streams}
+        self.ids = {s: i for i, s in enumerate(lengths)}
         for stream in self.streams:
             if len(lengths[stream]) == 0:
-                raise UserError(f"the {stream} dataset has no samples")
+                raise UserError(f"data source '{stream}' has no samples")
+        self.kinds = kinds
         self.seq_length = seq_length
         self.caption_first_probability = caption_first_probability
         self.seed = seed
-        tokens = {s: lengths[s].astype(np.int64) for s in self.streams}
-        self.layout_lengths = {s: text_document_length(tokens[s]) for s in self.streams}
-        if IMAGE in self.streams:
-            self.layout_lengths[IMAGE] = image_caption_length(tokens[IMAGE], patches_per_image)
+        self.layout_lengths = {}
+        for s in self.streams:
+            tokens = lengths[s].astype(np.int64)
+            self.layout_lengths[s] = (
+                image_caption_length(tokens, patches_per_image)
+                if kinds[s] == IMAGE
+                else text_document_length(tokens)
+            )
         self.cursors = {s: _Cursor() for s in self.streams}
         self.pending: PlannedExample | None = None
         self.rows_planned = 0
@@ -80,7 +89,7 @@ class MixtureSampler:
     def _epoch_order(self, stream: str, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         cached = self._epoch_cache.get(stream)
         if cached is None or cached[0] != epoch:
-            rng = np.random.Generator(np.random.PCG64([self.seed, STREAM_IDS[stream], epoch]))
+            rng = np.random.Generator(np.random.PCG64([self.seed, self.ids[stream], epoch]))
             n = len(self.layout_lengths[stream])
             order = rng.permutation(n)
             caption_first = rng.random(n) < self.caption_first_probability
@@ -88,7 +97,9 @@ class MixtureSampler:
         return cached[1], cached[2]
 
     def _choose_stream(self) -> str:
-        return min(self.streams, key=lambda s: (self.cursors[s].tokens / self.targets[s], STREAM_IDS[s]))
+        return min(
+            self.streams, key=lambda s: (self.cursors[s].tokens / self.targets[s], self.ids[s])
+        )
 
     def _draw(self) -> PlannedExample:
         stream = self._choose_stream()
@@ -99,7 +110,9 @@ class MixtureSampler:
         example = PlannedExample(
             stream=stream,
             index=index,
-            caption_first=bool(caption_first[cursor.position]) if stream == IMAGE else True,
+            caption_first=bool(caption_first[cursor.position])
+            if self.kinds[stream] == IMAGE
+            else True,
             length=min(whole - start, self.seq_length),
             start=start,
         )
@@ -111,6 +124,14 @@ class MixtureSampler:
         if cursor.position == len(order):
             cursor.epoch, cursor.position = cursor.epoch + 1, 0
         return example
+
+    def progress(self) -> dict[str, tuple[int, int]]:
+        """Per source: (laid-out tokens in the rows planned so far, epochs completed)."""
+        waiting = self.pending or PlannedExample("", 0, True, 0)  # drawn, not yet in a row
+        return {
+            s: (c.tokens - waiting.length * (waiting.stream == s), c.epoch)
+            for s, c in self.cursors.items()
+        }
 
     def next_row(self) -> list[PlannedExample]:
         row, used = [], 0
@@ -135,7 +156,11 @@ class MixtureSampler:
 
     def load_state_dict(self, state: dict) -> None:
         if state["seed"] != self.seed or set(state["cursors"]) != set(self.streams):
-            raise UserError("data loader state comes from a run with another seed or other streams")
+            raise UserError(
+                f"the saved data state is of a run with seed {state['seed']} and sources "
+                f"{sorted(state['cursors'])}, this run has seed {self.seed} and sources "
+                f"{sorted(self.streams)}: keep run.seed and the names of data.sources"
+            )
         self.rows_planned = state["rows_planned"]
         self.cursors = {s: _Cursor(**c) for s, c in state["cursors"].items()}
         self.pending = PlannedExample(**state["pending"]) if state["pending"] else None

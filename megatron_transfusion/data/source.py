@@ -28,21 +28,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def made_with(manifests: dict[str, dict]) -> dict:
-    """The tokenizer and VAE fingerprints of a run's data, by stream ("text",
-    "image_caption") manifest: what a checkpoint records it was trained with. ``vae`` is
-    None for text-only data."""
-    first = next(iter(manifests.values()))
-    image = manifests.get("image_caption")
-    return {"tokenizer": first["tokenizer"], "vae": image["vae"] if image else None}
+def made_with(manifests: list[dict]) -> dict:
+    """The tokenizer and VAE fingerprints of a run's data, from its datasets' manifests
+    (the loader checks they agree): what a checkpoint records it was trained with. ``vae``
+    is None for text-only data."""
+    images = [m for m in manifests if m["kind"] == "image_caption"]
+    return {"tokenizer": manifests[0]["tokenizer"], "vae": images[0]["vae"] if images else None}
 
 
-def local_manifests(text_data: str | None, image_caption_data: str | None) -> dict[str, dict]:
-    """The manifests of a run's prepared datasets that are local directories, by stream."""
-    found = {}
-    for stream, location in (("text", text_data), ("image_caption", image_caption_data)):
+def local_manifests(locations) -> list[dict]:
+    """The manifests of those of a run's prepared datasets that are local directories."""
+    found = []
+    for location in locations:
         if location and "://" not in location and (Path(location) / "manifest.json").is_file():
-            found[stream] = json.loads((Path(location) / "manifest.json").read_text())
+            found.append(json.loads((Path(location) / "manifest.json").read_text()))
     return found
 
 

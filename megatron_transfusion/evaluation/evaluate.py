@@ -16,7 +16,7 @@ import torch
 
 from megatron_transfusion import platform
 from megatron_transfusion.batch import ImageSegment, TextSegment
-from megatron_transfusion.config import ExperimentConfig
+from megatron_transfusion.config import ExperimentConfig, SourceConfig
 from megatron_transfusion.evaluation.captions import bleu4, cider_d, tokenize
 from megatron_transfusion.inference.generate import Generator, SamplingConfig
 
@@ -24,21 +24,25 @@ from megatron_transfusion.inference.generate import Generator, SamplingConfig
 def heldout_losses(
     evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: int = 1
 ) -> dict[str, float]:
-    """Losses over ``eval.batches`` global batches of held-out data, the same batches and
-    noise at every evaluation, scored as one batch (L_LM the mean over all their trained
-    tokens, so the perplexity is per token); ``evaluate(micro_batches)`` is the engine's
+    """Losses over ``eval.batches`` global batches of held-out data (mixed as the training
+    data's kinds are), the same batches and noise at every evaluation, scored as one batch
+    (L_LM the mean over all their trained tokens, so the perplexity is per token);
+    ``evaluate(micro_batches)`` is the engine's
     forward."""
     from megatron_transfusion.data.loader import MixedModalityLoader
     from megatron_transfusion.diffusion.schedule import CosineSchedule
     from megatron_transfusion.training.step import MicroBatch
 
-    e = cfg.eval
-    heldout = dataclasses.replace(
-        cfg,
-        data=dataclasses.replace(
-            cfg.data, text_data=e.text_data, image_caption_data=e.image_caption_data
-        ),
-    )
+    e, share = cfg.eval, cfg.data.text_share
+    sources = [
+        SourceConfig(kind, path, weight)
+        for kind, path, weight in (
+            ("text", e.text_data, share),
+            ("image_caption", e.image_caption_data, 1.0 - share),
+        )
+        if path
+    ]
+    heldout = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
     loader = MixedModalityLoader(heldout, dp_rank, dp_size)
     schedule = CosineSchedule.from_config(cfg.diffusion)
     generator = torch.Generator().manual_seed(cfg.run.seed + 17 + dp_rank)

@@ -92,8 +92,9 @@ def load_for_inference(
 def _manifest(cfg: ExperimentConfig) -> dict | None:
     """The training data's manifest when it is a local directory (image data first: it
     names the VAE as well as the tokenizer)."""
-    manifests = local_manifests(cfg.data.text_data, cfg.data.image_caption_data)
-    return manifests.get("image_caption") or manifests.get("text")
+    manifests = local_manifests(s.path for s in cfg.data.sources)
+    images = [m for m in manifests if m["kind"] == "image_caption"]
+    return (images or manifests or [None])[0]
 
 
 def load_tokenizer(cfg: ExperimentConfig, path: str | Path | None = None) -> Tokenizer:

@@ -46,8 +46,8 @@ def predict(
     if image_token_fraction is None:
         image_token_fraction = default_image_token_fraction(cfg)
     stages = [(True, True)] if layout.pp == 1 else [(True, False), (False, True)]
-    rows = [0.0] if cfg.data.text_token_fraction > 0 else []  # all text
-    rows += [max_image_token_fraction(cfg)] if cfg.data.text_token_fraction < 1 else []
+    rows = [0.0] if cfg.data.text_share > 0 else []  # all text
+    rows += [max_image_token_fraction(cfg)] if cfg.data.text_share < 1 else []
     memory = max(
         (
             stage_memory(cfg, cluster, layout, row, first, last)

@@ -74,7 +74,7 @@ def default_image_token_fraction(cfg: ExperimentConfig) -> float:
     """Image positions per token: the image-caption stream's share, its captions counted
     as image (an upper bound; images cost more than text in memory and FLOPs)."""
     m = cfg.model
-    return (1.0 - cfg.data.text_token_fraction) * m.patches_per_image / (m.patches_per_image + 2)
+    return (1.0 - cfg.data.text_share) * m.patches_per_image / (m.patches_per_image + 2)
 
 
 def _bandwidth(cluster: Cluster, ranks_spanned: int) -> float:

@@ -198,10 +198,14 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
 
     while step < cfg.run.train_steps:
         started = time.perf_counter()
+        epochs = {name: e for name, (_, e) in loader.sampler.progress().items()}
         micro_batches = [
             MicroBatch.draw(batch, schedule, cfg.diffusion, noise_generator, device)
             for batch in loader.next_step()
         ]
+        for name, (_, epoch) in loader.sampler.progress().items():
+            if epoch > epochs[name] and rank0:
+                print(f"data source '{name}': epoch {epoch} done, starting over", flush=True)
         result = engine.train_step(micro_batches, lr_at(step, cfg.optimizer, cfg.run.train_steps))
         step += 1
         state["tokens"] += cfg.data.global_batch_tokens
@@ -223,6 +227,8 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
                 "memory_gib": (plat.peak_memory() - memory_start) / 2**30,
                 "predicted_memory_gib": planned / 2**30,
             }
+            for name, (tokens, epochs) in loader.sampler.progress().items():  # files only
+                last[f"data/{name}/tokens"], last[f"data/{name}/epochs"] = tokens, epochs
             line = logger.log(step, last)
             if rank0:
                 print(line + (" | skipped (non-finite)" if result.skipped else ""), flush=True)
