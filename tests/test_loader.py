@@ -347,11 +347,16 @@ def test_data_parallel_ranks_split_the_global_batch_and_resume_on_another_dp_siz
         parts = [rows_of(loader.next_step()) for loader in ranks]
         # Rows are strided over ranks: rank r holds global rows r, r + 2, ...
         assert parts[0] == whole[0::2] and parts[1] == whole[1::2]
-    # State saved at DP=2 continues the same sample stream at DP=1 (same global batch).
+    # State saved at DP=2 continues the same sample stream at DP=1 (same global batch) ...
     resumed = MixedModalityLoader(cfg)
     resumed.load_state_dict(ranks[0].state_dict())
     whole = rows_of(single.next_step())
     assert rows_of(resumed.next_step()) == whole
+    # ... and state saved at DP=1 at DP=2.
+    for loader in ranks:
+        loader.load_state_dict(single.state_dict())
+    whole = rows_of(single.next_step())
+    assert [rows_of(loader.next_step()) for loader in ranks] == [whole[0::2], whole[1::2]]
 
 
 def test_bad_loader_configs_are_clear(data_root):
