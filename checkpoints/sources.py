@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from checkpoints import CheckpointError, layout
-from checkpoints.export import read_export_metadata, verify_export
+from checkpoints.export import read_export_metadata
 from checkpoints.huggingface import HFLlama, read_json
 from checkpoints.publish import verify_checkpoint, warn_unverified
 from checkpoints.sharded import load_model_weights
@@ -134,7 +134,9 @@ def _tensors_of(path: Path):
 
 
 def _export_source(path: Path, verify: bool) -> WeightsSource:
-    metadata = read_export_metadata(path, verify=False)
+    # One file, nothing for the ranks to split: checked now, so that a damaged export is
+    # refused before a process group exists (as before sources: load_for_inference).
+    metadata = read_export_metadata(path, verify=verify)
     if "config" not in metadata:
         raise CheckpointError(
             f"'{path}' has no config in its metadata: not written by mtf-checkpoint export"
@@ -143,7 +145,6 @@ def _export_source(path: Path, verify: bool) -> WeightsSource:
         str(path),
         path,
         lambda chunks, model: load_whole(chunks, _tensors_of(path), f"'{path}'"),
-        (lambda: verify_export(path, metadata)) if verify else None,
         config=yaml.safe_load(metadata["config"]),
         step=int(metadata.get("step", 0)),
         made_with=json.loads(metadata["made_with"]) if "made_with" in metadata else None,
