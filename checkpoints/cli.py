@@ -70,13 +70,14 @@ def main(argv=None) -> None:
             help="skip checking the checkpoint's files against its manifest "
             "(an exported file: against its SHA-256)",
         )
-    # Overrides may follow the options (argparse would stop at the first positional).
-    args, rest = parser.parse_known_args(argv)
-    if args.command == "import-hf":
-        args.overrides += [a for a in rest if "=" in a and not a.startswith("-")]
-        rest = [a for a in rest if a not in args.overrides]
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    # import-hf's overrides may follow --out: argparse settles the positionals when it meets
+    # DIR (overrides then empty) and hands back what comes after the options unparsed.
+    args, extra = parser.parse_known_args(argv)
+    stray = [a for a in extra if a.startswith("-")] if args.command == "import-hf" else extra
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides += extra
     if args.command == "inspect":
         report = inspect(args.checkpoint, verify=not args.no_verify)
         trainer = report.pop("trainer")

@@ -27,7 +27,7 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--out", help="results JSON (default: <run>/eval/step_N.json)")
     add_loading_arguments(parser)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides may follow --out
     bad = [o for o in args.overrides if not o.startswith("eval.")]
     if bad:
         raise ValueError(f"only eval.* settings can be overridden here, got {bad}")

@@ -21,6 +21,21 @@ from megatron_transfusion.evaluation.captions import bleu4, cider_d, tokenize
 from megatron_transfusion.inference.generate import Generator, SamplingConfig
 
 
+def heldout_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """``cfg`` with the held-out datasets (``eval.*_data``) as its sources, mixed as the
+    training data's kinds are."""
+    share = cfg.data.text_share
+    sources = [
+        SourceConfig(kind, path, weight)
+        for kind, path, weight in (
+            ("text", cfg.eval.text_data, share),
+            ("image_caption", cfg.eval.image_caption_data, 1.0 - share),
+        )
+        if path
+    ]
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
+
+
 def heldout_losses(
     evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: int = 1
 ) -> dict[str, float]:
@@ -33,16 +48,8 @@ def heldout_losses(
     from megatron_transfusion.diffusion.schedule import CosineSchedule
     from megatron_transfusion.training.step import MicroBatch
 
-    e, share = cfg.eval, cfg.data.text_share
-    sources = [
-        SourceConfig(kind, path, weight)
-        for kind, path, weight in (
-            ("text", e.text_data, share),
-            ("image_caption", e.image_caption_data, 1.0 - share),
-        )
-        if path
-    ]
-    heldout = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
+    e = cfg.eval
+    heldout = heldout_config(cfg)
     loader = MixedModalityLoader(heldout, dp_rank, dp_size)
     schedule = CosineSchedule.from_config(cfg.diffusion)
     generator = torch.Generator().manual_seed(cfg.run.seed + 17 + dp_rank)
