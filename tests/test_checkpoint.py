@@ -105,9 +105,7 @@ def test_background_write_keeps_the_state_of_the_save_step(megatron_world, tmp_p
     from megatron_transfusion.model import build_model
     from megatron_transfusion.parallel import seed_everything
 
-    cfg = load_config(
-        "tiny", ["data.text_data=null", "data.image_caption_data=null", "eval.interval=0"]
-    )
+    cfg = load_config("tiny", ["data.sources=[]", "eval.interval=0"])
     seed_everything(0)
     (model,) = build_model(cfg, megatron_world)
     saved = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
