@@ -334,9 +334,10 @@ def sources_override(
     text=None, image_caption=None, text_weight: float = 1.0, image_weight: float = 1.0
 ) -> str:
     """``data.sources=[...]`` for one text and/or one image–caption dataset (equal token
-    shares by default): the common case as one override, for scripts and tests."""
+    shares by default), each named by its kind: the common case as one override, for
+    scripts and tests (and the names data states were saved under before data.sources)."""
     sources = [
-        {"kind": kind, "path": str(path), "weight": weight}
+        {"name": kind, "kind": kind, "path": str(path), "weight": weight}
         for kind, path, weight in (
             ("text", text, text_weight),
             ("image_caption", image_caption, image_weight),

@@ -170,7 +170,7 @@ def test_data_sources_from_yaml_and_dotted_overrides():
     assert cfg.data.text_share == pytest.approx(0.25 / 0.75)
     three = sources_override("t", "i").replace("]", ', {"kind": "image_caption", "path": "j"}]')
     cfg = load_config("tiny", [three])
-    assert [s.label for s in cfg.data.sources] == ["t", "i", "j"]  # unnamed: the path
+    assert [s.label for s in cfg.data.sources] == ["text", "image_caption", "j"]  # j: its path
     assert cfg.data.text_share == pytest.approx(1 / 3)
     assert load_config("transfusion-7b").data.text_share == 0.5  # no data: the paper's mix
 

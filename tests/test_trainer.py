@@ -121,6 +121,13 @@ def test_metrics_carry_mfu_and_memory_beside_the_plan(data_root, uninterrupted_r
         assert record["predicted_memory_gib"] == pytest.approx(planned)
         assert 0 < record["memory_gib"] < 2
     assert records[-1]["memory_gib"] >= records[0]["memory_gib"]  # a peak only grows
+    # Every source's tokens (laid out in the rows so far: at most the rows' positions, about
+    # half each at equal weights) and epochs.
+    for step, record in enumerate(records, start=1):
+        drawn = [record[f"data/{name}/tokens"] for name in ("text", "image_caption")]
+        assert sum(drawn) <= step * cfg.data.global_batch_tokens
+        assert min(drawn) / max(drawn) > 0.5
+        assert record["data/text/epochs"] >= 0 and record["data/image_caption/epochs"] >= 0
 
 
 def test_checkpoint_tools_inspect_and_export(uninterrupted_run, tmp_path):
