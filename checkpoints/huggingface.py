@@ -50,10 +50,6 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def is_hf_directory(path: Path) -> bool:
-    return path.is_dir() and (path / CONFIG).is_file()
-
-
 class HFLlama:
     """A Hugging Face Llama-family directory, checked on open and read a tensor at a time."""
 

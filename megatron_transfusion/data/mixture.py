@@ -127,11 +127,10 @@ class MixtureSampler:
 
     def progress(self) -> dict[str, tuple[int, int]]:
         """Per source: (laid-out tokens in the rows planned so far, epochs completed)."""
-        waiting = self.pending or PlannedExample("", 0, True, 0)  # drawn, not yet in a row
-        return {
-            s: (c.tokens - waiting.length * (waiting.stream == s), c.epoch)
-            for s, c in self.cursors.items()
-        }
+        tokens = {s: c.tokens for s, c in self.cursors.items()}
+        if self.pending is not None:  # drawn, not yet in a row
+            tokens[self.pending.stream] -= self.pending.length
+        return {s: (tokens[s], c.epoch) for s, c in self.cursors.items()}
 
     def next_row(self) -> list[PlannedExample]:
         row, used = [], 0
