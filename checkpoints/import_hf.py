@@ -48,12 +48,11 @@ def import_hf(directory: Path, out: Path, preset: str = "tiny", overrides=()) ->
     out = Path(out)
     if layout.checkpoints_dir(out).exists():
         raise UserError(f"'{out}' already holds checkpoints; choose another --out or remove it")
-    hf = HFLlama(directory)
     source = open_weights(f"{HF_PREFIX}{directory}")
     if source.config is not None:  # an export of this project: its run's config, whole
         cfg = config_from_tree(source.config, overrides)
     else:
-        cfg = load_config(preset, [*hf_overrides(hf), *overrides])
+        cfg = load_config(preset, [*hf_overrides(HFLlama(directory)), *overrides])
     # The config trains from the import in a run of its own (the import is never resumed).
     cfg.run.name, cfg.run.output_root = f"{out.name}-transfusion", str(out.parent)
     cfg.checkpoint.init_from = str(out)
