@@ -15,6 +15,8 @@ and per image (numbered in row-major order of appearance):
     timesteps      [n]  diffusion step of ``latents`` (0 for clean images)
     caption_first  [n]  the caption precedes the image (else the noise limit applies)
     unconditional  [n]  the image may not attend to anything before it (CFG dropout)
+    given          [n]  the image is an input, not generated (an edit's source image): it
+                        stays clean at t = 0 and has no diffusion loss
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class PackedBatch:
     timesteps: torch.Tensor
     caption_first: torch.Tensor
     unconditional: torch.Tensor
+    given: torch.Tensor
 
     @property
     def num_images(self) -> int:
@@ -78,7 +81,7 @@ class PackedBatch:
                     f"expected {tuple(shape)} like tokens"
                 )
         n = self.num_images
-        for name in ("timesteps", "caption_first", "unconditional"):
+        for name in ("timesteps", "caption_first", "unconditional", "given"):
             if getattr(self, name).shape != (n,):
                 raise ValueError(f"PackedBatch.{name} must have one entry per image ({n})")
         counts = torch.bincount(self.image_ids[self.image_ids >= 0].flatten(), minlength=n)
@@ -100,6 +103,7 @@ class TextSegment:
 class ImageSegment:
     latent: torch.Tensor  # [C, H, W]
     caption_first: bool = True
+    given: bool = False  # an input image (an edit's source): clean, no diffusion loss
 
 
 Document = list  # of TextSegment | ImageSegment
@@ -119,6 +123,92 @@ def text_document_length(text_tokens: int) -> int:
 def image_caption_length(caption_tokens: int, patches_per_image: int) -> int:
     """Positions of an image–caption pair in either order: BOS caption BOI patches EOI EOS."""
     return caption_tokens + DOCUMENT_OVERHEAD + patches_per_image + IMAGE_OVERHEAD
+
+
+# A prepared document of the kinds "interleaved" and "image_edit" is stored as its text
+# tokens, concatenated, and its parts in order: n >= 0 is the next n of those tokens, a
+# negative part the next image latent, generated (trained with the diffusion loss) or given
+# (an edit's input: clean, no loss).
+GENERATED_IMAGE, GIVEN_IMAGE = -1, -2
+
+
+def document_length(text_tokens, images, patches_per_image: int):
+    """Positions of a document laid out whole: BOS, its text and images, EOS (ints or arrays)."""
+    return text_tokens + DOCUMENT_OVERHEAD + images * (patches_per_image + IMAGE_OVERHEAD)
+
+
+def image_spans(parts, patches_per_image: int) -> list[tuple[int, int]]:
+    """(BOI, EOI) positions of each image of a document laid out whole (BOS at 0)."""
+    spans, cursor = [], 1
+    for part in parts:
+        if part >= 0:
+            cursor += int(part)
+        else:
+            spans.append((cursor, cursor + patches_per_image + 1))
+            cursor += patches_per_image + IMAGE_OVERHEAD
+    return spans
+
+
+def window_end(
+    start: int, whole: int, spans: list[tuple[int, int]], seq_length: int
+) -> int:
+    """Where the window of a document (``whole`` positions laid out) that starts at text
+    position ``start`` ends (exclusive): as far as a row reaches, but never through an
+    image, which ends it before its BOI instead. The next window starts at this one's last
+    position, which is therefore text too."""
+    stop = min(start + seq_length, whole)
+    for boi, eoi in spans:
+        if boi < stop <= eoi:
+            return boi
+    return stop
+
+
+def document_segments(
+    tokens: list[int], parts: list[int], latents: torch.Tensor, special: SpecialTokens
+) -> Document:
+    """A stored document as segments, BOS and EOS included. An image is caption-first
+    (trained over every noise level) when text precedes it in the document, else it gets
+    the image-first noise limit, as an image before its caption does."""
+    document: Document = [TextSegment([special.bos])]
+    text, image, seen_text = 0, 0, False
+    for part in parts:
+        if part >= 0:
+            ids = tokens[text : text + part]
+            text += part
+            seen_text = seen_text or part > 0
+            if isinstance(document[-1], TextSegment):
+                document[-1] = TextSegment([*document[-1].tokens, *ids])
+            else:
+                document.append(TextSegment(list(ids)))
+        else:
+            document.append(ImageSegment(latents[image], seen_text, part == GIVEN_IMAGE))
+            image += 1
+    if isinstance(document[-1], TextSegment):
+        document[-1] = TextSegment([*document[-1].tokens, special.eos])
+    else:
+        document.append(TextSegment([special.eos]))
+    return document
+
+
+def cut_document(document: Document, start: int, stop: int, patches_per_image: int) -> Document:
+    """Positions [start, stop) of a laid-out document: text is sliced, an image must lie
+    wholly inside or outside (``window_end`` chooses such windows)."""
+    window: Document = []
+    cursor = 0
+    for segment in document:
+        if isinstance(segment, TextSegment):
+            end = cursor + len(segment.tokens)
+            ids = segment.tokens[max(start - cursor, 0) : max(stop - cursor, 0)]
+            if ids:
+                window.append(TextSegment(list(ids)))
+        else:
+            end = cursor + patches_per_image + IMAGE_OVERHEAD
+            if start <= cursor and end <= stop:
+                window.append(segment)
+            elif cursor < stop and start < end:
+                raise ValueError(f"window [{start}, {stop}) cuts the image at [{cursor}, {end})")
+        cursor = end
+    return window
 
 
 @dataclass(frozen=True)
@@ -149,7 +239,7 @@ def pack_documents(
     positions = torch.zeros((b, seq_length), dtype=torch.long)
     document_ids = torch.full((b, seq_length), -1, dtype=torch.long)
     image_ids = torch.full((b, seq_length), -1, dtype=torch.long)
-    latents, caption_first = [], []
+    latents, caption_first, given = [], [], []
     for r, documents in enumerate(rows):
         cursor = 0
         for d, document in enumerate(documents):
@@ -168,6 +258,7 @@ def pack_documents(
                     image = len(latents)
                     latents.append(segment.latent)
                     caption_first.append(segment.caption_first)
+                    given.append(segment.given)
                 end = cursor + len(ids)
                 if end > seq_length:
                     raise ValueError(f"row {r} needs more than seq_length={seq_length} tokens")
@@ -188,4 +279,5 @@ def pack_documents(
         timesteps=torch.zeros(n, dtype=torch.long),
         caption_first=torch.tensor(caption_first, dtype=torch.bool),
         unconditional=torch.zeros(n, dtype=torch.bool),
+        given=torch.tensor(given, dtype=torch.bool),
     )
