@@ -42,6 +42,11 @@ class PackedBatch:
     def num_images(self) -> int:
         return self.latents.shape[0]
 
+    @property
+    def num_generated(self) -> int:
+        """Images with a diffusion loss (not given)."""
+        return int((~self.given).sum())
+
     def to(self, device: torch.device) -> PackedBatch:
         return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)})
 
@@ -149,9 +154,7 @@ def image_spans(parts, patches_per_image: int) -> list[tuple[int, int]]:
     return spans
 
 
-def window_end(
-    start: int, whole: int, spans: list[tuple[int, int]], seq_length: int
-) -> int:
+def window_end(start: int, whole: int, spans: list[tuple[int, int]], seq_length: int) -> int:
     """Where the window of a document (``whole`` positions laid out) that starts at text
     position ``start`` ends (exclusive): as far as a row reaches, but never through an
     image, which ends it before its BOI instead. The next window starts at this one's last
@@ -190,9 +193,12 @@ def document_segments(
     return document
 
 
-def cut_document(document: Document, start: int, stop: int, patches_per_image: int) -> Document:
+def cut_document(
+    document: Document, start: int, stop: int, patches_per_image: int, special: SpecialTokens
+) -> Document:
     """Positions [start, stop) of a laid-out document: text is sliced, an image must lie
-    wholly inside or outside (``window_end`` chooses such windows)."""
+    wholly inside or outside (``window_end`` chooses such windows), except for the EOI a
+    window may start with (the last position of the window before), which is text."""
     window: Document = []
     cursor = 0
     for segment in document:
@@ -205,6 +211,8 @@ def cut_document(document: Document, start: int, stop: int, patches_per_image: i
             end = cursor + patches_per_image + IMAGE_OVERHEAD
             if start <= cursor and end <= stop:
                 window.append(segment)
+            elif start == end - 1:
+                window.append(TextSegment([special.eoi]))
             elif cursor < stop and start < end:
                 raise ValueError(f"window [{start}, {stop}) cuts the image at [{cursor}, {end})")
         cursor = end

@@ -133,7 +133,9 @@ class ParallelConfig:
 class SourceConfig:
     """One prepared dataset (``mtf-prepare-data``) in the training mix."""
 
-    kind: Literal["text", "image_caption"]  # checked against the dataset's manifest
+    # checked against the dataset's manifest; "interleaved": text and images in any order,
+    # "image_edit": (input image, instruction, edited image) examples
+    kind: Literal["text", "image_caption", "interleaved", "image_edit"]
     path: str  # a local directory or a remote URL (mirrored into data.cache_dir)
     weight: float = 1.0  # its share of the training tokens, relative to the other sources'
     name: str | None = None  # in logs and checkpoints; default: the path

@@ -10,6 +10,8 @@ from megatron_transfusion.batch import (
     PackedBatch,
     SpecialTokens,
     TextSegment,
+    cut_document,
+    document_segments,
     image_caption_length,
     pack_documents,
 )
@@ -20,8 +22,14 @@ from megatron_transfusion.config import (
     ExperimentConfig,
     UserError,
 )
-from megatron_transfusion.data.mixture import IMAGE, TEXT, MixtureSampler, PlannedExample
-from megatron_transfusion.data.source import PreparedDataset, made_with
+from megatron_transfusion.data.mixture import MixtureSampler, PlannedExample
+from megatron_transfusion.data.source import (
+    DOCUMENT_KINDS,
+    IMAGE,
+    TEXT,
+    PreparedDataset,
+    made_with,
+)
 
 
 def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfig) -> dict:
@@ -35,7 +43,7 @@ def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfi
                 f"data source '{stream}' was tokenized with another tokenizer than the rest "
                 f"({tokenizer['path']} vs {first['path']}); re-shard one of them"
             )
-    vaes = {s: d.manifest["vae"] for s, d in datasets.items() if d.kind == IMAGE}
+    vaes = {s: d.manifest["vae"] for s, d in datasets.items() if d.kind != TEXT}
     for stream, vae in vaes.items():
         other = next(iter(vaes.values()))
         if vae["sha256"] != other["sha256"]:
@@ -49,13 +57,14 @@ def _check_compatible(datasets: dict[str, PreparedDataset], cfg: ExperimentConfi
             f"tokenizer's {first['vocab_size']} ({first['path']})"
         )
     for dataset in datasets.values():
-        if dataset.kind == IMAGE:
+        if dataset.kind != TEXT:
             _check_images_fit(dataset, cfg)
     return first["special"]
 
 
 def _check_images_fit(dataset: PreparedDataset, cfg: ExperimentConfig) -> None:
-    """The sharding job's image settings against the model's and the row length."""
+    """The sharding job's image settings against the model's and the row length: an
+    image–caption pair must fit a row whole, a document's images each (it is cut at text)."""
     m, manifest = cfg.model, dataset.manifest
     expected = [m.latent_channels, m.latent_size, m.latent_size]
     found = manifest["latent_shape"]
@@ -65,6 +74,15 @@ def _check_images_fit(dataset: PreparedDataset, cfg: ExperimentConfig) -> None:
             f"with --image-size {manifest['image_size']}), the model expects "
             f"{expected} (model.latent_channels, model.latent_size)"
         )
+    if dataset.kind != IMAGE:
+        needed = image_caption_length(0, m.patches_per_image)
+        if needed > cfg.data.seq_length:
+            raise ConfigError(
+                f"config field 'data.seq_length': {cfg.data.seq_length} cannot hold an image "
+                f"of '{dataset.directory}' with a token of text before it ({needed} positions: "
+                f"{m.patches_per_image} patches + BOS/EOS/BOI/EOI); raise data.seq_length"
+            )
+        return
     caption = int(dataset.lengths.max(initial=0))  # an empty dataset: the sampler says so
     needed = image_caption_length(caption, m.patches_per_image)
     if needed > cfg.data.seq_length:
@@ -119,6 +137,7 @@ class MixedModalityLoader:
             cfg.model.patches_per_image,
             d.caption_first_probability,
             cfg.run.seed,
+            {s.label: self.datasets[s.label].documents for s in d.sources if s.kind in DOCUMENT_KINDS},
         )
 
     def _sample(self, stream: str, index: int) -> dict:
@@ -129,12 +148,18 @@ class MixedModalityLoader:
 
     def _document(self, example: PlannedExample) -> list:
         sample = self._sample(example.stream, example.index)
-        if self.datasets[example.stream].kind == TEXT:  # positions [start, stop) of BOS text EOS
-            tokens, start, stop = sample["tokens"], example.start, example.start + example.length
-            window = tokens[max(start - 1, 0) : stop - 1].tolist()
-            bos = [self.special.bos] if start == 0 else []
-            eos = [self.special.eos] if stop == len(tokens) + 2 else []
-            return [TextSegment(bos + window + eos)]
+        kind = self.datasets[example.stream].kind
+        if kind != IMAGE:  # positions [start, stop) of the document laid out whole
+            if kind == TEXT:
+                whole = [TextSegment([self.special.bos, *sample["tokens"].tolist(), self.special.eos])]
+            else:
+                latents = torch.from_numpy(sample["latents"].astype(np.float32))
+                whole = document_segments(
+                    sample["tokens"].tolist(), sample["parts"].tolist(), latents, self.special
+                )
+            stop = example.start + example.length
+            patches = self.cfg.model.patches_per_image
+            return cut_document(whole, example.start, stop, patches, self.special)
         image = ImageSegment(
             torch.from_numpy(sample["latent"].astype(np.float32)), example.caption_first
         )

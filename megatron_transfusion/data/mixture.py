@@ -7,12 +7,14 @@ epoch (a small source repeats, counting its epochs); each image–caption pair i
 caption-first with the configured probability (else image-first, which limits its noise). Examples are packed
 greedily into rows of ``seq_length``; one that does not fit starts the next row.
 
-A text document longer than a row continues over several examples: windows of at most
+A document longer than a row continues over several examples: windows of at most
 ``seq_length`` positions of its layout ``BOS text EOS`` (so BOS only in the first, EOS
 only in the last), each starting at the last position of the one before, so that every
-next-token prediction is trained exactly once. Each window is a document of its own in
-its row: positions restart at 0 and it attends to nothing of the earlier windows. The
-loader checks that every image–caption pair fits a row before planning.
+next-token prediction is trained exactly once. An interleaved document is cut only at
+text: a window that would cut an image ends before its BOI (``batch.window_end``). Each
+window is a document of its own in its row: positions restart at 0 and it attends to
+nothing of the earlier windows. The loader checks that every image–caption pair, and
+every image of a document, fits a row before planning.
 
 Every rank runs the same sampler over all rows (cheap: no sample is read) and keeps the
 rows of its data-parallel rank. Its state is a handful of integers, so a checkpoint
@@ -25,10 +27,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from megatron_transfusion.batch import image_caption_length, text_document_length
+from megatron_transfusion.batch import (
+    document_length,
+    image_caption_length,
+    image_spans,
+    text_document_length,
+    window_end,
+)
 from megatron_transfusion.config import UserError
+from megatron_transfusion.data.source import DOCUMENT_KINDS, IMAGE, DocumentParts
 
-TEXT, IMAGE = "text", "image_caption"  # the kinds of source
 
 
 @dataclass(frozen=True)
@@ -52,12 +60,13 @@ class MixtureSampler:
     def __init__(
         self,
         lengths: dict[str, np.ndarray],  # per source: text tokens per sample
-        kinds: dict[str, str],  # per source: TEXT or IMAGE
+        kinds: dict[str, str],  # per source: its kind (data.source)
         weights: dict[str, float],  # per source: token share, relative
         seq_length: int,
         patches_per_image: int,
         caption_first_probability: float,
         seed: int,
+        documents: dict[str, DocumentParts] | None = None,  # per source of DOCUMENT_KINDS
     ):
         total = sum(weights.values())
         # Sources in config order: the order seeds each one's shuffle and breaks ties.
@@ -73,14 +82,18 @@ class MixtureSampler:
         self.seq_length = seq_length
         self.caption_first_probability = caption_first_probability
         self.seed = seed
+        self.patches_per_image = patches_per_image
+        self.documents = documents or {}
         self.layout_lengths = {}
         for s in self.streams:
             tokens = lengths[s].astype(np.int64)
-            self.layout_lengths[s] = (
-                image_caption_length(tokens, patches_per_image)
-                if kinds[s] == IMAGE
-                else text_document_length(tokens)
-            )
+            if kinds[s] == IMAGE:
+                self.layout_lengths[s] = image_caption_length(tokens, patches_per_image)
+            elif kinds[s] in DOCUMENT_KINDS:
+                images = self.documents[s].images()
+                self.layout_lengths[s] = document_length(tokens, images, patches_per_image)
+            else:
+                self.layout_lengths[s] = text_document_length(tokens)
         self.cursors = {s: _Cursor() for s in self.streams}
         self.pending: PlannedExample | None = None
         self.rows_planned = 0
@@ -107,13 +120,17 @@ class MixtureSampler:
         order, caption_first = self._epoch_order(stream, cursor.epoch)
         index = int(order[cursor.position])
         whole, start = int(self.layout_lengths[stream][index]), cursor.offset
+        stop = min(whole, start + self.seq_length)
+        if stop < whole and stream in self.documents:
+            spans = image_spans(self.documents[stream].of(index), self.patches_per_image)
+            stop = window_end(start, whole, spans, self.seq_length)
         example = PlannedExample(
             stream=stream,
             index=index,
             caption_first=bool(caption_first[cursor.position])
             if self.kinds[stream] == IMAGE
             else True,
-            length=min(whole - start, self.seq_length),
+            length=stop - start,
             start=start,
         )
         cursor.tokens += example.length

@@ -10,9 +10,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+TEXT, IMAGE = "text", "image_caption"  # the kinds of source
+INTERLEAVED, IMAGE_EDIT = "interleaved", "image_edit"  # stored as documents (batch.GENERATED_IMAGE)
+DOCUMENT_KINDS = (INTERLEAVED, IMAGE_EDIT)
+
+
+@dataclass(frozen=True)
+class DocumentParts:
+    """The parts of every document of a source (``parts.npy``, ``part_offsets.npy``)."""
+
+    parts: np.ndarray  # all documents' parts, concatenated
+    offsets: np.ndarray  # document i: parts[offsets[i] : offsets[i + 1]]
+
+    def of(self, index: int) -> np.ndarray:
+        return self.parts[self.offsets[index] : self.offsets[index + 1]]
+
+    def images(self) -> np.ndarray:
+        """Images per document."""
+        counts = np.concatenate([[0], np.cumsum(self.parts < 0)])
+        return counts[self.offsets[1:]] - counts[self.offsets[:-1]]
 
 
 class CorruptShardError(RuntimeError):
@@ -32,7 +53,7 @@ def made_with(manifests: list[dict]) -> dict:
     """The tokenizer and VAE fingerprints of a run's data, from its datasets' manifests
     (the loader checks they agree): what a checkpoint records it was trained with. ``vae``
     is None for text-only data."""
-    images = [m for m in manifests if m["kind"] == "image_caption"]
+    images = [m for m in manifests if m["kind"] != TEXT]
     return {"tokenizer": manifests[0]["tokenizer"], "vae": images[0]["vae"] if images else None}
 
 
@@ -81,6 +102,16 @@ class PreparedDataset:
         if verify:
             self.verify()
         self.lengths = np.load(self.directory / "lengths.npy")
+        self.documents = None
+        if self.kind in DOCUMENT_KINDS:
+            self.documents = DocumentParts(
+                np.load(self.directory / "parts.npy"), np.load(self.directory / "part_offsets.npy")
+            )
+            offsets = self.documents.offsets
+            if len(offsets) != len(self.lengths) + 1 or offsets[-1] != len(self.documents.parts):
+                raise CorruptShardError(
+                    f"'{self.directory}': part_offsets.npy does not fit lengths.npy and parts.npy"
+                )
         self._readers, offsets = [], [0]
         from streaming.base.format import reader_from_json
 

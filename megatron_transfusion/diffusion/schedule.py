@@ -80,10 +80,12 @@ def sample_timesteps(caption_first: torch.Tensor, cfg: DiffusionConfig, generato
 def noise_images(
     batch: PackedBatch, schedule: CosineSchedule, cfg: DiffusionConfig, generator: torch.Generator
 ) -> tuple[PackedBatch, torch.Tensor]:
-    """Noise every clean image of ``batch``; returns (noised batch, ε to predict).
+    """Noise every generated image of ``batch``; returns (noised batch, ε to predict).
 
     Draws (on ``generator``, CPU, so every rank and device draws alike) the timestep,
-    the noise, and whether the image is trained without its context for CFG.
+    the noise, and whether the image is trained without its context for CFG. Given
+    images (``PackedBatch.given``) are drawn for too, so the draws do not depend on them,
+    but stay clean at t = 0 and always see their context.
     """
     n = batch.num_images
     caption_first = batch.caption_first.cpu()
@@ -91,13 +93,16 @@ def noise_images(
     unconditional = torch.rand(n, generator=generator) < cfg.caption_dropout
     noise = torch.randn(batch.latents.shape, generator=generator, dtype=batch.latents.dtype)
     device = batch.latents.device
-    timesteps, unconditional, noise = (
-        timesteps.to(device),
-        unconditional.to(device),
-        noise.to(device),
-    )
+    generated = ~batch.given.to(device)
+    timesteps = timesteps.to(device) * generated
+    unconditional = unconditional.to(device) & generated
+    noise = noise.to(device)
     noised = batch.replace(
-        latents=schedule.add_noise(batch.latents, noise, timesteps),
+        latents=torch.where(
+            generated[:, None, None, None],
+            schedule.add_noise(batch.latents, noise, timesteps),
+            batch.latents,
+        ),
         timesteps=timesteps,
         unconditional=unconditional,
     )

@@ -299,6 +299,7 @@ class Generator:
             timesteps=timesteps,
             caption_first=torch.ones(images, dtype=torch.bool, device=self.device),
             unconditional=torch.zeros(images, dtype=torch.bool, device=self.device),
+            given=torch.zeros(images, dtype=torch.bool, device=self.device),
         )
 
     def _document_length(self, document: Document) -> int:

@@ -37,9 +37,13 @@ class MicroBatch:
         generator: torch.Generator,
         device: torch.device,
     ) -> MicroBatch:
-        """Noise ``batch``'s images and weigh their losses as ``cfg`` says, on ``device``."""
+        """Noise ``batch``'s images and weigh their losses as ``cfg`` says, on ``device``;
+        given images weigh 0."""
         noised, noise = noise_images(batch, schedule, cfg, generator)
         weights = loss_weights(noised.timesteps, schedule, cfg)
+        if bool(batch.given.any()):
+            generated = (~batch.given).float()
+            weights = generated if weights is None else weights * generated
         return cls(
             noised.to(device), noise.to(device), None if weights is None else weights.to(device)
         )
@@ -49,7 +53,7 @@ class MicroBatch:
 class GlobalBatch:
     """The counts that make the trained loss the paper's over the whole global batch (every
     micro-batch of every data-parallel rank): L_LM the mean over all its trained text
-    tokens, L_DDPM the mean over all its images, however they fall into micro-batches.
+    tokens, L_DDPM the mean over all its generated images, however they fall into micro-batches.
 
     A micro-batch's loss is its sums divided by these counts, so the micro-batches' losses
     add up to the global batch's. The engines average gradients over micro-batches
@@ -68,7 +72,7 @@ class GlobalBatch:
         """Collective over the data-parallel group (two integers)."""
         tokens = torch.stack([m.batch.lm_targets()[1].sum() for m in micro_batches]).sum()
         counts = torch.stack(
-            [tokens, tokens.new_tensor(sum(m.batch.num_images for m in micro_batches))]
+            [tokens, tokens.new_tensor(sum(m.batch.num_generated for m in micro_batches))]
         )
         group = parallel_state.get_data_parallel_group()
         dist.all_reduce(counts, group=group)

@@ -101,6 +101,7 @@ def one_batch(micro_batches: list[MicroBatch]) -> MicroBatch:
             "timesteps",
             "caption_first",
             "unconditional",
+            "given",
         )
     }
     noise = torch.cat([m.noise for m in micro_batches])
