@@ -120,6 +120,33 @@ def test_captioning_cached_equals_full_recomputation(model_and_cfg):
     )
 
 
+def test_text_mode_draws_an_image_whenever_the_model_emits_boi(model_and_cfg):
+    """Continuing a document: with only EOS and BOI left to sample (a 4-id vocabulary),
+    every BOI the model samples starts an image, EOI follows it, LM mode continues, up to
+    ``max_images``; the cache equals full recomputation through all of it."""
+    model, cfg = model_and_cfg
+    prompts = [[TextSegment([1, 40, 41]), ImageSegment(latent(cfg, 5)), TextSegment([42])]] * 6
+    common = dict(max_new_tokens=5, temperature=1.0, diffusion_steps=3, max_images=2)
+    results = {}
+    for use_cache in (True, False):
+        generator = Generator(
+            model, cfg, SPECIAL, SamplingConfig(use_cache=use_cache, **common), vocab_size=4
+        )
+        results[use_cache] = generator.generate(prompts, False, seeds=list(range(6)))
+    assert_same(results[True], results[False])
+    shapes = set()
+    for row in results[True]:
+        kinds = [type(s).__name__ for s in row]
+        shapes.add(sum(k == "ImageSegment" for k in kinds))
+        # Each image follows a sampled BOI token and is followed by EOI (written by the
+        # generator into the document; generated text holds only sampled ids).
+        for segment in row:
+            if isinstance(segment, TextSegment):
+                assert set(segment.tokens) <= {SPECIAL.eos}
+        assert sum(k == "ImageSegment" for k in kinds) <= 2
+    assert 2 in shapes  # some rows drew two images
+
+
 def test_ids_the_tokenizer_lacks_are_never_sampled(model_and_cfg):
     """The model's vocabulary may be larger than the tokenizer's (the 0.16B preset's 32k
     beside the rehearsal's 9k tokenizer; here 512 beside 400): ids past the tokenizer's
