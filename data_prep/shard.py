@@ -13,8 +13,26 @@ sequence length (``megatron_transfusion.data.mixture``), so one sharding serves 
 ``data.seq_length``. A job in which every record was rejected (a wrong ``--text-column``,
 say) fails with the most common reason instead of writing an empty dataset.
 
+Interleaved documents (``--kind interleaved``) and image edits (``--kind image_edit``: input
+image, instruction, output image) are stored alike, with no truncation either:
+
+    tokens   int32 [t]           every text part's tokens, concatenated in order
+    parts    int32 [p]           in order: n >= 0 the next n tokens, GENERATED_IMAGE the next
+                                 latent, generated; GIVEN_IMAGE the next, given (an edit's input)
+    latents  float16 [i, C, H, W]
+
+and merge writes ``parts.npy`` (every document's parts, in sample order) and
+``part_offsets.npy`` (document i's are ``parts[offsets[i]:offsets[i + 1]]``) beside
+``lengths.npy`` (text tokens per document), so the loader plans from them alone. One bad
+image (missing, undecodable, too small, a URL) drops its whole document, counted once under
+the image's reason with the failing part in ``rejected.jsonl``: the text around an image
+refers to it, and keeping that text without the image, or followed by the next one, would
+teach the model that text goes with the wrong image.
+
     mtf-prepare-data shard --kind image_caption --inputs data/*.tar photos/ --out shards/img \\
         --tokenizer tok.json --vae vae/ --image-size 256 [--shard-index I --num-shards N]
+    mtf-prepare-data shard --kind interleaved --inputs obelics/*.parquet --out shards/docs \\
+        --tokenizer tok.json --vae vae/ --image-size 256
     mtf-prepare-data merge --out shards/img
 """
 
@@ -26,7 +44,7 @@ import logging
 import os
 import shutil
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,32 +52,54 @@ import torch
 from tqdm import tqdm
 
 from data_prep.readers import (
+    DOCUMENT_KINDS,
+    DOCUMENT_SUFFIXES,
     IMAGE_SUFFIXES,
     TEXT_SUFFIXES,
     Columns,
+    ImagePart,
     Rejected,
+    decode_documents,
     decode_images,
     default_min_image_size,
     expand_inputs,
     read_unit,
 )
+from megatron_transfusion.batch import GENERATED_IMAGE, GIVEN_IMAGE
+from megatron_transfusion.data.source import mds_array
 
 log = logging.getLogger("data_prep.shard")
 FORMAT_VERSION = 1
 TEXT_COLUMNS = {"key": "str", "tokens": "ndarray:int32"}
 IMAGE_CAPTION_COLUMNS = {"key": "str", "caption": "ndarray:int32", "latent": "ndarray:float16"}
+DOCUMENT_COLUMNS = {
+    "key": "str",
+    "tokens": "ndarray:int32",
+    "parts": "ndarray:int32",
+    "latents": "ndarray:float16",
+}
+KINDS = ("text", "image_caption", *DOCUMENT_KINDS)
+IMAGE_KINDS = ("image_caption", *DOCUMENT_KINDS)
+# The Columns fields each kind reads, recorded in plan.json; text and image_caption keep the
+# three that plans recorded before the document kinds, so their unfinished jobs still resume.
+PLAN_COLUMNS = {
+    "text": ("image", "caption", "text"),
+    "image_caption": ("image", "caption", "text"),
+    "interleaved": ("texts", "images"),
+    "image_edit": ("input_image", "instruction", "output_image"),
+}
 
 
 @dataclass
 class ShardJob:
-    kind: str  # "text" or "image_caption"
+    kind: str  # one of KINDS
     inputs: list[str]
     out: str
     tokenizer: str
     vae: str | None = None
     image_size: int = 256
     min_image_size: int | None = None  # smaller images are rejected; None: half of image_size
-    max_caption_tokens: int = 128  # longer captions are truncated (and counted)
+    max_caption_tokens: int = 128  # image_caption: longer captions are truncated (and counted)
     batch_size: int = 64  # images per VAE forward
     shard_size_limit: int = 1 << 26
     columns: Columns = field(default_factory=Columns)
@@ -67,10 +107,10 @@ class ShardJob:
     num_shards: int = 1
 
     def __post_init__(self):
-        if self.kind not in ("text", "image_caption"):
-            raise ValueError(f"--kind must be 'text' or 'image_caption', got {self.kind!r}")
-        if self.kind == "image_caption" and not self.vae:
-            raise ValueError("--vae is required for image_caption data")
+        if self.kind not in KINDS:
+            raise ValueError(f"--kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if self.kind in IMAGE_KINDS and not self.vae:
+            raise ValueError(f"--vae is required for {self.kind} data")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(f"--shard-index {self.shard_index} is not in [0, {self.num_shards})")
         if self.min_image_size is None:
@@ -85,7 +125,7 @@ class _Encoders:
 
         self.tokenizer = Tokenizer.load(job.tokenizer)
         self.vae = None
-        if job.kind == "image_caption":
+        if job.kind in IMAGE_KINDS:
             from data_prep.vae import load_vae
 
             self.vae = load_vae(job.vae)
@@ -100,7 +140,7 @@ class _Encoders:
             "format_version": FORMAT_VERSION,
             "kind": job.kind,
             "tokenizer": self.tokenizer.fingerprint(),
-            "columns": asdict(job.columns),
+            "columns": {name: getattr(job.columns, name) for name in PLAN_COLUMNS[job.kind]},
         }
         if self.vae is not None:
             side = job.image_size // self.vae.downsample
@@ -109,9 +149,21 @@ class _Encoders:
                 image_size=job.image_size,
                 min_image_size=job.min_image_size,
                 latent_shape=[self.vae.latent_channels, side, side],
-                max_caption_tokens=job.max_caption_tokens,
             )
+        if job.kind == "image_caption":
+            settings["max_caption_tokens"] = job.max_caption_tokens
         return settings
+
+    def latents(self, images: list[np.ndarray], batch_size: int) -> np.ndarray:
+        """float16 [n, C, H, W] latents of uint8 images, ``batch_size`` per VAE forward."""
+        from data_prep.images import to_model_range
+
+        encoded = []
+        for start in range(0, len(images), batch_size):
+            pixels = to_model_range(np.stack(images[start : start + batch_size]))
+            with torch.no_grad():
+                encoded.append(self.vae.encode(pixels).to(torch.float16).numpy())
+        return np.concatenate(encoded)
 
 
 def _unit_name(index: int) -> str:
@@ -143,14 +195,28 @@ class _UnitWriter:
 
         self.writer = MDSWriter(out=str(directory), columns=columns, size_limit=size_limit)
         self.lengths: list[int] = []
+        self.parts: list[np.ndarray] | None = [] if "parts" in columns else None
 
     def write(self, sample: dict, length: int) -> None:
         self.writer.write(sample)
         self.lengths.append(length)
+        if self.parts is not None:
+            self.parts.append(sample["parts"])
 
     def finish(self, directory: Path) -> None:
         self.writer.finish()
         np.save(directory / "lengths.npy", np.asarray(self.lengths, dtype=np.int32))
+        if self.parts is not None:
+            parts = np.concatenate(self.parts) if self.parts else np.zeros(0, np.int32)
+            _save_parts(directory, parts, np.asarray([len(p) for p in self.parts]))
+
+
+def _save_parts(directory: Path, parts: np.ndarray, counts: np.ndarray) -> None:
+    """parts.npy and part_offsets.npy: every document's parts in sample order, and where
+    each document's begin (plus the end)."""
+    np.save(directory / "parts.npy", parts.astype(np.int32))
+    offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    np.save(directory / "part_offsets.npy", offsets.astype(np.int64))
 
 
 def _process_text(
@@ -172,16 +238,12 @@ def _process_text(
 def _process_images(
     path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected
 ):
-    from data_prep.images import to_model_range
-
     pending: list[tuple[str, np.ndarray, np.ndarray]] = []
 
     def flush():
         if not pending:
             return
-        pixels = to_model_range(np.stack([p[1] for p in pending]))
-        with torch.no_grad():
-            latents = enc.vae.encode(pixels).to(torch.float16).numpy()
+        latents = enc.latents([p[1] for p in pending], job.batch_size)
         for (key, _, caption), latent in zip(pending, latents):
             out.write({"key": key, "caption": caption, "latent": latent}, len(caption))
             stats["written"] += 1
@@ -207,13 +269,68 @@ def _process_images(
     flush()
 
 
+def _process_documents(
+    path: Path, job: ShardJob, enc: _Encoders, out: _UnitWriter, stats: Counter, rejected
+):
+    """Interleaved documents and image edits, written in order once ``batch_size`` images
+    (or documents) are pending, so the VAE encodes full batches across documents."""
+    pending: list[tuple[str, list[int], list[int]]] = []  # key, tokens, parts
+    images: list[np.ndarray] = []
+
+    def flush():
+        latents = enc.latents(images, job.batch_size) if images else np.zeros(0, np.float16)
+        first = 0
+        for key, tokens, parts in pending:
+            count = sum(part < 0 for part in parts)
+            sample = {
+                "key": key,
+                "tokens": mds_array(np.asarray(tokens, dtype=np.int32)),
+                "parts": np.asarray(parts, dtype=np.int32),
+                "latents": mds_array(latents[first : first + count]),
+            }
+            out.write(sample, len(tokens))
+            first += count
+            stats["written"] += 1
+            stats["images_written"] += count
+        pending.clear()
+        images.clear()
+
+    records = read_unit(path, job.kind, job.columns)
+    for item in decode_documents(records, job.image_size, job.min_image_size):
+        stats["read"] += 1
+        if isinstance(item, Rejected):
+            rejected(item)
+            continue
+        record, decoded = item
+        tokens, parts = [], []
+        for part in record.parts:
+            if isinstance(part, ImagePart):
+                parts.append(GIVEN_IMAGE if part.given else GENERATED_IMAGE)
+            elif ids := enc.tokenizer.encode(part):
+                tokens += ids
+                parts.append(len(ids))
+        if job.kind == "image_edit" and not tokens:
+            rejected(Rejected(record.key, "missing_instruction", "no tokens", 1))
+            continue
+        if not parts:
+            rejected(Rejected(record.key, "empty_document", "no tokens and no images"))
+            continue
+        pending.append((record.key, tokens, parts))
+        images += decoded
+        if len(images) >= job.batch_size or len(pending) >= job.batch_size:
+            flush()
+    flush()
+
+
 def _process_unit(index: int, path: Path, job: ShardJob, enc: _Encoders) -> Counter:
     out_dir = Path(job.out)
     final = out_dir / _unit_name(index)
     for stale in out_dir.glob(f".tmp-{_unit_name(index)}-*"):
         shutil.rmtree(stale)  # left by a killed task
     tmp = out_dir / f".tmp-{_unit_name(index)}-{os.getpid()}"
-    columns = TEXT_COLUMNS if job.kind == "text" else IMAGE_CAPTION_COLUMNS
+    columns = {"text": TEXT_COLUMNS, "image_caption": IMAGE_CAPTION_COLUMNS}.get(
+        job.kind, DOCUMENT_COLUMNS
+    )
     writer = _UnitWriter(tmp, columns, job.shard_size_limit)
     stats: Counter = Counter()
     with open(tmp / "rejected.jsonl", "w") as rejected_file:
@@ -221,19 +338,14 @@ def _process_unit(index: int, path: Path, job: ShardJob, enc: _Encoders) -> Coun
         def rejected(item: Rejected):
             stats[f"rejected_{item.reason}"] += 1
             log.warning("skipped %s: %s %s", item.key, item.reason, item.detail)
-            rejected_file.write(
-                json.dumps(
-                    {
-                        "key": item.key,
-                        "reason": item.reason,
-                        "detail": item.detail,
-                        "input": str(path),
-                    }
-                )
-                + "\n"
-            )
+            entry = {"key": item.key, "reason": item.reason, "detail": item.detail}
+            if item.part is not None:
+                entry["part"] = item.part
+            rejected_file.write(json.dumps({**entry, "input": str(path)}) + "\n")
 
-        process = _process_text if job.kind == "text" else _process_images
+        process = {"text": _process_text, "image_caption": _process_images}.get(
+            job.kind, _process_documents
+        )
         process(path, job, enc, writer, stats, rejected)
     writer.finish(tmp)
     (tmp / "stats.json").write_text(json.dumps({"input": str(path), **stats}))
@@ -253,7 +365,8 @@ def _top_rejection(rejected_files: list[Path]) -> str:
     reason, count = Counter(r["reason"] for r in records).most_common(1)[0]
     first = next(r for r in records if r["reason"] == reason)
     detail = f" {' '.join(first['detail'].split())}" if first["detail"] else ""  # one line
-    where = f"first: {first['key']} in {first['input']}"
+    part = f" part {first['part']}" if "part" in first else ""
+    where = f"first: {first['key']}{part} in {first['input']}"
     return f"{reason}{detail} ({count} of {len(records)} rejected; {where})"
 
 
@@ -262,8 +375,10 @@ def run_shard_job(job: ShardJob) -> Counter:
     Raises ``AllRejected`` if this task read records and every one was rejected."""
     if job.kind == "text":
         units = expand_inputs(job.inputs, TEXT_SUFFIXES)
-    else:
+    elif job.kind == "image_caption":
         units = expand_inputs(job.inputs, IMAGE_SUFFIXES, image_folders=True)
+    else:
+        units = expand_inputs(job.inputs, DOCUMENT_SUFFIXES)
     enc = _Encoders(job)
     _write_plan(job, units, enc.provenance(job))
     mine = list(range(job.shard_index, len(units), job.num_shards))
@@ -289,7 +404,8 @@ def _unit_count(n: int) -> str:
 
 
 def merge(out: str | Path) -> dict:
-    """Join finished units into one dataset: index.json, lengths.npy, manifest.json."""
+    """Join finished units into one dataset: index.json, lengths.npy, manifest.json, and
+    parts.npy + part_offsets.npy for interleaved documents and image edits."""
     from streaming.base.util import merge_index
 
     from megatron_transfusion.data.source import sha256_file
@@ -316,6 +432,14 @@ def merge(out: str | Path) -> dict:
     if len(lengths) != sum(s["samples"] for s in index["shards"]):
         raise RuntimeError(f"'{out}': lengths and shard sample counts disagree")
     np.save(out / "lengths.npy", lengths)
+    part_files = []
+    if plan["settings"]["kind"] in DOCUMENT_KINDS:
+        offsets = [np.load(out / n / "part_offsets.npy") for n in names]
+        if sum(len(o) - 1 for o in offsets) != len(lengths):
+            raise RuntimeError(f"'{out}': part_offsets and shard sample counts disagree")
+        parts = np.concatenate([np.load(out / n / "parts.npy") for n in names])
+        _save_parts(out, parts, np.concatenate([np.diff(o) for o in offsets]))
+        part_files = ["parts.npy", "part_offsets.npy"]
     totals: Counter = Counter()
     with open(out / "rejected.jsonl", "w") as rejected:
         for n in names:
@@ -336,7 +460,8 @@ def merge(out: str | Path) -> dict:
         "counts": dict(totals),
         "inputs": plan["units"],
         "files": {
-            name: sha256_file(out / name) for name in shard_files + ["index.json", "lengths.npy"]
+            name: sha256_file(out / name)
+            for name in [*shard_files, "index.json", "lengths.npy", *part_files]
         },
     }
     tmp = out / ".manifest.json.tmp"
@@ -361,12 +486,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="mtf-prepare-data", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     shard = commands.add_parser("shard", help="tokenize / VAE-encode inputs into MDS units")
-    shard.add_argument("--kind", required=True, choices=["text", "image_caption"])
+    shard.add_argument("--kind", required=True, choices=KINDS)
     shard.add_argument(
         "--inputs",
         nargs="+",
         required=True,
-        help="files or directories; for image_caption also folders of images (KEY.png + KEY.txt)",
+        help="files or directories (tar, Parquet, JSONL); for image_caption also folders of "
+        "images (KEY.png + KEY.txt)",
     )
     shard.add_argument("--out", required=True)
     shard.add_argument("--tokenizer", required=True, help="tokenizer.json or SentencePiece .model")
@@ -377,11 +503,20 @@ def main(argv=None) -> None:
         type=int,
         help="reject images whose shorter side is smaller (default: half of --image-size)",
     )
-    shard.add_argument("--max-caption-tokens", type=int, default=128)
-    shard.add_argument("--batch-size", type=int, default=64)
+    shard.add_argument("--max-caption-tokens", type=int, default=128, help="image_caption")
+    shard.add_argument("--batch-size", type=int, default=64, help="images per VAE forward")
     shard.add_argument("--image-column", default="image")
     shard.add_argument("--caption-column", default="caption", help="also the .json field in tars")
     shard.add_argument("--text-column", default="text", help="JSONL field / Parquet column")
+    shard.add_argument("--texts-column", default="texts", help="interleaved: the list of texts")
+    shard.add_argument(
+        "--images-column", default="images", help="interleaved: the list of images, same length"
+    )
+    shard.add_argument("--input-image-column", default="input_image", help="image_edit")
+    shard.add_argument(
+        "--instruction-column", default="instruction", help="image_edit; also the .json field"
+    )
+    shard.add_argument("--output-image-column", default="output_image", help="image_edit")
     task, count = _array_task_defaults()
     shard.add_argument("--shard-index", type=int, default=task, help="default: SLURM_ARRAY_TASK_ID")
     shard.add_argument("--num-shards", type=int, default=count, help="default: SLURM array size")
@@ -407,7 +542,16 @@ def main(argv=None) -> None:
             min_image_size=args.min_image_size,
             max_caption_tokens=args.max_caption_tokens,
             batch_size=args.batch_size,
-            columns=Columns(args.image_column, args.caption_column, args.text_column),
+            columns=Columns(
+                image=args.image_column,
+                caption=args.caption_column,
+                text=args.text_column,
+                texts=args.texts_column,
+                images=args.images_column,
+                input_image=args.input_image_column,
+                instruction=args.instruction_column,
+                output_image=args.output_image_column,
+            ),
             shard_index=args.shard_index,
             num_shards=args.num_shards,
         )

@@ -36,6 +36,23 @@ class DocumentParts:
         return counts[self.offsets[1:]] - counts[self.offsets[:-1]]
 
 
+def mds_array(array: np.ndarray) -> np.ndarray:
+    """``array``, or a one-element stand-in where it is empty: MDS cannot store an array
+    without elements (a document with no images has no latents, an image-only one no text
+    tokens). ``PreparedDataset`` reads the stand-in back as the empty array, as the
+    document's parts say how many tokens and images it has."""
+    return array if array.size else np.zeros(1, array.dtype)
+
+
+def _restore_empty(sample: dict, latent_shape: list[int]) -> dict:
+    parts = sample["parts"]
+    if not (parts < 0).any():
+        sample["latents"] = np.zeros((0, *latent_shape), np.float16)
+    if not parts[parts > 0].any():
+        sample["tokens"] = np.zeros(0, np.int32)
+    return sample
+
+
 class CorruptShardError(RuntimeError):
     """A shard file does not match its manifest."""
 
@@ -149,4 +166,7 @@ class PreparedDataset:
 
     def __getitem__(self, index: int) -> dict:
         shard = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        return self._readers[shard].get_item(index - int(self._offsets[shard]))
+        sample = self._readers[shard].get_item(index - int(self._offsets[shard]))
+        if "parts" in sample:  # an interleaved document or an image edit
+            return _restore_empty(sample, self.manifest["latent_shape"])
+        return sample
