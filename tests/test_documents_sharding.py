@@ -1,4 +1,5 @@
-"""Interleaved documents and image edits through the sharding job: one stored format."""
+"""Interleaved documents and image edits through the sharding job (one stored format),
+then the loader: the documents in batches."""
 
 import json
 import tarfile
@@ -16,8 +17,10 @@ from data_prep.readers import Columns
 from data_prep.shard import ShardJob, main, merge, run_shard_job
 from data_prep.tokenizer import train_bpe
 from data_prep.vae import ConvVAE, VAEConfig, load_vae, save_vae
+from kernels.attention import dense_mask
 from megatron_transfusion.batch import GENERATED_IMAGE, GIVEN_IMAGE
-from megatron_transfusion.data import PreparedDataset
+from megatron_transfusion.config import load_config
+from megatron_transfusion.data import MixedModalityLoader, PreparedDataset
 from tests.data_fixtures import add_member, png_bytes
 
 LATENT_SHAPE = (8, 4, 4)  # the test VAE at 32 px
@@ -316,3 +319,117 @@ def test_cli_errors_are_one_line(env, interleaved, tmp_path):
     jsonl = str(env[0] / "interleaved" / "docs.jsonl")
     message = shard_cli(env, tmp_path / "j", "--kind", "image_edit", "--inputs", jsonl, *vae)
     assert "missing_column 'input_image' (the record has: texts, images)" in message
+
+
+# ---- sharding -> loader -> batch ------------------------------------------------------------
+
+
+def interleaved_loader(out, seq_length):
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.sources=[{{name: docs, kind: interleaved, path: {out}}}]",
+            f"data.seq_length={seq_length}",
+            "data.micro_batch_size=1",
+            f"data.global_batch_tokens={seq_length}",
+            "model.vocab_size=512",
+            f"model.max_sequence_length={seq_length}",
+        ],
+    )
+    return MixedModalityLoader(cfg), cfg
+
+
+def expected_layout(tokenizer, special, patches):
+    """The three-image document as the paper lays it out, from the raw inputs."""
+    out = [special.bos]
+    for text in TEXTS:
+        if text is None:
+            out += [special.boi, *["image"] * patches, special.eoi]
+        elif text.strip():
+            out += tokenizer.encode(text.strip())
+    return out + [special.eos]
+
+
+def test_a_three_image_document_round_trips_into_a_batch(env, interleaved):
+    """Sharded from Parquet/JSONL/tar, planned, read and packed: its row holds the
+    document exactly (tokens, images as BOI patches EOI, positions from 0), its latents
+    are the VAE's encodings of the input images in order, and the mask is the brute-force
+    one: causal, each image bidirectional inside itself, nothing across documents."""
+    _, tokenizer, vae = env
+    out = interleaved[0]
+    loader, cfg = interleaved_loader(out, 128)
+    patches = cfg.model.patches_per_image
+    want = expected_layout(tokenizer, loader.special, patches)
+    found, documents = 0, 0
+    while documents < 5:  # one epoch: five documents, each fits a 128-position row
+        (batch,) = loader.next_step()
+        batch.validate(patches)
+        mask = dense_mask(batch)[0, 0]
+        for d in batch.document_ids[0].unique().tolist():
+            documents += d >= 0
+            if d < 0 or documents > 5:
+                continue
+            where = (batch.document_ids[0] == d).nonzero().flatten()
+            start, stop = int(where[0]), int(where[-1]) + 1
+            image_ids = batch.image_ids[0, start:stop]
+            got = [
+                "image" if i >= 0 else int(t)
+                for t, i in zip(batch.tokens[0, start:stop], image_ids)
+            ]
+            if got != want:
+                continue
+            found += 1
+            assert batch.positions[0, start:stop].tolist() == list(range(stop - start))
+            images = image_ids[image_ids >= 0].unique()
+            np.testing.assert_allclose(
+                batch.latents[images].numpy(), encoded(vae, IMAGES), atol=2e-3
+            )
+            assert batch.caption_first[images].all() and not batch.given[images].any()
+        # Brute force over the whole row, position by position.
+        docs, imgs = batch.document_ids[0].tolist(), batch.image_ids[0].tolist()
+        n = len(docs)
+        reference = torch.tensor(
+            [
+                [
+                    docs[q] >= 0
+                    and docs[q] == docs[k]
+                    and (k <= q or (imgs[q] >= 0 and imgs[q] == imgs[k]))
+                    for k in range(n)
+                ]
+                for q in range(n)
+            ]
+        )
+        padding = batch.document_ids[0] < 0
+        assert torch.equal(mask[~padding], reference[~padding])
+    assert found == 3  # from Parquet, JSONL and the tar
+
+
+def test_a_document_longer_than_a_row_is_cut_only_at_text(env, interleaved):
+    """At 40 positions (an image takes 18) the document spreads over rows: every image
+    whole in exactly one window, the windows' text the document's."""
+    _, tokenizer, _ = env
+    loader, cfg = interleaved_loader(interleaved[0], 40)
+    patches = cfg.model.patches_per_image
+    want = expected_layout(tokenizer, loader.special, patches)
+    windows = []
+    while loader.sampler.cursors["docs"].epoch < 2:  # all of the first epoch in rows
+        (batch,) = loader.next_step()
+        for d in batch.document_ids[0].unique().tolist():
+            where = (batch.document_ids[0] == d).nonzero().flatten()
+            if d >= 0:
+                ids = batch.image_ids[0, where]
+                windows.append(
+                    ["image" if i >= 0 else int(t) for t, i in zip(batch.tokens[0, where], ids)]
+                )
+    # Reassemble the tar's document from its windows (each starts on the last position of
+    # the one before) and find it among the reassembled ones.
+    documents, current = [], None
+    for window in windows:
+        if window[0] == loader.special.bos:
+            current = list(window)
+            documents.append(current)
+        else:
+            assert window[0] == current[-1]
+            current += window[1:]
+        assert len(window) <= 40
+    assert documents[:5].count(want) == 3  # the first epoch's five documents
