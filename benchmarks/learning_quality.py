@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from checkpoints import layout
+from data_prep.images import encode_png
 from data_prep.shapes import (
     Scene,
     make_split,
@@ -99,10 +100,8 @@ def make_inputs(
     with tarfile.open(out / "train" / "shapes-000000.tar", "w") as tar:
         for i in range(train_samples):
             scene = rng.choice(pairs.seen if rng.random() < pair_fraction else singles.seen)
-            png = io.BytesIO()
-            Image.fromarray(render(scene, IMAGE_SIZE, rng)).save(png, format="PNG")
             for suffix, data in (
-                (".png", png.getvalue()),
+                (".png", encode_png(render(scene, IMAGE_SIZE, rng))),
                 (".txt", scene.caption(rng.random() < 0.5).encode()),
             ):
                 info = tarfile.TarInfo(f"{i:07d}{suffix}")
