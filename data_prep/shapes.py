@@ -20,8 +20,10 @@ import json
 import random
 import re
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -38,6 +40,7 @@ POSITIONS = {"left": 0.25, "center": 0.5, "right": 0.75}  # centre x, as a fract
 PAIR_SIZE = 0.36  # both objects of a two-object scene
 BACKGROUND = (236, 234, 228)
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -144,31 +147,41 @@ def pair_scenes() -> list[Scene]:
 
 
 @dataclass(frozen=True)
-class Split:
-    seen: tuple[Scene, ...]
-    held_out: tuple[Scene, ...]
+class Split(Generic[T]):
+    seen: tuple[T, ...]
+    held_out: tuple[T, ...]
 
 
-def make_split(scenes: list[Scene], held_out_fraction: float, seed: int) -> Split:
+def make_split(scenes: list[Scene], held_out_fraction: float, seed: int) -> Split[Scene]:
     """Hold out a random ``held_out_fraction`` of the scenes, such that every pair of attribute
     values that occurs in a held-out scene still occurs in some training scene: held-out scenes
     are new combinations of known parts, never unknown parts."""
+    return hold_out(scenes, held_out_fraction, seed, _values)
+
+
+def hold_out(
+    items: list[T], held_out_fraction: float, seed: int, values: Callable[[T], list[tuple]]
+) -> Split[T]:
+    """Hold out a random ``held_out_fraction`` of ``items`` such that every pair of the
+    ``values`` of a held-out item occurs together in some training item."""
     rng = random.Random(seed)
-    count = round(len(scenes) * held_out_fraction)
+    pairs = [set(itertools.combinations(values(item), 2)) for item in items]
+    count = round(len(items) * held_out_fraction)
     for _ in range(1000):
-        held = set(rng.sample(range(len(scenes)), count))
-        seen = [s for i, s in enumerate(scenes) if i not in held]
-        known = set().union(*(_value_pairs(s) for s in seen))
-        if all(_value_pairs(scenes[i]) <= known for i in held):
-            return Split(tuple(seen), tuple(scenes[i] for i in sorted(held)))
+        held = set(rng.sample(range(len(items)), count))
+        known = set().union(*(p for i, p in enumerate(pairs) if i not in held))
+        if all(pairs[i] <= known for i in held):
+            return Split(
+                tuple(item for i, item in enumerate(items) if i not in held),
+                tuple(items[i] for i in sorted(held)),
+            )
     raise ValueError(
-        f"no split of {len(scenes)} scenes holds out {count} with every attribute pair seen"
+        f"no split of {len(items)} items holds out {count} with every pair of values seen"
     )
 
 
-def _value_pairs(scene: Scene) -> set[tuple]:
-    values = [(i, name, v) for i, t in enumerate(scene.things) for name, v in vars(t).items() if v]
-    return set(itertools.combinations(values, 2))
+def _values(scene: Scene) -> list[tuple]:
+    return [(i, name, v) for i, t in enumerate(scene.things) for name, v in vars(t).items() if v]
 
 
 # ---------------------------------------------------------------------------------------------
