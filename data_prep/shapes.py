@@ -240,8 +240,9 @@ def _shape_of(mask: np.ndarray) -> str:
 
 def find_objects(image: np.ndarray, min_pixels: int | None = None) -> list[Found]:
     """Objects in a generated image: per palette colour, its largest connected region of pixels
-    that differ from the background (estimated from the border) and are nearest that colour.
-    Largest objects first."""
+    that differ from the background (estimated from the border) and are nearest a blend of
+    that colour with the background: an anti-aliased edge is a blend, and the palette colour
+    nearest it can be another one (a red edge is nearer yellow than red). Largest first."""
     size = image.shape[0]
     min_pixels = min_pixels if min_pixels is not None else max(4, round(0.012 * size * size))
     pixels = image.astype(np.float64)
@@ -249,7 +250,12 @@ def find_objects(image: np.ndarray, min_pixels: int | None = None) -> list[Found
     background = np.median(border, axis=0)
     foreground = np.abs(pixels - background).max(axis=-1) > 50
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
-    nearest = np.linalg.norm(pixels[..., None, :] - palette, axis=-1).argmin(axis=-1)
+    towards = palette - background  # [colours, 3]
+    share = np.clip(
+        (pixels - background) @ towards.T / (towards * towards).sum(axis=-1), 0, 1
+    )  # [h, w, colours]: how much of each colour a blend nearest the pixel holds
+    blends = background + share[..., None] * towards
+    nearest = np.linalg.norm(pixels[..., None, :] - blends, axis=-1).argmin(axis=-1)
     found = []
     for index, colour in enumerate(COLOURS):
         parts = _components(foreground & (nearest == index))

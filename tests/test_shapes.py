@@ -15,6 +15,7 @@ from data_prep.shapes import (
     SHAPES,
     Scene,
     Thing,
+    find_objects,
     main,
     make_split,
     pair_scenes,
@@ -62,8 +63,10 @@ def test_held_out_scenes_are_new_combinations_of_seen_parts(scenes):
 def test_the_scorer_reads_true_drawings_right(size):
     rng = random.Random(0)
     for scene in single_scenes() + pair_scenes():
-        result = score_image(render(scene, size, rng), scene)
+        image = render(scene, size, rng)
+        result = score_image(image, scene)
         assert result["all"], (scene, result)
+        assert len(find_objects(image)) == len(scene.things), scene  # edges are no objects
 
 
 def test_the_scorer_reads_each_wrong_attribute_wrong():
