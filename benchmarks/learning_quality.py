@@ -40,6 +40,7 @@ from checkpoints import layout
 from data_prep.images import encode_png
 from data_prep.shapes import (
     Scene,
+    Split,
     make_split,
     pair_scenes,
     parse_caption,
@@ -91,14 +92,19 @@ def _tool(name: str) -> str:
 # The data set
 
 
+def scene_splits(split_seed: int = SPLIT_SEED) -> tuple[Split[Scene], Split[Scene]]:
+    """The one-object and the two-object scenes, each with its held-out combinations."""
+    return (
+        make_split(single_scenes(), HELD_OUT_FRACTION, split_seed),
+        make_split(pair_scenes(), HELD_OUT_FRACTION, split_seed),
+    )
+
+
 def make_inputs(
     out: Path, train_samples: int, pair_fraction: float, seed: int, split_seed: int = SPLIT_SEED
 ) -> dict[str, list[Scene]]:
     """Training tar (seen combinations only) and the test scenes of each kind."""
-    singles, pairs = (
-        make_split(scenes, HELD_OUT_FRACTION, split_seed)
-        for scenes in (single_scenes(), pair_scenes())
-    )
+    singles, pairs = scene_splits(split_seed)
     rng = random.Random(seed)
     (out / "train").mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "train" / "shapes-000000.tar", "w") as tar:
@@ -119,8 +125,9 @@ def make_inputs(
     }
 
 
-def test_cases(tests: dict[str, list[Scene]], per_kind: int, seed: int) -> dict[str, list[Scene]]:
-    """``per_kind`` scenes of each kind, cycling through its scenes in a seeded order."""
+def test_cases(tests: dict[str, list], per_kind: int, seed: int) -> dict[str, list]:
+    """``per_kind`` cases (scenes, or edits) of each kind, cycling through its cases in a
+    seeded order."""
     rng = random.Random(seed + 1)
     cases = {}
     for kind, scenes in tests.items():
