@@ -326,8 +326,8 @@ EDIT_TEMPLATES = {
     ),
     "add": (
         "add a {colour} {shape} to the {position} of it",
-        "put a {colour} {shape} to the {position} of the {old_shape}",
-        "draw a {colour} {shape} to the {position} of the {old_colour} {old_shape}",
+        "put a {colour} {shape} to the {position} of the {old_colour} {old_shape}",
+        "add a {colour} {shape} on its {position}",
     ),
 }
 
