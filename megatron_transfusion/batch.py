@@ -149,9 +149,7 @@ def image_spans(parts, patches_per_image: int) -> list[tuple[int, int]]:
     return spans
 
 
-def window_end(
-    start: int, whole: int, spans: list[tuple[int, int]], seq_length: int
-) -> int:
+def window_end(start: int, whole: int, spans: list[tuple[int, int]], seq_length: int) -> int:
     """Where the window of a document (``whole`` positions laid out) that starts at text
     position ``start`` ends (exclusive): as far as a row reaches, but never through an
     image, which ends it before its BOI instead. The next window starts at this one's last
