@@ -30,7 +30,7 @@ from benchmarks.editing import (
 )
 from checkpoints import layout
 from data_prep.images import decode_image, encode_png
-from data_prep.shapes import EDIT_KINDS, apply_edit, render, score_image
+from data_prep.shapes import BACKGROUND, EDIT_KINDS, apply_edit, render, score_image
 from megatron_transfusion.config import parse_override
 
 
@@ -53,6 +53,9 @@ def test_training_parquet_holds_renders_of_each_edit(tmp_path, cases):
         assert score_image(after, apply_edit(scene, edit))["all"], (scene, edit)
         value = edit.colour if edit.kind in ("recolour", "add") else edit.shape or edit.position
         assert value in row["instruction"].split(), row["instruction"]
+        if edit.kind == "recolour":  # drawn with the same jitter: the same pixels, recoloured
+            drawn = [(image != BACKGROUND).any(axis=-1) for image in (before, after)]
+            assert (drawn[0] == drawn[1]).all(), (scene, edit)
     assert write_training_examples(tmp_path / "again.parquet", cases, 48, 32, seed=0) == written
     assert (tmp_path / "again.parquet").read_bytes() == path.read_bytes()
 
