@@ -37,8 +37,10 @@ import numpy as np
 from PIL import Image
 
 from checkpoints import layout
+from data_prep.images import encode_png
 from data_prep.shapes import (
     Scene,
+    Split,
     make_split,
     pair_scenes,
     parse_caption,
@@ -54,14 +56,18 @@ VENV_BIN = Path(sys.executable).parent
 # The benchmark's own settings on top of the tiny preset, pinned so that tuning the preset for
 # the demo does not move the benchmark: a quarter of the tokens from the built-in text source
 # (the model stays a language model while it learns the images), and the learning rate the
-# results in benchmarks/README.md were measured with.
-TRAIN_SETTINGS = (
+# results in benchmarks/README.md were measured with (the mix and the optimizer apart: the
+# editing benchmark fine-tunes on its own mix with these optimizer settings).
+MIX_SETTINGS = (
     "data.sources.0.weight=0.25",  # the preset's text source
     "data.sources.1.weight=0.75",  # its image source, the benchmark's shapes below
+)
+OPTIMIZER_SETTINGS = (
     "optimizer.lr=1e-3",
     "optimizer.min_lr=1e-4",
     "diffusion.loss_weighting=min_snr",
 )
+RUN_NAME = "model"  # the trained run: <out>/model
 
 
 def _run(command: list[str], log: Path) -> float:
@@ -86,23 +92,26 @@ def _tool(name: str) -> str:
 # The data set
 
 
+def scene_splits(split_seed: int = SPLIT_SEED) -> tuple[Split[Scene], Split[Scene]]:
+    """The one-object and the two-object scenes, each with its held-out combinations."""
+    return (
+        make_split(single_scenes(), HELD_OUT_FRACTION, split_seed),
+        make_split(pair_scenes(), HELD_OUT_FRACTION, split_seed),
+    )
+
+
 def make_inputs(
     out: Path, train_samples: int, pair_fraction: float, seed: int, split_seed: int = SPLIT_SEED
 ) -> dict[str, list[Scene]]:
     """Training tar (seen combinations only) and the test scenes of each kind."""
-    singles, pairs = (
-        make_split(scenes, HELD_OUT_FRACTION, split_seed)
-        for scenes in (single_scenes(), pair_scenes())
-    )
+    singles, pairs = scene_splits(split_seed)
     rng = random.Random(seed)
     (out / "train").mkdir(parents=True, exist_ok=True)
     with tarfile.open(out / "train" / "shapes-000000.tar", "w") as tar:
         for i in range(train_samples):
             scene = rng.choice(pairs.seen if rng.random() < pair_fraction else singles.seen)
-            png = io.BytesIO()
-            Image.fromarray(render(scene, IMAGE_SIZE, rng)).save(png, format="PNG")
             for suffix, data in (
-                (".png", png.getvalue()),
+                (".png", encode_png(render(scene, IMAGE_SIZE, rng))),
                 (".txt", scene.caption(rng.random() < 0.5).encode()),
             ):
                 info = tarfile.TarInfo(f"{i:07d}{suffix}")
@@ -116,8 +125,9 @@ def make_inputs(
     }
 
 
-def test_cases(tests: dict[str, list[Scene]], per_kind: int, seed: int) -> dict[str, list[Scene]]:
-    """``per_kind`` scenes of each kind, cycling through its scenes in a seeded order."""
+def test_cases(tests: dict[str, list], per_kind: int, seed: int) -> dict[str, list]:
+    """``per_kind`` cases (scenes, or edits) of each kind, cycling through its cases in a
+    seeded order."""
     rng = random.Random(seed + 1)
     cases = {}
     for kind, scenes in tests.items():
@@ -173,15 +183,32 @@ def text_to_image(
     guidance: float,
 ) -> tuple[dict, float]:
     """Draw every test caption with mtf-generate; per-kind accuracies and the seconds it took."""
+    prompts = [scene.caption() for _, scene in flat]
+    seconds = generate_images(run_or_step, prompts, out, steps, guidance, sampler, spacing)
+    return score_generated(out, flat), seconds
+
+
+def generate_images(
+    run_or_step: Path,
+    prompts: list[str],
+    out: Path,
+    steps: int,
+    guidance: float,
+    sampler: str = "ddpm",
+    spacing: str = "leading",
+) -> float:
+    """``mtf-generate`` one image after each prompt into ``out`` (``samples.jsonl``,
+    ``sample_NNNN_0.png``); returns its wall time."""
     out.mkdir(parents=True, exist_ok=True)
-    prompts = out / "prompts.txt"
-    prompts.write_text("".join(scene.caption() + "\n" for _, scene in flat))
-    seconds = _run(
+    (out / "prompts.txt").write_text("".join(p + "\n" for p in prompts))
+    return _run(
         [
             _tool("mtf-generate"),
             str(run_or_step),
+            "--mode",
+            "image",
             "--prompts-file",
-            str(prompts),
+            str(out / "prompts.txt"),
             "--out",
             str(out),
             "--batch-size",
@@ -197,7 +224,6 @@ def text_to_image(
         ],
         out / "generate.log",
     )
-    return score_generated(out, flat), seconds
 
 
 def evaluate(run_or_step: Path, out: Path, cases: dict[str, list[Scene]], args) -> dict:
@@ -275,6 +301,43 @@ def sweep_sampler(
             flush=True,
         )
     return rows
+
+
+def train_tiny(
+    run: Path, steps: int, checkpoint_interval: int, overrides: list[str], log: Path
+) -> float:
+    """The ``tiny`` preset for ``steps`` steps under the project's torchrun launcher, into the
+    run directory ``run`` (never resuming it: a stale run is trained again); returns its wall
+    time."""
+    return _run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_transfusion.launch",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            "-m",
+            "megatron_transfusion.train",
+            "--config",
+            "tiny",
+            "--resume",
+            "none",
+            f"run.output_root={run.parent}",
+            f"run.name={run.name}",
+            f"run.train_steps={steps}",
+            "eval.interval=0",
+            f"checkpoint.interval={checkpoint_interval}",
+            "checkpoint.keep_last=8",
+            *overrides,
+        ],
+        log,
+    )
+
+
+def last_checkpoint(run: Path, steps: int) -> Path:
+    """Where ``train_tiny``'s checkpoint of its last step is."""
+    return layout.step_dir(layout.checkpoints_dir(run), steps)
 
 
 def main(argv=None) -> None:
@@ -367,52 +430,28 @@ def main(argv=None) -> None:
         _run([_tool("mtf-prepare-data"), "merge", "--out", str(shards)], out / "merge.log")
         timings["shard"] = time.perf_counter() - started
 
-    run_name = "model"
-    train_log = out / "train.log"
-    last_checkpoint = layout.step_dir(layout.checkpoints_dir(out / run_name), args.steps)
-    if not (args.reuse and last_checkpoint.exists()):
-        interval = max(args.steps // 8, 1) if args.curve else args.steps
-        timings["train"] = _run(
-            [
-                sys.executable,
-                "-m",
-                "megatron_transfusion.launch",
-                "--standalone",
-                "--nproc_per_node",
-                "1",
-                "-m",
-                "megatron_transfusion.train",
-                "--config",
-                "tiny",
-                "--resume",
-                "none",
-                f"data.sources.1.path={shards}",
-                f"run.output_root={out}",
-                f"run.name={run_name}",
-                f"run.train_steps={args.steps}",
-                "eval.interval=0",
-                f"checkpoint.interval={interval}",
-                "checkpoint.keep_last=8",
-                *TRAIN_SETTINGS,
-                *args.overrides,
-            ],
-            train_log,
+    run = out / RUN_NAME
+    if not (args.reuse and last_checkpoint(run, args.steps).exists()):
+        timings["train"] = train_tiny(
+            run,
+            args.steps,
+            max(args.steps // 8, 1) if args.curve else args.steps,
+            [f"data.sources.1.path={shards}", *MIX_SETTINGS, *OPTIMIZER_SETTINGS, *args.overrides],
+            out / "train.log",
         )
 
     cases = test_cases(tests, args.per_kind, args.seed)
     results = {"config": vars(args), "timings_seconds": timings}
-    results["final"] = evaluate(out / run_name, out / "eval" / "final", cases, args)
+    results["final"] = evaluate(run, out / "eval" / "final", cases, args)
     if args.curve:
         curve_cases = test_cases(tests, max(args.per_kind // 4, 4), args.seed)
         results["curve"] = {}
-        for checkpoint in layout.complete_checkpoints(layout.checkpoints_dir(out / run_name))[:-1]:
+        for checkpoint in layout.complete_checkpoints(layout.checkpoints_dir(run))[:-1]:
             results["curve"][checkpoint.name] = evaluate(
                 checkpoint, out / "eval" / checkpoint.name, curve_cases, args
             )
     if args.sweep_sampler:
-        results["sampler_sweep"] = sweep_sampler(
-            out / run_name, out / "eval" / "sweep", cases, args.guidance
-        )
+        results["sampler_sweep"] = sweep_sampler(run, out / "eval" / "sweep", cases, args.guidance)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_results(results)
 

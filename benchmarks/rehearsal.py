@@ -39,9 +39,8 @@ import tarfile
 import time
 from pathlib import Path
 
-from PIL import Image
-
 from benchmarks.learning_quality import _run, _tool
+from data_prep.images import encode_png
 from data_prep.shapes import pair_scenes, render, single_scenes
 from megatron_transfusion.config import sources_override
 
@@ -88,15 +87,14 @@ def make_inputs(out: Path, seed: int = 0) -> dict:
     with tarfile.open(out / "images" / "images-000000.tar", "w") as tar:
         for i in range(IMAGES):
             scene = rng.choice(scenes)
-            png = io.BytesIO()
-            Image.fromarray(render(scene, IMAGE_SIZE, rng)).save(png, format="PNG")
+            png = encode_png(render(scene, IMAGE_SIZE, rng))
             captions.append(scene.caption())
-            for suffix, data in ((".png", png.getvalue()), (".txt", captions[-1].encode())):
+            for suffix, data in ((".png", png), (".txt", captions[-1].encode())):
                 info = tarfile.TarInfo(f"{i:06d}{suffix}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
             if i == 0:
-                (out / "caption_me.png").write_bytes(png.getvalue())
+                (out / "caption_me.png").write_bytes(png)
 
     # Asked for the paper's 32k; these ~390k characters give ~9k merges.
     tokenizer = train_bpe(builtin_text_documents() + captions, 32000, out / "tokenizer.json")

@@ -27,6 +27,13 @@ def decode_image(data: bytes) -> Image.Image:
     return image.convert("RGB")
 
 
+def encode_png(pixels: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] -> PNG bytes: lossless, so a drawn image is stored exactly as drawn."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def center_crop_resize(image: Image.Image, size: int) -> np.ndarray:
     """Crop the largest centred square, resize it to ``size`` (bicubic): uint8 [size, size, 3]."""
     width, height = image.size

@@ -10,6 +10,10 @@ statistics (colour of each object, its shape by template overlap, its size and w
 and a generated caption by parsing it back into a ``Scene``. Some attribute combinations are
 held out of training (``Split``), so the scores measure compositional generalisation as well
 as recall: GenEval's object/colour/position checks, exact and without a detector.
+
+Edits (``Edit``, ``apply_edit``, ``edit_instruction``, ``score_edit``) turn a one-object scene
+into another ("make the circle blue", "add a blue square to the right of it"): image editing
+examples whose result is scored the same way, including what the instruction left alone.
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ import json
 import random
 import re
 from collections import deque
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -38,6 +44,7 @@ POSITIONS = {"left": 0.25, "center": 0.5, "right": 0.75}  # centre x, as a fract
 PAIR_SIZE = 0.36  # both objects of a two-object scene
 BACKGROUND = (236, 234, 228)
 SUPERSAMPLE = 4  # draw at 4x and box-filter down: anti-aliased edges
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -60,12 +67,15 @@ class Scene:
     def caption(self, left_first: bool = True) -> str:
         if len(self.things) == 1:
             (thing,) = self.things
-            where = "in the center" if thing.position == "center" else f"on the {thing.position}"
-            return f"a {thing.words()} {where}"
+            return f"a {thing.words()} {_where(thing.position)}"
         left, right = self.things
         if left_first:
             return f"a {left.words()} to the left of a {right.words()}"
         return f"a {right.words()} to the right of a {left.words()}"
+
+
+def _where(position: str) -> str:
+    return "in the center" if position == "center" else f"on the {position}"
 
 
 _WORD = "|".join
@@ -144,31 +154,41 @@ def pair_scenes() -> list[Scene]:
 
 
 @dataclass(frozen=True)
-class Split:
-    seen: tuple[Scene, ...]
-    held_out: tuple[Scene, ...]
+class Split(Generic[T]):
+    seen: tuple[T, ...]
+    held_out: tuple[T, ...]
 
 
-def make_split(scenes: list[Scene], held_out_fraction: float, seed: int) -> Split:
+def make_split(scenes: list[Scene], held_out_fraction: float, seed: int) -> Split[Scene]:
     """Hold out a random ``held_out_fraction`` of the scenes, such that every pair of attribute
     values that occurs in a held-out scene still occurs in some training scene: held-out scenes
     are new combinations of known parts, never unknown parts."""
+    return hold_out(scenes, held_out_fraction, seed, _values)
+
+
+def hold_out(
+    items: list[T], held_out_fraction: float, seed: int, values: Callable[[T], list[tuple]]
+) -> Split[T]:
+    """Hold out a random ``held_out_fraction`` of ``items`` such that every pair of the
+    ``values`` of a held-out item occurs together in some training item."""
     rng = random.Random(seed)
-    count = round(len(scenes) * held_out_fraction)
+    pairs = [set(itertools.combinations(values(item), 2)) for item in items]
+    count = round(len(items) * held_out_fraction)
     for _ in range(1000):
-        held = set(rng.sample(range(len(scenes)), count))
-        seen = [s for i, s in enumerate(scenes) if i not in held]
-        known = set().union(*(_value_pairs(s) for s in seen))
-        if all(_value_pairs(scenes[i]) <= known for i in held):
-            return Split(tuple(seen), tuple(scenes[i] for i in sorted(held)))
+        held = set(rng.sample(range(len(items)), count))
+        known = set().union(*(p for i, p in enumerate(pairs) if i not in held))
+        if all(pairs[i] <= known for i in held):
+            return Split(
+                tuple(item for i, item in enumerate(items) if i not in held),
+                tuple(items[i] for i in sorted(held)),
+            )
     raise ValueError(
-        f"no split of {len(scenes)} scenes holds out {count} with every attribute pair seen"
+        f"no split of {len(items)} items holds out {count} with every pair of values seen"
     )
 
 
-def _value_pairs(scene: Scene) -> set[tuple]:
-    values = [(i, name, v) for i, t in enumerate(scene.things) for name, v in vars(t).items() if v]
-    return set(itertools.combinations(values, 2))
+def _values(scene: Scene) -> list[tuple]:
+    return [(i, name, v) for i, t in enumerate(scene.things) for name, v in vars(t).items() if v]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,8 +247,9 @@ def _shape_of(mask: np.ndarray) -> str:
 
 def find_objects(image: np.ndarray, min_pixels: int | None = None) -> list[Found]:
     """Objects in a generated image: per palette colour, its largest connected region of pixels
-    that differ from the background (estimated from the border) and are nearest that colour.
-    Largest objects first."""
+    that differ from the background (estimated from the border) and are nearest a blend of
+    that colour with the background: an anti-aliased edge is a blend, and the palette colour
+    nearest it can be another one (a red edge is nearer yellow than red). Largest first."""
     size = image.shape[0]
     min_pixels = min_pixels if min_pixels is not None else max(4, round(0.012 * size * size))
     pixels = image.astype(np.float64)
@@ -236,7 +257,12 @@ def find_objects(image: np.ndarray, min_pixels: int | None = None) -> list[Found
     background = np.median(border, axis=0)
     foreground = np.abs(pixels - background).max(axis=-1) > 50
     palette = np.array(list(COLOURS.values()), dtype=np.float64)
-    nearest = np.linalg.norm(pixels[..., None, :] - palette, axis=-1).argmin(axis=-1)
+    towards = palette - background  # [colours, 3]
+    share = np.clip(
+        (pixels - background) @ towards.T / (towards * towards).sum(axis=-1), 0, 1
+    )  # [h, w, colours]: how much of each colour a blend nearest the pixel holds
+    blends = background + share[..., None] * towards
+    nearest = np.linalg.norm(pixels[..., None, :] - blends, axis=-1).argmin(axis=-1)
     found = []
     for index, colour in enumerate(COLOURS):
         parts = _components(foreground & (nearest == index))
@@ -276,6 +302,139 @@ def score_image(image: np.ndarray, scene: Scene) -> dict[str, bool]:
         }
     result["all"] = all(result.values())
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Edits: an instruction turns a one-object scene into another scene
+
+
+EDIT_KINDS = ("recolour", "move", "reshape", "add")
+EDITED = {"recolour": "colour", "move": "position", "reshape": "shape"}  # the one it changes
+ATTRIBUTES = ("colour", "shape", "size", "position")  # of a one-object scene, as scored
+# Plain fixed phrasings; ``old_*`` name the object as it is, the rest the edit's values.
+EDIT_TEMPLATES = {
+    "recolour": (
+        "make the {old_shape} {colour}",
+        "paint the {old_shape} {colour}",
+        "change the colour of the {old_shape} to {colour}",
+    ),
+    "move": ("move the {old_shape} {to}", "put the {old_shape} {where}"),
+    "reshape": (
+        "turn the {old_colour} {old_shape} into a {shape}",
+        "make the {old_colour} {old_shape} a {shape}",
+        "replace the {old_colour} {old_shape} with a {old_colour} {shape}",
+    ),
+    "add": (
+        "add a {colour} {shape} to the {position} of it",
+        "put a {colour} {shape} to the {position} of the {old_colour} {old_shape}",
+        "add a {colour} {shape} on its {position}",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """One instruction on a one-object scene. ``recolour``, ``move`` and ``reshape`` set the
+    object's colour, position or shape. ``add`` puts a second object (``colour``, ``shape``, a
+    colour the scene lacks, since the scorer tells objects apart by colour) on the
+    ``position`` side of it; two-object scenes have one layout (both objects PAIR_SIZE, at a
+    quarter and three quarters of the width), so the original object keeps only its colour
+    and shape: it takes the pair size and the other side."""
+
+    kind: str
+    colour: str = ""
+    shape: str = ""
+    position: str = ""
+
+
+def _only(scene: Scene) -> Thing:
+    if len(scene.things) != 1:
+        raise ValueError(f"edits apply to one-object scenes, not '{scene.caption()}'")
+    return scene.things[0]
+
+
+def possible_edits(scene: Scene) -> list[Edit]:
+    """Every edit of this set that changes ``scene``: each other value of one attribute, and
+    each object of another colour added on either side."""
+    thing = _only(scene)
+    return [
+        *(Edit("recolour", colour=c) for c in COLOURS if c != thing.colour),
+        *(Edit("move", position=p) for p in POSITIONS if p != thing.position),
+        *(Edit("reshape", shape=s) for s in SHAPES if s != thing.shape),
+        *(
+            Edit("add", c, s, side)
+            for c, s, side in itertools.product(COLOURS, SHAPES, ("left", "right"))
+            if c != thing.colour
+        ),
+    ]
+
+
+def apply_edit(scene: Scene, edit: Edit) -> Scene:
+    """The scene ``edit`` asks for; ValueError for an edit that is not one of
+    ``possible_edits(scene)`` (it would change nothing, or could not be scored)."""
+    if edit not in possible_edits(scene):
+        raise ValueError(f"{edit} is not an edit of '{scene.caption()}' in this set")
+    thing = _only(scene)
+    if edit.kind == "add":
+        kept, added = Thing(thing.colour, thing.shape), Thing(edit.colour, edit.shape)
+        return Scene((kept, added) if edit.position == "right" else (added, kept))
+    field = EDITED[edit.kind]
+    return Scene((replace(thing, **{field: getattr(edit, field)}),))
+
+
+def edit_instruction(scene: Scene, edit: Edit, rng: random.Random) -> str:
+    """``edit`` in words, in one of its kind's ``EDIT_TEMPLATES`` chosen by ``rng``."""
+    thing = _only(scene)
+    return rng.choice(EDIT_TEMPLATES[edit.kind]).format(
+        old_colour=thing.colour,
+        old_shape=thing.shape,
+        colour=edit.colour,
+        shape=edit.shape,
+        position=edit.position,
+        to="to the center" if edit.position == "center" else f"to the {edit.position}",
+        where=_where(edit.position),
+    )
+
+
+def edit_split(
+    sources: list[Scene], targets: list[Scene], held_out_fraction: float, seed: int
+) -> dict[str, Split[tuple[Scene, Edit]]]:
+    """Per edit kind, the (source, edit) cases from ``sources`` whose result is one of
+    ``targets``, with ``held_out_fraction`` held out such that every pair of their parts
+    (the source's attribute values, the edit's values) occurs in some training case of the
+    kind: held-out edits are new combinations of known parts, as ``make_split``'s scenes."""
+    allowed = set(targets)
+    cases = [(s, e) for s in sources for e in possible_edits(s) if apply_edit(s, e) in allowed]
+    return {
+        kind: hold_out(
+            [case for case in cases if case[1].kind == kind], held_out_fraction, seed, _case_values
+        )
+        for kind in EDIT_KINDS
+    }
+
+
+def _case_values(case: tuple[Scene, Edit]) -> list[tuple]:
+    scene, edit = case
+    return _values(scene) + [("edit", name, v) for name, v in vars(edit).items() if v]
+
+
+def score_edit(image: np.ndarray, source: Scene, edit: Edit) -> dict[str, float]:
+    """``exactly_right``: every attribute of the scene the edit asks for (``score_image``'s
+    ``all``). ``untouched_preserved``: the share of the attributes the instruction did not
+    name that are still right: the other three of a one-object scene, or for ``add`` the
+    original object's colour and shape (is there an object of its colour, of its shape?).
+    A true drawing of the input scores 0 and 1: the edited attribute always differs."""
+    result = score_image(image, apply_edit(source, edit))
+    if edit.kind == "add":
+        thing = _only(source)
+        kept = next((f for f in find_objects(image) if f.colour == thing.colour), None)
+        untouched = [kept is not None, kept is not None and kept.shape == thing.shape]
+    else:
+        untouched = [result[a] for a in ATTRIBUTES if a != EDITED[edit.kind]]
+    return {
+        "exactly_right": float(result["all"]),
+        "untouched_preserved": sum(untouched) / len(untouched),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
