@@ -295,6 +295,25 @@ def test_image_edits_from_every_input_form(env, tmp_path):
         "b.jsonl:3": ("missing_image", 2),
         "c.tar/lost": ("missing_image", 2),
     }
+    # In the loader's rows: BOS, the input image (given: clean, no loss; image-first), the
+    # instruction, the edited image (generated, over every noise level), EOS.
+    cfg = load_config(
+        "tiny",
+        [
+            f"data.sources=[{{kind: image_edit, path: {out}}}]",
+            "data.seq_length=128",
+            "data.micro_batch_size=1",
+            "data.global_batch_tokens=128",
+            "model.vocab_size=512",
+            "model.max_sequence_length=128",
+        ],
+    )
+    loader = MixedModalityLoader(cfg)
+    (batch,) = loader.next_step()
+    special, row = loader.special, batch.tokens[0]
+    assert row[0] == special.bos and row[1] == special.boi and batch.num_images >= 2
+    assert batch.given.tolist() == [True, False] * (batch.num_images // 2)
+    assert batch.caption_first.tolist() == [False, True] * (batch.num_images // 2)
 
 
 def shard_cli(env, tmp_path, *args):
