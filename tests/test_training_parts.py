@@ -1,8 +1,10 @@
 """Training-loop parts: the LR schedule at its key steps, AdamW's decay groups on a real
-model, model FLOPs against hand counts, and the metrics files."""
+model, model FLOPs against hand counts, the metrics files and the console."""
 
+import io
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from megatron_transfusion.model.params import count_parameters
 from megatron_transfusion.parallel import seed_everything
 from megatron_transfusion.platform import measure_matmul_peak
 from megatron_transfusion.training.metrics import (
+    Console,
     MetricsLogger,
     format_line,
     mfu,
@@ -268,6 +271,32 @@ def test_console_line():
     )
     memory = {"mfu": 0.31, "memory_gib": 1.5, "predicted_memory_gib": 1.234}
     assert format_line(7, memory) == "step 7 | mfu 31.0% | mem 1.50 (plan 1.23) GiB"
+    progress = {"tokens_seen": 3_145_728, "elapsed_seconds": 3725.4, "eta_seconds": 59.6}
+    assert format_line(8, progress) == "step 8 | 3.1M tokens | elapsed 1:02:05 | eta 0:01:00"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_draws_a_bar_on_a_terminal_and_plain_lines_in_a_batch_log(monkeypatch):
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    console = Console(rank0=True, total_steps=4, done_steps=1)  # resumed at step 1
+    console.step_done()
+    console.print("step 2 | loss 1.000")
+    console.close()
+    drawn = sys.stdout.getvalue()
+    assert "\rstep 2 | loss 1.000" in drawn or "\nstep 2 | loss 1.000" in drawn
+    assert " 2/4 " in drawn and "\r" in drawn  # the bar, redrawn in place
+
+    for rank0, expected in ((True, "step 2 | loss 1.000\n"), (False, "")):
+        monkeypatch.setattr(sys, "stdout", io.StringIO())  # a file: Slurm's log
+        console = Console(rank0=rank0, total_steps=4, done_steps=1)
+        console.step_done()
+        console.print("step 2 | loss 1.000")
+        console.close()
+        assert sys.stdout.getvalue() == expected
 
 
 def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):

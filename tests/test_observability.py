@@ -1,0 +1,120 @@
+"""What a training run tells about itself, over real processes: the W&B run (offline) and
+its continuation after a resume, the progress fields, tracking without wandb."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+from tests.test_loader import prepare
+from tests.test_trainer import TRAIN, losses, overrides, run
+
+OFFLINE = {"WANDB_MODE": "offline"}  # never the network, whatever the config says
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("observability-data")
+    prepare(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def observed(data_root, tmp_path_factory):
+    """2 ranks, 4 steps tracked, then resumed to step 6: (run dir, outputs)."""
+    root = tmp_path_factory.mktemp("observed")
+    watch = ["wandb.mode=offline", "wandb.tags=[smoke]"]
+    first = run(2, overrides(data_root, root, 4, *watch), env=OFFLINE)
+    second = run(2, overrides(data_root, root, 6, *watch), env=OFFLINE)
+    return root / "tiny", first, second
+
+
+def wandb_records(path: Path):
+    """The records of an offline W&B run file, decoded by wandb's own protobuf classes.
+    The file is a LevelDB log (what ``wandb sync`` reads; wandb ships no Python reader of
+    it): after a 7-byte header, 32 KiB blocks of chunks, each a 7-byte header (CRC, little
+    endian length, type: 1 whole, 2 first, 3 middle, 4 last) and its bytes."""
+    from wandb.proto import wandb_internal_pb2
+
+    data, block, header = path.read_bytes(), 32768, 7
+    assert data[:4] == b":W&B"
+    position, pending = header, b""
+    while position + header <= len(data):
+        if block - position % block < header:  # a block's tail too short for a header
+            position += block - position % block
+            continue
+        length = int.from_bytes(data[position + 4 : position + 6], "little")
+        kind = data[position + 6]
+        pending += data[position + header : position + header + length]
+        position += header + length
+        if kind in (1, 4):
+            yield wandb_internal_pb2.Record.FromString(pending)
+            pending = b""
+        elif kind == 0:  # padding
+            pending = b""
+
+
+def wandb_runs(run_dir: Path) -> list[tuple[str, dict[int, dict]]]:
+    """Each offline W&B run directory's run id and history (step -> values), oldest first."""
+    runs = []
+    for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
+        (file,) = directory.glob("run-*.wandb")
+        run_id, history = None, {}
+        for record in wandb_records(file):
+            kind = record.WhichOneof("record_type")
+            if kind == "run":
+                run_id, tags = record.run.run_id, list(record.run.tags)
+                assert record.run.display_name == "tiny" and tags == ["smoke"]
+            elif kind == "history":
+                history[record.history.step.num] = {
+                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                    for item in record.history.item
+                }
+        runs.append((run_id, history))
+    return runs
+
+
+def test_the_wandb_run_holds_the_logged_metrics_and_a_resume_continues_it(observed):
+    run_dir, _, _ = observed
+    runs = wandb_runs(run_dir)
+    assert len(runs) == 2, "one offline run directory per process, both in the run directory"
+    (first_id, first), (second_id, second) = runs
+    assert first_id == second_id == (run_dir / "logs" / "wandb_run_id").read_text()
+    assert sorted(first) == [1, 2, 3, 4] and sorted(second) == [5, 6]
+    logged = losses(run_dir.parent)
+    for step, values in {**first, **second}.items():
+        assert (values["loss"], values["lm_loss"], values["diffusion_loss"]) == logged[step]
+        assert {"lr", "grad_norm", "tokens_per_second", "data/text/tokens"} <= set(values)
+
+
+def test_progress_fields_are_consistent(observed):
+    run_dir, _, _ = observed
+    metrics = (run_dir / "logs" / "metrics.jsonl").read_text()
+    records = [json.loads(line) for line in metrics.splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert [r["tokens_seen"] for r in records] == [512 * r["step"] for r in records]
+    elapsed = [r["elapsed_seconds"] for r in records]
+    assert all(0 < a < b for a, b in zip(elapsed, elapsed[1:])), elapsed  # across the resume
+    ends = [False, False, False, True, False, True]  # each run's last step
+    assert [r["eta_seconds"] == 0 for r in records] == ends
+    assert all(0 < r["memory_gib"] < 2 for r in records)
+
+
+def test_tracking_without_wandb_installed_is_one_line(data_root, tmp_path):
+    hide = "import sys; sys.modules['wandb'] = None\n"
+    result = subprocess.run(
+        [sys.executable, "-c", hide + TRAIN, "--config", "tiny"]
+        + overrides(data_root, tmp_path, 2, "wandb.mode=online"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: config field 'wandb.mode': online needs the wandb package: "
+        "pip install 'megatron_transfusion[wandb]'"
+    )
