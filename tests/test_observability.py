@@ -1,5 +1,6 @@
 """What a training run tells about itself, over real processes: the W&B run (offline) and
-its continuation after a resume, the progress fields, tracking without wandb."""
+its continuation after a resume, the progress fields, profiler traces per rank, memory
+snapshots on CPU."""
 
 import json
 import subprocess
@@ -24,10 +25,10 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def observed(data_root, tmp_path_factory):
-    """2 ranks, 4 steps tracked, then resumed to step 6: (run dir, outputs)."""
+    """2 ranks, 4 steps with everything on, then resumed to step 6: (run dir, outputs)."""
     root = tmp_path_factory.mktemp("observed")
-    watch = ["wandb.mode=offline", "wandb.tags=[smoke]"]
-    first = run(2, overrides(data_root, root, 4, *watch), env=OFFLINE)
+    watch = ["wandb.mode=offline", "wandb.tags=[smoke]", "profile.memory_snapshot=true"]
+    first = run(2, overrides(data_root, root, 4, *watch, "profile.steps=[2, 3]"), env=OFFLINE)
     second = run(2, overrides(data_root, root, 6, *watch), env=OFFLINE)
     return root / "tiny", first, second
 
@@ -101,6 +102,30 @@ def test_progress_fields_are_consistent(observed):
     ends = [False, False, False, True, False, True]  # each run's last step
     assert [r["eta_seconds"] == 0 for r in records] == ends
     assert all(0 < r["memory_gib"] < 2 for r in records)
+
+
+def test_profiled_steps_leave_one_trace_per_rank(observed):
+    """Steps 2 and 3 (step 1 only warms the profiler up), each rank's own ops in them: the
+    model's matmuls, the gradient all-reduce over gloo, the optimizer's update."""
+    run_dir, first, _ = observed
+    traces = sorted((run_dir / "profiles").rglob("*.json"))
+    assert [p.relative_to(run_dir).as_posix() for p in traces] == [
+        "profiles/steps_2-3/rank_0.pt.trace.json",
+        "profiles/steps_2-3/rank_1.pt.trace.json",
+    ]
+    for trace in traces:
+        names = {event.get("name") for event in json.loads(trace.read_text())["traceEvents"]}
+        steps = sorted(n for n in names if n and n.startswith("ProfilerStep#"))
+        assert steps == ["ProfilerStep#2", "ProfilerStep#3"]
+        assert {"aten::mm", "gloo:all_reduce", "Optimizer.step#AdamW.step"} <= names
+    assert first.count("profile: steps 2-3 traced into") == 1  # rank 0 says it
+
+
+def test_a_memory_snapshot_on_cpu_is_refused_once(observed):
+    run_dir, first, second = observed
+    for output in (first, second):
+        assert output.count("profile.memory_snapshot: memory snapshots need CUDA") == 1
+    assert not list((run_dir / "profiles").glob("memory_*"))
 
 
 def test_tracking_without_wandb_installed_is_one_line(data_root, tmp_path):

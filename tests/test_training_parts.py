@@ -1,5 +1,6 @@
 """Training-loop parts: the LR schedule at its key steps, AdamW's decay groups on a real
-model, model FLOPs against hand counts, the metrics files and the console."""
+model, model FLOPs against hand counts, the metrics files and the console, snapshots at an
+out-of-memory error."""
 
 import io
 import json
@@ -9,10 +10,11 @@ import sys
 import pytest
 import torch
 
-from megatron_transfusion.config import OptimizerConfig, load_config
+from megatron_transfusion.config import OptimizerConfig, ProfileConfig, load_config
 from megatron_transfusion.model.params import count_parameters
 from megatron_transfusion.parallel import seed_everything
 from megatron_transfusion.platform import measure_matmul_peak
+from megatron_transfusion.training.diagnostics import Profiling
 from megatron_transfusion.training.metrics import (
     Console,
     MetricsLogger,
@@ -329,3 +331,27 @@ def test_metrics_logger_off_rank0_writes_nothing(tmp_path):
     assert logger.log(10, STEP_VALUES).startswith("step 10")
     logger.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_of_memory_error_leaves_a_snapshot_where_the_platform_records_one(
+    megatron_world, tmp_path
+):
+    class Recording:
+        """A platform that records allocator history (as CUDA does)."""
+
+        def record_memory_history(self):
+            return True
+
+        def dump_memory_snapshot(self, path):
+            path.write_bytes(b"snapshot")
+
+    said = []
+    profiling = Profiling(
+        ProfileConfig(memory_snapshot=True), tmp_path, Recording(), 5, said.append
+    )
+    profiling.out_of_memory(6)
+    profiling.close()
+    assert (
+        tmp_path / "profiles" / "memory_oom_step_6" / "rank_0.pickle"
+    ).read_bytes() == b"snapshot"
+    assert said == [f"profile: memory snapshot written into {tmp_path}/profiles/memory_oom_step_6"]

@@ -3,7 +3,8 @@
     platform -> process groups -> model -> data -> [init_from] -> engine -> [resume] ->
     for each step: batches -> noise -> engine.train_step -> log -> checkpoint
 
-Along the way, where the config asks: a W&B run beside the metrics files.
+Along the way, where the config asks: a W&B run beside the metrics files, profiler traces
+and memory snapshots (``profile``; ``training.diagnostics``).
 
 Faults: a non-finite loss or gradient norm skips the update on every rank and is counted;
 ``max_consecutive_skips`` in a row stop the run with an error. SIGTERM/SIGUSR1 and a first
@@ -35,6 +36,7 @@ from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.planning.ranking import predicted_memory
+from megatron_transfusion.training.diagnostics import Profiling
 from megatron_transfusion.training.engine import Engine
 from megatron_transfusion.training.metrics import (
     Console,
@@ -181,6 +183,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     tokenizer = load_tokenizer(cfg) if cfg.eval.interval and cfg.eval.captions else None
     logger = MetricsLogger(run_dir, rank0, cfg)
     console = Console(rank0, cfg.run.train_steps, step)
+    profiling = Profiling(cfg.profile, run_dir, plat, step, console.print)
     peak = cfg.run.peak_flops or plat.peak_flops()
     planned = predicted_memory(cfg, plat, dist.get_world_size())
     stop = _StopRequest()
@@ -273,7 +276,12 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
             if stopping:
                 console.print(f"stop requested: saved step {step}, exiting with {EXIT_PREEMPTED}")
                 raise SystemExit(EXIT_PREEMPTED)
+            profiling.step_done(step)  # a profiled step: its log, evaluation and save too
+    except torch.OutOfMemoryError:
+        profiling.out_of_memory(step + 1)
+        raise
     finally:
+        profiling.close()
         console.close()
         logger.close()
     return last
