@@ -1,8 +1,9 @@
 """What a training run tells about itself, over real processes: the W&B run (offline) and
 its continuation after a resume, the progress fields, profiler traces per rank, memory
-snapshots on CPU."""
+snapshots on CPU, and a hang: every rank's stacks, then the collective timeout."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -143,3 +144,35 @@ def test_tracking_without_wandb_installed_is_one_line(data_root, tmp_path):
         "error: config field 'wandb.mode': online needs the wandb package: "
         "pip install 'megatron_transfusion[wandb]'"
     )
+
+
+def test_a_hang_dumps_every_ranks_stacks_then_the_collective_times_out(data_root, tmp_path):
+    """Rank 1 sleeps 20 s inside step 2 while rank 0 waits in that step's first
+    collective. After 3 s without a step both ranks dump their stacks: rank 1's shows the
+    sleep, rank 0's the all-reduce. After 12 s (distributed.timeout_minutes=0.2, which
+    Megatron's data-parallel group got too) rank 0's all-reduce fails."""
+    args = overrides(data_root, tmp_path, 4, "checkpoint.interval=100")
+    args += [
+        "model.fuse_elementwise=false",  # no compiling: step 1 takes well under the timeout
+        "distributed.timeout_minutes=0.2",
+        "distributed.hang_watchdog_minutes=0.05",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        + ["tests/distributed/hang_worker.py", "--sleep", "20", "--config", "tiny", *args],
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-4000:]
+    assert "Timed out waiting 12000ms" in output, output[-4000:]
+    hangs = tmp_path / "tiny" / "hangs"
+    for rank, frame in ((0, "in all_reduce"), (1, "in sleep_in_step")):
+        dump = (hangs / f"rank_{rank}.txt").read_text()
+        stalled = dump.split(f"hang watchdog: rank {rank} has finished no training step")[-1]
+        assert "(the last was step 1); its threads' stacks:" in stalled, dump
+        assert frame in stalled, dump
+        assert f"hang watchdog: rank {rank} has finished no training step" in result.stderr

@@ -1,4 +1,4 @@
-"""What a run writes, when asked, to see where its time and memory go;
+"""What a run writes, when asked, to see where its time and memory go and where it hangs;
 every rank writes its own files:
 
     <run dir>/profiles/steps_A-B/rank_N.pt.trace.json  profile.steps=[A, B]: torch.profiler's
@@ -7,6 +7,8 @@ every rank writes its own files:
     <run dir>/profiles/memory_step_B/rank_N.pickle  profile.memory_snapshot: the CUDA
         allocator's history after step B (https://pytorch.org/memory_viz draws it)
     <run dir>/profiles/memory_oom_step_S/rank_N.pickle  ... at an out-of-memory error in step S
+    <run dir>/hangs/rank_N.txt  every thread's Python stack, each time no step has finished
+        for distributed.hang_watchdog_minutes
 
 As torchtitan's profiling does: one warm-up step before the traced ones (the profiler's
 start-up stays out of the trace), and allocator history from the first step, so that a
@@ -15,6 +17,10 @@ snapshot shows how the peak came about.
 
 from __future__ import annotations
 
+import faulthandler
+import os
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -91,3 +97,49 @@ class Profiling:
         what it has)."""
         if self._profiler is not None:
             self._profiler.stop()
+
+
+class HangWatchdog:
+    """A thread that, when no training step has finished for ``minutes``, prints every
+    thread's Python stack of this rank (faulthandler) to stderr and appends it to
+    ``run_dir/hangs/rank_N.txt``, once per stall. Every rank runs one, so a hang shows
+    where each rank is: the one that is late, and the others waiting in a collective."""
+
+    def __init__(self, minutes: float, run_dir: Path, done: int):
+        self.seconds = minutes * 60
+        self.rank = dist.get_rank()
+        self.path = run_dir / "hangs" / f"rank_{self.rank}.txt"
+        self.step, self._since = done, time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
+        if self.seconds > 0:
+            self._thread.start()
+
+    def step_done(self, step: int) -> None:
+        self.step, self._since = step, time.monotonic()
+
+    def _watch(self) -> None:
+        dumped_after = None  # the step after which this stall was dumped
+        while not self._stop.wait(min(self.seconds / 10, 30.0)):
+            stalled = time.monotonic() - self._since
+            if stalled >= self.seconds and dumped_after != self.step:
+                dumped_after = self.step
+                self._dump(stalled)
+
+    def _dump(self, stalled: float) -> None:
+        header = (
+            f"hang watchdog: rank {self.rank} has finished no training step for "
+            f"{stalled / 60:.2f} min (the last was step {self.step}); its threads' stacks:\n"
+        )
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as file:
+            file.write(header)
+            file.flush()
+            faulthandler.dump_traceback(file, all_threads=True)
+        os.write(2, header.encode())  # stderr's descriptor: written even mid-print
+        faulthandler.dump_traceback(2, all_threads=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()

@@ -4,7 +4,8 @@
     for each step: batches -> noise -> engine.train_step -> log -> checkpoint
 
 Along the way, where the config asks: a W&B run beside the metrics files, profiler traces
-and memory snapshots (``profile``; ``training.diagnostics``).
+and memory snapshots (``profile``), a watchdog that dumps every rank's stacks when no step
+finishes (``distributed.hang_watchdog_minutes``; ``training.diagnostics``).
 
 Faults: a non-finite loss or gradient norm skips the update on every rank and is counted;
 ``max_consecutive_skips`` in a row stop the run with an error. SIGTERM/SIGUSR1 and a first
@@ -36,7 +37,7 @@ from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.planning.ranking import predicted_memory
-from megatron_transfusion.training.diagnostics import Profiling
+from megatron_transfusion.training.diagnostics import HangWatchdog, Profiling
 from megatron_transfusion.training.engine import Engine
 from megatron_transfusion.training.metrics import (
     Console,
@@ -130,7 +131,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, verify: bool = True)
     "auto". ``verify``: check the files of a resumed checkpoint, or of
     ``checkpoint.init_from``, against their manifest first."""
     plat = platform.activate()
-    init_distributed(cfg.parallel, plat)
+    init_distributed(cfg.parallel, plat, cfg.distributed.timeout_minutes)
     try:
         return _train(cfg, plat, resume, verify)
     finally:
@@ -184,6 +185,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     logger = MetricsLogger(run_dir, rank0, cfg)
     console = Console(rank0, cfg.run.train_steps, step)
     profiling = Profiling(cfg.profile, run_dir, plat, step, console.print)
+    watchdog = HangWatchdog(cfg.distributed.hang_watchdog_minutes, run_dir, step)
     peak = cfg.run.peak_flops or plat.peak_flops()
     planned = predicted_memory(cfg, plat, dist.get_world_size())
     stop = _StopRequest()
@@ -226,6 +228,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
             lr = lr_at(step, cfg.optimizer, cfg.run.train_steps)
             result = engine.train_step(micro_batches, lr)
             step += 1
+            watchdog.step_done(step)
             console.step_done()
             state["tokens"] += cfg.data.global_batch_tokens
             state["skipped_steps"] += result.skipped
@@ -281,6 +284,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
         profiling.out_of_memory(step + 1)
         raise
     finally:
+        watchdog.stop()
         profiling.close()
         console.close()
         logger.close()
