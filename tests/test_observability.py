@@ -176,3 +176,25 @@ def test_a_hang_dumps_every_ranks_stacks_then_the_collective_times_out(data_root
         assert "(the last was step 1); its threads' stacks:" in stalled, dump
         assert frame in stalled, dump
         assert f"hang watchdog: rank {rank} has finished no training step" in result.stderr
+
+
+def test_the_collective_timeout_reaches_every_process_group():
+    """The world's group (the trainer's own collectives, checkpoint barriers) and
+    Megatron's; the test above sees one of them time out for real."""
+    code = (
+        "import torch, torch.distributed as dist\n"
+        "from megatron.core import parallel_state as ps\n"
+        "from megatron_transfusion import platform\n"
+        "from megatron_transfusion.config import ParallelConfig\n"
+        "from megatron_transfusion.parallel import init_distributed\n"
+        "init_distributed(ParallelConfig(), platform.activate(), timeout_minutes=0.2)\n"
+        "groups = [dist.group.WORLD, ps.get_data_parallel_group()]\n"
+        "groups += [ps.get_tensor_model_parallel_group(), ps.get_pipeline_model_parallel_group()]\n"
+        "for group in groups:\n"
+        "    print(group._get_backend(torch.device('cpu')).options._timeout.total_seconds())\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["12.0"] * 4
