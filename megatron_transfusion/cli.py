@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+import typing
 
 import yaml
 
-from megatron_transfusion.config import load_config
+from megatron_transfusion.config import ExperimentConfig, load_config
 from megatron_transfusion.console import human_size, run_cli
 
 
@@ -62,10 +63,21 @@ def overfit_main(argv=None) -> None:
         raise SystemExit("overfit failed: a loss fell by 90% or less")
 
 
+def _sections() -> str:
+    """The config's sections with what each holds (the first line of its docstring)."""
+    lines = ["config sections (override any field as section.field=value):"]
+    for name, section in typing.get_type_hints(ExperimentConfig).items():
+        lines.append(f"  {name:<12} {section.__doc__.splitlines()[0].replace('``', '')}")
+    lines.append("every field with its value: mtf-config --config PRESET [overrides]")
+    return "\n".join(lines)
+
+
 @run_cli
 def train_main(argv=None) -> None:
     """Pretrain; under torchrun/srun every rank runs this."""
     parser = _config_parser("Pretrain a Transfusion model.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = _sections()
     parser.add_argument(
         "--resume",
         default=None,

@@ -39,6 +39,8 @@ class ConfigError(UserError):
 
 @dataclass
 class ModelConfig:
+    """The transformer and its patch layers (sizes, RoPE, attention kernel)."""
+
     num_layers: int = 16
     hidden_size: int = 768
     num_attention_heads: int = 12
@@ -103,6 +105,8 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
+    """The DDPM objective: timesteps, loss weight, noise limit, CFG dropout."""
+
     train_timesteps: int = 1000
     loss_weight: float = 5.0  # λ in L = L_LM + λ·L_DDPM
     image_first_max_timestep: int = 500  # noise limit when the image precedes its caption
@@ -116,6 +120,8 @@ class DiffusionConfig:
 
 @dataclass
 class ParallelConfig:
+    """The layout: tensor, pipeline and data parallelism, ZeRO, recompute, engine."""
+
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
     virtual_pipeline: int | None = None  # model chunks per pipeline rank (interleaved 1F1B)
@@ -147,6 +153,8 @@ class SourceConfig:
 
 @dataclass
 class DataConfig:
+    """The training mix (data.sources), sequence length and batch size."""
+
     seq_length: int = 4096
     micro_batch_size: int = 1
     global_batch_tokens: int = 2_097_152  # 2M tokens: 512 sequences of 4096
@@ -201,6 +209,8 @@ class BatchGeometry:
 
 @dataclass
 class OptimizerConfig:
+    """AdamW and its learning-rate schedule (warmup, cosine decay), clipping."""
+
     lr: float = 3e-4
     min_lr: float = 1.5e-5
     warmup_steps: int = 4000
@@ -214,6 +224,8 @@ class OptimizerConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Where and how often to save, what to resume or start from."""
+
     directory: str | None = None  # None: <run dir>/checkpoints
     interval: int = 1000
     keep_last: int = 3
@@ -231,6 +243,8 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
+    """The run's name and directory, seed, length and logging interval."""
+
     name: str = "transfusion"
     output_root: str = "runs"
     seed: int = 1234
@@ -258,7 +272,45 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    """Weights & Biases: rank 0 sends every metric the trainer logs to one W&B run.
+
+    A resumed run continues the same W&B run; ``pip install 'megatron_transfusion[wandb]'``."""
+
+    mode: Literal["disabled", "online", "offline"] = "disabled"  # offline: `wandb sync` later
+    project: str = "megatron_transfusion"
+    entity: str | None = None  # a W&B team or user; None: the logged-in user's default
+    name: str | None = None  # the W&B run's display name; None: run.name
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProfileConfig:
+    """Traces and memory snapshots of a few steps, written to ``<run dir>/profiles/``."""
+
+    # [first, last]: torch.profiler traces every rank through these steps (as logged,
+    # from 1), one Chrome trace JSON per rank; []: none.
+    steps: list[int] = field(default_factory=list)
+    # The CUDA allocator's history (every allocation with its stack) from the first step:
+    # a snapshot per rank after the last profiled step and at an out-of-memory error.
+    memory_snapshot: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    """Hangs: how long a collective may wait, and when every rank dumps its stacks."""
+
+    timeout_minutes: float = 10.0  # a collective waiting longer fails (init_process_group)
+    # When no training step has finished for this long, every rank prints all its threads'
+    # Python stacks to stderr and <run dir>/hangs/rank_N.txt; 0: off. Below timeout_minutes,
+    # so that the stacks are dumped before the collective timeout ends the run.
+    hang_watchdog_minutes: float = 5.0
+
+
+@dataclass
 class ExperimentConfig:
+    """Every section of a run's config (``mtf-config`` prints them resolved)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
@@ -267,6 +319,9 @@ class ExperimentConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     run: RunConfig = field(default_factory=RunConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -661,3 +716,17 @@ def validate(config: ExperimentConfig) -> None:
     _require(r.train_steps >= 1, "run.train_steps", "must be ≥ 1")
     _require(r.log_interval >= 1, "run.log_interval", "must be ≥ 1 (steps between log lines)")
     _require(r.max_consecutive_skips >= 1, "run.max_consecutive_skips", "must be ≥ 1")
+    steps = config.profile.steps
+    _require(
+        not steps or (len(steps) == 2 and 1 <= steps[0] <= steps[1] <= r.train_steps),
+        "profile.steps",
+        f"{steps} is not [first, last] with 1 ≤ first ≤ last ≤ run.train_steps={r.train_steps}",
+    )
+    dd = config.distributed
+    _require(dd.timeout_minutes > 0, "distributed.timeout_minutes", "must be positive")
+    _require(
+        0 <= dd.hang_watchdog_minutes < dd.timeout_minutes,
+        "distributed.hang_watchdog_minutes",
+        f"must lie in [0, distributed.timeout_minutes={dd.timeout_minutes}): a hung collective "
+        "fails at the timeout, so the stacks must be dumped before it",
+    )

@@ -5,10 +5,11 @@ On a CPU-only machine it runs the *same* code over gloo in fp32 with dense-mask 
 after giving Megatron-Core's own modules CPU stand-ins for the handful of ``torch.cuda``
 calls they make. It also knows what MFU and memory are measured against: a GPU's
 datasheet peak (a CPU's is measured), and the allocator's (GPU) or the process's (CPU)
-peak memory. The stand-ins are scoped: only ``megatron.*`` modules see them (each
-gets a ``torch`` proxy whose ``cuda`` attribute is replaced), so torch itself,
-torch.compile and every other library keep the real ``torch.cuda``. Handing them to
-Megatron patches its and torch's internals; those patches live in ``compat``.
+peak memory; and what a profile can record (kernels and allocator history: GPU only).
+The stand-ins are scoped: only ``megatron.*`` modules see them (each gets a ``torch``
+proxy whose ``cuda`` attribute is replaced), so torch itself, torch.compile and every other
+library keep the real ``torch.cuda``. Handing them to Megatron patches its and torch's
+internals; those patches live in ``compat``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ DATASHEET_PEAKS: tuple[tuple[str, dict[torch.dtype, float]], ...] = (
     (r"H100|H200|GH200", {torch.bfloat16: 989e12}),
     (r"A100", {torch.bfloat16: 312e12}),
 )
+
+# Allocations a memory snapshot remembers (torchtitan's figure): the last steps of a large
+# model, at a few hundred bytes each.
+MEMORY_HISTORY_ENTRIES = 100_000
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,26 @@ class Platform:
         # Linux's VmHWM: unlike getrusage's maxrss, it does not carry a parent's peak across exec.
         status = Path("/proc/self/status").read_text()
         return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+    def profiler_activities(self) -> list[torch.profiler.ProfilerActivity]:
+        """What torch.profiler traces: the host's ops, and on a GPU its kernels too."""
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.is_gpu:
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        return activities
+
+    def record_memory_history(self) -> bool:
+        """Start recording every allocation with its stack, for ``dump_memory_snapshot``.
+        False on CPU: only CUDA's caching allocator keeps such a history."""
+        if not self.is_gpu:
+            return False
+        torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
+        return True
+
+    def dump_memory_snapshot(self, path: Path) -> None:
+        """The recorded allocations and the allocator's segments, a pickle that
+        https://pytorch.org/memory_viz draws."""
+        torch.cuda.memory._dump_snapshot(str(path))
 
 
 def gpu_available() -> bool:

@@ -7,6 +7,7 @@ from megatron_transfusion.config import (
     PRESET_DIR,
     BatchGeometry,
     ConfigError,
+    ExperimentConfig,
     load_config,
     sources_override,
 )
@@ -154,6 +155,17 @@ def test_yaml_file_path(tmp_path):
         (["data.sources=[{kind: text, path: a}, {kind: text, path: a}]"], "'a' names two"),
         (["data.sources.0.weight=0", "data.sources.1.weight=0"], "every weight is 0"),
         (["data.sources={kind: text}"], "config field 'data.sources': expected a list"),
+        # Diagnostics: a profiled range inside the run; stacks dumped before the timeout.
+        (["profile.steps=[3, 2]"], "config field 'profile.steps': [3, 2] is not [first, last]"),
+        (["profile.steps=[5]"], "config field 'profile.steps': [5] is not [first, last]"),
+        (["run.train_steps=4", "profile.steps=[2, 5]"], "last ≤ run.train_steps=4"),
+        (["wandb.mode=online2"], "config field 'wandb.mode': 'online2' is not one of"),
+        (["distributed.timeout_minutes=0"], "'distributed.timeout_minutes': must be positive"),
+        (
+            ["distributed.timeout_minutes=5", "distributed.hang_watchdog_minutes=5"],
+            "config field 'distributed.hang_watchdog_minutes': must lie in [0, "
+            "distributed.timeout_minutes=5.0)",
+        ),
     ],
 )
 def test_bad_config_names_the_field(overrides, message):
@@ -213,3 +225,16 @@ def test_batch_geometry_splits_the_global_batch_or_names_the_field():
         "split into 5 data-parallel ranks × micro-batches of 2",
     ):
         BatchGeometry.of(data, dp_size=5)
+
+
+def test_train_help_lists_the_config_sections_and_points_at_mtf_config(capsys):
+    from megatron_transfusion.cli import train_main
+
+    with pytest.raises(SystemExit) as exit:
+        train_main(["--help"])
+    assert exit.value.code == 0
+    out = capsys.readouterr().out
+    sections = out.split("config sections", 1)[1]
+    for name in ExperimentConfig().to_dict():
+        assert f"\n  {name} " in sections, name
+    assert "mtf-config --config PRESET" in sections

@@ -164,3 +164,26 @@ def test_planner_prediction_for_the_running_layout():
     on_gpu = predict(cfg, CLUSTERS["h100-80gb"], Layout.of_config(cfg, 8)).memory.total
     assert predicted_memory(cfg, GPU, 8) == on_gpu
     assert predicted_memory(cfg, platform.current(), 8) > on_gpu  # fp32 and a dense mask on CPU
+
+
+def test_profiles_record_kernels_and_allocator_history_only_on_a_gpu(monkeypatch, tmp_path):
+    """The CPU/GPU boundary of profiling, without a GPU: which profiler activities each
+    platform asks for, and that only CUDA records allocator history and dumps snapshots
+    (torch.cuda.memory's two calls stand in)."""
+    calls = []
+    monkeypatch.setattr(
+        torch.cuda.memory, "_record_memory_history", lambda **kw: calls.append(("record", kw))
+    )
+    monkeypatch.setattr(torch.cuda.memory, "_dump_snapshot", lambda p: calls.append(("dump", p)))
+    cpu = platform.Platform("cpu", "gloo", torch.float32, "sdpa")
+    gpu = platform.Platform("cuda", "nccl", torch.bfloat16, "flex")
+    activity = torch.profiler.ProfilerActivity
+    assert cpu.profiler_activities() == [activity.CPU]
+    assert gpu.profiler_activities() == [activity.CPU, activity.CUDA]
+    assert cpu.record_memory_history() is False and calls == []
+    assert gpu.record_memory_history() is True
+    gpu.dump_memory_snapshot(tmp_path / "rank_0.pickle")
+    assert calls == [
+        ("record", {"max_entries": platform.MEMORY_HISTORY_ENTRIES}),
+        ("dump", str(tmp_path / "rank_0.pickle")),
+    ]

@@ -72,6 +72,12 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
     # The planner's prediction for this very layout closes the dry run.
     assert f"[mtf plan] plan: transfusion-7B on {n * 8} × h100-80gb: TP={p.tensor_parallel}" in out
     assert "[mtf plan] memory/GPU: " in out and "MFU" in out and "[mtf plan] ok: fits" in out
+    # NCCL's flight recorder, dumping into the run directory on a collective timeout.
+    run_dir = f"{cfg.run.output_root}/{cfg.run.name}-$SLURM_JOB_ID"
+    assert (
+        "flight recorder: TORCH_NCCL_TRACE_BUFFER_SIZE=2000 TORCH_NCCL_DUMP_ON_TIMEOUT=1 "
+        f"TORCH_FR_DUMP_TEMP_FILE={run_dir}/flight_recorder/rank_" in out
+    )
     for arg in (
         f"--nnodes={n}",
         "--nproc_per_node=8",
@@ -217,6 +223,7 @@ def test_tiny_pretraining_with_two_tasks_completes_with_checkpoints(uninterrupte
         "rank_00001.safetensors",
     ]
     assert sorted(losses(run_dir)) == list(range(1, STEPS + 1))
+    assert (run_dir / "flight_recorder").is_dir()  # where NCCL's flight recorder would dump
 
 
 def test_preemption_signal_saves_requeues_and_resumes_exactly(

@@ -42,7 +42,7 @@ def overrides(data_root, run_root, steps, *extra):
     ]
 
 
-def launch(nproc, args, **kwargs):
+def launch(nproc, args, env=None, **kwargs):
     cmd = [
         sys.executable,
         "-m",
@@ -55,11 +55,10 @@ def launch(nproc, args, **kwargs):
         "tiny",
         *args,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     return subprocess.Popen(
         cmd,
         cwd=ROOT,
-        env=env,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {})),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,8 +67,8 @@ def launch(nproc, args, **kwargs):
     )
 
 
-def run(nproc, args, expect=0):
-    process = launch(nproc, args)
+def run(nproc, args, expect=0, env=None):
+    process = launch(nproc, args, env)
     output, _ = process.communicate(timeout=600)
     assert process.returncode == expect, output[-6000:]
     return output

@@ -1,17 +1,22 @@
 """Training-loop parts: the LR schedule at its key steps, AdamW's decay groups on a real
-model, model FLOPs against hand counts, and the metrics files."""
+model, model FLOPs against hand counts, the metrics files and the console, snapshots at an
+out-of-memory error."""
 
+import io
 import json
 import math
+import sys
 
 import pytest
 import torch
 
-from megatron_transfusion.config import OptimizerConfig, load_config
+from megatron_transfusion.config import OptimizerConfig, ProfileConfig, load_config
 from megatron_transfusion.model.params import count_parameters
 from megatron_transfusion.parallel import seed_everything
 from megatron_transfusion.platform import measure_matmul_peak
+from megatron_transfusion.training.diagnostics import Profiling
 from megatron_transfusion.training.metrics import (
+    Console,
     MetricsLogger,
     format_line,
     mfu,
@@ -268,6 +273,32 @@ def test_console_line():
     )
     memory = {"mfu": 0.31, "memory_gib": 1.5, "predicted_memory_gib": 1.234}
     assert format_line(7, memory) == "step 7 | mfu 31.0% | mem 1.50 (plan 1.23) GiB"
+    progress = {"tokens_seen": 3_145_728, "elapsed_seconds": 3725.4, "eta_seconds": 59.6}
+    assert format_line(8, progress) == "step 8 | 3.1M tokens | elapsed 1:02:05 | eta 0:01:00"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_console_draws_a_bar_on_a_terminal_and_plain_lines_in_a_batch_log(monkeypatch):
+    monkeypatch.setattr(sys, "stdout", Terminal())
+    console = Console(rank0=True, total_steps=4, done_steps=1)  # resumed at step 1
+    console.step_done()
+    console.print("step 2 | loss 1.000")
+    console.close()
+    drawn = sys.stdout.getvalue()
+    assert "\rstep 2 | loss 1.000" in drawn or "\nstep 2 | loss 1.000" in drawn
+    assert " 2/4 " in drawn and "\r" in drawn  # the bar, redrawn in place
+
+    for rank0, expected in ((True, "step 2 | loss 1.000\n"), (False, "")):
+        monkeypatch.setattr(sys, "stdout", io.StringIO())  # a file: Slurm's log
+        console = Console(rank0=rank0, total_steps=4, done_steps=1)
+        console.step_done()
+        console.print("step 2 | loss 1.000")
+        console.close()
+        assert sys.stdout.getvalue() == expected
 
 
 def test_metrics_logger_writes_jsonl_and_tensorboard(tmp_path):
@@ -300,3 +331,27 @@ def test_metrics_logger_off_rank0_writes_nothing(tmp_path):
     assert logger.log(10, STEP_VALUES).startswith("step 10")
     logger.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_an_out_of_memory_error_leaves_a_snapshot_where_the_platform_records_one(
+    megatron_world, tmp_path
+):
+    class Recording:
+        """A platform that records allocator history (as CUDA does)."""
+
+        def record_memory_history(self):
+            return True
+
+        def dump_memory_snapshot(self, path):
+            path.write_bytes(b"snapshot")
+
+    said = []
+    profiling = Profiling(
+        ProfileConfig(memory_snapshot=True), tmp_path, Recording(), 5, said.append
+    )
+    profiling.out_of_memory(6)
+    profiling.close()
+    assert (
+        tmp_path / "profiles" / "memory_oom_step_6" / "rank_0.pickle"
+    ).read_bytes() == b"snapshot"
+    assert said == [f"profile: memory snapshot written into {tmp_path}/profiles/memory_oom_step_6"]

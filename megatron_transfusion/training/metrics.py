@@ -1,5 +1,6 @@
-"""Training metrics: model FLOPs for MFU and the step logger (the peak FLOP/s and memory
-they are measured against come from ``platform``).
+"""Training metrics: model FLOPs for MFU, the step logger (files, tensorboard, Weights &
+Biases) and rank 0's console (the peak FLOP/s and memory they are measured against come
+from ``platform``).
 
 FLOP conventions (one multiply-add = 2 FLOPs; training = forward + backward = 3×
 forward, the backward computing gradients for both inputs and weights):
@@ -21,15 +22,19 @@ forward, the backward computing gradients for both inputs and weights):
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 
-from megatron_transfusion.config import ModelConfig
+from megatron_transfusion.config import ConfigError, ExperimentConfig, ModelConfig, WandbConfig
 from megatron_transfusion.loss import LossTerms
 from megatron_transfusion.model.patch import build_patch_layers
 
@@ -76,7 +81,8 @@ def _si(x: float) -> str:
 def format_line(step: int, values: dict[str, float]) -> str:
     """nanoGPT-style console line from the keys it knows; others go to the files only:
     the loss terms (``LossTerms.KEYS``), lr, grad_norm, tokens_per_second, mfu (a fraction),
-    memory_gib with predicted_memory_gib (the layout planner's figure) beside it."""
+    memory_gib with predicted_memory_gib (the layout planner's figure) beside it,
+    tokens_seen, elapsed_seconds and eta_seconds."""
     parts = [f"step {step}"]
     total, lm, diffusion = LossTerms.KEYS
     if total in values:
@@ -98,23 +104,32 @@ def format_line(step: int, values: dict[str, float]) -> str:
         planned = values.get("predicted_memory_gib")
         beside = "" if planned is None else f" (plan {planned:.2f})"
         parts.append(f"mem {values['memory_gib']:.2f}{beside} GiB")
+    if "tokens_seen" in values:
+        parts.append(f"{_si(values['tokens_seen'])} tokens")
+    for key, label in (("elapsed_seconds", "elapsed"), ("eta_seconds", "eta")):
+        if key in values:
+            parts.append(f"{label} {timedelta(seconds=round(values[key]))}")
     return " | ".join(parts)
 
 
 class MetricsLogger:
     """Per-step scalars to ``run_dir/logs/metrics.jsonl`` (appended, so a resumed run
-    continues the file) and ``run_dir/tensorboard/``. Ranks other than 0 write nothing.
+    continues the file), ``run_dir/tensorboard/`` and, where ``cfg.wandb.mode`` is not
+    disabled, a Weights & Biases run. Ranks other than 0 write nothing.
     """
 
-    def __init__(self, run_dir: Path, rank0: bool):
+    def __init__(self, run_dir: Path, rank0: bool, cfg: ExperimentConfig | None = None):
         self.rank0 = rank0
         self.run_dir = run_dir
         self._eval_jsonl = None
+        self._wandb = None
         if rank0:
             (run_dir / "logs").mkdir(parents=True, exist_ok=True)
             # Open for the logger's lifetime (appended every few steps), closed by close().
             self._jsonl = open(run_dir / "logs" / "metrics.jsonl", "a")  # noqa: SIM115
             self._tensorboard = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            if cfg is not None and cfg.wandb.mode != "disabled":
+                self._wandb = _wandb_run(run_dir, cfg)
 
     def log(self, step: int, values: dict[str, float]) -> str:
         """Record ``values`` at ``step``; returns the console line for the caller to print.
@@ -124,7 +139,7 @@ class MetricsLogger:
         return format_line(step, values)
 
     def log_eval(self, step: int, values: dict[str, float]) -> str:
-        """Held-out metrics: ``logs/eval.jsonl`` and tensorboard tags ``eval/<name>``."""
+        """Held-out metrics: ``logs/eval.jsonl`` and tensorboard / W&B keys ``eval/<name>``."""
         if self.rank0 and self._eval_jsonl is None:
             # Opened at the first eval, kept open for the logger's lifetime, closed by close().
             self._eval_jsonl = open(self.run_dir / "logs" / "eval.jsonl", "a")  # noqa: SIM115
@@ -142,6 +157,8 @@ class MetricsLogger:
         jsonl.write(json.dumps(record) + "\n")
         jsonl.flush()  # written every few steps: keep files current
         self._tensorboard.flush()
+        if self._wandb is not None:
+            self._wandb.log({prefix + key: float(value) for key, value in values.items()}, step)
 
     def close(self) -> None:
         if self.rank0:
@@ -149,3 +166,66 @@ class MetricsLogger:
             if self._eval_jsonl is not None:
                 self._eval_jsonl.close()
             self._tensorboard.close()
+            if self._wandb is not None:
+                self._wandb.finish()
+
+
+def require_wandb(w: WandbConfig) -> None:
+    """Where W&B is on, a ConfigError unless wandb is installed; cheap, for every rank."""
+    if w.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(
+            f"config field 'wandb.mode': {w.mode} needs the wandb package: "
+            "pip install 'megatron_transfusion[wandb]'"
+        )
+
+
+def _wandb_run(run_dir: Path, cfg: ExperimentConfig):
+    """The run directory's W&B run: its id is kept in ``logs/wandb_run_id``, so a resumed
+    run (a requeued job) continues the same W&B run. W&B's files go to ``run_dir/wandb/``."""
+    import wandb
+
+    id_file = run_dir / "logs" / "wandb_run_id"
+    w = cfg.wandb
+    run = wandb.init(
+        project=w.project,
+        entity=w.entity,
+        name=w.name or cfg.run.name,
+        tags=w.tags,
+        mode=w.mode,
+        id=id_file.read_text().strip() if id_file.exists() else None,
+        resume="allow",
+        dir=run_dir,
+        config=cfg.to_dict(),
+    )
+    id_file.write_text(run.id)
+    return run
+
+
+class Console:
+    """Rank 0's lines. Where stdout is a terminal they print above a tqdm progress bar over
+    the run's steps; in a batch log (Slurm's, any file) they stay plain lines, which carry
+    the elapsed time and the ETA themselves."""
+
+    def __init__(self, rank0: bool, total_steps: int, done_steps: int):
+        self.rank0 = rank0
+        self._bar = None
+        if rank0 and sys.stdout.isatty():
+            self._bar = tqdm(
+                total=total_steps, initial=done_steps, unit="step", file=sys.stdout, leave=False
+            )
+
+    def print(self, line: str) -> None:
+        if not self.rank0:
+            return
+        if self._bar is None:
+            print(line, flush=True)
+        else:
+            self._bar.write(line, file=sys.stdout)
+
+    def step_done(self) -> None:
+        if self._bar is not None:
+            self._bar.update()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()

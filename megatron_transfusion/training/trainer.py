@@ -3,6 +3,10 @@
     platform -> process groups -> model -> data -> [init_from] -> engine -> [resume] ->
     for each step: batches -> noise -> engine.train_step -> log -> checkpoint
 
+Along the way, where the config asks: a W&B run beside the metrics files, profiler traces
+and memory snapshots (``profile``), a watchdog that dumps every rank's stacks when no step
+finishes (``distributed.hang_watchdog_minutes``; ``training.diagnostics``).
+
 Faults: a non-finite loss or gradient norm skips the update on every rank and is counted;
 ``max_consecutive_skips`` in a row stop the run with an error. SIGTERM/SIGUSR1 and a first
 Ctrl-C (SIGINT) finish the current step, save a checkpoint and exit with ``EXIT_PREEMPTED``
@@ -33,8 +37,15 @@ from megatron_transfusion.inference.load import load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.planning.ranking import predicted_memory
+from megatron_transfusion.training.diagnostics import HangWatchdog, Profiling
 from megatron_transfusion.training.engine import Engine
-from megatron_transfusion.training.metrics import MetricsLogger, mfu, model_flops_per_token
+from megatron_transfusion.training.metrics import (
+    Console,
+    MetricsLogger,
+    mfu,
+    model_flops_per_token,
+    require_wandb,
+)
 from megatron_transfusion.training.schedule import lr_at
 from megatron_transfusion.training.step import MicroBatch
 
@@ -120,7 +131,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, verify: bool = True)
     "auto". ``verify``: check the files of a resumed checkpoint, or of
     ``checkpoint.init_from``, against their manifest first."""
     plat = platform.activate()
-    init_distributed(cfg.parallel, plat)
+    init_distributed(cfg.parallel, plat, cfg.distributed.timeout_minutes)
     try:
         return _train(cfg, plat, resume, verify)
     finally:
@@ -128,6 +139,7 @@ def train(cfg: ExperimentConfig, resume: str | None = None, verify: bool = True)
 
 
 def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dict:
+    require_wandb(cfg.wandb)  # before minutes of setup
     rank0 = dist.get_rank() == 0
     run_dir = Path(cfg.run.output_root) / cfg.run.name
     ckpt_dir = (
@@ -155,7 +167,8 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     # replica must draw the same), on the CPU so every platform draws alike.
     noise_generator = torch.Generator().manual_seed(cfg.run.seed * 1_000_003 + dp_rank)
     schedule = CosineSchedule.from_config(cfg.diffusion)
-    state = {"skipped_steps": 0, "consecutive_skips": 0, "tokens": 0}
+    # tokens, elapsed_seconds: the whole run's, across resumes (steps a resume redoes count once)
+    state = {"skipped_steps": 0, "consecutive_skips": 0, "tokens": 0, "elapsed_seconds": 0.0}
     step = 0
     if found is not None:
         saved, rng = train_state.load_checkpoint(found, engine, verify)
@@ -169,12 +182,16 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
             print(f"resumed from {found} at step {step}", flush=True)
 
     tokenizer = load_tokenizer(cfg) if cfg.eval.interval and cfg.eval.captions else None
-    logger = MetricsLogger(run_dir, rank0)
+    logger = MetricsLogger(run_dir, rank0, cfg)
+    console = Console(rank0, cfg.run.train_steps, step)
+    profiling = Profiling(cfg.profile, run_dir, plat, step, console.print)
+    watchdog = HangWatchdog(cfg.distributed.hang_watchdog_minutes, run_dir, step)
     peak = cfg.run.peak_flops or plat.peak_flops()
     planned = predicted_memory(cfg, plat, dist.get_world_size())
     stop = _StopRequest()
     device = plat.device()
     last: dict = {}
+    first_step, clock, elapsed_before = step, time.perf_counter(), state["elapsed_seconds"]
 
     pending: train_state.PendingCheckpoint | None = None  # an async save still being written
 
@@ -182,6 +199,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
         nonlocal pending
         if pending is not None:  # one save in flight at a time
             pending.publish()
+        state["elapsed_seconds"] = elapsed_before + time.perf_counter() - clock
         trainer_state = {**state, "loader": loader.state_dict(), "made_with": loader.made_with}
         pending = train_state.begin_checkpoint(
             ckpt_dir,
@@ -196,65 +214,78 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
             pending.publish()
             pending = None
 
-    while step < cfg.run.train_steps:
-        started = time.perf_counter()
-        epochs = {name: e for name, (_, e) in loader.sampler.progress().items()}
-        micro_batches = [
-            MicroBatch.draw(batch, schedule, cfg.diffusion, noise_generator, device)
-            for batch in loader.next_step()
-        ]
-        for name, (_, epoch) in loader.sampler.progress().items():
-            if epoch > epochs[name] and rank0:
-                print(f"data source '{name}': epoch {epoch} done, starting over", flush=True)
-        result = engine.train_step(micro_batches, lr_at(step, cfg.optimizer, cfg.run.train_steps))
-        step += 1
-        state["tokens"] += cfg.data.global_batch_tokens
-        state["skipped_steps"] += result.skipped
-        state["consecutive_skips"] = state["consecutive_skips"] + 1 if result.skipped else 0
-        seconds = time.perf_counter() - started
-        if step % cfg.run.log_interval == 0 or step == cfg.run.train_steps or result.skipped:
-            image_tokens = sum(int((b.batch.image_ids >= 0).sum()) for b in micro_batches)
-            all_tokens = sum(b.batch.tokens.numel() for b in micro_batches)
-            tokens_per_second = cfg.data.global_batch_tokens / seconds
-            flops = model_flops_per_token(cfg.model, cfg.data.seq_length, image_tokens / all_tokens)
-            last = {
-                **result.losses.as_dict(),
-                "lr": lr_at(step - 1, cfg.optimizer, cfg.run.train_steps),
-                "grad_norm": result.grad_norm,
-                "tokens_per_second": tokens_per_second,
-                "mfu": mfu(tokens_per_second, flops, peak * dist.get_world_size()),
-                "skipped_steps": state["skipped_steps"],
-                "memory_gib": (plat.peak_memory() - memory_start) / 2**30,
-                "predicted_memory_gib": planned / 2**30,
-            }
-            for name, (tokens, epochs) in loader.sampler.progress().items():  # files only
-                last[f"data/{name}/tokens"], last[f"data/{name}/epochs"] = tokens, epochs
-            line = logger.log(step, last)
-            if rank0:
-                print(line + (" | skipped (non-finite)" if result.skipped else ""), flush=True)
-        if state["consecutive_skips"] >= cfg.run.max_consecutive_skips:
-            raise TrainingError(
-                f"{state['consecutive_skips']} consecutive steps had a non-finite loss or "
-                f"gradient norm (last at step {step}); stopping. Lower optimizer.lr or resume "
-                "from an earlier checkpoint with checkpoint.load"
-            )
-        if cfg.eval.interval and step % cfg.eval.interval == 0:
-            line = logger.log_eval(step, evaluate(cfg, engine, tokenizer))
-            if rank0:
-                print(line, flush=True)
-        stopping = stop.agreed()
-        last_step = step == cfg.run.train_steps
-        if step % cfg.checkpoint.interval == 0 or last_step or stopping:
-            save(publish_now=last_step or stopping)
-        elif pending is not None and pending.ready():
-            pending.publish()
-            pending = None
-        if stopping:
-            logger.close()
-            if rank0:
-                print(
-                    f"stop requested: saved step {step}, exiting with {EXIT_PREEMPTED}", flush=True
+    try:
+        while step < cfg.run.train_steps:
+            started = time.perf_counter()
+            epochs = {name: e for name, (_, e) in loader.sampler.progress().items()}
+            micro_batches = [
+                MicroBatch.draw(batch, schedule, cfg.diffusion, noise_generator, device)
+                for batch in loader.next_step()
+            ]
+            for name, (_, epoch) in loader.sampler.progress().items():
+                if epoch > epochs[name]:
+                    console.print(f"data source '{name}': epoch {epoch} done, starting over")
+            lr = lr_at(step, cfg.optimizer, cfg.run.train_steps)
+            result = engine.train_step(micro_batches, lr)
+            step += 1
+            watchdog.step_done(step)
+            console.step_done()
+            state["tokens"] += cfg.data.global_batch_tokens
+            state["skipped_steps"] += result.skipped
+            state["consecutive_skips"] = state["consecutive_skips"] + 1 if result.skipped else 0
+            now = time.perf_counter()
+            if step % cfg.run.log_interval == 0 or step == cfg.run.train_steps or result.skipped:
+                image_tokens = sum(int((b.batch.image_ids >= 0).sum()) for b in micro_batches)
+                all_tokens = sum(b.batch.tokens.numel() for b in micro_batches)
+                tokens_per_second = cfg.data.global_batch_tokens / (now - started)
+                flops = model_flops_per_token(
+                    cfg.model, cfg.data.seq_length, image_tokens / all_tokens
                 )
-            raise SystemExit(EXIT_PREEMPTED)
-    logger.close()
+                last = {
+                    **result.losses.as_dict(),
+                    "lr": lr,
+                    "grad_norm": result.grad_norm,
+                    "tokens_per_second": tokens_per_second,
+                    "mfu": mfu(tokens_per_second, flops, peak * dist.get_world_size()),
+                    "skipped_steps": state["skipped_steps"],
+                    "memory_gib": (plat.peak_memory() - memory_start) / 2**30,
+                    "predicted_memory_gib": planned / 2**30,
+                    "tokens_seen": state["tokens"],
+                    "elapsed_seconds": elapsed_before + now - clock,
+                    # at this process's pace so far, evaluations and saves included
+                    "eta_seconds": (now - clock)
+                    / (step - first_step)
+                    * (cfg.run.train_steps - step),
+                }
+                for name, (tokens, epochs) in loader.sampler.progress().items():  # files only
+                    last[f"data/{name}/tokens"], last[f"data/{name}/epochs"] = tokens, epochs
+                line = logger.log(step, last)
+                console.print(line + (" | skipped (non-finite)" if result.skipped else ""))
+            if state["consecutive_skips"] >= cfg.run.max_consecutive_skips:
+                raise TrainingError(
+                    f"{state['consecutive_skips']} consecutive steps had a non-finite loss or "
+                    f"gradient norm (last at step {step}); stopping. Lower optimizer.lr or "
+                    "resume from an earlier checkpoint with checkpoint.load"
+                )
+            if cfg.eval.interval and step % cfg.eval.interval == 0:
+                console.print(logger.log_eval(step, evaluate(cfg, engine, tokenizer)))
+            stopping = stop.agreed()
+            last_step = step == cfg.run.train_steps
+            if step % cfg.checkpoint.interval == 0 or last_step or stopping:
+                save(publish_now=last_step or stopping)
+            elif pending is not None and pending.ready():
+                pending.publish()
+                pending = None
+            if stopping:
+                console.print(f"stop requested: saved step {step}, exiting with {EXIT_PREEMPTED}")
+                raise SystemExit(EXIT_PREEMPTED)
+            profiling.step_done(step)  # a profiled step: its log, evaluation and save too
+    except torch.OutOfMemoryError:
+        profiling.out_of_memory(step + 1)
+        raise
+    finally:
+        watchdog.stop()
+        profiling.close()
+        console.close()
+        logger.close()
     return last
