@@ -3,6 +3,7 @@ reverse process against closed forms, batching, TP=2 vs TP=1, the CLI and its er
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -359,12 +360,46 @@ def test_generate_cli_writes_images_grid_and_texts(trained_run, tmp_path):
     assert record["output"] and "<image:" not in record["output"]  # a caption, no image
 
 
+def test_generate_cli_writes_genevals_layout(trained_run, tmp_path):
+    """What GenEval's scorer (its evaluation/evaluate_images.py) walks: numbered folders,
+    each with metadata.jsonl (its prompt's line, read with json.load) and samples/<digits>.png,
+    4 samples per prompt from consecutive seeds."""
+    circle = {"class": "circle", "count": 1}
+    blue_square = {"class": "square", "count": 1, "color": "blue"}
+    metadata = [
+        {"tag": "single_object", "include": [circle], "prompt": "a circle"},
+        {"tag": "colors", "include": [blue_square], "prompt": "a blue square"},
+    ]
+    prompts = tmp_path / "evaluation_metadata.jsonl"
+    prompts.write_text("".join(json.dumps(m) + "\n" for m in metadata))
+    out = tmp_path / "geneval"
+    flags = ["--steps", "2", "--seed", "7", "--batch-size", "3", "--out", out]
+    result = mtf_generate(trained_run, "--geneval", prompts, *flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = {}
+    for folder in sorted(os.listdir(out)):  # GenEval's walk, as it is written there
+        if not (out / folder).is_dir() or not folder.isdigit():
+            continue
+        with open(out / folder / "metadata.jsonl") as f:
+            meta = json.load(f)
+        names = os.listdir(out / folder / "samples")
+        found[folder] = meta, sorted(n for n in names if re.match(r"\d+\.png", n))
+    samples = ["0000.png", "0001.png", "0002.png", "0003.png"]
+    assert found == {"00000": (metadata[0], samples), "00001": (metadata[1], samples)}
+    assert Image.open(out / "00001" / "samples" / "0003.png").size == (32, 32)
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in records] == [
+        (m["prompt"], 7 + 4 * i + k) for i, m in enumerate(metadata) for k in range(4)
+    ]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--prompt", "x"], "is not a checkpoint"),
         (["--prompt", " ".join(["word"] * 200)], "max_sequence_length is 128"),
         (["--prompt", "<image:/no/such.png>"], "prompt image '/no/such.png' does not exist"),
+        (["--geneval", "prompts.jsonl", "--prompt", "x"], "--geneval takes its prompts from"),
     ],
 )
 def test_generate_cli_errors_are_one_line(trained_run, tmp_path, args, message):
