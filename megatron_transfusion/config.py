@@ -267,7 +267,7 @@ class EvalConfig:
     images: int = 0  # held-out captions to draw for FID / CLIP score (mtf-evaluate only)
     diffusion_steps: int = 50
     guidance_scale: float = 5.0
-    inception_weights: str | None = None  # torchvision Inception-v3 state dict, for FID
+    inception_weights: str | None = None  # TF-Inception FID weights (a local .pth), for FID
     clip_model: str | None = None  # a local Hugging Face CLIP directory, for CLIP score
 
 

@@ -22,6 +22,22 @@ def megatron_world():
     destroy_distributed()
 
 
+@pytest.fixture(scope="session")
+def fid_weights(tmp_path_factory):
+    """A random pt_inception-2015-12-05-6726825d.pth (tests/metric_models.py)."""
+    from tests.metric_models import random_fid_inception
+
+    return random_fid_inception(tmp_path_factory.mktemp("fid") / "pt_inception-random.pth")
+
+
+@pytest.fixture(scope="session")
+def clip_model(tmp_path_factory):
+    """A random tiny CLIP directory with its processor (tests/metric_models.py)."""
+    from tests.metric_models import tiny_clip
+
+    return tiny_clip(tmp_path_factory.mktemp("clip"))
+
+
 def run_torchrun(script: str, nproc: int, *args: str, timeout: int = 300):
     """Launch ``script`` under torchrun over gloo; fail the test with its output on error."""
     cmd = [

@@ -1,16 +1,24 @@
 """Evaluation metrics against independent references: CIDEr-D and BLEU-4 against
-pycocoevalcap, the Fréchet distance against its closed form for diagonal covariances,
-CLIP score against the model's own similarity logits, and caption match by hand."""
+pycocoevalcap, FID against torch-fidelity's features and scipy's matrix square root, CLIP
+score against the model's own similarity logits, and caption match by hand. The weights are
+random stand-ins built locally (tests/metric_models.py)."""
 
 import random
+import sys
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.linalg
 import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
+from megatron_transfusion.config import UserError
 from megatron_transfusion.evaluation.captions import bleu4, cider_d, tokenize
-from megatron_transfusion.evaluation.images import caption_match, clip_score, fid, frechet_distance
+from megatron_transfusion.evaluation.images import caption_match, clip_score, fid
+from tests.metric_models import CLIP_MEAN, CLIP_STD
 
 
 def caption_corpus(seed, n=60):
@@ -51,92 +59,93 @@ def test_tokenize_lowercases_and_drops_punctuation():
     assert tokenize("Grinning Face, with big-eyes!") == "grinning face with big eyes"
 
 
-def test_frechet_distance_matches_the_diagonal_closed_form():
+def pixels(images):
+    """[-1, 1] -> uint8, written out here rather than through the code under test."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def test_fid_equals_scipy_on_torch_fidelitys_features(fid_weights):
+    """Our FID (torchmetrics) against the published recipe written out: torch-fidelity's own
+    TF-Inception feature extractor on the same weights (its TF-1 resize to 299 px), then
+    ‖μa − μb‖² + tr Σa + tr Σb − 2 tr √(Σa Σb) with scipy's matrix square root."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
     g = torch.Generator().manual_seed(0)
-    a = torch.randn(4000, 3, generator=g, dtype=torch.float64) * torch.tensor([1.0, 2.0, 0.5]) + 1
-    b = torch.randn(4000, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 1.0, 1.0])
-    va, vb = torch.cov(a.T).diagonal(), torch.cov(b.T).diagonal()
-    # With (near-)diagonal covariances: Σ (μa-μb)² + Σ (√va - √vb)²; off-diagonals are noise.
-    expected = (a.mean(0) - b.mean(0)).square().sum() + (va.sqrt() - vb.sqrt()).square().sum()
-    assert frechet_distance(a, b) == pytest.approx(float(expected), rel=0.02)
-    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-9)
+    generated = torch.rand(12, 3, 32, 32, generator=g) * 2 - 1
+    real = torch.rand(12, 3, 32, 32, generator=g).square() * 2 - 1  # darker on average
+    ours = fid(generated, real, fid_weights, batch=5)  # batches need not divide the sets
+
+    network = FeatureExtractorInceptionV3("reference", ["2048"], str(fid_weights))
+    with torch.no_grad():
+        a, b = (network(pixels(x))[0].double().numpy() for x in (generated, real))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # 12 samples in 2048 dimensions: singular covariances
+        warnings.simplefilter("ignore")
+        root = scipy.linalg.sqrtm(cov_a @ cov_b).real
+    expected = (
+        np.square(a.mean(0) - b.mean(0)).sum() + np.trace(cov_a) + np.trace(cov_b)
+    ) - 2 * np.trace(root)
+    assert expected > 1.0 and ours == pytest.approx(expected, rel=1e-5)
 
 
-def test_fid_runs_on_local_inception_weights(tmp_path):
+def test_fid_weights_mistakes_are_one_line_errors(fid_weights, tmp_path, monkeypatch):
+    images = torch.zeros(2, 3, 8, 8)
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights '.*missing.pth' does not"):
+        fid(images, images, tmp_path / "missing.pth")
+    # torchvision's ImageNet Inception-v3 is not the TF-FID network (1000 classes, aux head)
     from torchvision.models import inception_v3
 
-    torch.manual_seed(0)
-    model = inception_v3(weights=None, aux_logits=True, init_weights=True)
-    for module in model.modules():  # one train-mode batch sets the BatchNorm statistics,
-        if isinstance(module, torch.nn.BatchNorm2d):  # as trained weights would have them
-            module.momentum = None
+    imagenet = tmp_path / "inception_v3_imagenet.pth"
+    torch.save(inception_v3(weights=None, init_weights=False).state_dict(), imagenet)
+    with pytest.raises(UserError, match="is not the TF-Inception FID network"):
+        fid(images, images, imagenet)
+    # torch-fidelity unpickles the file in full: a file that would run code is refused first
+    ran = tmp_path / "ran"
+    planted = tmp_path / "planted.pth"
+    torch.save({"x": Planted(ran)}, planted)
+    with pytest.raises(UserError, match="is not a state dict of tensors.*nothing in it was run"):
+        fid(images, images, planted)
+    assert not ran.exists()
+    monkeypatch.setitem(sys.modules, "torch_fidelity", None)  # the extra not installed
+    with pytest.raises(UserError, match=r"needs the package 'torch_fidelity': pip install "):
+        fid(images, images, fid_weights)
+
+
+class Planted:
+    """Unpickling this creates a file: the proof that unpickling ran code."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+def test_clip_score_equals_the_models_similarity(clip_model):
+    """torchmetrics' CLIPScore through our code path against the model's own similarity
+    logits on inputs prepared by hand (32-px images: the processor's resize and crop are
+    the identity, leaving rescale and normalise)."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(5, 3, 32, 32, generator=g) * 2 - 1
+    captions = ["red heart", "dog face", "blue", "a green cat", "red"]
+    score = clip_score(images, captions, clip_model, batch=2)
+
+    model = CLIPModel.from_pretrained(clip_model).eval()
+    tokens = CLIPTokenizer.from_pretrained(clip_model)(captions, padding=True, return_tensors="pt")
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
     with torch.no_grad():
-        model.train()(torch.randn(8, 3, 299, 299))
-    weights = tmp_path / "inception.pt"
-    torch.save(model.state_dict(), weights)
-    images = torch.rand(6, 3, 32, 32) * 2 - 1
-    different, same = fid(images, -images, weights), fid(images, images, weights)
-    # Six samples give rank-5 covariances in 2048 dimensions: the matrix square root of
-    # the singular product leaves ~1e-5 relative error (pytorch-fid sees the same).
-    assert different > 0 and abs(same) < 1e-4 * different
-    with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
-        fid(images, images, tmp_path / "missing.pt")
-
-
-def test_clip_score_equals_the_models_similarity(tmp_path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
-
-    words = ["red", "heart", "dog", "face", "blue"]
-    backend = Tokenizer(
-        models.WordLevel(
-            {w: i for i, w in enumerate(["<pad>", "<unk>", *words])}, unk_token="<unk>"
-        )
-    )
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>"
-    )
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=7,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-            pad_token_id=0,
-            eos_token_id=1,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-        ),
-        projection_dim=16,
-    )
-    torch.manual_seed(0)
-    CLIPModel(config).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
-    images = torch.rand(3, 3, 32, 32) * 2 - 1
-    captions = ["red heart", "dog face", "blue"]
-    score = clip_score(images, captions, tmp_path)
-
-    from megatron_transfusion.evaluation.images import CLIP_MEAN, CLIP_STD, _normalise
-
-    model = CLIPModel.from_pretrained(tmp_path).eval()
-    with torch.no_grad():
-        text = tokenizer(captions, padding=True, return_tensors="pt")
         out = model(
-            pixel_values=_normalise(images, 32, CLIP_MEAN, CLIP_STD),
-            input_ids=text["input_ids"],
-            attention_mask=text["attention_mask"],
+            pixel_values=(pixels(images) / 255 - mean) / std,
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
         )
-    cosine = out.logits_per_image.diagonal() / model.logit_scale.exp()
-    assert score == pytest.approx(float(100 * cosine.clamp(min=0).mean()), rel=1e-5)
+        cosine = out.logits_per_image.diagonal() / model.logit_scale.exp()
+    expected = float(100 * cosine.mean())  # torchmetrics floors the mean at 0, not each image
+    assert expected > 0 and score == pytest.approx(expected, rel=1e-5)
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json missing"):
+        clip_score(images, captions, clip_model / "vocab.json")
 
 
 def test_caption_match_counts_pairs_where_the_own_image_is_closer():

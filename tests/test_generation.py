@@ -3,6 +3,7 @@ reverse process against closed forms, batching, TP=2 vs TP=1, the CLI and its er
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -359,12 +360,46 @@ def test_generate_cli_writes_images_grid_and_texts(trained_run, tmp_path):
     assert record["output"] and "<image:" not in record["output"]  # a caption, no image
 
 
+def test_generate_cli_writes_genevals_layout(trained_run, tmp_path):
+    """What GenEval's scorer (its evaluation/evaluate_images.py) walks: numbered folders,
+    each with metadata.jsonl (its prompt's line, read with json.load) and samples/<digits>.png,
+    4 samples per prompt from consecutive seeds."""
+    circle = {"class": "circle", "count": 1}
+    blue_square = {"class": "square", "count": 1, "color": "blue"}
+    metadata = [
+        {"tag": "single_object", "include": [circle], "prompt": "a circle"},
+        {"tag": "colors", "include": [blue_square], "prompt": "a blue square"},
+    ]
+    prompts = tmp_path / "evaluation_metadata.jsonl"
+    prompts.write_text("".join(json.dumps(m) + "\n" for m in metadata))
+    out = tmp_path / "geneval"
+    flags = ["--steps", "2", "--seed", "7", "--batch-size", "3", "--out", out]
+    result = mtf_generate(trained_run, "--geneval", prompts, *flags)
+    assert result.returncode == 0, result.stderr[-4000:]
+    found = {}
+    for folder in sorted(os.listdir(out)):  # GenEval's walk, as it is written there
+        if not (out / folder).is_dir() or not folder.isdigit():
+            continue
+        with open(out / folder / "metadata.jsonl") as f:
+            meta = json.load(f)
+        names = os.listdir(out / folder / "samples")
+        found[folder] = meta, sorted(n for n in names if re.match(r"\d+\.png", n))
+    samples = ["0000.png", "0001.png", "0002.png", "0003.png"]
+    assert found == {"00000": (metadata[0], samples), "00001": (metadata[1], samples)}
+    assert Image.open(out / "00001" / "samples" / "0003.png").size == (32, 32)
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["seed"]) for r in records] == [
+        (m["prompt"], 7 + 4 * i + k) for i, m in enumerate(metadata) for k in range(4)
+    ]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--prompt", "x"], "is not a checkpoint"),
         (["--prompt", " ".join(["word"] * 200)], "max_sequence_length is 128"),
         (["--prompt", "<image:/no/such.png>"], "prompt image '/no/such.png' does not exist"),
+        (["--geneval", "prompts.jsonl", "--prompt", "x"], "--geneval takes its prompts from"),
     ],
 )
 def test_generate_cli_errors_are_one_line(trained_run, tmp_path, args, message):
@@ -374,30 +409,34 @@ def test_generate_cli_errors_are_one_line(trained_run, tmp_path, args, message):
     assert result.stderr.strip().splitlines()[-1].startswith("error:") and message in result.stderr
 
 
-def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path):
+def mtf_evaluate(*args):
+    code = "from megatron_transfusion.evaluation.cli import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+    )
+
+
+def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path, fid_weights, clip_model):
     """The trainer's eval hook (engine forward through Megatron's schedule, DDP-wrapped
-    model) and mtf-evaluate on the saved checkpoint score the same batches alike."""
+    model) and mtf-evaluate on the saved checkpoint score the same batches alike; with
+    local weights given, mtf-evaluate adds FID and CLIP score of the drawn images."""
     (during,) = [
         json.loads(line) for line in (trained_run / "logs" / "eval.jsonl").read_text().splitlines()
     ]
     assert during["step"] == 2
     out = tmp_path / "eval.json"
-    code = "from megatron_transfusion.evaluation.cli import main; main()"
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            code,
-            str(trained_run),
-            "eval.images=3",
-            "eval.diffusion_steps=2",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
+    result = mtf_evaluate(
+        trained_run,
+        "eval.images=3",
+        "eval.diffusion_steps=2",
+        f"eval.inception_weights={fid_weights}",
+        f"eval.clip_model={clip_model}",
+        "--out",
+        out,
     )
     assert result.returncode == 0, result.stderr[-4000:]
     after = json.loads(out.read_text())
@@ -414,5 +453,14 @@ def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path):
     ):
         assert metrics[key] == pytest.approx(during[key], rel=1e-5), key
     assert 0 <= metrics["caption_match"] <= 1 and metrics["images_evaluated"] == 3
-    assert set(after["skipped"]) == {"fid", "clip_score"}
+    assert metrics["fid"] > 0 and 0 <= metrics["clip_score"] <= 100 and after["skipped"] == {}
     assert Image.open(out.with_suffix(".png")).size == (3 * 32, 2 * 32)  # guided over unconditional
+
+
+def test_evaluate_refuses_missing_fid_weights_in_one_line(trained_run, tmp_path):
+    result = mtf_evaluate(
+        trained_run, "eval.images=3", f"eval.inception_weights={tmp_path / 'missing.pth'}"
+    )
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: eval.inception_weights") and "does not exist" in line

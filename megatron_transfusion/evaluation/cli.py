@@ -12,6 +12,7 @@ import torch
 
 from megatron_transfusion.console import run_cli
 from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses, image_metrics
+from megatron_transfusion.evaluation.images import check_weights
 from megatron_transfusion.inference.cli import add_loading_arguments
 
 
@@ -55,6 +56,8 @@ def main(argv=None) -> None:
         e = cfg.eval
         if not (e.text_data or e.image_caption_data):
             raise ValueError("no held-out data: set eval.text_data and/or eval.image_caption_data")
+        if e.images and e.image_caption_data:
+            check_weights(e)
         tokenizer = load_tokenizer(cfg, args.tokenizer or loaded.bundled_tokenizer)
         model = loaded.model
 

@@ -146,7 +146,9 @@ def image_metrics(
     if e.inception_weights:
         metrics["fid"] = fid(generated["guided"], real, e.inception_weights)
     else:
-        skipped["fid"] = "skipped: set eval.inception_weights to a local Inception-v3 state dict"
+        skipped["fid"] = (
+            "skipped: set eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth"
+        )
     if e.clip_model:
         metrics["clip_score"] = clip_score(generated["guided"], captions, e.clip_model)
     else:

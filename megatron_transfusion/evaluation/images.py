@@ -1,23 +1,29 @@
-"""Image metrics. Nothing is downloaded: FID and CLIP score take weights from local paths.
+"""Image metrics. FID and CLIP score are torchmetrics' (the ``metrics`` extra), so that they
+mean what published ones mean; nothing is downloaded: both take weights from local paths.
 
 - ``caption_match``: how much a generated image resembles the image of its own caption
-  rather than other captions' images (pairwise; 0.5 is chance). Needs no weights, so it
-  is what small runs report; compare with unconditional samples (guidance 0).
-- ``fid``: Fréchet distance of Inception-v3 pool features (torchvision's architecture
-  and a state dict given by path; values are comparable between runs of this tool, and
-  with published FID only when the weights are the TF-FID ones converted to torchvision).
-- ``clip_score``: 100 · mean max(cos(image, caption), 0) with a local Hugging Face CLIP.
+  rather than other captions' images (pairwise; 0.5 is chance). Ours: it needs no weights, so
+  it is what small runs report; compare with unconditional samples (guidance 0).
+- ``fid``: torchmetrics' ``FrechetInceptionDistance`` on torch-fidelity's port of the
+  TF-Inception network with the TF-FID weights (``pt_inception-2015-12-05-6726825d.pth``),
+  images resized to 299 px by the TF-1 bilinear resize that the published FID used.
+- ``clip_score``: torchmetrics' ``CLIPScore`` (100 · mean cosine of CLIP's image and caption
+  embeddings, floored at 0) with a local Hugging Face CLIP directory and its own processor.
 """
 
 from __future__ import annotations
 
+import importlib
+import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+from megatron_transfusion import platform
+from megatron_transfusion.config import EvalConfig, UserError
+
+INSTALL_METRICS = "pip install 'megatron_transfusion[metrics]'"
 
 
 def caption_match(generated: torch.Tensor, real: torch.Tensor, pooled: int = 8) -> float:
@@ -32,75 +38,114 @@ def caption_match(generated: torch.Tensor, real: torch.Tensor, pooled: int = 8) 
     return float(closer)
 
 
-def _normalise(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
-    x = F.interpolate(
-        (images.float() + 1) / 2, size=(size, size), mode="bilinear", align_corners=False
-    )
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+def _require(metric: str, *modules: str) -> None:
+    """One line saying which extra brings a missing package."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"{metric} needs the package '{e.name}': {INSTALL_METRICS}") from None
 
 
-def load_inception(path: str | Path) -> torch.nn.Module:
-    from torchvision.models import inception_v3
+def _brief(error: Exception, limit: int = 240) -> str:
+    """A library's multi-line message (torch lists every key it missed) as a short clause."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
+
+def check_weights(e: EvalConfig) -> None:
+    """Fail on a missing extra or weights path before any image is drawn, not after."""
+    if e.inception_weights:
+        check_fid_weights(e.inception_weights)
+    if e.clip_model:
+        check_clip_model(e.clip_model)
+
+
+def check_fid_weights(path: str | Path) -> Path:
+    """``path`` if it is a file of tensors only (torch-fidelity unpickles it in full, so it is
+    read with torch's weights-only unpickler first: nothing in it runs)."""
+    _require("FID (eval.inception_weights)", "torchmetrics", "torch_fidelity")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Inception weights '{path}' do not exist (eval.inception_weights)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        state = load_file(str(path))
-    else:
-        state = torch.load(path, map_location="cpu", weights_only=True)  # no arbitrary pickle
-    model = inception_v3(weights=None, aux_logits=True, init_weights=False, transform_input=True)
-    model.load_state_dict(state)
-    model.fc = torch.nn.Identity()  # 2048-d pool features
-    return model.eval()
-
-
-@torch.no_grad()
-def inception_features(
-    model: torch.nn.Module, images: torch.Tensor, batch: int = 32
-) -> torch.Tensor:
-    return torch.cat(
-        [
-            model(_normalise(images[i : i + batch], 299, IMAGENET_MEAN, IMAGENET_STD))
-            for i in range(0, len(images), batch)
-        ]
-    ).double()
-
-
-def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖μa − μb‖² + tr Σa + tr Σb − 2 tr (Σa^½ Σb Σa^½)^½ over feature rows of a and b."""
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    values, vectors = torch.linalg.eigh(cov_a)
-    root_a = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
-    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp(min=0).sqrt().sum()
-    return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
-
-
-def fid(generated: torch.Tensor, real: torch.Tensor, weights: str | Path) -> float:
-    model = load_inception(weights)
-    return frechet_distance(inception_features(model, generated), inception_features(model, real))
-
-
-@torch.no_grad()
-def clip_score(images: torch.Tensor, captions: list[str], model_dir: str | Path) -> float:
-    from transformers import AutoTokenizer, CLIPModel
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
-            f"CLIP model '{model_dir}' is not a local Hugging Face directory "
-            "(config.json missing; eval.clip_model)"
+            f"eval.inception_weights '{path}' does not exist: give the local path of the "
+            "TF-Inception FID weights, pt_inception-2015-12-05-6726825d.pth"
         )
-    model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    pixels = _normalise(images, model.config.vision_config.image_size, CLIP_MEAN, CLIP_STD)
-    text = tokenizer(captions, padding=True, truncation=True, return_tensors="pt")
-    image_embeds = F.normalize(model.get_image_features(pixel_values=pixels), dim=-1)
-    text_embeds = F.normalize(
-        model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]),
-        dim=-1,
-    )
-    return float(100 * (image_embeds * text_embeds).sum(-1).clamp(min=0).mean())
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as e:
+        raise UserError(
+            f"eval.inception_weights '{path}' is not a state dict of tensors ({_brief(e)}); "
+            "nothing in it was run"
+        ) from None
+    return path
+
+
+def check_clip_model(model_dir: str | Path) -> Path:
+    """``model_dir`` if it holds a Hugging Face CLIP with its processor, loadable offline."""
+    _require("CLIP score (eval.clip_model)", "torchmetrics", "transformers")
+    model_dir = Path(model_dir)
+    needed = ("config.json", "preprocessor_config.json")
+    missing = [name for name in needed if not (model_dir / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"eval.clip_model '{model_dir}' is not a local Hugging Face CLIP directory "
+            f"({', '.join(missing)} missing): download e.g. openai/clip-vit-large-patch14 there"
+        )
+    return model_dir
+
+
+def _pixels(images: torch.Tensor) -> torch.Tensor:
+    """[n, 3, H, W] in [-1, 1] -> uint8 [n, 3, H, W], quantised as the PNGs we write are."""
+    from data_prep.images import from_model_range
+
+    return torch.from_numpy(from_model_range(images)).permute(0, 3, 1, 2)
+
+
+@torch.no_grad()
+def fid(generated: torch.Tensor, real: torch.Tensor, weights: str | Path, batch: int = 64) -> float:
+    """FID between two image sets [n, 3, H, W] in [-1, 1] (n ≥ 2 each)."""
+    weights = check_fid_weights(weights)
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        metric = FrechetInceptionDistance(
+            feature=2048,
+            feature_extractor_weights_path=str(weights),
+            antialias=False,  # TF-1's resize, as torch-fidelity and the published FID
+            sync_on_compute=False,  # tensor-parallel ranks hold the same images
+        )
+    except RuntimeError as e:  # load_state_dict: other tensors than the TF-FID network's
+        raise UserError(
+            f"eval.inception_weights '{weights}' is not the TF-Inception FID network "
+            f"({_brief(e)}); use pt_inception-2015-12-05-6726825d.pth"
+        ) from None
+    device = platform.current().device()
+    metric = metric.to(device)
+    for images, is_real in ((generated, False), (real, True)):
+        for start in range(0, len(images), batch):
+            metric.update(_pixels(images[start : start + batch]).to(device), real=is_real)
+    return float(metric.compute())
+
+
+@torch.no_grad()
+def clip_score(
+    images: torch.Tensor, captions: list[str], model_dir: str | Path, batch: int = 64
+) -> float:
+    """CLIP score of images [n, 3, H, W] in [-1, 1] against their captions."""
+    model_dir = check_clip_model(model_dir)
+    from torchmetrics.multimodal.clip_score import CLIPScore
+    from transformers import CLIPModel, CLIPProcessor
+
+    def load():
+        model = CLIPModel.from_pretrained(model_dir, local_files_only=True).eval()
+        # The slow processor: PIL's bicubic resize, CLIP's own preprocessing.
+        processor = CLIPProcessor.from_pretrained(model_dir, local_files_only=True, use_fast=False)
+        return model, processor
+
+    device = platform.current().device()
+    metric = CLIPScore(model_name_or_path=load, sync_on_compute=False).to(device)
+    for start in range(0, len(images), batch):
+        pixels = _pixels(images[start : start + batch]).to(device)
+        metric.update(list(pixels), captions[start : start + batch])
+    return float(metric.compute())

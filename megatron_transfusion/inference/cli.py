@@ -5,6 +5,7 @@ Prompts are text with optional ``<image:PATH>`` tags that splice a (clean) image
     mtf-generate runs/tiny --prompt "red heart"                       # text -> image
     mtf-generate runs/tiny --mode text --prompt "<image:cat.png>"      # captioning
     mtf-generate runs/tiny --mode text --prompt "The module"           # text (images if BOI)
+    mtf-generate runs/tiny --geneval evaluation_metadata.jsonl         # GenEval's layout
 
 Under torchrun every rank runs this and the model is tensor-parallel over them.
 """
@@ -15,6 +16,8 @@ import argparse
 import json
 import os
 import re
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +29,7 @@ from megatron_transfusion.diffusion.sampler import SPACINGS
 from megatron_transfusion.inference.images import save_grid
 
 IMAGE_TAG = re.compile(r"<image:([^>]*)>")
+GENEVAL_SAMPLES = 4  # images per prompt, as GenEval's own generation script draws
 
 
 def parse_prompt(text: str, tokenizer, vae, image_size: int, mode: str) -> Document:
@@ -81,10 +85,45 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def read_geneval(path: str) -> list[dict]:
+    """GenEval's prompt metadata (``prompts/evaluation_metadata.jsonl``): a JSON object with
+    a ``prompt`` per line, each copied whole into its folder for GenEval's scorer."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--geneval file '{path}' does not exist")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--geneval file '{path}' line {number} is not JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ValueError(
+                f"--geneval file '{path}' line {number} has no \"prompt\" string: "
+                "give GenEval's prompts/evaluation_metadata.jsonl"
+            )
+        records.append(record)
+    if not records:
+        raise ValueError(f"--geneval file '{path}' holds no prompts")
+    return records
+
+
+def image_name(index: int, n: int, geneval: bool) -> str:
+    """Where image ``n`` of sample ``index`` goes: ``sample_<index>_<n>.png``, or GenEval's
+    ``<prompt>/samples/<k>.png`` for sample k of a prompt (image mode draws one image)."""
+    if not geneval:
+        return f"sample_{index:04d}_{n}.png"
+    prompt, sample = divmod(index, GENEVAL_SAMPLES)
+    return f"{prompt:05d}/samples/{sample:04d}.png"
+
+
 def render(
-    document: Document, tokenizer, out: Path, stem: str, vae
+    document: Document, tokenizer, out: Path, name: Callable[[int], str], vae
 ) -> tuple[str, list[np.ndarray]]:
-    """Generated text with ``<image:FILE>`` tags, and the decoded images it wrote."""
+    """Generated text with ``<image:FILE>`` tags, and the decoded images it wrote (image n
+    to ``out / name(n)``)."""
     from data_prep.images import from_model_range
 
     parts, images = [], []
@@ -93,9 +132,10 @@ def render(
             parts.append(tokenizer.decode(segment.tokens))
             continue
         pixels = from_model_range(vae.decode(segment.latent[None]))[0]
-        name = f"{stem}_{len(images)}.png"
-        Image.fromarray(pixels).save(out / name)
-        parts.append(f"<image:{name}>")
+        path = out / name(len(images))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(pixels).save(path)
+        parts.append(f"<image:{path.relative_to(out)}>")
         images.append(pixels)
     return "".join(parts), images
 
@@ -149,6 +189,12 @@ def generate_main(argv=None) -> None:
     parser.add_argument("--prompt", action="append", help="prompt text; repeatable")
     parser.add_argument("--prompts-file", help="one prompt per line")
     parser.add_argument(
+        "--geneval",
+        metavar="FILE",
+        help="GenEval's evaluation_metadata.jsonl: its prompts, 4 images each, written in "
+        "GenEval's layout (OUT/00000/metadata.jsonl, OUT/00000/samples/0000.png ...)",
+    )
+    parser.add_argument(
         "--mode",
         choices=("image", "text"),
         default="image",
@@ -195,7 +241,16 @@ def generate_main(argv=None) -> None:
     )
     from megatron_transfusion.parallel import destroy_distributed
 
-    prompts = read_prompts(args)
+    if args.geneval:
+        if args.prompt or args.prompts_file or args.mode != "image":
+            raise ValueError(
+                "--geneval takes its prompts from its file, in image mode: "
+                "drop --prompt, --prompts-file and --mode text"
+            )
+        geneval = read_geneval(args.geneval)
+        prompts = [r["prompt"] for r in geneval for _ in range(GENEVAL_SAMPLES)]
+    else:
+        prompts = read_prompts(args)
     loaded = load_for_inference(
         args.checkpoint,
         tensor_parallel=int(os.environ.get("WORLD_SIZE", 1)),
@@ -227,7 +282,7 @@ def generate_main(argv=None) -> None:
         out = Path(args.out) if args.out else loaded.output_dir("samples")
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
-        records, all_images = [], []
+        records, all_images, count = [], [], 0
         for start in range(0, len(documents), args.batch_size):
             batch = documents[start : start + args.batch_size]
             bar = tqdm(
@@ -256,14 +311,21 @@ def generate_main(argv=None) -> None:
                 )
             for k, result in enumerate(results):
                 index = start + k
-                text, images = render(result, tokenizer, out, f"sample_{index:04d}", vae)
+                name = partial(image_name, index, geneval=bool(args.geneval))
+                text, images = render(result, tokenizer, out, name, vae)
+                if args.geneval and index % GENEVAL_SAMPLES == 0:
+                    record = geneval[index // GENEVAL_SAMPLES]
+                    folder = (out / name(0)).parents[1]  # OUT/<prompt>, above samples/
+                    (folder / "metadata.jsonl").write_text(json.dumps(record) + "\n")
                 records.append({"prompt": prompts[index], "output": text, "seed": seeds[k]})
-                all_images += images
+                count += len(images)
+                if not args.geneval:  # thousands of images: no quick-look grid
+                    all_images += images
         if rank0:
             with open(out / "samples.jsonl", "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in records)
             save_grid(all_images, out / "grid.png")
-            print(f"wrote {len(records)} samples ({len(all_images)} images) to {out}")
+            print(f"wrote {len(records)} samples ({count} images) to {out}")
     finally:
         destroy_distributed()
 
