@@ -57,8 +57,10 @@ class Platform:
     def is_gpu(self) -> bool:
         return self.name == "cuda"
 
-    def device(self, local_rank: int = 0) -> torch.device:
-        return torch.device("cuda", local_rank) if self.is_gpu else torch.device("cpu")
+    def device(self) -> torch.device:
+        """This process's device: on a GPU the one ``activate`` selected (its local rank),
+        so that the ranks of a node each use their own."""
+        return torch.device("cuda", current_gpu()) if self.is_gpu else torch.device("cpu")
 
     def peak_flops(self) -> float:
         """Dense FLOP/s of one device in the compute dtype, what MFU divides by: the GPU's
@@ -101,6 +103,10 @@ class Platform:
 
 def gpu_available() -> bool:
     return torch.cuda.is_available()
+
+
+def current_gpu() -> int:
+    return torch.cuda.current_device()
 
 
 def device_name() -> str:

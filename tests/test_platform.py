@@ -113,6 +113,12 @@ def test_gpu_peak_is_the_datasheet_dense_bf16_figure(monkeypatch, name, peak):
     assert GPU.peak_flops() == peak
 
 
+def test_each_rank_uses_the_gpu_activate_selected(monkeypatch):
+    """Eight ranks on a node: rank 3's model, batches and evaluation go to cuda:3."""
+    monkeypatch.setattr(platform, "current_gpu", lambda: 3)
+    assert GPU.device() == torch.device("cuda", 3)
+
+
 def test_unknown_gpu_asks_for_run_peak_flops(monkeypatch):
     from megatron_transfusion.config import ConfigError
 
