@@ -314,8 +314,9 @@ def test_tp2_and_consolidated_generation_equal_tp1(trained_run, tmp_path):
             assert (other_latents[key] - value).abs().max() <= 1e-4 * value.abs().max(), key
 
 
-def mtf_generate(*args):
-    code = "from megatron_transfusion.inference.cli import generate_main; generate_main()"
+def run_cli(module: str, function: str, *args):
+    """A console script's main in a fresh process, as a user runs it."""
+    code = f"from {module} import {function}; {function}()"
     return subprocess.run(
         [sys.executable, "-c", code, *map(str, args)],
         capture_output=True,
@@ -323,6 +324,10 @@ def mtf_generate(*args):
         cwd=ROOT,
         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
     )
+
+
+def mtf_generate(*args):
+    return run_cli("megatron_transfusion.inference.cli", "generate_main", *args)
 
 
 def test_generate_cli_writes_images_grid_and_texts(trained_run, tmp_path):
@@ -410,14 +415,7 @@ def test_generate_cli_errors_are_one_line(trained_run, tmp_path, args, message):
 
 
 def mtf_evaluate(*args):
-    code = "from megatron_transfusion.evaluation.cli import main; main()"
-    return subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)),
-    )
+    return run_cli("megatron_transfusion.evaluation.cli", "main", *args)
 
 
 def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path, fid_weights, clip_model):
