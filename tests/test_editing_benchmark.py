@@ -170,9 +170,9 @@ def test_the_fine_tuning_starts_from_the_base_run_and_mixes_its_data(tmp_path, m
     assert overrides["checkpoint.init_from"] == str(base.checkpoint)
     assert overrides["run.train_steps"] == 300 and overrides["run.name"] == "model"
     assert [(s["kind"], s["path"], s["weight"]) for s in overrides["data.sources"]] == [
-        ("text", "data/builtin/text/train", 0.1),
-        ("image_caption", str(tmp_path / "quality" / "shards"), 0.2),
-        ("image_edit", str(out / "shards"), 0.7),
+        ("text", "data/builtin/text/train", editing.MIX["text"]),
+        ("image_caption", str(tmp_path / "quality" / "shards"), editing.MIX["image_caption"]),
+        ("image_edit", str(out / "shards"), editing.MIX["image_edit"]),
     ]
     assert train[-1] == "data.sources.2.weight=0.5"  # the user's overrides come last
     for setting in lq.OPTIMIZER_SETTINGS:
