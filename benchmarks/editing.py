@@ -52,6 +52,7 @@ from benchmarks.learning_quality import (
     _tool,
     generate_images,
     last_checkpoint,
+    print_timings,
     scene_splits,
     test_cases,
     train_tiny,
@@ -374,9 +375,7 @@ def print_results(results: dict) -> None:
                 f"{row['untouched_preserved']:>11.0%}"
                 f"  | {'':<11}{copy['exactly_right']:>15.0%}{copy['untouched_preserved']:>11.0%}"
             )
-    print(
-        "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items())
-    )
+    print_timings(results)
 
 
 if __name__ == "__main__":

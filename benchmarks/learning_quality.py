@@ -340,6 +340,12 @@ def last_checkpoint(run: Path, steps: int) -> Path:
     return layout.step_dir(layout.checkpoints_dir(run), steps)
 
 
+def print_timings(results: dict) -> None:
+    print(
+        "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items())
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/quality")
@@ -490,9 +496,7 @@ def print_results(results: dict) -> None:
             f"pairs {t2i['pairs_held_out']['all']:.0%}; "
             f"captions held-out {r['image_to_text']['held_out']:.0%}"
         )
-    print(
-        "timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in results["timings_seconds"].items())
-    )
+    print_timings(results)
 
 
 if __name__ == "__main__":
