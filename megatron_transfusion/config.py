@@ -264,7 +264,10 @@ class EvalConfig:
     image_caption_data: str | None = None
     batches: int = 4  # global batches of held-out data for the losses and perplexity
     captions: int = 0  # held-out images to caption for CIDEr-D / BLEU-4 (needs PP=1)
-    images: int = 0  # held-out captions to draw for FID / CLIP score (mtf-evaluate only)
+    # Held-out captions drawn (guided) at each training evaluation, the same ones each time:
+    # a grid to <run dir>/samples/step_N.png, tensorboard and W&B (needs PP=1).
+    samples: int = 0
+    images: int = 0  # held-out captions to draw for FID / IS / CLIP score (mtf-evaluate only)
     diffusion_steps: int = 50
     guidance_scale: float = 5.0
     inception_weights: str | None = None  # TF-Inception FID weights (a local .pth), for FID
@@ -620,7 +623,7 @@ def validate(config: ExperimentConfig) -> None:
             p.pipeline_parallel > 1, "parallel.virtual_pipeline", "needs pipeline_parallel > 1"
         )
     e = config.eval
-    for name in ("interval", "captions", "images"):
+    for name in ("interval", "captions", "samples", "images"):
         _require(getattr(e, name) >= 0, f"eval.{name}", "must be ≥ 0")
     if e.interval:
         _require(
@@ -628,12 +631,18 @@ def validate(config: ExperimentConfig) -> None:
             "eval.interval",
             "needs held-out data: set eval.text_data and/or eval.image_caption_data",
         )
-        _require(
-            e.captions == 0 or p.pipeline_parallel == 1,
-            "eval.captions",
-            "captioning during training needs parallel.pipeline_parallel=1 (generation is not "
-            "pipelined); use mtf-evaluate on a checkpoint instead",
-        )
+        for name in ("captions", "samples"):
+            _require(
+                getattr(e, name) == 0 or p.pipeline_parallel == 1,
+                f"eval.{name}",
+                "generating during training needs parallel.pipeline_parallel=1 (generation is "
+                "not pipelined); use mtf-evaluate or mtf-generate on a checkpoint instead",
+            )
+            _require(
+                getattr(e, name) == 0 or bool(e.image_caption_data),
+                f"eval.{name}",
+                "needs held-out images and captions: set eval.image_caption_data",
+            )
     _require(
         m.patch_size in (1, 2, 4, 8), "model.patch_size", f"{m.patch_size} is not one of 1, 2, 4, 8"
     )

@@ -18,7 +18,8 @@ def random_fid_inception(path: Path) -> Path:
     Inception-v3 with the TF graph's 1008-class head and no auxiliary head has the same
     state-dict keys (torch-fidelity's network loads it strictly). BatchNorm statistics come
     from one train-mode batch, as trained weights would have them: the default 0/1 would
-    blow the activations up over 94 layers."""
+    blow the activations up over 94 layers. The head is scaled down to a trained one's
+    logits (tens, not thousands), whose softmax Inception score takes in float32."""
     from torchvision.models import inception_v3
 
     torch.manual_seed(0)
@@ -28,6 +29,7 @@ def random_fid_inception(path: Path) -> Path:
             module.momentum = None  # the batch's own statistics
     with torch.no_grad():
         model.train()(torch.rand(4, 3, 299, 299) * 2 - 1)  # TF-Inception's input range
+        model.fc.weight *= 0.01
     torch.save(model.state_dict(), path)
     return path
 

@@ -1,5 +1,6 @@
 """Evaluation metrics against independent references: CIDEr-D and BLEU-4 against
-pycocoevalcap, FID against torch-fidelity's features and scipy's matrix square root, CLIP
+pycocoevalcap, FID against torch-fidelity's features and scipy's matrix square root,
+Inception score against torch-fidelity's, CLIP
 score against the model's own similarity logits, and caption match by hand. The weights are
 random stand-ins built locally (tests/metric_models.py)."""
 
@@ -17,7 +18,12 @@ from pycocoevalcap.cider.cider import Cider
 
 from megatron_transfusion.config import UserError
 from megatron_transfusion.evaluation.captions import bleu4, cider_d, tokenize
-from megatron_transfusion.evaluation.images import caption_match, clip_score, fid
+from megatron_transfusion.evaluation.images import (
+    caption_match,
+    clip_score,
+    fid,
+    inception_score,
+)
 from tests.metric_models import CLIP_MEAN, CLIP_STD
 
 
@@ -86,6 +92,31 @@ def test_fid_equals_scipy_on_torch_fidelitys_features(fid_weights):
         np.square(a.mean(0) - b.mean(0)).sum() + np.trace(cov_a) + np.trace(cov_b)
     ) - 2 * np.trace(root)
     assert expected > 1.0 and ours == pytest.approx(expected, rel=1e-5)
+
+
+def test_inception_score_equals_torch_fidelitys_on_the_same_splits(fid_weights):
+    """torch-fidelity's IS on its own TF-Inception logits, the images split as ours are
+    (torch.randperm from seed 0, ten splits of two); ours leaves the global RNG alone."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(20, 3, 32, 32, generator=g) * 2 - 1
+    images[:10] = images[:10].square()  # two kinds of image: a score clearly above 1
+    rng = torch.get_rng_state()
+    ours = inception_score(images, fid_weights, batch=7)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert inception_score(images, fid_weights, batch=7) == ours  # the same splits again
+
+    network = FeatureExtractorInceptionV3("reference", ["logits_unbiased"], str(fid_weights))
+    with torch.no_grad():
+        (logits,) = network(pixels(images))
+    split = torch.randperm(20, generator=torch.Generator().manual_seed(0))
+    expected = isc_features_to_metric(logits[split], splits=10, shuffle=False)
+    assert expected[KEY_METRIC_ISC_MEAN] > 1.01
+    assert ours == pytest.approx(expected[KEY_METRIC_ISC_MEAN], rel=1e-5)
+    other = inception_score(images, fid_weights, seed=1)  # other splits, another score
+    assert other != pytest.approx(ours, rel=1e-9)
 
 
 def test_fid_weights_mistakes_are_one_line_errors(fid_weights, tmp_path, monkeypatch):

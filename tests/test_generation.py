@@ -421,7 +421,8 @@ def mtf_evaluate(*args):
 def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path, fid_weights, clip_model):
     """The trainer's eval hook (engine forward through Megatron's schedule, DDP-wrapped
     model) and mtf-evaluate on the saved checkpoint score the same batches alike; with
-    local weights given, mtf-evaluate adds FID and CLIP score of the drawn images."""
+    local weights given, mtf-evaluate adds FID, Inception score and CLIP score of the drawn
+    images."""
     (during,) = [
         json.loads(line) for line in (trained_run / "logs" / "eval.jsonl").read_text().splitlines()
     ]
@@ -429,7 +430,7 @@ def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path, fid_weig
     out = tmp_path / "eval.json"
     result = mtf_evaluate(
         trained_run,
-        "eval.images=3",
+        "eval.images=20",  # two per Inception score split
         "eval.diffusion_steps=2",
         f"eval.inception_weights={fid_weights}",
         f"eval.clip_model={clip_model}",
@@ -450,9 +451,10 @@ def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path, fid_weig
         "constant_caption_cider",
     ):
         assert metrics[key] == pytest.approx(during[key], rel=1e-5), key
-    assert 0 <= metrics["caption_match"] <= 1 and metrics["images_evaluated"] == 3
+    assert 0 <= metrics["caption_match"] <= 1 and metrics["images_evaluated"] == 20
     assert metrics["fid"] > 0 and 0 <= metrics["clip_score"] <= 100 and after["skipped"] == {}
-    assert Image.open(out.with_suffix(".png")).size == (3 * 32, 2 * 32)  # guided over unconditional
+    assert 1 < metrics["inception_score"] <= 2  # exp(KL) of a split is at most its size
+    assert Image.open(out.with_suffix(".png")).size == (20 * 32, 2 * 32)  # guided, unconditional
 
 
 def test_evaluate_refuses_missing_fid_weights_in_one_line(trained_run, tmp_path):

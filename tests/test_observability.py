@@ -1,16 +1,21 @@
 """What a training run tells about itself, over real processes: the W&B run (offline) and
-its continuation after a resume, the progress fields, profiler traces per rank, memory
-snapshots on CPU, and a hang: every rank's stacks, then the collective timeout."""
+its continuation after a resume, sample grids from its evaluations, mtf-evaluate's W&B
+evaluation run, the progress fields, profiler traces per rank, memory snapshots on CPU, and
+a hang: every rank's stacks, then the collective timeout."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import ROOT
+from tests.test_generation import run_cli
 from tests.test_loader import prepare
 from tests.test_trainer import TRAIN, losses, overrides, run
 
@@ -26,9 +31,16 @@ def data_root(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def observed(data_root, tmp_path_factory):
-    """2 ranks, 4 steps with everything on, then resumed to step 6: (run dir, outputs)."""
+    """2 ranks, 4 steps with everything on, then resumed to step 6: (run dir, outputs).
+    Evaluations at steps 3 and 6 draw a grid of two held-out captions' images."""
     root = tmp_path_factory.mktemp("observed")
     watch = ["wandb.mode=offline", "wandb.tags=[smoke]", "profile.memory_snapshot=true"]
+    heldout = [
+        f"eval.text_data={data_root / 'text'}",
+        f"eval.image_caption_data={data_root / 'img'}",
+    ]
+    watch += ["eval.interval=3", *heldout]
+    watch += ["eval.samples=2", "eval.diffusion_steps=2", "eval.batches=1"]
     first = run(2, overrides(data_root, root, 4, *watch, "profile.steps=[2, 3]"), env=OFFLINE)
     second = run(2, overrides(data_root, root, 6, *watch), env=OFFLINE)
     return root / "tiny", first, second
@@ -59,37 +71,119 @@ def wandb_records(path: Path):
             pending = b""
 
 
-def wandb_runs(run_dir: Path) -> list[tuple[str, dict[int, dict]]]:
-    """Each offline W&B run directory's run id and history (step -> values), oldest first."""
+class WandbRun(NamedTuple):
+    directory: Path  # wandb/offline-run-*/
+    run: object  # the RunRecord: id, names, group, job type, tags
+    history: dict  # step -> values
+    metrics: dict  # define_metric: name or glob -> step metric
+
+
+def wandb_runs(run_dir: Path) -> list[WandbRun]:
+    """Each offline W&B run directory (one per process that opened a run), oldest first."""
     runs = []
     for directory in sorted((run_dir / "wandb").glob("offline-run-*")):
         (file,) = directory.glob("run-*.wandb")
-        run_id, history = None, {}
+        run, history, metrics = None, {}, {}
         for record in wandb_records(file):
             kind = record.WhichOneof("record_type")
             if kind == "run":
-                run_id, tags = record.run.run_id, list(record.run.tags)
-                assert record.run.display_name == "tiny" and tags == ["smoke"]
+                run = record.run
             elif kind == "history":
-                history[record.history.step.num] = {
-                    item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                    for item in record.history.item
-                }
-        runs.append((run_id, history))
+                values = history[record.history.step.num] = {}
+                for item in record.history.item:  # a logged image is one nested key per field
+                    *parents, key = [item.key] if item.key else item.nested_key
+                    for parent in parents:
+                        values = values.setdefault(parent, {})
+                    values[key] = json.loads(item.value_json)
+                    values = history[record.history.step.num]
+            elif kind == "metric":
+                name = record.metric.name or record.metric.glob_name
+                metrics[name] = record.metric.step_metric
+        runs.append(WandbRun(directory, run, history, metrics))
     return runs
 
 
 def test_the_wandb_run_holds_the_logged_metrics_and_a_resume_continues_it(observed):
     run_dir, _, _ = observed
-    runs = wandb_runs(run_dir)
+    runs = [r for r in wandb_runs(run_dir) if r.run.job_type == "train"]
     assert len(runs) == 2, "one offline run directory per process, both in the run directory"
-    (first_id, first), (second_id, second) = runs
-    assert first_id == second_id == (run_dir / "logs" / "wandb_run_id").read_text()
-    assert sorted(first) == [1, 2, 3, 4] and sorted(second) == [5, 6]
+    first, second = runs
+    assert first.run.run_id == second.run.run_id == (run_dir / "logs" / "wandb_run_id").read_text()
+    for r in runs:
+        assert (r.run.display_name, r.run.run_group, list(r.run.tags)) == (
+            "tiny",
+            "tiny",
+            ["smoke"],
+        )
+    assert sorted(first.history) == [1, 2, 3, 4] and sorted(second.history) == [5, 6]
     logged = losses(run_dir.parent)
-    for step, values in {**first, **second}.items():
+    for step, values in {**first.history, **second.history}.items():
         assert (values["loss"], values["lm_loss"], values["diffusion_loss"]) == logged[step]
         assert {"lr", "grad_norm", "tokens_per_second", "data/text/tokens"} <= set(values)
+
+
+def same_picture(a: Path, b: Path) -> bool:
+    return np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+
+def test_training_evaluations_send_sample_grids_to_every_sink(observed):
+    """eval.samples=2: at steps 3 and 6 the two held-out captions' images, one grid in
+    samples/ (its captions beside it), tensorboard and the W&B run, with the eval scalars."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _, _ = observed
+    first, second = [r for r in wandb_runs(run_dir) if r.run.job_type == "train"]
+    evaluations = [json.loads(line) for line in (run_dir / "logs" / "eval.jsonl").open()]
+    assert [e["step"] for e in evaluations] == [3, 6]
+    for tracked, evaluation in ((first, evaluations[0]), (second, evaluations[1])):
+        step = evaluation["step"]
+        logged = tracked.history[step]
+        assert logged["eval/heldout_loss"] == evaluation["heldout_loss"]
+        png = run_dir / "samples" / f"step_{step:08d}.png"
+        assert Image.open(png).size == (2 * 32, 32)  # two 32-px images side by side
+        image = logged["eval/samples"]
+        assert image["_type"] == "image-file" and (image["width"], image["height"]) == (64, 32)
+        assert same_picture(tracked.directory / "files" / image["path"], png)
+    captions = (run_dir / "samples" / "step_00000003.txt").read_text()
+    assert captions == (run_dir / "samples" / "step_00000006.txt").read_text()
+    assert len(captions.split("; ")) == 2
+    board = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
+    board.Reload()
+    assert [event.step for event in board.Images("eval/samples")] == [3, 6]
+
+
+def test_mtf_evaluate_logs_each_checkpoint_to_one_wandb_evaluation_run(observed, monkeypatch):
+    """Checkpoints evaluated in any order (step 6, then 4) land in one W&B run of job type
+    "eval" in the training run's group, plotted against checkpoint_step, with the grid."""
+    run_dir, _, _ = observed
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for step in (6, 4):
+        result = run_cli(
+            "megatron_transfusion.evaluation.cli",
+            "main",
+            run_dir / "checkpoints" / f"step_{step:08d}",
+            "eval.images=2",
+            "eval.diffusion_steps=2",
+            "eval.batches=1",
+        )
+        assert result.returncode == 0, result.stderr[-4000:]
+    runs = [r for r in wandb_runs(run_dir) if r.run.job_type == "eval"]
+    assert len(runs) == 2
+    assert (
+        runs[0].run.run_id == runs[1].run.run_id != (run_dir / "logs" / "wandb_run_id").read_text()
+    )
+    for r, step in zip(runs, (6, 4)):
+        assert (r.run.display_name, r.run.run_group) == ("tiny-eval", "tiny")
+        assert r.metrics["eval/*"] == "checkpoint_step"
+        (logged,) = r.history.values()
+        saved = json.loads((run_dir / "eval" / f"step_{step:08d}.json").read_text())["metrics"]
+        assert logged["checkpoint_step"] == step
+        assert {k: logged[f"eval/{k}"] for k in saved} == saved
+        image = logged["eval/samples"]
+        assert (image["width"], image["height"]) == (64, 64)  # guided above unconditional
+        assert same_picture(
+            r.directory / "files" / image["path"], run_dir / "eval" / f"step_{step:08d}.png"
+        )
 
 
 def test_progress_fields_are_consistent(observed):

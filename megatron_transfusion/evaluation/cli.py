@@ -1,5 +1,6 @@
 """``mtf-evaluate``: every held-out metric of ``evaluation.evaluate`` on one checkpoint, written
-as JSON (plus a sample grid and tensorboard scalars)."""
+as JSON (plus a sample grid, tensorboard scalars and, where the run used W&B, its W&B
+evaluation run)."""
 
 from __future__ import annotations
 
@@ -33,17 +34,19 @@ def main(argv=None) -> None:
     if bad:
         raise ValueError(f"only eval.* settings can be overridden here, got {bad}")
 
+    from PIL import Image
     from torch.utils.tensorboard import SummaryWriter
 
     from data_prep.images import from_model_range
     from megatron_transfusion.config import config_from_tree
-    from megatron_transfusion.inference.images import save_grid
+    from megatron_transfusion.inference.images import image_grid
     from megatron_transfusion.inference.load import (
         load_for_inference,
         load_image_vae,
         load_tokenizer,
     )
     from megatron_transfusion.parallel import destroy_distributed
+    from megatron_transfusion.training.metrics import log_checkpoint_evaluation, require_wandb
     from megatron_transfusion.training.step import batch_losses, forward_backward
 
     loaded = load_for_inference(
@@ -58,6 +61,9 @@ def main(argv=None) -> None:
             raise ValueError("no held-out data: set eval.text_data and/or eval.image_caption_data")
         if e.images and e.image_caption_data:
             check_weights(e)
+        tracked = loaded.run_dir is not None and cfg.wandb.mode != "disabled"
+        if tracked:
+            require_wandb(cfg.wandb)
         tokenizer = load_tokenizer(cfg, args.tokenizer or loaded.bundled_tokenizer)
         model = loaded.model
 
@@ -73,11 +79,11 @@ def main(argv=None) -> None:
         if e.captions and e.image_caption_data:
             scores, details["captions"] = caption_metrics(model, cfg, tokenizer)
             metrics.update(scores)
-        images = None
+        drawn = None
         if e.images and e.image_caption_data:
-            scores, extra = image_metrics(model, cfg, tokenizer, load_image_vae(cfg, args.vae))
+            scores, drawn = image_metrics(model, cfg, tokenizer, load_image_vae(cfg, args.vae))
             metrics.update(scores)
-            details["skipped"], images = extra["skipped"], extra["images"]
+            details["skipped"] = drawn["skipped"]
         if int(os.environ.get("RANK", 0)) == 0:
             default = loaded.output_dir("eval")
             out = Path(args.out) if args.out else default.with_name(f"{default.name}.json")
@@ -89,13 +95,19 @@ def main(argv=None) -> None:
                 **details,
             }
             out.write_text(json.dumps(result, indent=1))
-            if images is not None:  # guided samples above their unconditional twins
-                rows = [from_model_range(images[k]) for k in ("guided", "unconditional")]
-                save_grid([*rows[0], *rows[1]], out.with_suffix(".png"), columns=len(rows[0]))
+            grids = {}
+            if drawn is not None:  # guided samples above their unconditional twins
+                rows = [from_model_range(drawn["images"][k]) for k in ("guided", "unconditional")]
+                grid = image_grid([*rows[0], *rows[1]], columns=len(rows[0]))
+                Image.fromarray(grid).save(out.with_suffix(".png"))
+                caption = "guided above unconditional: " + "; ".join(drawn["captions"])
+                grids["samples"] = (grid, caption)
             if loaded.run_dir is not None:
                 with SummaryWriter(log_dir=str(loaded.run_dir / "tensorboard")) as writer:
                     for key, value in metrics.items():
                         writer.add_scalar(f"eval/{key}", value, loaded.step)
+            if tracked:
+                log_checkpoint_evaluation(loaded.run_dir, cfg, loaded.step, metrics, grids)
             print(json.dumps(metrics, indent=1))
             print(f"wrote {out}")
     finally:

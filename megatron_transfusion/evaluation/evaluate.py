@@ -1,9 +1,11 @@
 """Held-out evaluation: losses and text perplexity, captioning (CIDEr-D, BLEU-4 against a
-constant-caption baseline) and image generation (caption match, FID, CLIP score).
+constant-caption baseline) and image generation (caption match, FID, Inception score, CLIP
+score).
 
-The trainer calls ``heldout_losses`` (every layout and engine) and ``caption_metrics``
-(PP=1) every ``eval.interval`` steps; ``mtf-evaluate`` runs everything on a checkpoint
-(``evaluation.cli``) and writes JSON plus tensorboard scalars.
+The trainer calls ``heldout_losses`` (every layout and engine), ``caption_metrics`` and
+``sample_grid`` (PP=1) every ``eval.interval`` steps; ``mtf-evaluate`` runs everything on a
+checkpoint (``evaluation.cli``) and writes JSON, a sample grid, tensorboard scalars and, where
+``wandb.mode`` is on, a W&B evaluation run beside the training run.
 """
 
 from __future__ import annotations
@@ -110,49 +112,85 @@ def caption_metrics(
     }, {"constant_caption": constant, "examples": list(zip(references[:8], hypotheses[:8]))}
 
 
-def image_metrics(
-    model, cfg: ExperimentConfig, tokenizer, vae, batch_size: int = 16
-) -> tuple[dict, dict]:
+def draw_images(
+    model, cfg: ExperimentConfig, tokenizer, captions: list[str], scale: float, batch_size: int = 16
+) -> torch.Tensor:
+    """Latents for ``captions`` at guidance ``scale`` (``eval.diffusion_steps``), image i
+    seeded by i: the same noise at every evaluation."""
+    sampling = SamplingConfig(
+        diffusion_steps=cfg.eval.diffusion_steps, guidance_scale=scale, max_new_tokens=0
+    )
+    generator = Generator(model, cfg, tokenizer.special, sampling)
+    images = []
+    for start in range(0, len(captions), batch_size):
+        prompts = [
+            [TextSegment([tokenizer.special.bos, *tokenizer.encode(c)])]
+            for c in captions[start : start + batch_size]
+        ]
+        results = generator.generate(
+            prompts, force_image=True, seeds=list(range(start, start + len(prompts)))
+        )
+        images += [s.latent for r in results for s in r if isinstance(s, ImageSegment)]
+    return torch.stack(images)
+
+
+def sample_grid(model, cfg: ExperimentConfig, tokenizer, vae) -> tuple[np.ndarray, str]:
+    """Guided images of the first ``eval.samples`` held-out captions: one grid [H, W, 3]
+    uint8 and its captions in order. The same captions and noise at every evaluation, so
+    that the grids of successive steps compare."""
+    from data_prep.images import from_model_range
+    from megatron_transfusion.inference.images import image_grid
+
+    _, captions = _caption_samples(cfg.eval.image_caption_data, cfg.eval.samples, tokenizer)
+    latents = draw_images(model, cfg, tokenizer, captions, cfg.eval.guidance_scale)
+    pixels = from_model_range(vae.decode(latents).cpu())
+    return image_grid(list(pixels), columns=min(8, len(pixels))), "; ".join(captions)
+
+
+def image_metrics(model, cfg: ExperimentConfig, tokenizer, vae) -> tuple[dict, dict]:
     """Images for ``eval.images`` held-out captions, guided and unconditional (guidance 0):
-    caption match for both; FID and CLIP score where weights are configured."""
-    from megatron_transfusion.evaluation.images import caption_match, clip_score, fid
+    caption match for both; FID, Inception score and CLIP score where weights are
+    configured."""
+    from megatron_transfusion.evaluation.images import (
+        INCEPTION_SCORE_MIN_IMAGES,
+        INCEPTION_SCORE_SPLITS,
+        caption_match,
+        clip_score,
+        fid,
+        inception_score,
+    )
 
     e = cfg.eval
     latents, captions = _caption_samples(e.image_caption_data, e.images, tokenizer)
     real = vae.decode(torch.stack(latents)).cpu()
-    generated = {}
-    for name, scale in (("guided", e.guidance_scale), ("unconditional", 0.0)):
-        sampling = SamplingConfig(
-            diffusion_steps=e.diffusion_steps, guidance_scale=scale, max_new_tokens=0
-        )
-        generator = Generator(model, cfg, tokenizer.special, sampling)
-        images = []
-        for start in range(0, len(captions), batch_size):
-            prompts = [
-                [TextSegment([tokenizer.special.bos, *tokenizer.encode(c)])]
-                for c in captions[start : start + batch_size]
-            ]
-            results = generator.generate(
-                prompts, force_image=True, seeds=list(range(start, start + len(prompts)))
-            )
-            images += [s.latent for r in results for s in r if isinstance(s, ImageSegment)]
-        generated[name] = vae.decode(torch.stack(images)).cpu()
+    generated = {
+        name: vae.decode(draw_images(model, cfg, tokenizer, captions, scale)).cpu()
+        for name, scale in (("guided", e.guidance_scale), ("unconditional", 0.0))
+    }
     metrics = {
         "caption_match": caption_match(generated["guided"], real),
         "caption_match_unconditional": caption_match(generated["unconditional"], real),
         "images_evaluated": len(captions),
     }
     skipped = {}
+    weights = "set eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth"
     if e.inception_weights:
         metrics["fid"] = fid(generated["guided"], real, e.inception_weights)
     else:
-        skipped["fid"] = (
-            "skipped: set eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth"
+        skipped["fid"] = f"skipped: {weights}"
+    if not e.inception_weights:
+        skipped["inception_score"] = f"skipped: {weights}"
+    elif len(captions) < INCEPTION_SCORE_MIN_IMAGES:
+        skipped["inception_score"] = (
+            f"skipped: {len(captions)} images for {INCEPTION_SCORE_SPLITS} splits; "
+            f"set eval.images ≥ {INCEPTION_SCORE_MIN_IMAGES}"
         )
+    else:
+        metrics["inception_score"] = inception_score(generated["guided"], e.inception_weights)
     if e.clip_model:
         metrics["clip_score"] = clip_score(generated["guided"], captions, e.clip_model)
     else:
         skipped["clip_score"] = (
             "skipped: set eval.clip_model to a local Hugging Face CLIP directory"
         )
-    return metrics, {"skipped": skipped, "images": generated}
+    return metrics, {"skipped": skipped, "images": generated, "captions": captions}

@@ -1,5 +1,6 @@
-"""Image metrics. FID and CLIP score are torchmetrics' (the ``metrics`` extra), so that they
-mean what published ones mean; nothing is downloaded: both take weights from local paths.
+"""Image metrics. FID, Inception score and CLIP score are torchmetrics' (the ``metrics``
+extra), so that they mean what published ones mean; nothing is downloaded: all take weights
+from local paths.
 
 - ``caption_match``: how much a generated image resembles the image of its own caption
   rather than other captions' images (pairwise; 0.5 is chance). Ours: it needs no weights, so
@@ -7,14 +8,20 @@ mean what published ones mean; nothing is downloaded: both take weights from loc
 - ``fid``: torchmetrics' ``FrechetInceptionDistance`` on torch-fidelity's port of the
   TF-Inception network with the TF-FID weights (``pt_inception-2015-12-05-6726825d.pth``),
   images resized to 299 px by the TF-1 bilinear resize that the published FID used.
+- ``inception_score``: torchmetrics' ``InceptionScore`` (the mean over 10 random splits of
+  exp E KL(p(y|x) ‖ p(y))) on the same network's 1008 logits, as torch-fidelity computes it;
+  the splits are drawn from a fixed seed, not the global RNG, so the same images score alike.
 - ``clip_score``: torchmetrics' ``CLIPScore`` (100 · mean cosine of CLIP's image and caption
   embeddings, floored at 0) with a local Hugging Face CLIP directory and its own processor.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pickle
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +31,8 @@ from megatron_transfusion import platform
 from megatron_transfusion.config import EvalConfig, UserError
 
 INSTALL_METRICS = "pip install 'megatron_transfusion[metrics]'"
+INCEPTION_SCORE_SPLITS = 10  # the published protocol's (of 50,000 images)
+INCEPTION_SCORE_MIN_IMAGES = 2 * INCEPTION_SCORE_SPLITS  # one per split scores exactly 1
 
 
 def caption_match(generated: torch.Tensor, real: torch.Tensor, pooled: int = 8) -> float:
@@ -102,30 +111,80 @@ def _pixels(images: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(from_model_range(images)).permute(0, 3, 1, 2)
 
 
+@contextmanager
+def _tf_inception(weights: Path):
+    """Builds the TF-Inception network from ``weights``: other tensors a one-line error."""
+    try:
+        yield
+    except RuntimeError as e:  # load_state_dict: other tensors than the TF-FID network's
+        raise UserError(
+            f"eval.inception_weights '{weights}' is not the TF-Inception FID network "
+            f"({_brief(e)}); use pt_inception-2015-12-05-6726825d.pth"
+        ) from None
+
+
+def _keeps_global_rng(metric):
+    """Building the network (random init before its weights load) and IS's splits draw
+    from torch's global RNG: run ``metric`` on a fork, so that evaluating moves no seed."""
+
+    @functools.wraps(metric)
+    def wrapped(*args, **kwargs):
+        with torch.random.fork_rng(devices=[]):
+            return metric(*args, **kwargs)
+
+    return wrapped
+
+
+@_keeps_global_rng
 @torch.no_grad()
 def fid(generated: torch.Tensor, real: torch.Tensor, weights: str | Path, batch: int = 64) -> float:
     """FID between two image sets [n, 3, H, W] in [-1, 1] (n ≥ 2 each)."""
     weights = check_fid_weights(weights)
     from torchmetrics.image.fid import FrechetInceptionDistance
 
-    try:
+    with _tf_inception(weights):
         metric = FrechetInceptionDistance(
             feature=2048,
             feature_extractor_weights_path=str(weights),
             antialias=False,  # TF-1's resize, as torch-fidelity and the published FID
             sync_on_compute=False,  # tensor-parallel ranks hold the same images
         )
-    except RuntimeError as e:  # load_state_dict: other tensors than the TF-FID network's
-        raise UserError(
-            f"eval.inception_weights '{weights}' is not the TF-Inception FID network "
-            f"({_brief(e)}); use pt_inception-2015-12-05-6726825d.pth"
-        ) from None
     device = platform.current().device()
     metric = metric.to(device)
     for images, is_real in ((generated, False), (real, True)):
         for start in range(0, len(images), batch):
             metric.update(_pixels(images[start : start + batch]).to(device), real=is_real)
     return float(metric.compute())
+
+
+@_keeps_global_rng
+@torch.no_grad()
+def inception_score(
+    images: torch.Tensor, weights: str | Path, seed: int = 0, batch: int = 64
+) -> float:
+    """Inception score of images [n, 3, H, W] in [-1, 1] (n ≥ INCEPTION_SCORE_MIN_IMAGES)."""
+    weights = check_fid_weights(weights)
+    from torchmetrics.image.fid import NoTrainInceptionV3
+    from torchmetrics.image.inception import InceptionScore
+
+    with _tf_inception(weights):
+        network = NoTrainInceptionV3(
+            name="inception-v3-compat",
+            features_list=["logits_unbiased"],  # what InceptionScore builds by default
+            feature_extractor_weights_path=str(weights),
+            antialias=False,
+        )
+    device = platform.current().device()
+    with warnings.catch_warnings():  # that it keeps every image's logits: 1008 floats each
+        warnings.filterwarnings("ignore", "Metric `InceptionScore` will save all")
+        metric = InceptionScore(
+            feature=network, splits=INCEPTION_SCORE_SPLITS, sync_on_compute=False
+        ).to(device)
+    for start in range(0, len(images), batch):
+        metric.update(_pixels(images[start : start + batch]).to(device))
+    torch.manual_seed(seed)  # compute() splits at random with the global RNG
+    mean, _ = metric.compute()
+    return float(mean)
 
 
 @torch.no_grad()

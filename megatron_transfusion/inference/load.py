@@ -90,10 +90,10 @@ def load_for_inference(
 
 
 def _manifest(cfg: ExperimentConfig) -> dict | None:
-    """The training data's manifest when it is a local directory (image data first: it
-    names the VAE as well as the tokenizer)."""
+    """The training data's manifest when it is a local directory (data with images first:
+    it names the VAE as well as the tokenizer)."""
     manifests = local_manifests(s.path for s in cfg.data.sources)
-    images = [m for m in manifests if m["kind"] == "image_caption"]
+    images = [m for m in manifests if m["kind"] != "text"]
     return (images or manifests or [None])[0]
 
 

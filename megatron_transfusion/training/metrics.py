@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -135,18 +136,21 @@ class MetricsLogger:
         """Record ``values`` at ``step``; returns the console line for the caller to print.
 
         Non-finite values are written as JSON null (strict JSON has no NaN/Infinity)."""
-        self._write(self._jsonl if self.rank0 else None, step, values, "")
+        self._write(self._jsonl if self.rank0 else None, step, values, "", {})
         return format_line(step, values)
 
-    def log_eval(self, step: int, values: dict[str, float]) -> str:
-        """Held-out metrics: ``logs/eval.jsonl`` and tensorboard / W&B keys ``eval/<name>``."""
+    def log_eval(
+        self, step: int, values: dict[str, float], images: dict[str, tuple] | None = None
+    ) -> str:
+        """Held-out metrics: ``logs/eval.jsonl`` and tensorboard / W&B keys ``eval/<name>``;
+        ``images`` (name -> (grid [H, W, 3] uint8, caption)) to ``<name>/step_N.png`` too."""
         if self.rank0 and self._eval_jsonl is None:
             # Opened at the first eval, kept open for the logger's lifetime, closed by close().
             self._eval_jsonl = open(self.run_dir / "logs" / "eval.jsonl", "a")  # noqa: SIM115
-        self._write(self._eval_jsonl, step, values, "eval/")
+        self._write(self._eval_jsonl, step, values, "eval/", images or {})
         return f"eval step {step} | " + " | ".join(f"{k} {v:.4g}" for k, v in values.items())
 
-    def _write(self, jsonl, step: int, values: dict[str, float], prefix: str) -> None:
+    def _write(self, jsonl, step: int, values: dict, prefix: str, images: dict) -> None:
         if not self.rank0:
             return
         record = {"step": step}
@@ -154,11 +158,17 @@ class MetricsLogger:
             value = float(value)
             record[key] = value if math.isfinite(value) else None
             self._tensorboard.add_scalar(prefix + key, value, step)
+        for name, (grid, caption) in images.items():
+            (self.run_dir / name).mkdir(exist_ok=True)
+            Image.fromarray(grid).save(self.run_dir / name / f"step_{step:08d}.png")
+            (self.run_dir / name / f"step_{step:08d}.txt").write_text(caption + "\n")
+            self._tensorboard.add_image(prefix + name, grid, step, dataformats="HWC")
         jsonl.write(json.dumps(record) + "\n")
         jsonl.flush()  # written every few steps: keep files current
         self._tensorboard.flush()
         if self._wandb is not None:
-            self._wandb.log({prefix + key: float(value) for key, value in values.items()}, step)
+            logged = {prefix + key: float(value) for key, value in values.items()}
+            self._wandb.log({**logged, **_wandb_images(images, prefix)}, step)
 
     def close(self) -> None:
         if self.rank0:
@@ -179,17 +189,22 @@ def require_wandb(w: WandbConfig) -> None:
         )
 
 
-def _wandb_run(run_dir: Path, cfg: ExperimentConfig):
-    """The run directory's W&B run: its id is kept in ``logs/wandb_run_id``, so a resumed
-    run (a requeued job) continues the same W&B run. W&B's files go to ``run_dir/wandb/``."""
+def _wandb_run(run_dir: Path, cfg: ExperimentConfig, job: str = "train"):
+    """The run directory's W&B run of job type ``job``: its id is kept in
+    ``logs/wandb_run_id`` (``logs/wandb_<job>_run_id`` for other jobs), so a resumed run (a
+    requeued job) continues the same W&B run. The jobs of one run directory share a W&B
+    group; W&B's files go to ``run_dir/wandb/``."""
     import wandb
 
-    id_file = run_dir / "logs" / "wandb_run_id"
+    id_file = run_dir / "logs" / ("wandb_run_id" if job == "train" else f"wandb_{job}_run_id")
     w = cfg.wandb
+    name = w.name or cfg.run.name
     run = wandb.init(
         project=w.project,
         entity=w.entity,
-        name=w.name or cfg.run.name,
+        name=name if job == "train" else f"{name}-{job}",
+        group=name,
+        job_type=job,
         tags=w.tags,
         mode=w.mode,
         id=id_file.read_text().strip() if id_file.exists() else None,
@@ -199,6 +214,29 @@ def _wandb_run(run_dir: Path, cfg: ExperimentConfig):
     )
     id_file.write_text(run.id)
     return run
+
+
+def _wandb_images(images: dict[str, tuple], prefix: str) -> dict:
+    if not images:
+        return {}
+    import wandb
+
+    return {prefix + k: wandb.Image(grid, caption=caption) for k, (grid, caption) in images.items()}
+
+
+def log_checkpoint_evaluation(
+    run_dir: Path, cfg: ExperimentConfig, step: int, values: dict, images: dict[str, tuple]
+) -> None:
+    """``mtf-evaluate``'s results in the run directory's W&B evaluation run (job type
+    "eval", in the training run's group), one record per checkpoint against
+    ``checkpoint_step``. Not in the training run itself: that may still be running, and W&B
+    drops records at steps below the last one it has."""
+    run = _wandb_run(run_dir, cfg, job="eval")
+    run.define_metric("checkpoint_step")
+    run.define_metric("eval/*", step_metric="checkpoint_step")
+    logged = {f"eval/{key}": float(value) for key, value in values.items()}
+    run.log({"checkpoint_step": step, **logged, **_wandb_images(images, "eval/")})
+    run.finish()
 
 
 class Console:

@@ -32,8 +32,8 @@ from megatron_transfusion import platform
 from megatron_transfusion.config import EXIT_PREEMPTED, ExperimentConfig
 from megatron_transfusion.data import MixedModalityLoader
 from megatron_transfusion.diffusion import CosineSchedule
-from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses
-from megatron_transfusion.inference.load import load_tokenizer
+from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses, sample_grid
+from megatron_transfusion.inference.load import load_image_vae, load_tokenizer
 from megatron_transfusion.model import build_model
 from megatron_transfusion.parallel import destroy_distributed, init_distributed, seed_everything
 from megatron_transfusion.planning.ranking import predicted_memory
@@ -109,20 +109,22 @@ def _restore_rng(states: dict[str, torch.Tensor], noise_generator: torch.Generat
     tensor_parallel.get_cuda_rng_tracker().set_states(tracker)
 
 
-def evaluate(cfg: ExperimentConfig, engine, tokenizer) -> dict[str, float]:
-    """Held-out losses in any layout; captioning metrics too where configured (PP=1)."""
+def evaluate(cfg: ExperimentConfig, engine, tokenizer, vae) -> tuple[dict[str, float], dict]:
+    """Held-out losses in any layout; captioning metrics and a sample grid too where
+    configured (PP=1). Returns the metrics and the images by name."""
     metrics = heldout_losses(
         engine.evaluate,
         cfg,
         parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(),
     )
+    images = {}
+    model = getattr(engine.model_chunks[0], "module", engine.model_chunks[0])  # DDP or bare
     if cfg.eval.captions:
-        model = getattr(
-            engine.model_chunks[0], "module", engine.model_chunks[0]
-        )  # DDP-wrapped or bare
         metrics.update(caption_metrics(model, cfg, tokenizer)[0])
-    return metrics
+    if cfg.eval.samples:
+        images["samples"] = sample_grid(model, cfg, tokenizer, vae)
+    return metrics, images
 
 
 def train(cfg: ExperimentConfig, resume: str | None = None, verify: bool = True) -> dict:
@@ -181,7 +183,9 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
         if rank0:
             print(f"resumed from {found} at step {step}", flush=True)
 
-    tokenizer = load_tokenizer(cfg) if cfg.eval.interval and cfg.eval.captions else None
+    generating = cfg.eval.interval and (cfg.eval.captions or cfg.eval.samples)
+    tokenizer = load_tokenizer(cfg) if generating else None
+    vae = load_image_vae(cfg) if cfg.eval.interval and cfg.eval.samples else None
     logger = MetricsLogger(run_dir, rank0, cfg)
     console = Console(rank0, cfg.run.train_steps, step)
     profiling = Profiling(cfg.profile, run_dir, plat, step, console.print)
@@ -268,7 +272,7 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
                     "resume from an earlier checkpoint with checkpoint.load"
                 )
             if cfg.eval.interval and step % cfg.eval.interval == 0:
-                console.print(logger.log_eval(step, evaluate(cfg, engine, tokenizer)))
+                console.print(logger.log_eval(step, *evaluate(cfg, engine, tokenizer, vae)))
             stopping = stop.agreed()
             last_step = step == cfg.run.train_steps
             if step % cfg.checkpoint.interval == 0 or last_step or stopping:
