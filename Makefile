@@ -42,7 +42,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 demo: setup
-	RESUME=none bash launch/pretrain_local.sh eval.captions=32
+	RESUME=none bash launch/pretrain_local.sh eval.captions=32 eval.samples=8
 
 # Learning quality (issue 12): shapes set -> VAE -> shards -> train -> generate -> score.
 quality: setup

@@ -265,7 +265,7 @@ class EvalConfig:
     batches: int = 4  # global batches of held-out data for the losses and perplexity
     captions: int = 0  # held-out images to caption for CIDEr-D / BLEU-4 (needs PP=1)
     # Held-out captions drawn (guided) at each training evaluation, the same ones each time:
-    # a grid to <run dir>/samples/step_N.png, tensorboard and W&B (needs PP=1).
+    # a grid to <run dir>/eval_samples/step_N.png, tensorboard and W&B (needs PP=1).
     samples: int = 0
     images: int = 0  # held-out captions to draw for FID / IS / CLIP score (mtf-evaluate only)
     diffusion_steps: int = 50

@@ -128,7 +128,7 @@ def same_picture(a: Path, b: Path) -> bool:
 
 def test_training_evaluations_send_sample_grids_to_every_sink(observed):
     """eval.samples=2: at steps 3 and 6 the two held-out captions' images, one grid in
-    samples/ (its captions beside it), tensorboard and the W&B run, with the eval scalars."""
+    eval_samples/ (its captions beside it), tensorboard and the W&B run, with the eval scalars."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir, _, _ = observed
@@ -139,13 +139,13 @@ def test_training_evaluations_send_sample_grids_to_every_sink(observed):
         step = evaluation["step"]
         logged = tracked.history[step]
         assert logged["eval/heldout_loss"] == evaluation["heldout_loss"]
-        png = run_dir / "samples" / f"step_{step:08d}.png"
+        png = run_dir / "eval_samples" / f"step_{step:08d}.png"
         assert Image.open(png).size == (2 * 32, 32)  # two 32-px images side by side
         image = logged["eval/samples"]
         assert image["_type"] == "image-file" and (image["width"], image["height"]) == (64, 32)
         assert same_picture(tracked.directory / "files" / image["path"], png)
-    captions = (run_dir / "samples" / "step_00000003.txt").read_text()
-    assert captions == (run_dir / "samples" / "step_00000006.txt").read_text()
+    captions = (run_dir / "eval_samples" / "step_00000003.txt").read_text()
+    assert captions == (run_dir / "eval_samples" / "step_00000006.txt").read_text()
     assert len(captions.split("; ")) == 2
     board = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     board.Reload()

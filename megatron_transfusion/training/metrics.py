@@ -143,7 +143,8 @@ class MetricsLogger:
         self, step: int, values: dict[str, float], images: dict[str, tuple] | None = None
     ) -> str:
         """Held-out metrics: ``logs/eval.jsonl`` and tensorboard / W&B keys ``eval/<name>``;
-        ``images`` (name -> (grid [H, W, 3] uint8, caption)) to ``<name>/step_N.png`` too."""
+        ``images`` (name -> (grid [H, W, 3] uint8, caption)) to ``eval_<name>/step_N.png``
+        too (``samples/`` is mtf-generate's)."""
         if self.rank0 and self._eval_jsonl is None:
             # Opened at the first eval, kept open for the logger's lifetime, closed by close().
             self._eval_jsonl = open(self.run_dir / "logs" / "eval.jsonl", "a")  # noqa: SIM115
@@ -159,9 +160,10 @@ class MetricsLogger:
             record[key] = value if math.isfinite(value) else None
             self._tensorboard.add_scalar(prefix + key, value, step)
         for name, (grid, caption) in images.items():
-            (self.run_dir / name).mkdir(exist_ok=True)
-            Image.fromarray(grid).save(self.run_dir / name / f"step_{step:08d}.png")
-            (self.run_dir / name / f"step_{step:08d}.txt").write_text(caption + "\n")
+            directory = self.run_dir / (prefix.replace("/", "_") + name)
+            directory.mkdir(exist_ok=True)
+            Image.fromarray(grid).save(directory / f"step_{step:08d}.png")
+            (directory / f"step_{step:08d}.txt").write_text(caption + "\n")
             self._tensorboard.add_image(prefix + name, grid, step, dataformats="HWC")
         jsonl.write(json.dumps(record) + "\n")
         jsonl.flush()  # written every few steps: keep files current
