@@ -26,7 +26,9 @@ A Hugging Face export (``mtf-checkpoint export --format hf``) is a directory
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from pathlib import Path
 
 CHECKPOINTS = "checkpoints"
@@ -56,6 +58,23 @@ def checkpoints_dir(run_dir: Path) -> Path:
 
 def run_config_file(run_dir: Path) -> Path:
     return run_dir / RUN_CONFIG
+
+
+def set_aside_previous_run(run_dir: Path) -> Path | None:
+    """Starting over (resume "none") where a run already is: its directory is renamed to
+    ``<run>.before-<UTC time>`` rather than mixed with the new run, whose logs would
+    append to it and whose crash before its first save would resume the old checkpoints.
+    Returns the new name; None where there was no run."""
+    if not run_dir.is_dir() or not any(run_dir.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    aside = run_dir.with_name(f"{run_dir.name}.before-{stamp}")
+    for n in itertools.count(1):
+        if not aside.exists():
+            break
+        aside = run_dir.with_name(f"{run_dir.name}.before-{stamp}-{n}")
+    run_dir.rename(aside)
+    return aside
 
 
 def run_config_path(checkpoint: str | Path) -> Path:

@@ -836,3 +836,40 @@ def test_inspect_reads_an_export_and_names_a_missing_path(tmp_path):
         FileNotFoundError, match=re.escape(f"no such checkpoint: {tmp_path / 'nope'}")
     ):
         inspect(tmp_path / "nope")
+
+
+def steps_logged(run_dir: Path) -> list[tuple[int, float]]:
+    lines = (run_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["loss"]) for r in map(json.loads, lines)]
+
+
+def test_starting_over_sets_the_previous_run_aside_whole(data_root, tmp_path):
+    """resume=none where a run is: the old run directory is kept, renamed, and the new run
+    starts with empty logs and checkpoints (so nothing appends to the old files, and a
+    crash before the first save cannot resume the old checkpoints)."""
+    run(1, overrides(data_root, tmp_path, 4))
+    output = run(1, ["--resume", "none", *overrides(data_root, tmp_path, 2)])
+    (aside,) = tmp_path.glob("tiny.before-*")
+    assert f"the previous run in {tmp_path / 'tiny'} was moved to {aside}" in output
+    old, new = steps_logged(aside), steps_logged(tmp_path / "tiny")
+    assert [s for s, _ in old] == [1, 2, 3, 4] and new == old[:2]  # from step 0 again
+    checkpoints = {p.name for p in (aside / "checkpoints").glob("step_*")}
+    assert checkpoints == {"step_00000002", "step_00000004"}
+    assert [p.name for p in (tmp_path / "tiny" / "checkpoints").glob("step_*")] == [STEP]
+
+
+def test_starting_over_on_another_runs_checkpoints_is_one_line_on_every_rank(data_root, tmp_path):
+    """checkpoint.directory outside the run directory holding checkpoints: resume=none
+    would mix two runs there. Both ranks refuse before building anything (no rank waits
+    for the other) and the launcher prints the one line once."""
+    elsewhere = tmp_path / "elsewhere"
+    run(1, overrides(data_root, tmp_path, 2, f"checkpoint.directory={elsewhere}"))
+    args = overrides(data_root, tmp_path, 2, f"checkpoint.directory={elsewhere}")
+    process = launched(2, "--resume", "none", *args)
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 2, out[-2000:] + err[-4000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: config field 'checkpoint.directory': {elsewhere} holds another run's "
+        "checkpoints; resume=none would mix them: resume that run, or give an empty directory"
+    )
+    assert not list(tmp_path.glob("tiny.before-*"))

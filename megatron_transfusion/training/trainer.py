@@ -29,7 +29,7 @@ from megatron.core import parallel_state, tensor_parallel
 from checkpoints import layout, train_state
 from checkpoints.sources import check_made_with, initialize_weights
 from megatron_transfusion import platform
-from megatron_transfusion.config import EXIT_PREEMPTED, ExperimentConfig
+from megatron_transfusion.config import EXIT_PREEMPTED, ConfigError, ExperimentConfig
 from megatron_transfusion.data import MixedModalityLoader
 from megatron_transfusion.diffusion import CosineSchedule
 from megatron_transfusion.evaluation.evaluate import caption_metrics, heldout_losses, sample_grid
@@ -127,6 +127,27 @@ def evaluate(cfg: ExperimentConfig, engine, tokenizer, vae) -> tuple[dict[str, f
     return metrics, images
 
 
+def _start_over(cfg: ExperimentConfig, run_dir: Path, ckpt_dir: Path, rank0: bool) -> None:
+    """resume=none: the previous run in the run directory, if any, set aside whole (by
+    rank 0; every rank checks, so that a mistake ends every rank alike)."""
+    if ckpt_dir.resolve().parent != run_dir.resolve() and layout.latest_file(ckpt_dir).exists():
+        raise ConfigError(
+            f"config field 'checkpoint.directory': {ckpt_dir} holds another run's checkpoints; "
+            "resume=none would mix them: resume that run, or give an empty directory"
+        )
+    init_from = cfg.checkpoint.init_from
+    if init_from and Path(init_from.removeprefix("hf:")).resolve().is_relative_to(
+        run_dir.resolve()
+    ):
+        raise ConfigError(
+            f"config field 'checkpoint.init_from': {init_from} is inside {run_dir}, which "
+            "resume=none starts over in: give this run another run.name"
+        )
+    aside = layout.set_aside_previous_run(run_dir) if rank0 else None
+    if aside is not None:
+        print(f"resume=none: the previous run in {run_dir} was moved to {aside}", flush=True)
+
+
 def train(cfg: ExperimentConfig, resume: str | None = None, verify: bool = True) -> dict:
     """Runs to ``run.train_steps`` (or a stop request). Returns the last step's metrics.
     ``resume``: "auto", "none" or a checkpoint path; None: ``checkpoint.load`` if set, else
@@ -149,9 +170,13 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
         if cfg.checkpoint.directory
         else layout.checkpoints_dir(run_dir)
     )
+    if resume == "none":
+        _start_over(cfg, run_dir, ckpt_dir, rank0)
     if rank0:
-        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        for directory in (run_dir, ckpt_dir):  # checkpoint.directory may be elsewhere
+            directory.mkdir(parents=True, exist_ok=True)
         layout.run_config_file(run_dir).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    dist.barrier()  # no rank writes into the run directory before it is there
     seed_everything(cfg.run.seed)
     memory_start = plat.peak_memory()  # logged: what model, engine and data add to it
     chunks = build_model(cfg, plat)
