@@ -19,7 +19,9 @@ output directory), with the documented tools only:
    under the torchrun launcher, on the base run's text and shapes captions and the edits;
 4. ``mtf-generate`` draws the result of each test edit from its input image and instruction,
    scored against the scene asked for (``shapes.score_edit``): exactly right, and the share
-   of the attributes the instruction did not name that are untouched.
+   of the attributes the instruction did not name that are untouched;
+5. what the fine-tune kept: the learning-quality benchmark's text -> image and image -> text
+   on the base run's test scenes, by the base checkpoint and by the edited model.
 
 Prints both per edit kind on seen and held-out edits, next to what copying the input scores
 (0% exactly right, 100% untouched: doing nothing does not reach the score); writes
@@ -55,8 +57,10 @@ from benchmarks.learning_quality import (
     print_timings,
     scene_splits,
     test_cases,
+    test_scenes,
     train_tiny,
 )
+from benchmarks.learning_quality import evaluate as evaluate_learning_quality
 from checkpoints import layout
 from data_prep.images import decode_image, encode_png
 from data_prep.shapes import (
@@ -295,6 +299,24 @@ def evaluate(
     }
 
 
+def retained(base: Base, run: Path, out: Path, args: argparse.Namespace) -> dict:
+    """What fine-tuning on edits keeps of the base model: the learning-quality benchmark's
+    text -> image and image -> text on the base run's test scenes, for the base checkpoint
+    and the edited model alike (the same cases, seeds and sampler)."""
+    cases = test_cases(test_scenes(args.split_seed), args.retained_per_kind, args.seed)
+    settings = argparse.Namespace(
+        sampler=args.sampler,
+        diffusion_steps=args.diffusion_steps,
+        spacing="leading",
+        guidance=args.guidance,
+        seed=args.seed,
+    )
+    return {
+        name: evaluate_learning_quality(model, out / name, cases, settings)
+        for name, model in (("base", base.checkpoint), ("edited", run))
+    }
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="runs/quality", help="a learning-quality --out")
@@ -308,6 +330,13 @@ def main(argv=None) -> None:
     )
     parser.add_argument(
         "--per-kind", type=int, default=24, help="test edits of each kind, seen and held out"
+    )
+    parser.add_argument(
+        "--retained-per-kind",
+        type=int,
+        default=24,
+        help="learning-quality test cases of each kind, drawn and captioned by the base and "
+        "the edited model",
     )
     parser.add_argument("--diffusion-steps", type=int, default=100)
     parser.add_argument("--sampler", default="ddpm")
@@ -351,11 +380,14 @@ def main(argv=None) -> None:
     tests = edit_test_cases(cases, args.per_kind, args.seed)
     results = evaluate(run, out / "eval", tests, base.image_size, args)
     timings["generate"] = results.pop("generation_seconds")
+    kept = retained(base, run, out / "eval" / "retained", args)
+    timings["retained"] = sum(r.pop("generation_seconds") for r in kept.values())
     results = {
         "config": vars(args),
         "base": {k: str(v) for k, v in asdict(base).items()},
         "timings_seconds": timings,
         **results,
+        "retained": kept,
     }
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_results(results)
@@ -375,6 +407,13 @@ def print_results(results: dict) -> None:
                 f"{row['untouched_preserved']:>11.0%}"
                 f"  | {'':<11}{copy['exactly_right']:>15.0%}{copy['untouched_preserved']:>11.0%}"
             )
+    kept = results["retained"]
+    print(f"{'retained':<16}{'text -> image, all right':>26}{'captions exact':>22}")
+    print(f"{'':<16}{'base':>14}{'edited':>12}{'base':>12}{'edited':>10}")
+    for kind in kept["base"]["image_to_text"]:
+        t2i = [kept[m]["text_to_image"][kind]["all"] for m in ("base", "edited")]
+        i2t = [kept[m]["image_to_text"][kind] for m in ("base", "edited")]
+        print(f"{kind:<16}{t2i[0]:>14.0%}{t2i[1]:>12.0%}{i2t[0]:>12.0%}{i2t[1]:>10.0%}")
     print_timings(results)
 
 

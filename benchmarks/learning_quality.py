@@ -117,6 +117,12 @@ def make_inputs(
                 info = tarfile.TarInfo(f"{i:07d}{suffix}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
+    return test_scenes(split_seed)
+
+
+def test_scenes(split_seed: int = SPLIT_SEED) -> dict[str, list[Scene]]:
+    """The scenes of each test kind: one and two objects, seen in training or held out."""
+    singles, pairs = scene_splits(split_seed)
     return {
         "seen": list(singles.seen),
         "held_out": list(singles.held_out),

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from PIL import Image
 
 from benchmarks import editing
 from benchmarks import learning_quality as lq
@@ -187,11 +188,16 @@ def _fake_tools(commands: list[list[str]]):
         commands.append(command)
         if command[0].endswith("mtf-generate"):
             out = Path(command[command.index("--out") + 1])
+            out.mkdir(parents=True, exist_ok=True)
             prompts = Path(command[command.index("--prompts-file") + 1]).read_text().splitlines()
             records = []
             for index, prompt in enumerate(prompts):
-                image = Path(re.match(r"<image:([^>]+)>", prompt)[1])
-                (out / f"sample_{index:04d}_0.png").write_bytes(image.read_bytes())
+                given = re.match(r"<image:([^>]+)>", prompt)
+                sample = out / f"sample_{index:04d}_0.png"
+                if given:
+                    sample.write_bytes(Path(given[1]).read_bytes())
+                else:  # a caption: a blank image
+                    Image.new("RGB", (32, 32), "white").save(sample)
                 records.append(json.dumps({"prompt": prompt, "output": ""}) + "\n")
             (out / "samples.jsonl").write_text("".join(records))
         elif "merge" in command:
@@ -207,20 +213,29 @@ def _fake_tools(commands: list[list[str]]):
 
 
 def test_the_stages_run_in_order_and_reuse_keeps_finished_ones(tmp_path, monkeypatch, capsys):
-    """The whole command with its tools stubbed (a model that copies its input): every stage
-    in order, results.json with the copy baseline twice, and --reuse runs only mtf-generate."""
+    """The whole command with its tools stubbed (a model that copies its input, draws blank
+    images and writes empty captions): every stage in order, results.json with the copy
+    baseline twice and what base and edited model retain, and --reuse runs only
+    mtf-generate."""
     base = _fake_base(tmp_path)
     commands = []
     monkeypatch.setattr(lq, "_run", _fake_tools(commands))
     monkeypatch.setattr(editing, "_run", _fake_tools(commands))
     out = tmp_path / "editing"
     argv = ["--base", str(base), "--out", str(out), "--train-examples", "8", "--per-kind", "2"]
-    editing.main([*argv, "--steps", "5"])
+    editing.main([*argv, "--steps", "5", "--retained-per-kind", "2"])
     assert [c[1] if c[0].endswith("mtf-prepare-data") else Path(c[0]).name for c in commands] == [
         "shard",
         "merge",
         Path(sys.executable).name,
-        "mtf-generate",
+        *["mtf-generate"] * 5,  # the edits, then base and edited: text -> image, captions
+    ]
+    run = str(out / lq.RUN_NAME)
+    drawn = [(c[1], c[c.index("--mode") + 1]) for c in commands[3:]]
+    base_checkpoint = str(find_base(base).checkpoint)
+    assert drawn == [(run, "image"), (base_checkpoint, "image"), (base_checkpoint, "text")] + [
+        (run, "image"),
+        (run, "text"),
     ]
     results = json.loads((out / "results.json").read_text())
     assert results["edited"] == results["copy_input"]
@@ -228,15 +243,25 @@ def test_the_stages_run_in_order_and_reuse_keeps_finished_ones(tmp_path, monkeyp
         "exactly_right": 0.0,
         "untouched_preserved": 1.0,
     }
-    assert set(results["timings_seconds"]) == {"data", "shard", "train", "generate"}
+    kinds = ["seen", "held_out", "pairs_seen", "pairs_held_out"]
+    for model in ("base", "edited"):  # blank images, empty captions: nothing right
+        kept = results["retained"][model]
+        assert kept["image_to_text"] == dict.fromkeys(kinds, 0.0)
+        assert [kept["text_to_image"][kind]["all"] for kind in kinds] == [0.0] * 4
+    assert set(results["timings_seconds"]) == {"data", "shard", "train", "generate", "retained"}
     printed = capsys.readouterr().out.splitlines()
     assert printed[1].split() == ["recolour", "seen", "0%", "100%", "|", "0%", "100%"]
-    assert len(printed) == 1 + 4 * 2 + 3 + 1
+    assert printed[-3].split() == ["pairs_seen", "0%", "0%", "0%", "0%"]
+    assert len(printed) == 1 + 4 * 2 + 3 + 2 + 4 + 1
 
     commands.clear()
+    argv += ["--retained-per-kind", "2"]
     editing.main([*argv, "--steps", "5", "--reuse"])
-    assert [Path(c[0]).name for c in commands] == ["mtf-generate"]
+    assert [Path(c[0]).name for c in commands] == ["mtf-generate"] * 5
     editing.main([*argv, "--steps", "6", "--reuse"])  # another budget is another run
-    assert [Path(c[0]).name for c in commands][1:] == [Path(sys.executable).name, "mtf-generate"]
+    assert [Path(c[0]).name for c in commands][5:] == [
+        Path(sys.executable).name,
+        *["mtf-generate"] * 5,
+    ]
     with pytest.raises(SystemExit, match="not a finished learning-quality run"):
         editing.main(["--base", str(tmp_path / "nothing"), "--out", str(out)])
