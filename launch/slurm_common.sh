@@ -10,11 +10,12 @@
 #   1. Slurm sends USR1 to this batch shell only (#SBATCH --signal=B:USR1@LEAD, LEAD seconds
 #      before the time limit; by hand: scancel --signal=USR1 --batch JOBID).
 #   2. The trap forwards it once to srun, which forwards it to its task on every node: torchrun.
-#   3. torchrun (--signals_to_handle ... SIGUSR1) forwards it to its workers and waits up to
-#      MTF_STOP_GRACE seconds for them before it kills them; it then exits non-zero.
+#   3. torchrun (python -m megatron_transfusion.launch, --signals_to_handle ... SIGUSR1)
+#      forwards it to its workers and waits up to MTF_STOP_GRACE seconds for them before it
+#      kills them; it then exits non-zero (128 + USR1, "stopped by SIGUSR1").
 #   4. The trainer finishes the step, saves a checkpoint and exits with 3 (EXIT_PREEMPTED).
-#   5. torchrun reports any worker's exit as 1, so this shell goes by what it saw: a stop was
-#      requested and srun failed -> `scontrol requeue`. The job re-runs with the same id (so
+#   5. This shell goes by what it saw: a stop was requested and srun failed ->
+#      `scontrol requeue`. The job re-runs with the same id (so
 #      the same run directory) and SLURM_RESTART_COUNT + 1; `--resume auto` continues from
 #      the checkpoint. srun succeeding means training finished first: the job completes.
 
@@ -137,8 +138,10 @@ mtf_pretrain() {
     mtf_export_runtime_env
     mtf_export_flight_recorder "$output_root/$run_name"
     # torchrun forwards these to its workers (its default list lacks the stop signal, USR1).
+    # Through the project's launcher: a user mistake ends in the workers' one error line
+    # and exit 2 in the job log, not in torchrun's ChildFailedError traceback.
     local signals=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-    local torchrun=("$MTF_PYTHON" -m torch.distributed.run
+    local torchrun=("$MTF_PYTHON" -m megatron_transfusion.launch
         --nnodes="$tasks" --nproc_per_node="$nproc"
         --rdzv_backend=c10d --rdzv_endpoint="$master:$port" --rdzv_id="$job"
         --max_restarts=0 --signals_to_handle="$signals" --shutdown_timeout="$MTF_STOP_GRACE"

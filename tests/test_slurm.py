@@ -78,6 +78,7 @@ def test_7b_dry_run_prints_the_layout_and_command(nodes):
         "flight recorder: TORCH_NCCL_TRACE_BUFFER_SIZE=2000 TORCH_NCCL_DUMP_ON_TIMEOUT=1 "
         f"TORCH_FR_DUMP_TEMP_FILE={run_dir}/flight_recorder/rank_" in out
     )
+    assert command[4:6] == ["-m", "megatron_transfusion.launch"]  # torchrun, one-line errors
     for arg in (
         f"--nnodes={n}",
         "--nproc_per_node=8",
@@ -247,6 +248,7 @@ def test_preemption_signal_saves_requeues_and_resumes_exactly(
     )
     first, second = text.split("requeueing job", 1)
     assert "got USR1" in first and "stop requested: saved step" in first
+    assert "stopped by SIGUSR1" in first and "Traceback" not in text  # the launcher's ending
     saved = int(re.search(r"stop requested: saved step (\d+)", first).group(1))
     assert 2 <= saved < STEPS
     assert "(restart 1)" in second  # SLURM_RESTART_COUNT of the requeued run
