@@ -355,3 +355,36 @@ def test_an_out_of_memory_error_leaves_a_snapshot_where_the_platform_records_one
         tmp_path / "profiles" / "memory_oom_step_6" / "rank_0.pickle"
     ).read_bytes() == b"snapshot"
     assert said == [f"profile: memory snapshot written into {tmp_path}/profiles/memory_oom_step_6"]
+
+
+# --------------------------------------------------------------------------------------
+# Hang watchdog phases
+# --------------------------------------------------------------------------------------
+
+
+def test_the_hang_watchdog_names_an_evaluation_or_save_that_runs_long(tmp_path, monkeypatch):
+    """A stall between steps is dumped as such; inside ``phase`` the dump names the phase
+    (a long evaluation is told from a hung step) and the phase's end restarts the clock;
+    one dump per stall. (The multi-process hang itself: tests/test_observability.py.)"""
+    import time
+
+    from megatron_transfusion.training import diagnostics
+
+    monkeypatch.setattr(diagnostics.dist, "get_rank", lambda: 0)
+    watchdog = diagnostics.HangWatchdog(0.005, tmp_path, done=0)  # 0.3 s, checked every 0.03
+    try:
+        watchdog.step_done(1)
+        time.sleep(0.8)
+        with watchdog.phase("evaluation"):
+            time.sleep(0.8)
+        watchdog.step_done(2)
+        time.sleep(0.15)  # under the threshold: nothing more
+    finally:
+        watchdog.stop()
+    dump = (tmp_path / "hangs" / "rank_0.txt").read_text()
+    headers = [line for line in dump.splitlines() if line.startswith("hang watchdog:")]
+    assert len(headers) == 2, dump
+    assert headers[0].startswith("hang watchdog: rank 0 has finished no training step for ")
+    assert headers[0].endswith("(the last was step 1); its threads' stacks:")
+    assert headers[1].startswith("hang watchdog: rank 0 has been in the evaluation after step 1")
+    assert "in test_the_hang_watchdog_names" in dump  # the main thread's frame, each time

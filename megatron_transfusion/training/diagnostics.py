@@ -22,6 +22,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -103,34 +104,55 @@ class HangWatchdog:
     """A thread that, when no training step has finished for ``minutes``, prints every
     thread's Python stack of this rank (faulthandler) to stderr and appends it to
     ``run_dir/hangs/rank_N.txt``, once per stall. Every rank runs one, so a hang shows
-    where each rank is: the one that is late, and the others waiting in a collective."""
+    where each rank is: the one that is late, and the others waiting in a collective.
+    An evaluation or a save runs inside ``phase(name)``: its own clock, and a dump that
+    names it, so that a long one reads as what it is (and a hung one is still caught)."""
 
     def __init__(self, minutes: float, run_dir: Path, done: int):
         self.seconds = minutes * 60
         self.rank = dist.get_rank()
         self.path = run_dir / "hangs" / f"rank_{self.rank}.txt"
-        self.step, self._since = done, time.monotonic()
+        self.step, self._phase = done, None
+        self._since, self._stall = time.monotonic(), 0  # a new stall: a new number
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
         if self.seconds > 0:
             self._thread.start()
 
+    def _restart(self) -> None:
+        self._since, self._stall = time.monotonic(), self._stall + 1
+
     def step_done(self, step: int) -> None:
-        self.step, self._since = step, time.monotonic()
+        self.step = step
+        self._restart()
+
+    @contextmanager
+    def phase(self, name: str):
+        self._phase = name
+        self._restart()
+        try:
+            yield
+        finally:
+            self._phase = None
+            self._restart()
 
     def _watch(self) -> None:
-        dumped_after = None  # the step after which this stall was dumped
+        dumped = None  # the stall last dumped
         while not self._stop.wait(min(self.seconds / 10, 30.0)):
-            stalled = time.monotonic() - self._since
-            if stalled >= self.seconds and dumped_after != self.step:
-                dumped_after = self.step
-                self._dump(stalled)
+            stalled, stall = time.monotonic() - self._since, self._stall
+            if stalled >= self.seconds and dumped != stall:
+                dumped = stall
+                self._dump(stalled, self._phase)
 
-    def _dump(self, stalled: float) -> None:
-        header = (
-            f"hang watchdog: rank {self.rank} has finished no training step for "
-            f"{stalled / 60:.2f} min (the last was step {self.step}); its threads' stacks:\n"
-        )
+    def _dump(self, stalled: float, phase: str | None) -> None:
+        if phase is None:
+            what = (
+                f"has finished no training step for {stalled / 60:.2f} min "
+                f"(the last was step {self.step})"
+            )
+        else:
+            what = f"has been in the {phase} after step {self.step} for {stalled / 60:.2f} min"
+        header = f"hang watchdog: rank {self.rank} {what}; its threads' stacks:\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a") as file:
             file.write(header)

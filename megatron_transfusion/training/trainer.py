@@ -297,11 +297,14 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
                     "resume from an earlier checkpoint with checkpoint.load"
                 )
             if cfg.eval.interval and step % cfg.eval.interval == 0:
-                console.print(logger.log_eval(step, *evaluate(cfg, engine, tokenizer, vae)))
+                with watchdog.phase("evaluation"):
+                    metrics, images = evaluate(cfg, engine, tokenizer, vae)
+                console.print(logger.log_eval(step, metrics, images))
             stopping = stop.agreed()
             last_step = step == cfg.run.train_steps
             if step % cfg.checkpoint.interval == 0 or last_step or stopping:
-                save(publish_now=last_step or stopping)
+                with watchdog.phase("checkpoint save"):
+                    save(publish_now=last_step or stopping)
             elif pending is not None and pending.ready():
                 pending.publish()
                 pending = None
