@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILTIN = ROOT / "data" / "builtin"
 PRESET = "tiny"
 SEQ = 256  # the tiny preset's data.seq_length
+HELDOUT_LM_LOSS = "heldout/text/lm_loss"  # the held-out text source's, as mtf-evaluate names it
 # The tiny preset's transformer (width 128, 4 layers, 4 heads, FFN 512 by Llama's rule), with
 # grouped-query attention (2 key/value heads) and untied embeddings.
 LLAMA = dict(
@@ -277,7 +278,7 @@ def first_rows(overrides: list[str], heldout: bool, batches: int) -> list:
 
     cfg = load_config(PRESET, overrides)
     if heldout:
-        cfg = heldout_config(cfg)
+        cfg = heldout_config(cfg, cfg.eval.sources[0])
     loader = MixedModalityLoader(cfg)
     return [micro for _ in range(batches) for micro in loader.next_step()]
 
@@ -302,7 +303,7 @@ def train_run(name: str, overrides: list[str], runs: Path, logs: Path) -> dict:
         "seconds": seconds,
         "lm_loss": [s["lm_loss"] for s in steps],
         "diffusion_loss": [s["diffusion_loss"] for s in steps],
-        "heldout_lm_loss": {str(e["step"]): e["heldout_lm_loss"] for e in evals},
+        "heldout_lm_loss": {str(e["step"]): e[HELDOUT_LM_LOSS] for e in evals},
     }
 
 
@@ -348,8 +349,8 @@ def main(argv=None) -> dict:
     overrides = [
         *hf_overrides(hf),
         sources_override(text["train"], images["train"]),
-        f"eval.text_data={text['heldout']}",
-        "eval.image_caption_data=null",  # held-out text alone: the Llama's own loss compares
+        # held-out text alone: the Llama's own loss compares
+        f"eval.sources=[{{name: text, kind: text, path: {text['heldout']}}}]",
         f"eval.batches={args.eval_batches}",
         f"eval.interval={args.steps}",
         f"run.train_steps={args.steps}",
@@ -372,7 +373,7 @@ def main(argv=None) -> dict:
         logs / "evaluate.log",
     )  # fmt: skip
     step0 = json.loads((out / "step0_eval.json").read_text())["metrics"]
-    results["step0_heldout_lm_loss"] = step0["heldout_lm_loss"]
+    results["step0_heldout_lm_loss"] = step0[HELDOUT_LM_LOSS]
     from transformers import LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(llama, dtype=torch.float32)

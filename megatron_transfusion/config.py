@@ -150,6 +150,10 @@ class SourceConfig:
     def label(self) -> str:
         return self.name or self.path
 
+    @property
+    def has_images(self) -> bool:
+        return self.kind != "text"
+
 
 @dataclass
 class DataConfig:
@@ -260,9 +264,12 @@ class EvalConfig:
     """Held-out evaluation, during training every ``interval`` steps and by ``mtf-evaluate``."""
 
     interval: int = 0  # training steps between evaluations; 0: never during training
-    text_data: str | None = None  # held-out prepared datasets (mtf-prepare-data)
-    image_caption_data: str | None = None
-    batches: int = 4  # global batches of held-out data for the losses and perplexity
+    # Held-out prepared datasets (mtf-prepare-data), any kind, each scored on its own as
+    # heldout/<name>/loss, lm_loss, perplexity (and diffusion_loss where it has images);
+    # their weights are not used. Captions, samples and images come from the first
+    # image_caption one.
+    sources: list[SourceConfig] = field(default_factory=list)
+    batches: int = 4  # global batches of each held-out source for its losses
     captions: int = 0  # held-out images to caption for CIDEr-D / BLEU-4 (needs PP=1)
     # Held-out captions drawn (guided) at each training evaluation, the same ones each time:
     # a grid to <run dir>/eval_samples/step_N.png, tensorboard and W&B (needs PP=1).
@@ -272,6 +279,12 @@ class EvalConfig:
     guidance_scale: float = 5.0
     inception_weights: str | None = None  # TF-Inception FID weights (a local .pth), for FID
     clip_model: str | None = None  # a local Hugging Face CLIP directory, for CLIP score
+
+    @property
+    def image_caption_data(self) -> str | None:
+        """The held-out images and captions that captions, samples and images draw on."""
+        paths = [s.path for s in self.sources if s.kind == "image_caption"]
+        return paths[0] if paths else None
 
 
 @dataclass
@@ -381,12 +394,19 @@ SOURCES_EXAMPLE = (
     "data.sources=[{kind: text, path: shards/text, weight: 0.5}, "
     "{kind: image_caption, path: shards/img, weight: 0.5}]"
 )
+EVAL_SOURCES_EXAMPLE = (
+    "eval.sources=[{name: text, kind: text, path: shards/text-heldout}, "
+    "{name: images, kind: image_caption, path: shards/img-heldout}]"
+)
 # Fields that were replaced: their old keys get this instead of "unknown field".
 REPLACED_FIELDS = {
     "data.text_data": f"list the datasets in data.sources, e.g. {SOURCES_EXAMPLE}",
     "data.image_caption_data": f"list the datasets in data.sources, e.g. {SOURCES_EXAMPLE}",
     "data.text_token_fraction": "the weights of data.sources are the token shares now, "
     f"e.g. {SOURCES_EXAMPLE}",
+    "eval.text_data": f"list the held-out datasets in eval.sources, e.g. {EVAL_SOURCES_EXAMPLE}",
+    "eval.image_caption_data": "list the held-out datasets in eval.sources, "
+    f"e.g. {EVAL_SOURCES_EXAMPLE}",
 }
 
 
@@ -503,9 +523,23 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] = ()) ->
     return config_from_tree(tree, overrides)
 
 
+def _upgrade(tree: dict) -> None:
+    """A config written before eval.sources (every run's config.yaml, so every checkpoint of
+    those runs) still loads: its held-out paths become named eval sources. Overrides of the
+    old fields are refused (REPLACED_FIELDS)."""
+    heldout = tree.get("eval")
+    if not isinstance(heldout, dict):
+        return
+    for kind in ("text", "image_caption"):
+        path = heldout.pop(f"{kind}_data", None)
+        if path:
+            heldout.setdefault("sources", []).append({"name": kind, "kind": kind, "path": path})
+
+
 def config_from_tree(tree: dict, overrides: list[str] = ()) -> ExperimentConfig:
     """A config from an already parsed YAML tree (e.g. one stored inside a checkpoint)."""
     tree = copy.deepcopy(tree)
+    _upgrade(tree)
     for text in overrides:
         _set_dotted(tree, *parse_override(text))
     config = _build(ExperimentConfig, tree, "")
@@ -625,11 +659,17 @@ def validate(config: ExperimentConfig) -> None:
     e = config.eval
     for name in ("interval", "captions", "samples", "images"):
         _require(getattr(e, name) >= 0, f"eval.{name}", "must be ≥ 0")
+    for i, source in enumerate(e.sources):
+        _require(
+            bool(source.name) and source.name not in [t.name for t in e.sources[:i]],
+            f"eval.sources[{i}].name",
+            "give each held-out source its own name: its metrics are heldout/<name>/...",
+        )
     if e.interval:
         _require(
-            bool(e.text_data or e.image_caption_data),
+            bool(e.sources),
             "eval.interval",
-            "needs held-out data: set eval.text_data and/or eval.image_caption_data",
+            f"needs held-out data: list it in eval.sources, e.g. {EVAL_SOURCES_EXAMPLE}",
         )
         for name in ("captions", "samples"):
             _require(
@@ -641,7 +681,7 @@ def validate(config: ExperimentConfig) -> None:
             _require(
                 getattr(e, name) == 0 or bool(e.image_caption_data),
                 f"eval.{name}",
-                "needs held-out images and captions: set eval.image_caption_data",
+                "needs held-out images and captions: an image_caption source in eval.sources",
             )
     _require(
         m.patch_size in (1, 2, 4, 8), "model.patch_size", f"{m.patch_size} is not one of 1, 2, 4, 8"

@@ -8,6 +8,7 @@ from megatron_transfusion.config import (
     BatchGeometry,
     ConfigError,
     ExperimentConfig,
+    config_from_tree,
     load_config,
     sources_override,
 )
@@ -155,6 +156,18 @@ def test_yaml_file_path(tmp_path):
         (["data.sources=[{kind: text, path: a}, {kind: text, path: a}]"], "'a' names two"),
         (["data.sources.0.weight=0", "data.sources.1.weight=0"], "every weight is 0"),
         (["data.sources={kind: text}"], "config field 'data.sources': expected a list"),
+        # eval.sources: named, each its own metrics; the held-out images come from one.
+        (["eval.text_data=shards/text"], "'eval.text_data' was replaced: list the held-out"),
+        (["eval.sources=[{kind: text, path: a}]"], "'eval.sources[0].name': give each held-out"),
+        (
+            ["eval.sources=[{name: a, kind: text, path: x}, {name: a, kind: text, path: y}]"],
+            "config field 'eval.sources[1].name': give each held-out source its own name",
+        ),
+        (["eval.sources=[]"], "config field 'eval.interval': needs held-out data: list it in"),
+        (
+            ["eval.sources.1.kind=interleaved", "eval.samples=4"],
+            "'eval.samples': needs held-out images and captions: an image_caption source",
+        ),
         # Diagnostics: a profiled range inside the run; stacks dumped before the timeout.
         (["profile.steps=[3, 2]"], "config field 'profile.steps': [3, 2] is not [first, last]"),
         (["profile.steps=[5]"], "config field 'profile.steps': [5] is not [first, last]"),
@@ -238,3 +251,19 @@ def test_train_help_lists_the_config_sections_and_points_at_mtf_config(capsys):
     for name in ExperimentConfig().to_dict():
         assert f"\n  {name} " in sections, name
     assert "mtf-config --config PRESET" in sections
+
+
+def test_a_config_saved_before_eval_sources_still_loads():
+    """Every run's config.yaml (so every checkpoint) written before eval.sources: its
+    held-out paths become named sources; the nulls it wrote go."""
+    saved = load_config("tiny").to_dict()
+    del saved["eval"]["sources"]
+    old = {**saved, "eval": {**saved["eval"], "text_data": "t", "image_caption_data": "i"}}
+    sources = config_from_tree(old).eval.sources
+    assert [(s.name, s.kind, s.path) for s in sources] == [
+        ("text", "text", "t"),
+        ("image_caption", "image_caption", "i"),
+    ]
+    assert config_from_tree(old).eval.image_caption_data == "i"
+    nulls = {**saved, "eval": {**saved["eval"], "interval": 0, "text_data": None}}
+    assert config_from_tree(nulls).eval.sources == []

@@ -57,7 +57,11 @@ def trained_run(tmp_path_factory):
 
 def heldout(data_root):
     """The training data doubles as held-out data here: what matters is the same numbers."""
-    return [f"eval.text_data={data_root / 'text'}", f"eval.image_caption_data={data_root / 'img'}"]
+    sources = [
+        {"name": "text", "kind": "text", "path": str(data_root / "text")},
+        {"name": "images", "kind": "image_caption", "path": str(data_root / "img")},
+    ]
+    return [f"eval.sources={json.dumps(sources)}"]
 
 
 @pytest.fixture(scope="module")
@@ -442,10 +446,13 @@ def test_training_evaluation_equals_mtf_evaluate(trained_run, tmp_path, fid_weig
     assert after["step"] == 2
     metrics = after["metrics"]
     for key in (
-        "heldout_loss",
-        "heldout_lm_loss",
-        "heldout_diffusion_loss",
-        "heldout_perplexity",
+        "heldout/text/loss",
+        "heldout/text/lm_loss",
+        "heldout/text/perplexity",
+        "heldout/images/loss",
+        "heldout/images/lm_loss",
+        "heldout/images/diffusion_loss",
+        "heldout/images/perplexity",
         "caption_cider",
         "caption_bleu4",
         "constant_caption_cider",

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import ROOT
-from tests.test_generation import run_cli
+from tests.test_generation import heldout, run_cli
 from tests.test_loader import prepare
 from tests.test_trainer import TRAIN, losses, overrides, run
 
@@ -35,11 +35,7 @@ def observed(data_root, tmp_path_factory):
     Evaluations at steps 3 and 6 draw a grid of two held-out captions' images."""
     root = tmp_path_factory.mktemp("observed")
     watch = ["wandb.mode=offline", "wandb.tags=[smoke]", "profile.memory_snapshot=true"]
-    heldout = [
-        f"eval.text_data={data_root / 'text'}",
-        f"eval.image_caption_data={data_root / 'img'}",
-    ]
-    watch += ["eval.interval=3", *heldout]
+    watch += ["eval.interval=3", *heldout(data_root)]
     watch += ["eval.samples=2", "eval.diffusion_steps=2", "eval.batches=1"]
     first = run(2, overrides(data_root, root, 4, *watch, "profile.steps=[2, 3]"), env=OFFLINE)
     second = run(2, overrides(data_root, root, 6, *watch), env=OFFLINE)
@@ -138,7 +134,7 @@ def test_training_evaluations_send_sample_grids_to_every_sink(observed):
     for tracked, evaluation in ((first, evaluations[0]), (second, evaluations[1])):
         step = evaluation["step"]
         logged = tracked.history[step]
-        assert logged["eval/heldout_loss"] == evaluation["heldout_loss"]
+        assert logged["eval/heldout/images/loss"] == evaluation["heldout/images/loss"]
         png = run_dir / "eval_samples" / f"step_{step:08d}.png"
         assert Image.open(png).size == (2 * 32, 32)  # two 32-px images side by side
         image = logged["eval/samples"]

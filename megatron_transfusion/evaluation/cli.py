@@ -38,7 +38,7 @@ def main(argv=None) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     from data_prep.images import from_model_range
-    from megatron_transfusion.config import config_from_tree
+    from megatron_transfusion.config import EVAL_SOURCES_EXAMPLE, config_from_tree
     from megatron_transfusion.inference.images import image_grid
     from megatron_transfusion.inference.load import (
         load_for_inference,
@@ -57,8 +57,10 @@ def main(argv=None) -> None:
     try:
         cfg = config_from_tree(loaded.cfg.to_dict(), args.overrides)
         e = cfg.eval
-        if not (e.text_data or e.image_caption_data):
-            raise ValueError("no held-out data: set eval.text_data and/or eval.image_caption_data")
+        if not e.sources:
+            raise ValueError(
+                f"no held-out data: list it in eval.sources, e.g. {EVAL_SOURCES_EXAMPLE}"
+            )
         if e.images and e.image_caption_data:
             check_weights(e)
         tracked = loaded.run_dir is not None and cfg.wandb.mode != "disabled"

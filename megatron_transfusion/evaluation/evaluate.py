@@ -23,47 +23,38 @@ from megatron_transfusion.evaluation.captions import bleu4, cider_d, tokenize
 from megatron_transfusion.inference.generate import Generator, SamplingConfig
 
 
-def heldout_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """``cfg`` with the held-out datasets (``eval.*_data``) as its sources, mixed as the
-    training data's kinds are."""
-    share = cfg.data.text_share
-    sources = [
-        SourceConfig(kind, path, weight)
-        for kind, path, weight in (
-            ("text", cfg.eval.text_data, share),
-            ("image_caption", cfg.eval.image_caption_data, 1.0 - share),
-        )
-        if path
-    ]
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=sources))
+def heldout_config(cfg: ExperimentConfig, source: SourceConfig) -> ExperimentConfig:
+    """``cfg`` with one held-out dataset as its only data source."""
+    only = dataclasses.replace(source, weight=1.0)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, sources=[only]))
 
 
 def heldout_losses(
     evaluate, cfg: ExperimentConfig, dp_rank: int = 0, dp_size: int = 1
 ) -> dict[str, float]:
-    """Losses over ``eval.batches`` global batches of held-out data (mixed as the training
-    data's kinds are), the same batches and noise at every evaluation, scored as one batch
+    """Each held-out source's losses (``heldout/<name>/...``) over ``eval.batches`` global
+    batches of it, the same batches and noise at every evaluation, scored as one batch
     (L_LM the mean over all their trained tokens, so the perplexity is per token);
-    ``evaluate(micro_batches)`` is the engine's
-    forward."""
+    ``evaluate(micro_batches)`` is the engine's forward."""
     from megatron_transfusion.data.loader import MixedModalityLoader
     from megatron_transfusion.diffusion.schedule import CosineSchedule
     from megatron_transfusion.training.step import MicroBatch
 
-    e = cfg.eval
-    heldout = heldout_config(cfg)
-    loader = MixedModalityLoader(heldout, dp_rank, dp_size)
     schedule = CosineSchedule.from_config(cfg.diffusion)
-    generator = torch.Generator().manual_seed(cfg.run.seed + 17 + dp_rank)
     device = platform.current().device()
-    micro = []
-    for _ in range(e.batches):
-        for batch in loader.next_step():
-            micro.append(MicroBatch.draw(batch, schedule, cfg.diffusion, generator, device))
-    losses = evaluate(micro)
-    report = {f"heldout_{k}": v for k, v in losses.as_dict().items()}
-    if e.text_data:
-        report["heldout_perplexity"] = math.exp(losses.lm)
+    report = {}
+    for source in cfg.eval.sources:
+        loader = MixedModalityLoader(heldout_config(cfg, source), dp_rank, dp_size)
+        generator = torch.Generator().manual_seed(cfg.run.seed + 17 + dp_rank)
+        micro = []
+        for _ in range(cfg.eval.batches):
+            for batch in loader.next_step():
+                micro.append(MicroBatch.draw(batch, schedule, cfg.diffusion, generator, device))
+        losses = evaluate(micro).as_dict()
+        if not source.has_images:
+            del losses["diffusion_loss"]  # none to score
+        losses["perplexity"] = math.exp(losses["lm_loss"])
+        report |= {f"heldout/{source.name}/{key}": value for key, value in losses.items()}
     return report
 
 
@@ -73,7 +64,7 @@ def _caption_samples(location: str, n: int, tokenizer) -> tuple[list[torch.Tenso
     dataset = PreparedDataset(location)
     if dataset.kind != "image_caption":
         raise ValueError(
-            f"'{location}' holds {dataset.kind} data, not image_caption (eval.image_caption_data)"
+            f"'{location}' holds {dataset.kind} data, not image_caption (its eval.sources kind)"
         )
     samples = [dataset[i] for i in range(min(n, len(dataset)))]
     latents = [torch.from_numpy(s["latent"].astype(np.float32)) for s in samples]
