@@ -1,6 +1,7 @@
 """A run directory's checkpoints: the only place their file names are spelled.
 
-    <run>/config.yaml                   the run's config (the trainer writes it)
+    <run>/config.yaml                   the run's config (the trainer writes it; a copy in
+                                        the checkpoints directory where that is elsewhere)
     <run>/checkpoints/
       step_00000100/                    a complete checkpoint
         engine/                         model + optimizer (dist-checkpointing, one layout
@@ -60,6 +61,11 @@ def run_config_file(run_dir: Path) -> Path:
     return run_dir / RUN_CONFIG
 
 
+def kept_elsewhere(checkpoints: Path, run_dir: Path) -> bool:
+    """Whether a checkpoints directory (``checkpoint.directory``) is outside its run's."""
+    return checkpoints.resolve().parent != run_dir.resolve()
+
+
 def set_aside_previous_run(run_dir: Path) -> Path | None:
     """Starting over (resume "none") where a run already is: its directory is renamed to
     ``<run>.before-<UTC time>`` rather than mixed with the new run, whose logs would
@@ -78,13 +84,16 @@ def set_aside_previous_run(run_dir: Path) -> Path | None:
 
 
 def run_config_path(checkpoint: str | Path) -> Path:
-    """runs/<name>/checkpoints/step_N -> runs/<name>/config.yaml (the trainer writes it)."""
-    path = run_config_file(Path(checkpoint).resolve().parent.parent)
-    if not path.exists():
-        raise FileNotFoundError(
-            f"no {RUN_CONFIG} next to the checkpoints of '{checkpoint}' (expected {path})"
-        )
-    return path
+    """runs/<name>/checkpoints/step_N -> runs/<name>/config.yaml (the trainer writes it);
+    for checkpoints kept outside the run directory (``checkpoint.directory``), the copy
+    the trainer writes into that directory."""
+    checkpoints = Path(checkpoint).resolve().parent
+    for path in (checkpoints / RUN_CONFIG, run_config_file(checkpoints.parent)):
+        if path.exists():
+            return path
+    raise FileNotFoundError(
+        f"no {RUN_CONFIG} next to the checkpoints of '{checkpoint}' (expected {path})"
+    )
 
 
 # ---- The checkpoints directory --------------------------------------------------------------

@@ -858,12 +858,24 @@ def test_starting_over_sets_the_previous_run_aside_whole(data_root, tmp_path):
     assert [p.name for p in (tmp_path / "tiny" / "checkpoints").glob("step_*")] == [STEP]
 
 
-def test_starting_over_on_another_runs_checkpoints_is_one_line_on_every_rank(data_root, tmp_path):
-    """checkpoint.directory outside the run directory holding checkpoints: resume=none
-    would mix two runs there. Both ranks refuse before building anything (no rank waits
-    for the other) and the launcher prints the one line once."""
+def test_checkpoints_kept_elsewhere_load_and_refuse_starting_over_on_every_rank(
+    data_root, tmp_path
+):
+    """checkpoint.directory outside the run directory (another filesystem, say): the run
+    writes its checkpoints there with a copy of its config, so the tools read them alone.
+    Holding checkpoints, it refuses resume=none, which would mix two runs there: both ranks
+    refuse before building anything (no rank waits for the other) and the launcher prints
+    the one line once."""
     elsewhere = tmp_path / "elsewhere"
     run(1, overrides(data_root, tmp_path, 2, f"checkpoint.directory={elsewhere}"))
+    exported = tmp_path / "model.safetensors"
+    result = subprocess.run(
+        [sys.executable, "-m", "checkpoints.cli", "export", str(elsewhere), "--out", exported],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and exported.is_file(), result.stderr[-3000:]
     args = overrides(data_root, tmp_path, 2, f"checkpoint.directory={elsewhere}")
     process = launched(2, "--resume", "none", *args)
     out, err = process.communicate(timeout=300)

@@ -130,7 +130,7 @@ def evaluate(cfg: ExperimentConfig, engine, tokenizer, vae) -> tuple[dict[str, f
 def _start_over(cfg: ExperimentConfig, run_dir: Path, ckpt_dir: Path, rank0: bool) -> None:
     """resume=none: the previous run in the run directory, if any, set aside whole (by
     rank 0; every rank checks, so that a mistake ends every rank alike)."""
-    if ckpt_dir.resolve().parent != run_dir.resolve() and layout.latest_file(ckpt_dir).exists():
+    if layout.kept_elsewhere(ckpt_dir, run_dir) and layout.latest_file(ckpt_dir).exists():
         raise ConfigError(
             f"config field 'checkpoint.directory': {ckpt_dir} holds another run's checkpoints; "
             "resume=none would mix them: resume that run, or give an empty directory"
@@ -173,9 +173,13 @@ def _train(cfg: ExperimentConfig, plat, resume: str | None, verify: bool) -> dic
     if resume == "none":
         _start_over(cfg, run_dir, ckpt_dir, rank0)
     if rank0:
-        for directory in (run_dir, ckpt_dir):  # checkpoint.directory may be elsewhere
+        # checkpoint.directory may be elsewhere: its checkpoints are then found with a copy
+        config = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        elsewhere = layout.kept_elsewhere(ckpt_dir, run_dir)
+        for directory in (run_dir, ckpt_dir) if elsewhere else (run_dir,):
             directory.mkdir(parents=True, exist_ok=True)
-        layout.run_config_file(run_dir).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            layout.run_config_file(directory).write_text(config)
+        ckpt_dir.mkdir(exist_ok=True)
     dist.barrier()  # no rank writes into the run directory before it is there
     seed_everything(cfg.run.seed)
     memory_start = plat.peak_memory()  # logged: what model, engine and data add to it
