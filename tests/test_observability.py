@@ -172,7 +172,11 @@ def test_mtf_evaluate_logs_each_checkpoint_to_one_wandb_evaluation_run(observed,
         assert (r.run.display_name, r.run.run_group) == ("tiny-eval", "tiny")
         assert r.metrics["eval/*"] == "checkpoint_step"
         (logged,) = r.history.values()
-        saved = json.loads((run_dir / "eval" / f"step_{step:08d}.json").read_text())["metrics"]
+        result = json.loads((run_dir / "eval" / f"step_{step:08d}.json").read_text())
+        saved, skipped = result["metrics"], result["skipped"]
+        assert sorted(skipped) == ["clip_score", "fid", "inception_score"]  # no weights given
+        assert skipped["fid"] == skipped["inception_score"]
+        assert skipped["fid"].startswith("skipped: set eval.inception_weights")
         assert logged["checkpoint_step"] == step
         assert {k: logged[f"eval/{k}"] for k in saved} == saved
         image = logged["eval/samples"]

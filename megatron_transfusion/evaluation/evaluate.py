@@ -164,20 +164,18 @@ def image_metrics(model, cfg: ExperimentConfig, tokenizer, vae) -> tuple[dict, d
         "images_evaluated": len(captions),
     }
     skipped = {}
-    weights = "set eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth"
-    if e.inception_weights:
-        metrics["fid"] = fid(generated["guided"], real, e.inception_weights)
-    else:
-        skipped["fid"] = f"skipped: {weights}"
     if not e.inception_weights:
-        skipped["inception_score"] = f"skipped: {weights}"
-    elif len(captions) < INCEPTION_SCORE_MIN_IMAGES:
-        skipped["inception_score"] = (
-            f"skipped: {len(captions)} images for {INCEPTION_SCORE_SPLITS} splits; "
-            f"set eval.images ≥ {INCEPTION_SCORE_MIN_IMAGES}"
-        )
+        weights = "set eval.inception_weights to a local pt_inception-2015-12-05-6726825d.pth"
+        skipped["fid"] = skipped["inception_score"] = f"skipped: {weights}"
     else:
-        metrics["inception_score"] = inception_score(generated["guided"], e.inception_weights)
+        metrics["fid"] = fid(generated["guided"], real, e.inception_weights)
+        if len(captions) < INCEPTION_SCORE_MIN_IMAGES:
+            skipped["inception_score"] = (
+                f"skipped: {len(captions)} images for {INCEPTION_SCORE_SPLITS} splits; "
+                f"set eval.images ≥ {INCEPTION_SCORE_MIN_IMAGES}"
+            )
+        else:
+            metrics["inception_score"] = inception_score(generated["guided"], e.inception_weights)
     if e.clip_model:
         metrics["clip_score"] = clip_score(generated["guided"], captions, e.clip_model)
     else:
